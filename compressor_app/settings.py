@@ -1,0 +1,187 @@
+"""Settings, all read from the environment with safe development defaults.
+
+The embedded default: SQLite, local files under COMPRESSOR_DATA_DIR, Redis on localhost.
+Production sets DJANGO_DEBUG=False, DJANGO_SECRET_KEY, DATABASE_URL and the allowed hosts.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+# "development" (the default: make demo, make up, tests) or "production" (docker compose).
+ENVIRONMENT = env("DJANGO_ENV", default="development")
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+# Production has no default secret: it must come from the environment.
+SECRET_KEY = (
+    env("DJANGO_SECRET_KEY")
+    if ENVIRONMENT == "production"
+    else env("DJANGO_SECRET_KEY", default="insecure-development-key-not-for-production")
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+DATA_DIR = Path(env("COMPRESSOR_DATA_DIR", default=str(BASE_DIR / "var")))
+# The engine reads the same variable to find its model store, so both agree.
+MODEL_STORE_DIR = Path(env("COMPRESSOR_MODEL_STORE", default=str(DATA_DIR / "models")))
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    *(["whitenoise.middleware.WhiteNoiseMiddleware"] if env.bool("DJANGO_WHITENOISE", default=False) else []),
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "compressor_app.urls"
+WSGI_APPLICATION = "compressor_app.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web and worker write concurrently: wait for the lock instead of failing at once.
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # WAL lets the pages read while a worker writes progress.
+    DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL;"
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+MEDIA_ROOT = Path(env("COMPRESSOR_MEDIA_ROOT", default=str(DATA_DIR / "media")))
+MEDIA_URL = "media/"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+# Celery: Redis broker; the database is the truth for job state, so no result backend.
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Long GPU jobs: acknowledge only after the job ended, give the message back when the worker dies,
+# and never let a busy worker hold a second job (prefetch 1 x concurrency 1).
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "light"
+CELERY_TASK_ROUTES = {"jobs.compress": {"queue": "gpu"}, "jobs.*": {"queue": "light"}}
+# Time limits of one compression job: soft (the task records "took too long" and cleans up), then hard
+# (the worker kills the child). Both stay below the Redis visibility timeout: a message not acknowledged
+# within it is handed to a second worker, which must never happen to a job that is still running.
+COMPRESSOR_JOB_SOFT_LIMIT_S = env.int("COMPRESSOR_JOB_SOFT_LIMIT_S", default=6 * 3600)
+COMPRESSOR_JOB_HARD_LIMIT_S = env.int(
+    "COMPRESSOR_JOB_HARD_LIMIT_S", default=COMPRESSOR_JOB_SOFT_LIMIT_S + 600
+)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": COMPRESSOR_JOB_HARD_LIMIT_S + 3600,
+    # One Redis list per priority level, polled highest first: priorities really order the queue.
+    # With Redis, 0 is the highest broker priority (jobs.services maps the job's 0-9 onto it).
+    "queue_order_strategy": "priority",
+    "priority_steps": list(range(10)),
+    "sep": ":",
+    # Tests give each run its own prefix so parallel runs on one Redis never see each other's messages.
+    "global_keyprefix": env("CELERY_KEY_PREFIX", default=""),
+}
+if CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] <= COMPRESSOR_JOB_HARD_LIMIT_S:
+    raise ValueError("The Redis visibility timeout must be longer than the job's hard time limit.")
+# The reaper: jobs whose worker stopped sending heartbeats are re-queued once, then failed.
+COMPRESSOR_HEARTBEAT_INTERVAL_S = env.float("COMPRESSOR_HEARTBEAT_INTERVAL_S", default=1.0)
+COMPRESSOR_HEARTBEAT_TIMEOUT_S = env.int("COMPRESSOR_HEARTBEAT_TIMEOUT_S", default=120)
+COMPRESSOR_REAPER_INTERVAL_S = env.int("COMPRESSOR_REAPER_INTERVAL_S", default=60)
+# A cancelled job gets this long to stop by itself before its worker child is terminated.
+COMPRESSOR_CANCEL_GRACE_S = env.int("COMPRESSOR_CANCEL_GRACE_S", default=30)
+CELERY_BEAT_SCHEDULE = {
+    "reap-stale-jobs": {
+        "task": "jobs.reap_stale_jobs",
+        "schedule": float(COMPRESSOR_REAPER_INTERVAL_S),
+        "options": {"queue": "light", "expires": float(COMPRESSOR_REAPER_INTERVAL_S)},
+    },
+}
+
+# Jobs and the API.
+COMPRESSOR_DEFAULT_DEVICE_CLASS = env("COMPRESSOR_DEFAULT_DEVICE_CLASS", default="gpu")
+COMPRESSOR_JOB_LOG_MAX_LINES = env.int("COMPRESSOR_JOB_LOG_MAX_LINES", default=2000)
+COMPRESSOR_JOB_CREATE_RATE = env("COMPRESSOR_JOB_CREATE_RATE", default="30/hour")
+# The highest priority a user who is not staff may ask for (staff and the admin go up to 9).
+COMPRESSOR_USER_MAX_PRIORITY = env.int("COMPRESSOR_USER_MAX_PRIORITY", default=5)
+COMPRESSOR_MAX_UPLOAD_BYTES = env.int("COMPRESSOR_MAX_UPLOAD_BYTES", default=200 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# Warm GPU workers: import torch and llm-compressor in each worker child before its first job.
+COMPRESSOR_WORKER_PRELOAD = env.bool("COMPRESSOR_WORKER_PRELOAD", default=True)
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 25,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM compression service API",
+    "DESCRIPTION": "Submit and follow compression jobs, download checkpoints. Authenticate with "
+    "`Authorization: Token <key>` (programs) or a session (pages).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    # The docs page's assets are served from this server (drf-spectacular-sidecar), never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# Operator safety switches for model sources.
+COMPRESSOR_ALLOW_PICKLE = env.bool("COMPRESSOR_ALLOW_PICKLE", default=False)
+COMPRESSOR_ALLOW_REMOTE_CODE = env.bool("COMPRESSOR_ALLOW_REMOTE_CODE", default=False)
+COMPRESSOR_ALLOW_LOCAL_PATHS = env.bool("COMPRESSOR_ALLOW_LOCAL_PATHS", default=False)
+
+if not DEBUG:
+    SESSION_COOKIE_HTTPONLY = True
+    X_FRAME_OPTIONS = "DENY"

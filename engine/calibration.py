@@ -1,0 +1,176 @@
+"""Calibration data: the built-in set, an uploaded JSONL file, or a hub dataset.
+
+Chat rows are rendered with the model's own chat template here (llm-compressor would tokenize a `text`
+column without one), and every sample is tokenized with truncation to max_seq_len.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+from engine.spec import CalibrationSpec
+
+# Standard-library modules whose docstrings make the built-in calibration set: real English prose that
+# ships with every CPython. pydoc_data.topics is kept out: evaluation uses it as held-out text.
+_BUILTIN_SOURCES = (
+    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "email.message", "enum", "fractions", "functools", "heapq", "http.client", "inspect",
+    "ipaddress", "itertools", "json", "logging", "os", "pathlib", "pickle", "queue", "random", "re",
+    "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
+)  # fmt: skip
+_MIN_DOC_CHARS = 300
+
+
+def builtin_records(limit: int | None = None) -> list[dict[str, Any]]:
+    """Chat rows generated from standard-library documentation: a question and its documented answer."""
+    records: list[dict[str, Any]] = []
+    for module_name in _BUILTIN_SOURCES:
+        module = importlib.import_module(module_name)
+        for name, obj in [(module_name, module), *_public_members(module)]:
+            doc = inspect.getdoc(obj) or ""
+            if len(doc) >= _MIN_DOC_CHARS:
+                records.append(_qa_record(name, doc))
+                if limit is not None and len(records) >= limit:
+                    return records
+    return records
+
+
+def _public_members(module: Any) -> list[tuple[str, Any]]:
+    members = []
+    for attr in sorted(vars(module)):
+        obj = getattr(module, attr)
+        if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            members.append((f"{module.__name__}.{attr}", obj))
+    return members
+
+
+def _qa_record(name: str, doc: str) -> dict[str, Any]:
+    return {
+        "messages": [
+            {"role": "user", "content": f"Explain what `{name}` in Python's standard library does."},
+            {"role": "assistant", "content": doc},
+        ]
+    }
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a calibration file of {"text": ...} or {"messages": [...]} rows; errors name the line."""
+    if not path.is_file():
+        raise EngineError(f"The calibration file '{path}' does not exist.", field="calibration")
+    records = []
+    with path.open(encoding="utf-8", errors="strict") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    records.append(_parse_row(line, number))
+        except UnicodeDecodeError:
+            raise EngineError("The calibration file is not UTF-8 text.", field="calibration") from None
+    if not records:
+        raise EngineError("The calibration file has no rows.", field="calibration")
+    return records
+
+
+def _parse_row(line: str, number: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"Line {number}: not valid JSON ({exc.msg}).", field="calibration") from None
+    if not isinstance(row, dict):
+        raise EngineError(f'Line {number}: expected an object like {{"text": "..."}}.', field="calibration")
+    if "text" in row:
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise EngineError(f'Line {number}: "text" must be a non-empty string.', field="calibration")
+        return {"text": row["text"]}
+    if "messages" in row:
+        messages = row["messages"]
+        valid = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        )
+        if not valid:
+            raise EngineError(
+                f'Line {number}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} objects.',
+                field="calibration",
+            )
+        return {"messages": messages}
+    raise EngineError(f'Line {number}: expected a "text" or a "messages" field.', field="calibration")
+
+
+def load_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
+    """The raw calibration rows the spec points at (not yet tokenized)."""
+    if spec.kind == "builtin":
+        return builtin_records()
+    if spec.kind == "jsonl":
+        if not spec.path:
+            raise EngineError("A JSONL calibration needs a file.", field="calibration")
+        return read_jsonl(Path(spec.path))
+    if spec.kind == "hub":
+        return _hub_records(spec)
+    if spec.kind == "none":
+        return []
+    raise EngineError(
+        f"Unknown calibration kind '{spec.kind}' (use builtin, jsonl, hub or none).", field="calibration"
+    )
+
+
+def _hub_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
+    from engine.models import hub_reachable
+
+    if not spec.dataset:
+        raise EngineError("A hub calibration needs a dataset id.", field="calibration")
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(spec.dataset, split=spec.split)
+    except Exception as exc:  # offline, unknown id, unknown split: all surface here
+        reason = "the Hugging Face hub cannot be reached" if not hub_reachable() else str(exc)
+        raise EngineError(
+            f"The calibration dataset '{spec.dataset}' ({spec.split}) could not be loaded: {reason}.",
+            field="calibration",
+        ) from None
+    if spec.column not in dataset.column_names:
+        raise EngineError(
+            f"The dataset has no column '{spec.column}' (columns: {', '.join(dataset.column_names)}).",
+            field="calibration",
+        )
+    rows = dataset.select(range(min(len(dataset), spec.samples * 4)))[spec.column]
+    key = "messages" if rows and isinstance(rows[0], list) else "text"
+    return [{key: value} for value in rows]
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer: Any, spec: CalibrationSpec) -> Any:
+    """A datasets.Dataset of input_ids/attention_mask, chat rows rendered with the chat template."""
+    import datasets
+
+    selected = records[: spec.samples]
+    encoded = [_encode(record, tokenizer, spec.max_seq_len) for record in selected]
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": [e["input_ids"] for e in encoded],
+            "attention_mask": [e["attention_mask"] for e in encoded],
+        }
+    )
+
+
+def _encode(record: dict[str, Any], tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+    if "messages" in record and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        # The template already starts with the special tokens: adding them again would double the BOS.
+        return tokenizer(text, truncation=True, max_length=max_len, add_special_tokens=False)
+    if "messages" in record:
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+    else:
+        text = record["text"]
+    return tokenizer(text, truncation=True, max_length=max_len)

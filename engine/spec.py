@@ -1,0 +1,117 @@
+"""What a compression job asks for, as plain data shared by the CLI, the workers and the service."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODEL = "smollm2-135m-instruct"
+BUILTIN_CALIBRATION = "builtin"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration text comes from.
+
+    kind: "builtin" (text the project generates), "jsonl" (a local file of {"text"} or {"messages"} rows),
+    "hub" (a Hugging Face dataset id + split + column), or "none" (data-free presets only).
+    """
+
+    kind: str = BUILTIN_CALIBRATION
+    path: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    column: str = "text"
+    samples: int = 32
+    max_seq_len: int = 256
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """Which evaluation to run after compression: the offline suite and/or lm-eval tasks."""
+
+    offline: bool = True
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    heldout_path: str | None = None
+    backend: str = "hf"
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """One job: model + (preset or custom recipe) + calibration (+ evaluation)."""
+
+    model: str = BUILTIN_MODEL
+    revision: str | None = None
+    preset: str | None = None
+    recipe_yaml: str | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec | None = None
+    device: str = "auto"
+    ignore_indivisible: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionSpec:
+        data = dict(data)
+        data["calibration"] = CalibrationSpec(**(data.get("calibration") or {}))
+        evaluation = data.get("evaluation")
+        if evaluation is not None:
+            evaluation = dict(evaluation)
+            evaluation["tasks"] = tuple(evaluation.get("tasks") or ())
+            data["evaluation"] = EvaluationSpec(**evaluation)
+        return cls(**data)
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report: the stage, optionally step i of n, and/or a log line.
+
+    stage is one of: loading, calibrating, compressing, saving, evaluating, done.
+    """
+
+    stage: str
+    step: int | None = None
+    total: int | None = None
+    message: str = ""
+    log_line: str | None = None
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def percent(self) -> float | None:
+        if self.step is None or not self.total:
+            return None
+        return round(100.0 * self.step / self.total, 1)
+
+
+@dataclass
+class CompressionResult:
+    """What a finished run produced: the checkpoint folder, its sizes, timings and per-layer errors."""
+
+    output_dir: Path
+    size_before_bytes: int
+    size_after_bytes: int
+    timings: dict[str, float]
+    layer_errors: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.size_before_bytes / self.size_after_bytes if self.size_after_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_dir": str(self.output_dir),
+            "size_before_bytes": self.size_before_bytes,
+            "size_after_bytes": self.size_after_bytes,
+            "compression_ratio": round(self.compression_ratio, 3),
+            "timings": self.timings,
+            "layer_errors": self.layer_errors,
+            "evaluation": self.evaluation,
+        }
