@@ -120,9 +120,7 @@ def load_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
         return _hub_records(spec)
     if spec.kind == "none":
         return []
-    raise EngineError(
-        f"Unknown calibration kind '{spec.kind}' (use builtin, jsonl, hub or none).", field="calibration"
-    )
+    raise EngineError(f"Unknown calibration kind '{spec.kind}' (use builtin, jsonl, hub or none).", field="calibration")
 
 
 def _hub_records(spec: CalibrationSpec) -> list[dict[str, Any]]:

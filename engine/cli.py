@@ -111,6 +111,12 @@ def run(argv: list[str] | None = None, prog: str = "python -m engine") -> int:
     except (EngineError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.evaluation:
+        from engine.card import results_table
+
+        print(results_table(result.evaluation, baseline_name=spec.model, compressed_name=args.out.name))
+        for failed in result.evaluation["tasks_failed"]:
+            print(f"{failed['task']}: not run ({failed['reason']})")
     print(f"Checkpoint: {result.output_dir}")
     print(
         f"Size: {result.size_before_bytes / 1e6:.1f} MB -> {result.size_after_bytes / 1e6:.1f} MB "

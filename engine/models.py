@@ -42,9 +42,7 @@ class ResolvedModel:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(
-            f.stat().st_size for f in self.path.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES)
-        )
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES))
 
 
 def default_store() -> Path:
@@ -92,9 +90,7 @@ def _display_name(source: str) -> str:
 def _read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise EngineError(
-            f"'{path}' is not a Hugging Face model folder: it has no config.json.", field="model"
-        )
+        raise EngineError(f"'{path}' is not a Hugging Face model folder: it has no config.json.", field="model")
     try:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
@@ -135,9 +131,7 @@ def _download_from_hub(repo_id: str, revision: str | None, *, allow_pickle: bool
     if allow_pickle:
         patterns += ["*.bin"]
     try:  # a copy already in the local cache works offline
-        return Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
-        )
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except HFValidationError:
         raise EngineError(
             f"'{repo_id}' is neither a local folder, the built-in model '{BUILTIN_MODEL}', "

@@ -91,8 +91,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="sparse24-fp8-dynamic",
             description=(
-                "SparseGPT 2:4 sparsity then FP8 dynamic (seed 003); saved dense, "
-                "current vLLM does not speed up 2:4."
+                "SparseGPT 2:4 sparsity then FP8 dynamic (seed 003); saved dense, current vLLM does not speed up 2:4."
             ),
             needs_calibration=True,
             modifiers=(

@@ -17,8 +17,11 @@ from typing import Any
 
 from engine import calibration as calib
 from engine.artifacts import staging_folder, weights_bytes, write_manifest
+from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
+from engine.evaluation import default_cache_dir, evaluate
 from engine.preflight import PreflightReport, preflight
+from engine.presets import PRESETS
 from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -93,6 +96,20 @@ def compress(
             timings=timings,
             layer_errors=reporter.layer_errors,
         )
+        if spec.evaluation is not None:
+            started = time.perf_counter()
+            reporter.emit("evaluating", "Evaluating baseline and compressed model")
+            result.evaluation = evaluate(
+                spec.evaluation,
+                baseline_dir=report.model.path,
+                compressed_dir=staging,
+                baseline_key=_baseline_key(report),
+                cache_dir=default_cache_dir(),
+                device=_eval_device(spec.device),
+                progress=reporter.callback,
+            )
+            timings["evaluate_s"] = time.perf_counter() - started
+        _write_card(staging, out_dir, spec, report, result)
         (staging / "results.json").write_text(json.dumps(_results_payload(spec, report, result), indent=2))
         started = time.perf_counter()
         reporter.emit("saving", "Hashing the files")
@@ -184,6 +201,36 @@ def _captured_logs(reporter: _Reporter) -> Iterator[None]:
         yield
     finally:
         logger.remove(handler)
+
+
+def _baseline_key(report: PreflightReport) -> str:
+    """Identifies the baseline weights: name, revision, and each weight file's size and mtime."""
+    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in report.model.path.glob("*.safetensors"))
+    return json.dumps([report.model.name, report.model.revision, str(report.model.path), files])
+
+
+def _eval_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _write_card(staging: Path, out_dir: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
+    suffix = spec.preset or "custom"
+    write_model_card(
+        staging,
+        model_name=out_dir.name if out_dir.name else f"{report.model.name}-{suffix}",
+        base_model=report.model.name,
+        architecture=report.model.architecture,
+        preset=PRESETS.get(spec.preset or ""),
+        recipe_yaml=report.recipe_yaml,
+        calibration=spec.calibration if report.needs_calibration else None,
+        evaluation=result.evaluation,
+        size_before_bytes=result.size_before_bytes,
+        size_after_bytes=result.size_after_bytes,
+    )
 
 
 def _results_payload(spec: CompressionSpec, report: PreflightReport, result: CompressionResult) -> dict:

@@ -10,14 +10,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.artifacts import verify_manifest
 from engine.runner import compress
-from engine.spec import CalibrationSpec, CompressionSpec
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 
 
 def reload_and_generate(path) -> str:
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=CompressedTensorsConfig(run_compressed=False), dtype=torch.bfloat16
+        path, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.bfloat16
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = tokenizer.apply_chat_template(
@@ -31,22 +31,37 @@ def reload_and_generate(path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("preset", "fmt"),
-    [("int8-w8a8-gptq", "int-quantized"), ("fp8-dynamic", "float-quantized")],
-)
-def test_builtin_model_compresses_reloads_and_generates(builtin_dir, tmp_path, preset, fmt):
-    spec = CompressionSpec(preset=preset, calibration=CalibrationSpec(samples=16, max_seq_len=128))
-    result = compress(spec, tmp_path / preset)
-    config = json.loads((result.output_dir / "config.json").read_text())
-    quant = config["quantization_config"]
-    assert quant["quant_method"] == "compressed-tensors"
-    assert quant["format"] == fmt
-    assert "lm_head" in quant["ignore"]
-    assert verify_manifest(result.output_dir) == []
-    assert result.compression_ratio > 1.3
-    text = reload_and_generate(result.output_dir)
-    assert len([word for word in text.split() if word.isalpha()]) >= 3, text
+def test_builtin_model_compresses_evaluates_reloads_and_generates(builtin_dir, tmp_path, monkeypatch):
+    """int8-w8a8-gptq then fp8-dynamic with the offline suite: the second job reuses the baseline."""
+    monkeypatch.setenv("COMPRESSOR_EVAL_CACHE", str(tmp_path / "eval-cache"))
+    expected = [("int8-w8a8-gptq", "int-quantized", False), ("fp8-dynamic", "float-quantized", True)]
+    for preset, fmt, cache_hit in expected:
+        spec = CompressionSpec(
+            preset=preset, calibration=CalibrationSpec(samples=16, max_seq_len=128), evaluation=EvaluationSpec()
+        )
+        result = compress(spec, tmp_path / preset)
+        out = result.output_dir
+        quant = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert quant["quant_method"] == "compressed-tensors" and quant["format"] == fmt
+        assert "lm_head" in quant["ignore"]
+        assert verify_manifest(out) == []
+        assert result.compression_ratio > 1.3
+
+        results = json.loads((out / "results.json").read_text())
+        evaluation = results["evaluation"]
+        assert evaluation["baseline_cache_hit"] is cache_hit
+        metrics = {m["name"]: m for m in evaluation["metrics"]}
+        ppl = metrics["perplexity"]
+        assert ppl["recovery"] == pytest.approx(100 * ppl["baseline"] / ppl["compressed"])
+        assert ppl["recovery"] > 90 and metrics["top1_agreement"]["compressed"] > 80
+
+        card = (out / "README.md").read_text()
+        for heading in ("## Model Overview", "### Model Optimizations", "## Creation", "## Deployment"):
+            assert heading in card
+        assert f"{ppl['compressed']:.2f}" in card and f"{ppl['recovery']:.2f}%" in card
+
+        text = reload_and_generate(out)
+        assert len([word for word in text.split() if word.isalpha()]) >= 3, text
 
 
 @pytest.mark.slow

@@ -52,9 +52,7 @@ def test_chat_rows_use_the_chat_template_without_a_double_bos(tmp_path, builtin_
     spec = CalibrationSpec(kind="jsonl", path=str(path), samples=2, max_seq_len=16)
     dataset = tokenize_records(load_records(spec), tokenizer, spec)
     chat_ids = dataset[0]["input_ids"]
-    expected = tokenizer(
-        tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False), add_special_tokens=False
-    )
+    expected = tokenizer(tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False), add_special_tokens=False)
     assert chat_ids == expected["input_ids"][:16]
     assert tokenizer.decode(chat_ids).startswith("<|im_start|>system")
     assert chat_ids[1] != chat_ids[0] or chat_ids[0] != tokenizer.bos_token_id

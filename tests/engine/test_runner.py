@@ -11,14 +11,10 @@ from engine.spec import CalibrationSpec, CompressionSpec
 def test_tiny_model_compresses_into_a_verified_checkpoint(tiny_model_dir, tmp_path):
     events = []
     out = tmp_path / "ckpt"
-    result = compress(
-        CompressionSpec(model=str(tiny_model_dir), preset="fp8-dynamic"), out, progress=events.append
-    )
+    result = compress(CompressionSpec(model=str(tiny_model_dir), preset="fp8-dynamic"), out, progress=events.append)
     assert out.is_dir() and verify_manifest(out) == []
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {"model.safetensors", "config.json", "recipe.yaml", "results.json"} <= {
-        f["path"] for f in manifest["files"]
-    }
+    assert {"model.safetensors", "config.json", "recipe.yaml", "results.json"} <= {f["path"] for f in manifest["files"]}
     assert result.size_after_bytes < result.size_before_bytes
     stages = [e.stage for e in events if e.log_line is None]
     assert stages[0] == "loading" and "saving" in stages and stages[-1] == "done"

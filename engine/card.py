@@ -1,0 +1,250 @@
+"""The model card (README.md) written into every checkpoint, in the seed cards' shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from engine.presets import Preset
+from engine.spec import CalibrationSpec
+
+
+def results_table(evaluation: dict, *, baseline_name: str, compressed_name: str) -> str:
+    """The seed cards' table: Benchmark | baseline | compressed (this model) | Recovery."""
+    lines = [
+        f"| Benchmark | {baseline_name} | {compressed_name} (this model) | Recovery |",
+        "| --- | --- | --- | --- |",
+    ]
+    for metric in evaluation.get("metrics", []):
+        lines.append(
+            f"| {metric['label']} | {_value(metric['baseline'], metric.get('baseline_stderr'))} | "
+            f"{_value(metric['compressed'], metric.get('compressed_stderr'))} | {_percent(metric['recovery'])} |"
+        )
+    average = evaluation.get("average")
+    if average:
+        lines.append(
+            f"| Average | {average['baseline']:.2f} | {average['compressed']:.2f} | {_percent(average['recovery'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _value(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "*"
+    text = f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
+    return f"{text} ± {stderr:.2f}" if stderr is not None else text
+
+
+def _percent(value: float | None) -> str:
+    return "*" if value is None else f"{value:.2f}%"
+
+
+def write_model_card(
+    checkpoint_dir: Path,
+    *,
+    model_name: str,
+    base_model: str,
+    architecture: str,
+    preset: Preset | None,
+    recipe_yaml: str,
+    calibration: CalibrationSpec | None,
+    evaluation: dict | None,
+    size_before_bytes: int,
+    size_after_bytes: int,
+) -> Path:
+    """Write checkpoint_dir/README.md and return its path."""
+    sections = [
+        _front_matter(base_model, preset),
+        f"# {model_name}",
+        _overview(architecture, preset, base_model),
+        _optimizations(preset, size_before_bytes, size_after_bytes),
+        _creation(base_model, recipe_yaml, calibration),
+        _deployment(model_name),
+        _evaluation(evaluation, base_model, model_name),
+    ]
+    path = Path(checkpoint_dir) / "README.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path
+
+
+def _front_matter(base_model: str, preset: Preset | None) -> str:
+    tags = ["vllm", "llm-compressor", "compressed-tensors"]
+    if preset and preset.sparsity:
+        tags.append("sparsity")
+    if preset is None or preset.weight_quantization:
+        tags.append("quantized")
+    meta = {"tags": tags, "base_model": base_model, "pipeline_tag": "text-generation", "language": ["en"]}
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
+
+
+def _overview(architecture: str, preset: Preset | None, base_model: str) -> str:
+    optimizations = _optimization_lines(preset)
+    return "\n".join(
+        [
+            "## Model Overview",
+            f"- **Model Architecture:** {architecture}",
+            "- **Input:** Text",
+            "- **Output:** Text",
+            "- **Model Optimizations:**",
+            *[f"  - **{name}:** {value}" for name, value in optimizations],
+            f"- **Base model:** {base_model}",
+            "- **Made with:** the LLM compression service (llm-compressor)",
+        ]
+    )
+
+
+def _optimization_lines(preset: Preset | None) -> list[tuple[str, str]]:
+    if preset is None:
+        return [("Recipe", "custom (see Creation)")]
+    lines = []
+    if preset.sparsity:
+        lines.append(("Sparsity", preset.sparsity))
+    lines.append(("Weight quantization", preset.weight_quantization or "none"))
+    lines.append(("Activation quantization", preset.activation_quantization or "none (16-bit activations)"))
+    return lines
+
+
+def _optimizations(preset: Preset | None, before: int, after: int) -> str:
+    reduction = 100.0 * (1 - after / before) if before else 0.0
+    size = (
+        f"The weights take {after / 1e6:.1f} MB instead of {before / 1e6:.1f} MB ({reduction:.0f} % smaller on disk)."
+    )
+    if preset is None:
+        body = "This model was compressed with the custom recipe shown under Creation."
+    else:
+        parts = [
+            "Only the weights and activations of the linear operators within transformer blocks are "
+            "compressed; the embeddings and the lm_head are kept in their original precision.",
+            f"Weights: {preset.weight_quantization or 'not quantized'}.",
+            f"Activations: {preset.activation_quantization or 'kept in 16 bits'}.",
+            f"Method: {preset.method}." if preset.method else "",
+            f"Sparsity: {preset.sparsity}." if preset.sparsity else "",
+            f"This reproduces the recipe of seed card {preset.seed_card}." if preset.seed_card else "",
+            *preset.notes,
+        ]
+        body = " ".join(part for part in parts if part)
+    return f"### Model Optimizations\n\n{body}\n\n{size}"
+
+
+def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | None) -> str:
+    if calibration is None:
+        data_text = "No calibration data: the recipe is data-free."
+        dataset_code, oneshot_args = "", ""
+    else:
+        data_text = (
+            f"Calibration: {_describe_calibration(calibration)}, {calibration.samples} samples of at most "
+            f"{calibration.max_seq_len} tokens, chat rows rendered with the model's chat template."
+        )
+        dataset_code = _dataset_snippet(calibration)
+        oneshot_args = (
+            f"    dataset=ds,\n    num_calibration_samples={calibration.samples},\n"
+            f"    max_seq_length={calibration.max_seq_len},\n"
+        )
+    snippet = (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from llmcompressor import oneshot\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{base_model}", dtype="bfloat16")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")\n'
+        f"{dataset_code}"
+        'recipe = open("recipe.yaml").read()\n'
+        f"oneshot(\n    model=model,\n    recipe=recipe,\n{oneshot_args})\n"
+        'model.save_pretrained("compressed", save_compressed=True)\n'
+        'tokenizer.save_pretrained("compressed")\n'
+    )
+    return (
+        "## Creation\n\n"
+        f"This model was created with [LLM Compressor](https://github.com/vllm-project/llm-compressor). {data_text}\n\n"
+        f"The recipe (recipe.yaml):\n\n```yaml\n{recipe_yaml.rstrip()}\n```\n\n"
+        f"To reproduce it:\n\n```python\n{snippet}```"
+    )
+
+
+def _describe_calibration(calibration: CalibrationSpec) -> str:
+    if calibration.kind == "builtin":
+        return (
+            "the service's built-in set (questions and answers generated from Python's standard-library documentation)"
+        )
+    if calibration.kind == "hub":
+        return f"the hub dataset {calibration.dataset} (split {calibration.split}, column {calibration.column})"
+    return f"the uploaded file {Path(calibration.path or '').name}"
+
+
+def _dataset_snippet(calibration: CalibrationSpec) -> str:
+    if calibration.kind == "hub":
+        load = f'raw = load_dataset("{calibration.dataset}", split="{calibration.split}")["{calibration.column}"]\n'
+        rows = "rows = [{'messages': r} if isinstance(r, list) else {'text': r} for r in raw]\n"
+    else:
+        load = ""
+        rows = (
+            "from engine.calibration import builtin_records  # the service's generator\nrows = builtin_records()\n"
+            if calibration.kind == "builtin"
+            else f'rows = [json.loads(line) for line in open("{Path(calibration.path or "").name}") if line.strip()]\n'
+        )
+    return (
+        "import json\nfrom datasets import Dataset, load_dataset\n"
+        f"{load}{rows}"
+        "def encode(row):\n"
+        "    if 'messages' in row:\n"
+        "        text = tokenizer.apply_chat_template(row['messages'], tokenize=False)\n"
+        f"        return tokenizer(text, truncation=True, max_length={calibration.max_seq_len},\n"
+        "                         add_special_tokens=False)  # the template already has the BOS\n"
+        f"    return tokenizer(row['text'], truncation=True, max_length={calibration.max_seq_len})\n"
+        f"encoded = [encode(r) for r in rows[:{calibration.samples}]]\n"
+        "ds = Dataset.from_dict({'input_ids': [e['input_ids'] for e in encoded],\n"
+        "                        'attention_mask': [e['attention_mask'] for e in encoded]})\n"
+    )
+
+
+def _deployment(model_name: str) -> str:
+    code = (
+        "from vllm import LLM, SamplingParams\n"
+        "from transformers import AutoTokenizer\n\n"
+        f'model_path = "{model_name}"  # this folder\n'
+        "tokenizer = AutoTokenizer.from_pretrained(model_path)\n"
+        'messages = [{"role": "user", "content": "Who are you?"}]\n'
+        "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+        "llm = LLM(model=model_path)\n"
+        "outputs = llm.generate(prompt, SamplingParams(temperature=0.6, top_p=0.9, max_tokens=256))\n"
+        "print(outputs[0].outputs[0].text)\n"
+    )
+    return (
+        "## Deployment\n\nThis model can be deployed efficiently with the [vLLM](https://docs.vllm.ai/) backend "
+        f"(compressed-tensors format), as shown below. vLLM also offers OpenAI-compatible serving "
+        f"(`vllm serve {model_name}`).\n\n```python\n{code}```"
+    )
+
+
+def _evaluation(evaluation: dict | None, base_model: str, model_name: str) -> str:
+    if not evaluation:
+        return "## Evaluation\n\nNot evaluated: the job was run without evaluation."
+    settings = evaluation.get("settings", {})
+    how = [
+        f"- Offline suite: perplexity, KL divergence and top-1 agreement on {settings.get('windows')} windows of "
+        f"{settings.get('window_tokens')} tokens of held-out text ({settings.get('heldout')}), never used for "
+        "calibration; greedy generations from fixed prompts."
+        if settings.get("offline")
+        else "",
+        f"- lm-eval tasks ({settings.get('backend')} backend): {', '.join(settings.get('tasks') or [])}"
+        + (f", limit {settings['limit']} examples" if settings.get("limit") else "")
+        if settings.get("tasks")
+        else "",
+        "- Recovery: compressed / baseline for scores, baseline / compressed for perplexity, exp(-KL) for "
+        "KL divergence, and the agreement itself for top-1 agreement.",
+    ]
+    failed = [f"- {f['task']}: not run ({f['reason']})" for f in evaluation.get("tasks_failed", [])]
+    generations = [
+        f"- **{g['prompt']}**\n  - baseline: {g['baseline']!r}\n  - this model: {g['compressed']!r}"
+        for g in evaluation.get("generations", [])
+    ]
+    parts = [
+        "## Evaluation",
+        "\n".join(line for line in how if line),
+        "### Accuracy",
+        results_table(evaluation, baseline_name=base_model, compressed_name=model_name),
+    ]
+    if failed:
+        parts += ["Tasks that could not run:", "\n".join(failed)]
+    if generations:
+        parts += ["### Generations (greedy)", "\n".join(generations)]
+    return "\n\n".join(parts)
