@@ -38,6 +38,7 @@ WINDOWS = 16
 WINDOW_TOKENS = 256
 TOP_K = 64
 GENERATION_TOKENS = 32
+CACHE_VERSION = 2  # bump when the baseline's measurements change, so that stale cache entries are not used
 PROMPTS = (
     "What is the capital of France?",
     "Write one sentence about the ocean.",
@@ -170,7 +171,7 @@ def _score_windows(model, windows, reference: dict | None) -> dict:
                 values, indices = logprobs.topk(TOP_K, dim=-1)
                 top_values.append(values.half())
                 top_indices.append(indices.int())
-                top1.append(indices[:, 0].int())
+                top1.append(logprobs.argmax(-1).int())  # the same op as below: ties break alike
             else:
                 kl_sum += _coarse_kl(reference["top_values"][index].float(), reference["top_indices"][index], logprobs)
                 agree += (logprobs.argmax(-1).int() == reference["top1"][index]).sum().item()
@@ -343,6 +344,7 @@ def _average(metrics: list[dict]) -> dict | None:
 def _settings(spec: EvaluationSpec) -> dict:
     heldout = "pydoc_data.topics" if not spec.heldout_path else _file_digest(Path(spec.heldout_path))
     return {
+        "version": CACHE_VERSION,
         "offline": spec.offline,
         "heldout": heldout,
         "windows": min(spec.limit or WINDOWS, WINDOWS),

@@ -76,3 +76,15 @@ def test_vllm_backend_without_vllm_fails_the_tasks_with_a_reason(tiny_model_dir,
     result = run(spec, tiny_model_dir, tiny_fp8, tmp_path)
     assert result["metrics"] == []
     assert "vLLM is not installed" in result["tasks_failed"][0]["reason"]
+
+
+def test_a_model_compared_with_itself_recovers_everything(tiny_model_dir, tmp_path):
+    result = evaluate(
+        EvaluationSpec(limit=2),
+        baseline_dir=tiny_model_dir,
+        compressed_dir=tiny_model_dir,
+        baseline_key="self",
+        cache_dir=tmp_path,
+    )
+    for metric in result["metrics"]:
+        assert metric["recovery"] == pytest.approx(100.0, abs=1e-3), metric
