@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export COMPRESSOR_DATA_DIR ?= $(CURDIR)/var
 
-.PHONY: venv model test lint format demo up stop bench
+.PHONY: venv model browser test lint format demo up stop bench
 
 # The virtual environment: torch 2.13.0 first (the CPU build on the machine; any other version
 # pulls gigabytes of CUDA packages), then the project with its dev extra.
@@ -25,9 +25,34 @@ venv: $(STAMP)
 model: venv
 	$(PY) -m engine builtin-model
 
-test: model
+# Debian's Chromium for the browser tests (never a browser download by a test tool).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# COMPRESSOR_REQUIRE_POSTGRES=1: the PostgreSQL variant of the integration tests fails, never skips.
+test: model browser
 	scripts/ensure_services.sh
-	$(PY) -m pytest
+	COMPRESSOR_REQUIRE_POSTGRES=1 $(PY) -m pytest
+
+RUN_DIR := $(COMPRESSOR_DATA_DIR)/run
+
+# The service on the embedded default: web + workers in the background, then the demo job through the API.
+demo: model
+	scripts/ensure_services.sh
+	$(PY) manage.py migrate --noinput
+	scripts/services.sh start
+	$(PY) manage.py create_demo_user --token-file $(RUN_DIR)/demo-token
+	$(PY) scripts/demo.py --token-file $(RUN_DIR)/demo-token
+	@echo "Web and workers keep running (pids and logs in $(RUN_DIR)); 'make stop' stops them."
+
+# Everyday use: web and workers in the foreground.
+up: model
+	scripts/ensure_services.sh
+	$(PY) manage.py migrate --noinput
+	scripts/services.sh up
+
+stop:
+	scripts/services.sh stop
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "jobs",
+    "frontend",
 ]
 
 MIDDLEWARE = [
@@ -86,7 +87,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT = Path(env("DJANGO_STATIC_ROOT", default=str(DATA_DIR / "static")))
 MEDIA_ROOT = Path(env("COMPRESSOR_MEDIA_ROOT", default=str(DATA_DIR / "media")))
 MEDIA_URL = "media/"
 STORAGES = {
@@ -113,9 +114,7 @@ CELERY_TASK_ROUTES = {"jobs.compress": {"queue": "gpu"}, "jobs.*": {"queue": "li
 # (the worker kills the child). Both stay below the Redis visibility timeout: a message not acknowledged
 # within it is handed to a second worker, which must never happen to a job that is still running.
 COMPRESSOR_JOB_SOFT_LIMIT_S = env.int("COMPRESSOR_JOB_SOFT_LIMIT_S", default=6 * 3600)
-COMPRESSOR_JOB_HARD_LIMIT_S = env.int(
-    "COMPRESSOR_JOB_HARD_LIMIT_S", default=COMPRESSOR_JOB_SOFT_LIMIT_S + 600
-)
+COMPRESSOR_JOB_HARD_LIMIT_S = env.int("COMPRESSOR_JOB_HARD_LIMIT_S", default=COMPRESSOR_JOB_SOFT_LIMIT_S + 600)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": COMPRESSOR_JOB_HARD_LIMIT_S + 3600,
     # One Redis list per priority level, polled highest first: priorities really order the queue.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,45 @@ def model_store() -> Path:
 def builtin_dir(model_store: Path, builtin_model: Path) -> Path:
     assert builtin_model == builtin_model_dir(model_store)
     return builtin_model
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory) -> None:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        db.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("db") / "test.sqlite3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def media_root(tmp_path_factory) -> Iterator[Path]:
+    from django.test import override_settings
+
+    root = tmp_path_factory.mktemp("media")
+    with override_settings(MEDIA_ROOT=root):
+        yield root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker() -> Iterator[dict[str, str]]:
+    """This session's own corner of Redis (a key prefix), shared by every worker the tests start.
+
+    One prefix for the whole session: kombu keeps its connections with the options they were made with,
+    so switching prefixes between modules would leave the test process talking to the wrong corner.
+    """
+    import redis
+
+    from compressor_app.celery import app
+
+    prefix = f"compressor-test-{uuid.uuid4().hex[:10]}:"
+    url = app.conf.broker_url
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": prefix}
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.exit(f"Redis does not answer at {url}: run scripts/ensure_services.sh first.", returncode=3)
+    yield {"url": url, "prefix": prefix}
+    for key in client.scan_iter(match=f"{prefix}*", count=500):
+        client.delete(key)

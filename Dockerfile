@@ -1,0 +1,38 @@
+# One image for the web server and the workers (docker-compose.yml picks the command).
+# GPU workers need torch's CUDA build: the default (PyPI's torch 2.13.0 for Linux x86_64). For a
+# CPU-only image: docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    COMPRESSOR_DATA_DIR=/data \
+    HF_HOME=/data/hf \
+    DJANGO_STATIC_ROOT=/app/staticfiles
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+ARG TORCH_INDEX_URL=""
+RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+# Dependencies first (cached while only the code changes), then the code, installed editable so the
+# templates and migrations are used from /app.
+COPY pyproject.toml ./
+COPY . .
+RUN pip install -e . gunicorn whitenoise \
+    && useradd --create-home --uid 1000 app \
+    && mkdir -p /data \
+    && chown app /data \
+    && DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
+
+USER app
+VOLUME ["/data"]
+EXPOSE 8000
+# gthread workers: a long streamed checkpoint download holds a thread, not a whole worker, and the
+# worker keeps answering the arbiter's heartbeat meanwhile.
+CMD ["gunicorn", "compressor_app.wsgi:application", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", \
+     "--workers", "2", "--threads", "8", "--timeout", "60", "--access-logfile", "-"]

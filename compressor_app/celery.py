@@ -1,0 +1,19 @@
+"""The Celery app: configured from Django settings (CELERY_* names), tasks found in each app's tasks.py.
+
+Run a worker per GPU, pinned and one job at a time:
+    CUDA_VISIBLE_DEVICES=0 celery -A compressor_app worker -Q gpu -c 1 -n gpu0@%h
+a CPU-only worker for CPU jobs (device_class "cpu"):
+    celery -A compressor_app worker -Q cpu -c 1 -n cpu@%h
+and one light worker with the embedded beat for housekeeping (the reaper):
+    celery -A compressor_app worker -Q light -c 1 -B -n light@%h
+"""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "compressor_app.settings")
+
+app = Celery("compressor_app")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

@@ -1,0 +1,238 @@
+"""The new-job form. It checks the form's shape; the decisions (preflight) are jobs.services.job_submit's,
+exactly as for the API. Errors the service raises are put back beside the field they concern."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.core.validators import MaxValueValidator
+
+from engine.presets import PRESETS
+from engine.spec import BUILTIN_MODEL
+from jobs.models import Job
+from jobs.services import JobInput
+
+CUSTOM_RECIPE = "custom"
+BUILTIN_MODELS = [(BUILTIN_MODEL, "SmolLM2-135M-Instruct: 135 M parameters, ships with the service")]
+
+
+def preset_infos() -> list[dict[str, Any]]:
+    """Each preset with what it needs, for the form's descriptions."""
+    infos = []
+    for preset in PRESETS.values():
+        needs = ["calibration data" if preset.needs_calibration else "no calibration data (data-free)"]
+        if preset.group_size:
+            needs.append(f"layer input widths divisible by {preset.group_size}")
+        infos.append(
+            {
+                "name": preset.name,
+                "description": preset.description,
+                "needs": needs,
+                "needs_calibration": preset.needs_calibration,
+                "seed_card": preset.seed_card,
+                "weights": preset.weight_quantization,
+                "activations": preset.activation_quantization,
+                "sparsity": preset.sparsity,
+            }
+        )
+    return infos
+
+
+class JobForm(forms.Form):
+    """What a person asks for. Field names are the page's; to_job_input() turns them into a JobInput."""
+
+    SOURCE_BUILTIN, SOURCE_HUB, SOURCE_LOCAL = "builtin", "hub", "local"
+
+    model_source = forms.ChoiceField(label="Where the model comes from", widget=forms.RadioSelect)
+    builtin_model = forms.ChoiceField(label="Built-in model", choices=BUILTIN_MODELS, required=False)
+    hub_id = forms.CharField(
+        label="Hugging Face model id",
+        required=False,
+        max_length=500,
+        help_text="For example meta-llama/Llama-3.1-8B-Instruct. The worker downloads it.",
+    )
+    revision = forms.CharField(
+        label="Revision",
+        required=False,
+        max_length=200,
+        help_text="A branch, tag or commit; empty for the default branch.",
+    )
+    local_path = forms.CharField(
+        label="Local model folder",
+        required=False,
+        max_length=500,
+        help_text="A folder on the workers with config.json and safetensors weights.",
+    )
+
+    preset = forms.ChoiceField(label="Compression preset", widget=forms.RadioSelect)
+    recipe_yaml = forms.CharField(
+        label="Custom llm-compressor recipe (YAML)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}),
+        help_text="Used when the preset is “Custom recipe”.",
+    )
+    ignore_indivisible = forms.BooleanField(
+        label="Leave layers a grouped scheme cannot divide unquantized",
+        required=False,
+        help_text="Otherwise a preset with a group size refuses such a model.",
+    )
+
+    calibration_kind = forms.ChoiceField(
+        label="Calibration data", widget=forms.RadioSelect, choices=Job.CalibrationKind.choices
+    )
+    calibration_upload = forms.FileField(
+        label="Upload a JSONL file",
+        required=False,
+        help_text='One JSON object a line: {"text": ...} or {"messages": [...]}.',
+        widget=forms.ClearableFileInput(attrs={"accept": ".jsonl,.json,application/jsonl,application/json"}),
+    )
+    calibration_dataset = forms.ModelChoiceField(
+        label="…or one of your uploaded files", queryset=None, required=False, empty_label="(none)"
+    )
+    calibration_hub_dataset = forms.CharField(label="Hub dataset id", required=False, max_length=300)
+    calibration_split = forms.CharField(label="Split", initial="train", max_length=100)
+    calibration_column = forms.CharField(label="Text column", initial="text", max_length=100)
+    calibration_samples = forms.IntegerField(label="Samples", initial=32, min_value=1, max_value=4096)
+    calibration_max_seq_len = forms.IntegerField(label="Tokens per sample", initial=256, min_value=8, max_value=32768)
+
+    evaluate_offline = forms.BooleanField(
+        label="Offline suite: perplexity on held-out text and sample generations",
+        required=False,
+        initial=True,
+    )
+    evaluation_tasks = forms.CharField(
+        label="lm-eval tasks",
+        required=False,
+        max_length=500,
+        help_text="Comma-separated task names, for example gsm8k, arc_easy. Empty for none.",
+    )
+    evaluation_limit = forms.IntegerField(
+        label="Examples per task", required=False, min_value=1, help_text="Empty for the whole task."
+    )
+
+    priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0)
+    device_class = forms.ChoiceField(label="Worker", choices=Job.DeviceClass.choices)
+    force = forms.BooleanField(
+        label="Run even if an identical job of mine already succeeded", required=False, initial=False
+    )
+    clone_of = forms.IntegerField(required=False, widget=forms.HiddenInput)
+
+    def __init__(self, *args, user, calibration_datasets, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+        sources = [(self.SOURCE_BUILTIN, "Built-in model"), (self.SOURCE_HUB, "Hugging Face hub")]
+        if settings.COMPRESSOR_ALLOW_LOCAL_PATHS:
+            sources.append((self.SOURCE_LOCAL, "Local folder"))
+        else:
+            del self.fields["local_path"]
+        self.fields["model_source"].choices = sources
+        self.fields["preset"].choices = [(name, name) for name in PRESETS] + [(CUSTOM_RECIPE, "Custom recipe")]
+        self.fields["calibration_dataset"].queryset = calibration_datasets
+        self.max_priority = 9 if user.is_staff else settings.COMPRESSOR_USER_MAX_PRIORITY
+        self.fields["priority"].max_value = self.max_priority
+        self.fields["priority"].validators.append(
+            MaxValueValidator(
+                self.max_priority, message=f"At most {self.max_priority}; operators can raise it in the admin."
+            )
+        )
+        self.fields["priority"].widget.attrs.update(min=0, max=self.max_priority)
+        self.fields["priority"].help_text = f"0 to {self.max_priority}; higher runs first."
+        self.fields["device_class"].initial = settings.COMPRESSOR_DEFAULT_DEVICE_CLASS
+
+    # --- the form's own checks -----------------------------------------------------------------------------
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        source = data.get("model_source")
+        if source == self.SOURCE_HUB and not data.get("hub_id", "").strip():
+            self.add_error("hub_id", "Give the model's id on the hub, such as owner/name.")
+        if source == self.SOURCE_LOCAL and not data.get("local_path", "").strip():
+            self.add_error("local_path", "Give the folder's path on the workers.")
+        if data.get("preset") == CUSTOM_RECIPE and not data.get("recipe_yaml", "").strip():
+            self.add_error("recipe_yaml", "Paste a recipe, or choose a preset.")
+        kind = data.get("calibration_kind")
+        if (
+            kind == Job.CalibrationKind.UPLOAD
+            and not data.get("calibration_upload")
+            and not data.get("calibration_dataset")
+        ):
+            self.add_error("calibration_upload", "Choose a JSONL file to upload, or one you uploaded before.")
+        if kind == Job.CalibrationKind.HUB and not data.get("calibration_hub_dataset", "").strip():
+            self.add_error("calibration_hub_dataset", "Give the dataset's id on the hub.")
+        return data
+
+    def model_name(self) -> str:
+        data = self.cleaned_data
+        source = data["model_source"]
+        if source == self.SOURCE_HUB:
+            return data["hub_id"].strip()
+        if source == self.SOURCE_LOCAL:
+            return data["local_path"].strip()
+        return data.get("builtin_model") or BUILTIN_MODEL
+
+    def evaluation(self) -> dict[str, Any] | None:
+        data = self.cleaned_data
+        tasks = [t.strip() for t in data.get("evaluation_tasks", "").split(",") if t.strip()]
+        if not data.get("evaluate_offline") and not tasks:
+            return None
+        return {"offline": bool(data.get("evaluate_offline")), "tasks": tasks, "limit": data.get("evaluation_limit")}
+
+    def to_job_input(self, *, calibration_file=None) -> JobInput:
+        data = self.cleaned_data
+        custom = data["preset"] == CUSTOM_RECIPE
+        return JobInput(
+            model=self.model_name(),
+            revision=data.get("revision", "").strip() if data["model_source"] == self.SOURCE_HUB else "",
+            preset="" if custom else data["preset"],
+            recipe_yaml=data["recipe_yaml"] if custom else "",
+            calibration_kind=data["calibration_kind"],
+            calibration_file=calibration_file or data.get("calibration_dataset"),
+            calibration_hub_dataset=data.get("calibration_hub_dataset", "").strip(),
+            calibration_split=data["calibration_split"],
+            calibration_column=data["calibration_column"],
+            calibration_samples=data["calibration_samples"],
+            calibration_max_seq_len=data["calibration_max_seq_len"],
+            evaluation=self.evaluation(),
+            ignore_indivisible=data.get("ignore_indivisible", False),
+            priority=data["priority"],
+            device_class=data["device_class"],
+        )
+
+    # --- errors the service raised ---------------------------------------------------------------------------
+
+    def field_for_engine(self, engine_field: str | None) -> str | None:
+        """The form field an EngineError's field concerns (None: the whole form)."""
+        source = self.cleaned_data.get("model_source") if hasattr(self, "cleaned_data") else None
+        kind = self.cleaned_data.get("calibration_kind") if hasattr(self, "cleaned_data") else None
+        mapping = {
+            "model": {self.SOURCE_HUB: "hub_id", self.SOURCE_LOCAL: "local_path"}.get(source, "builtin_model"),
+            "revision": "revision",
+            "preset": "preset",
+            "recipe": "recipe_yaml",
+            "recipe_yaml": "recipe_yaml",
+            "calibration": {
+                Job.CalibrationKind.UPLOAD: "calibration_upload",
+                Job.CalibrationKind.HUB: "calibration_hub_dataset",
+            }.get(kind, "calibration_kind"),
+            "file": "calibration_upload",
+            "evaluation": "evaluation_tasks",
+            "device": "device_class",
+            "device_class": "device_class",
+            "priority": "priority",
+        }
+        name = mapping.get(engine_field or "")
+        return name if name in self.fields else None
+
+    def apply_aria(self) -> None:
+        """Tie each input to its help text and error message for screen readers (call before rendering)."""
+        for name, field in self.fields.items():
+            described = []
+            if self.is_bound and name in self.errors:
+                described.append(f"{name}-error")
+                field.widget.attrs["aria-invalid"] = "true"
+            if field.help_text:
+                described.append(f"{name}-help")
+            if described:
+                field.widget.attrs["aria-describedby"] = " ".join(described)

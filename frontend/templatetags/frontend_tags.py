@@ -1,0 +1,84 @@
+"""Small formatting helpers for the dashboard's templates."""
+
+from __future__ import annotations
+
+import re
+
+from django import template
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
+
+from frontend.presentation import duration_text
+
+register = template.Library()
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
+
+
+def render_markdown(text: str) -> SafeString:
+    """Markdown to HTML with markdown-it-py; raw HTML in the source is shown as text, never rendered."""
+    text = _FRONT_MATTER.sub("", text, count=1)
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:  # the page still shows the card, preformatted
+        return mark_safe(f'<pre class="model-card-raw">{escape(text)}</pre>')
+    renderer = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
+    return mark_safe(renderer.render(text))  # noqa: S308 - html is off: the source cannot inject markup
+
+
+@register.filter
+def markdown(text: str) -> SafeString:
+    return render_markdown(text or "")
+
+
+@register.filter
+def pct(value, digits: int = 1) -> str:
+    """99.234 -> "99.2 %"; None -> "–"."""
+    if value is None or value == "":
+        return "–"
+    try:
+        return f"{float(value):.{int(digits)}f} %"
+    except (TypeError, ValueError):
+        return "–"
+
+
+@register.filter
+def metric(value) -> str:
+    """A metric value with sensible precision: 0.6683 -> "0.668", 12.345 -> "12.35", 1234.5 -> "1234"."""
+    if value is None or value == "":
+        return "–"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if abs(number) >= 1000:
+        return f"{number:.0f}"
+    if abs(number) >= 10:
+        return f"{number:.2f}"
+    return f"{number:.3g}" if number else "0"
+
+
+@register.filter
+def duration(seconds) -> str:
+    try:
+        return duration_text(float(seconds)) if seconds is not None else ""
+    except (TypeError, ValueError):
+        return ""
+
+
+@register.filter
+def mb(value) -> str:
+    """Bytes as MB (decimal, like model cards): 269060096 -> "269.1 MB"."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    if number >= 1e9:
+        return f"{number / 1e9:.2f} GB"
+    return f"{number / 1e6:.1f} MB"
+
+
+@register.filter
+def status_icon(status: str) -> str:
+    """A text symbol beside each status word (the colour is never the only signal)."""
+    return {"queued": "◷", "running": "▶", "succeeded": "✓", "failed": "✕", "cancelled": "⊘"}.get(status, "•")

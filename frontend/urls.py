@@ -1,0 +1,16 @@
+from django.urls import path
+
+from frontend import views
+
+app_name = "frontend"
+
+urlpatterns = [
+    path("", views.job_list, name="job-list"),
+    path("jobs/rows/", views.job_rows, name="job-rows"),
+    path("jobs/new/", views.job_new, name="job-new"),
+    path("jobs/<int:pk>/", views.job_detail, name="job-detail"),
+    path("jobs/<int:pk>/live/", views.job_live, name="job-live"),
+    path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
+    path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
+    path("compare/", views.compare, name="compare"),
+]

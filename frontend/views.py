@@ -1,0 +1,374 @@
+"""The dashboard's pages. Thin: read through jobs.selectors, act through jobs.services (the same
+functions the API calls), and leave presentation to frontend.presentation and the templates."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+
+from engine.errors import EngineError
+from engine.presets import PRESETS
+from frontend import charts, presentation
+from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
+from jobs import downloads, selectors, services
+from jobs.models import Job
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 40
+FAILED_LOG_LINES = 15
+MODEL_CARD_MAX_BYTES = 512 * 1024
+COMPARE_MAX_JOBS = 8
+
+
+# --- the jobs list --------------------------------------------------------------------------------------
+
+
+def _list_context(request: HttpRequest) -> dict[str, Any]:
+    status = request.GET.get("status") or ""
+    preset = request.GET.get("preset") or ""
+    if status not in Job.Status.values:
+        status = ""
+    if preset not in PRESETS:
+        preset = ""
+    jobs = selectors.job_list_filtered(user=request.user, status=status or None, preset=preset or None)
+    page = Paginator(jobs, 25).get_page(request.GET.get("page"))
+    rows = []
+    for job in page.object_list:
+        rows.append(
+            {
+                "job": job,
+                "queue_position": selectors.queue_position(job=job),
+                "sizes": presentation.sizes(job.results),
+                "recovery": presentation.headline_recovery(job.results),
+            }
+        )
+    return {
+        "rows": rows,
+        "page": page,
+        "status": status,
+        "preset": preset,
+        "statuses": Job.Status.choices,
+        "presets": list(PRESETS),
+        "filtered": bool(status or preset),
+        "any_active": any(row["job"].is_active for row in rows),
+        "query": request.GET.urlencode(),
+    }
+
+
+@login_required
+def job_list(request: HttpRequest) -> HttpResponse:
+    return render(request, "frontend/job_list.html", _list_context(request))
+
+
+@login_required
+def job_rows(request: HttpRequest) -> HttpResponse:
+    """The list's table body alone, for the page's live updates."""
+    return render(request, "frontend/_job_rows.html", _list_context(request))
+
+
+# --- a new job -------------------------------------------------------------------------------------------
+
+
+def _initial_from(job: Job) -> dict[str, Any]:
+    """The form's values for "clone and edit": the old job's request."""
+    data = services.job_input_from(job)
+    evaluation = data.evaluation or {}
+    builtin = data.model == JobForm.base_fields["builtin_model"].choices[0][0]
+    return {
+        "model_source": JobForm.SOURCE_BUILTIN if builtin else JobForm.SOURCE_HUB,
+        "hub_id": "" if builtin else data.model,
+        "revision": data.revision,
+        "preset": data.preset or CUSTOM_RECIPE,
+        "recipe_yaml": data.recipe_yaml,
+        "ignore_indivisible": data.ignore_indivisible,
+        "calibration_kind": data.calibration_kind,
+        "calibration_dataset": data.calibration_file.pk if data.calibration_file else None,
+        "calibration_hub_dataset": data.calibration_hub_dataset,
+        "calibration_split": data.calibration_split,
+        "calibration_column": data.calibration_column,
+        "calibration_samples": data.calibration_samples,
+        "calibration_max_seq_len": data.calibration_max_seq_len,
+        "evaluate_offline": bool(evaluation.get("offline")) if data.evaluation is not None else False,
+        "evaluation_tasks": ", ".join(evaluation.get("tasks") or []),
+        "evaluation_limit": evaluation.get("limit"),
+        "priority": data.priority,
+        "device_class": data.device_class,
+        "clone_of": job.pk,
+    }
+
+
+def _default_initial() -> dict[str, Any]:
+    return {
+        "model_source": JobForm.SOURCE_BUILTIN,
+        "preset": "fp8-dynamic",
+        "calibration_kind": Job.CalibrationKind.BUILTIN,
+        "evaluate_offline": True,
+    }
+
+
+def _new_job_form(request: HttpRequest, data=None, files=None, initial=None) -> JobForm:
+    return JobForm(
+        data,
+        files,
+        initial=initial,
+        user=request.user,
+        calibration_datasets=selectors.calibration_datasets_for_user(user=request.user).filter(owner=request.user),
+    )
+
+
+@login_required
+def job_new(request: HttpRequest) -> HttpResponse:
+    clone_source: Job | None = None
+    if request.method != "POST":
+        if request.GET.get("from"):
+            clone_source = selectors.job_get_for_user(user=request.user, job_id=_int(request.GET["from"]))
+            form = _new_job_form(request, initial=_initial_from(clone_source))
+        else:
+            form = _new_job_form(request, initial=_default_initial())
+        return _render_form(request, form, clone_source)
+
+    form = _new_job_form(request, request.POST, request.FILES)
+    if form.is_valid():
+        if form.cleaned_data.get("clone_of"):
+            clone_source = selectors.job_get_for_user(user=request.user, job_id=form.cleaned_data["clone_of"])
+        upload = form.cleaned_data.get("calibration_upload")
+        dataset = None
+        if upload and form.cleaned_data["calibration_kind"] == Job.CalibrationKind.UPLOAD:
+            try:
+                dataset = services.calibration_dataset_create(owner=request.user, name=upload.name, upload=upload)
+            except EngineError as exc:
+                form.add_error("calibration_upload", exc.message)
+                return _render_form(request, form, clone_source, status=400)
+            # From here on the form points at the stored file, so a re-shown form keeps it (and previews it).
+            data = request.POST.copy()
+            data["calibration_dataset"] = str(dataset.pk)
+            form = _new_job_form(request, data)
+            form.is_valid()
+        try:
+            job_input = form.to_job_input(calibration_file=dataset)
+            force = form.cleaned_data.get("force", False)
+            if clone_source is not None:
+                changes = {f.name: getattr(job_input, f.name) for f in dataclasses.fields(job_input)}
+                submission = services.job_clone(job=clone_source, owner=request.user, changes=changes, force=force)
+            else:
+                submission = services.job_submit(owner=request.user, data=job_input, force=force)
+        except EngineError as exc:
+            form.add_error(form.field_for_engine(exc.field), exc.message)
+        else:
+            job = submission.job
+            if submission.created:
+                messages.success(request, f"Job {job.pk} is queued.")
+            else:
+                messages.info(
+                    request,
+                    f"An identical job of yours already succeeded: job {job.pk}. Tick “Run even if…” to run it again.",
+                )
+            return redirect("frontend:job-detail", pk=job.pk)
+    return _render_form(request, form, clone_source, status=400)
+
+
+def _render_form(request: HttpRequest, form: JobForm, clone_source: Job | None, status: int = 200) -> HttpResponse:
+    form.apply_aria()
+    preview, preview_name = [], ""
+    dataset_id = form["calibration_dataset"].value()
+    if dataset_id:
+        dataset = form.fields["calibration_dataset"].queryset.filter(pk=_int(dataset_id)).first()
+        if dataset is not None:
+            preview, preview_name = selectors.calibration_dataset_preview(dataset=dataset), dataset.name
+    infos = {info["name"]: info for info in preset_infos()}
+    context = {
+        "form": form,
+        "preset_options": [(radio, infos.get(radio.data["value"])) for radio in form["preset"]],
+        "custom_recipe": CUSTOM_RECIPE,
+        "clone_source": clone_source,
+        "preview": preview,
+        "preview_name": preview_name,
+        "error_count": len(form.errors) if form.is_bound else 0,
+    }
+    return render(request, "frontend/job_new.html", context, status=status)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+# --- one job ---------------------------------------------------------------------------------------------
+
+
+def _live_context(job: Job) -> dict[str, Any]:
+    stage_started = selectors.job_stage_started(job=job)
+    return {
+        "job": job,
+        "queue_position": selectors.queue_position(job=job),
+        "timeline": presentation.timeline(job, stage_started),
+        "seconds_left": presentation.seconds_left(job, stage_started),
+        "log_lines": selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES),
+        "stage_label": Job.Stage(job.stage).label if job.stage in Job.Stage.values else job.stage,
+    }
+
+
+def _model_card(job: Job) -> str | None:
+    """The checkpoint's README.md rendered as HTML (raw HTML in it is escaped, not rendered)."""
+    try:
+        path = downloads.checkpoint_dir(job) / "README.md"
+        if not path.is_file() or path.stat().st_size > MODEL_CARD_MAX_BYTES:
+            return None
+        text = path.read_text(errors="replace")
+    except (downloads.NotDownloadable, OSError):
+        return None
+    from frontend.templatetags.frontend_tags import render_markdown
+
+    return render_markdown(text)
+
+
+def _results_context(job: Job) -> dict[str, Any]:
+    results = job.results
+    rows = presentation.metric_rows(results)
+    errors = presentation.layer_errors(results)
+    worst = sorted(errors, key=lambda item: item[1], reverse=True)[:10]
+    files = []
+    if isinstance(job.manifest, dict):
+        for entry in job.manifest.get("files", []):
+            if isinstance(entry, dict) and entry.get("path"):
+                files.append(
+                    {
+                        "path": entry["path"],
+                        "size": entry.get("size"),
+                        "sha256": entry.get("sha256", ""),
+                        "url": reverse("api:job-file", kwargs={"pk": job.pk, "path": entry["path"]}),
+                    }
+                )
+    return {
+        "metric_rows": rows,
+        "metric_chart": charts.metric_chart(rows),
+        "sizes": presentation.sizes(results),
+        "timings": presentation.timings(results),
+        "layer_chart": charts.layer_error_chart(errors),
+        "worst_layers": worst,
+        "generations": presentation.generations(results),
+        "model_card": _model_card(job),
+        "files": files,
+        "archive_url": reverse("api:job-archive", kwargs={"pk": job.pk}),
+        "manifest_url": reverse("api:job-manifest", kwargs={"pk": job.pk}),
+        "ignored_layers": (results or {}).get("ignored_layers") if isinstance(results, dict) else None,
+    }
+
+
+@login_required
+def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    context = _live_context(job)
+    if job.status == Job.Status.SUCCEEDED:
+        context.update(_results_context(job))
+    if job.status == Job.Status.FAILED:
+        context["failed_log"] = selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES)
+    context["preset_info"] = PRESETS.get(job.preset)
+    context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
+    return render(request, "frontend/job_detail.html", context)
+
+
+@login_required
+def job_live(request: HttpRequest, pk: int) -> HttpResponse:
+    """The job page's live part alone (progress, timeline, log), polled while the job runs."""
+    job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    return render(request, "frontend/_job_live.html", _live_context(job))
+
+
+@login_required
+@require_POST
+def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    try:
+        services.job_cancel(job=job, by=request.user)
+    except services.JobStateError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Job {job.pk} is cancelled.")
+    return redirect("frontend:job-detail", pk=job.pk)
+
+
+@login_required
+@require_POST
+def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
+    job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    try:
+        new_job = services.job_retry(job=job)
+    except services.JobStateError as exc:
+        messages.error(request, exc.message)
+    except EngineError as exc:
+        messages.error(request, f"The retry was refused: {exc.message}")
+    else:
+        messages.success(request, f"Job {new_job.pk} retries job {job.pk}.")
+        return redirect("frontend:job-detail", pk=new_job.pk)
+    return redirect("frontend:job-detail", pk=job.pk)
+
+
+# --- compare --------------------------------------------------------------------------------------------
+
+
+@login_required
+def compare(request: HttpRequest) -> HttpResponse:
+    models = selectors.job_models_for_user(user=request.user)
+    model = request.GET.get("model") or (models[0] if models else "")
+    candidates = (
+        list(selectors.job_list_filtered(user=request.user, status=Job.Status.SUCCEEDED, model=model)) if model else []
+    )
+    wanted = {_int(value) for value in request.GET.getlist("jobs")}
+    chosen = [job for job in candidates if job.pk in wanted] if wanted else candidates[:COMPARE_MAX_JOBS]
+    chosen = chosen[:COMPARE_MAX_JOBS]
+    chosen.sort(key=lambda job: job.pk)
+
+    # One row per metric any chosen job has; the baseline column takes the first job's baseline value.
+    labels: dict[str, str] = {}
+    baseline: dict[str, float | None] = {}
+    per_job: list[dict[str, presentation.MetricRow]] = []
+    for job in chosen:
+        rows = {row.name: row for row in presentation.metric_rows(job.results)}
+        per_job.append(rows)
+        for name, row in rows.items():
+            labels.setdefault(name, row.label)
+            if baseline.get(name) is None:
+                baseline[name] = row.baseline
+    metric_table = [
+        {"label": label, "baseline": baseline.get(name), "cells": [rows.get(name) for rows in per_job]}
+        for name, label in labels.items()
+    ]
+    columns = [{"job": job, "sizes": presentation.sizes(job.results)} for job in chosen]
+    points = []
+    before = next((c["sizes"].before for c in columns if c["sizes"]), None)
+    if before:
+        points.append(charts.Point(label="baseline", size_bytes=before, quality=100.0, baseline=True))
+    for column in columns:
+        recovery = presentation.headline_recovery(column["job"].results)
+        if column["sizes"] and recovery is not None:
+            points.append(
+                charts.Point(
+                    label=f"#{column['job'].pk} {column['job'].recipe_label}",
+                    size_bytes=column["sizes"].after,
+                    quality=recovery,
+                )
+            )
+    context = {
+        "models": models,
+        "model": model,
+        "candidates": candidates,
+        "chosen_ids": {job.pk for job in chosen},
+        "columns": columns,
+        "metric_table": metric_table,
+        "baseline_size": before,
+        "chart": charts.size_quality_chart(points) if len(points) > 1 else "",
+    }
+    return render(request, "frontend/compare.html", context)

@@ -1,0 +1,179 @@
+"""Operators' view: jobs with filters, search and bulk actions (the same services the app uses), and a
+queue page showing the workers online, what each runs, the queue lengths and the waiting jobs in order."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ActionForm
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+
+from engine.errors import EngineError
+from jobs import selectors, services
+from jobs.models import CalibrationDataset, Job
+
+
+class JobActionForm(ActionForm):
+    priority = forms.TypedChoiceField(
+        choices=[("", "---")] + [(str(p), str(p)) for p in range(9, -1, -1)],
+        coerce=int,
+        empty_value=None,
+        required=False,
+        label="New priority (9 runs first)",
+    )
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    action_form = JobActionForm
+    actions = ["cancel_jobs", "retry_jobs", "change_priority"]
+    list_display = [
+        "id", "owner", "model_source", "recipe_label", "status", "progress", "priority", "device_class",
+        "queue_position_display", "worker", "created_at", "duration",
+    ]  # fmt: skip
+    list_filter = [
+        "status",
+        "preset",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        "device_class",
+        "queue",
+        "calibration_kind",
+    ]
+    list_select_related = ["owner"]
+    search_fields = ["=id", "model_source", "preset", "owner__username", "owner__email", "error", "celery_task_id"]
+    date_hierarchy = "created_at"
+    ordering = ["-created_at"]
+    list_per_page = 50
+    readonly_fields = [f.name for f in Job._meta.fields] + ["recent_log"]
+    fieldsets = [
+        ("Request", {"fields": [
+            "owner", "model_source", "model_revision", "preset", "recipe_yaml", "resolved_recipe",
+            "calibration_kind", "calibration_file", "calibration_hub_dataset", "calibration_split",
+            "calibration_column", "calibration_samples", "calibration_max_seq_len", "evaluation",
+            "ignore_indivisible", "priority", "device_class", "spec_fingerprint", "retry_of", "attempt",
+        ]}),
+        ("State", {"fields": [
+            "status", "stage", "message", "step", "total", "percent", "error", "created_at", "started_at",
+            "finished_at", "heartbeat_at", "celery_task_id", "queue", "worker", "requeue_count",
+        ]}),
+        ("Output", {"fields": ["results", "artifacts_path", "manifest", "recent_log"]}),
+    ]  # fmt: skip
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # jobs are submitted through the form or the API, where preflight runs
+
+    @admin.display(description="Progress")
+    def progress(self, job: Job) -> str:
+        if job.status == Job.Status.RUNNING:
+            step = f" {job.step}/{job.total}" if job.step and job.total else ""
+            return f"{job.stage}{step} ({job.percent or 0:.0f} %)"
+        return job.get_stage_display() if job.status == Job.Status.QUEUED else ""
+
+    @admin.display(description="Place in queue")
+    def queue_position_display(self, job: Job) -> int | None:
+        return selectors.queue_position(job=job)
+
+    @admin.display(description="Duration")
+    def duration(self, job: Job) -> str:
+        seconds = job.duration_s
+        return "" if seconds is None else f"{seconds:.0f} s"
+
+    @admin.display(description="Latest log lines")
+    def recent_log(self, job: Job) -> str:
+        lines = list(job.log_lines.order_by("-id")[:40])[::-1]
+        return format_html(
+            '<pre style="max-height:30em;overflow:auto;white-space:pre-wrap">{}</pre>',
+            format_html_join("\n", "{} {}", ((line.created_at.strftime("%H:%M:%S"), line.text) for line in lines)),
+        )
+
+    @admin.action(description="Cancel the selected jobs", permissions=["change"])
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        done, skipped = 0, []
+        for job in queryset:
+            try:
+                services.job_cancel(job=job, by=request.user)
+                done += 1
+            except services.JobStateError:
+                skipped.append(str(job.pk))
+        self._report(request, f"Cancelled {done} job(s).", skipped, "already finished")
+
+    @admin.action(description="Retry the selected jobs (new linked jobs)", permissions=["change"])
+    def retry_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        created, skipped = [], []
+        for job in queryset.select_related("owner", "calibration_file"):
+            try:
+                created.append(str(services.job_retry(job=job).pk))
+            except services.JobStateError:
+                skipped.append(str(job.pk))
+            except EngineError as exc:
+                self.message_user(request, f"Job {job.pk} cannot be retried: {exc.message}", messages.ERROR)
+        self._report(
+            request,
+            f"Queued {len(created)} retry job(s): {', '.join(created) or '-'}.",
+            skipped,
+            "not failed or cancelled",
+        )
+
+    @admin.action(description="Change the priority of the selected queued jobs", permissions=["change"])
+    def change_priority(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        form = JobActionForm(request.POST)
+        priority = form.fields["priority"].clean(request.POST.get("priority", ""))
+        if priority is None:
+            self.message_user(request, "Choose the new priority next to the action.", messages.WARNING)
+            return
+        moved, skipped = 0, []
+        for job in queryset:
+            if services.job_set_priority(job=job, priority=priority):
+                moved += 1
+            else:
+                skipped.append(str(job.pk))
+        self._report(request, f"Set priority {priority} on {moved} queued job(s).", skipped, "not queued")
+
+    def _report(self, request: HttpRequest, text: str, skipped: list[str], why: str) -> None:
+        self.message_user(request, text, messages.SUCCESS)
+        if skipped:
+            self.message_user(request, f"Skipped ({why}): {', '.join(skipped)}.", messages.WARNING)
+
+    def get_urls(self):
+        return [
+            path("queue/", self.admin_site.admin_view(self.queue_view), name="jobs_job_queue"),
+            *super().get_urls(),
+        ]
+
+    def queue_view(self, request: HttpRequest) -> HttpResponse:
+        overview = selectors.queue_overview()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Queue and workers",
+            "opts": self.model._meta,
+            "overview": overview,
+            "waiting": _with_positions(overview.waiting),
+            "changelist_url": reverse("admin:jobs_job_changelist"),
+        }
+        return TemplateResponse(request, "admin/jobs/job/queue.html", context)
+
+
+def _with_positions(jobs: list[Job]) -> list[tuple[int, Job]]:
+    """Number the waiting jobs within each queue (they arrive in queue order)."""
+    seen: dict[str, int] = {}
+    numbered = []
+    for job in jobs:
+        seen[job.queue] = seen.get(job.queue, 0) + 1
+        numbered.append((seen[job.queue], job))
+    return numbered
+
+
+@admin.register(CalibrationDataset)
+class CalibrationDatasetAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "owner", "rows", "size_bytes", "created_at"]
+    list_filter = [("owner", admin.RelatedOnlyFieldListFilter)]
+    list_select_related = ["owner"]
+    search_fields = ["name", "owner__username", "sha256"]
+    readonly_fields = ["owner", "file", "sha256", "size_bytes", "rows", "created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

@@ -1,0 +1,181 @@
+"""API shapes. Input serializers validate a request's form; the services decide what it means.
+
+Status, progress, results and artifacts are read-only: only the workers (through jobs.services) set them.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from engine.presets import PRESETS
+from engine.spec import BUILTIN_MODEL
+from jobs import selectors
+from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs.services import JobInput
+
+
+class CalibrationInputSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=Job.CalibrationKind.choices, default=Job.CalibrationKind.BUILTIN)
+    dataset_id = serializers.IntegerField(
+        required=False, allow_null=True, help_text="An uploaded calibration file's id (kind 'upload')."
+    )
+    hub_dataset = serializers.CharField(required=False, allow_blank=True, default="", help_text="kind 'hub'")
+    split = serializers.CharField(required=False, default="train")
+    column = serializers.CharField(required=False, default="text")
+    samples = serializers.IntegerField(min_value=1, max_value=4096, default=32)
+    max_seq_len = serializers.IntegerField(min_value=8, max_value=32768, default=256)
+
+
+class EvaluationInputSerializer(serializers.Serializer):
+    offline = serializers.BooleanField(default=True, help_text="Perplexity and the offline checks.")
+    tasks = serializers.ListField(child=serializers.CharField(), required=False, default=list)
+    limit = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
+    backend = serializers.ChoiceField(choices=["hf", "vllm"], default="hf")
+
+
+class JobCreateSerializer(serializers.Serializer):
+    model = serializers.CharField(default=BUILTIN_MODEL, max_length=500, help_text="Built-in name or hub id.")
+    revision = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
+    preset = serializers.ChoiceField(choices=sorted(PRESETS), required=False, allow_blank=True, default="")
+    recipe_yaml = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="A custom llm-compressor recipe instead of a preset."
+    )
+    calibration = CalibrationInputSerializer(required=False)
+    evaluation = EvaluationInputSerializer(required=False, allow_null=True, default=None)
+    ignore_indivisible = serializers.BooleanField(default=False)
+    priority = serializers.IntegerField(min_value=0, max_value=9, default=Job.PRIORITY_NORMAL, help_text="9 first.")
+    device_class = serializers.ChoiceField(choices=Job.DeviceClass.choices, required=False)
+    force = serializers.BooleanField(
+        default=False, help_text="Run even when an identical job of yours already succeeded."
+    )
+
+    def validate_priority(self, value: int) -> int:
+        user = self.context["request"].user
+        if not user.is_staff and value > settings.COMPRESSOR_USER_MAX_PRIORITY:
+            raise serializers.ValidationError(
+                f"At most {settings.COMPRESSOR_USER_MAX_PRIORITY}; operators can raise it in the admin."
+            )
+        return value
+
+    def validate(self, attrs: dict) -> dict:
+        if bool(attrs.get("preset")) == bool(attrs.get("recipe_yaml", "").strip()):
+            raise serializers.ValidationError({"preset": "Give either a preset or a custom recipe_yaml."})
+        calibration = attrs.get("calibration") or CalibrationInputSerializer().to_internal_value({})
+        dataset = None
+        if calibration["kind"] == Job.CalibrationKind.UPLOAD:
+            user = self.context["request"].user
+            dataset = CalibrationDataset.objects.filter(pk=calibration.get("dataset_id"), owner=user).first()
+            if dataset is None:
+                raise serializers.ValidationError({"calibration": "dataset_id must be one of your uploaded files."})
+        if calibration["kind"] == Job.CalibrationKind.HUB and not calibration.get("hub_dataset"):
+            raise serializers.ValidationError({"calibration": "hub_dataset is required for kind 'hub'."})
+        attrs["calibration"], attrs["calibration_file"] = calibration, dataset
+        return attrs
+
+    def to_job_input(self) -> JobInput:
+        data = self.validated_data
+        calibration = data["calibration"]
+        evaluation = data.get("evaluation")
+        return JobInput(
+            model=data["model"],
+            revision=data["revision"],
+            preset=data["preset"],
+            recipe_yaml=data["recipe_yaml"],
+            calibration_kind=calibration["kind"],
+            calibration_file=data["calibration_file"],
+            calibration_hub_dataset=calibration["hub_dataset"],
+            calibration_split=calibration["split"],
+            calibration_column=calibration["column"],
+            calibration_samples=calibration["samples"],
+            calibration_max_seq_len=calibration["max_seq_len"],
+            evaluation=dict(evaluation) if evaluation is not None else None,
+            ignore_indivisible=data["ignore_indivisible"],
+            priority=data["priority"],
+            device_class=data.get("device_class", ""),
+        )
+
+
+class JobSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.get_username", read_only=True)
+    model = serializers.CharField(source="model_source", read_only=True)
+    revision = serializers.CharField(source="model_revision", read_only=True)
+    calibration = serializers.SerializerMethodField()
+    queue_position = serializers.SerializerMethodField()
+    links = serializers.SerializerMethodField()
+    duplicate = serializers.SerializerMethodField(
+        help_text="True when this create request was answered with an earlier identical succeeded job."
+    )
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "owner", "status", "stage", "message", "step", "total", "percent", "error",
+            "model", "revision", "preset", "recipe_yaml", "resolved_recipe", "calibration", "evaluation",
+            "ignore_indivisible", "priority", "device_class", "queue", "queue_position", "worker",
+            "attempt", "requeue_count", "retry_of", "created_at", "started_at", "finished_at",
+            "heartbeat_at", "duration_s", "results", "manifest", "links", "duplicate",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.DictField())
+    def get_calibration(self, job: Job) -> dict:
+        return {
+            "kind": job.calibration_kind,
+            "dataset_id": job.calibration_file_id,
+            "hub_dataset": job.calibration_hub_dataset,
+            "split": job.calibration_split,
+            "column": job.calibration_column,
+            "samples": job.calibration_samples,
+            "max_seq_len": job.calibration_max_seq_len,
+        }
+
+    def get_queue_position(self, job: Job) -> int | None:
+        return selectors.queue_position(job=job)
+
+    @extend_schema_field(serializers.DictField(child=serializers.CharField()))
+    def get_links(self, job: Job) -> dict:
+        request = self.context.get("request")
+
+        def url(name: str) -> str:
+            path = reverse(f"api:job-{name}", kwargs={"pk": job.pk})
+            return request.build_absolute_uri(path) if request else path
+
+        links = {"self": url("detail"), "logs": url("logs"), "page": f"/jobs/{job.pk}/"}
+        if job.status == Job.Status.SUCCEEDED:
+            links.update(archive=url("archive"), manifest=url("manifest"), results=url("results"))
+            links["files"] = url("detail") + "files/{path}"
+        return links
+
+    def get_duplicate(self, job: Job) -> bool:
+        return bool(self.context.get("duplicate"))
+
+
+class JobLogLineSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = JobLogLine
+        fields = ["id", "created_at", "stage", "text"]
+
+
+class PresetSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    description = serializers.CharField()
+    needs_calibration = serializers.BooleanField()
+    weight_quantization = serializers.CharField(allow_null=True)
+    activation_quantization = serializers.CharField(allow_null=True)
+    sparsity = serializers.CharField(allow_null=True)
+    method = serializers.CharField()
+    group_size = serializers.IntegerField(allow_null=True)
+    notes = serializers.ListField(child=serializers.CharField())
+
+
+class CalibrationDatasetSerializer(serializers.ModelSerializer):
+    file = serializers.FileField(write_only=True, help_text='A JSONL file of {"text"} or {"messages"} rows.')
+    name = serializers.CharField(required=False, allow_blank=True, default="")
+
+    class Meta:
+        model = CalibrationDataset
+        fields = ["id", "name", "file", "sha256", "size_bytes", "rows", "created_at"]
+        read_only_fields = ["sha256", "size_bytes", "rows", "created_at"]

@@ -1,0 +1,262 @@
+"""REST API views: thin. Validate with a serializer, read through selectors, act through services."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.http import Http404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
+from rest_framework.views import APIView
+
+from engine.errors import EngineError
+from engine.presets import PRESETS
+from jobs import downloads, selectors, services
+from jobs.api.serializers import (
+    CalibrationDatasetSerializer,
+    JobCreateSerializer,
+    JobLogLineSerializer,
+    JobSerializer,
+    PresetSerializer,
+)
+from jobs.models import Job
+
+# The engine names the part of a request a problem concerns; these are the API's names for them.
+_FIELD_NAMES = {"recipe": "recipe_yaml", "device": "device_class", None: "non_field_errors"}
+
+
+def _field_error(exc: EngineError) -> ValidationError:
+    return ValidationError({_FIELD_NAMES.get(exc.field, exc.field): [exc.message]})
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+    default_detail = "The job is not in a state that allows this."
+
+
+class JobCreateThrottle(UserRateThrottle):
+    """Job creation per user, at COMPRESSOR_JOB_CREATE_RATE (read per request, so tests can change it)."""
+
+    scope = "job_create"
+
+    def get_rate(self) -> str:
+        return settings.COMPRESSOR_JOB_CREATE_RATE
+
+
+class AnyContentNegotiation(BaseContentNegotiation):
+    """Downloads send files whatever the Accept header says (errors still come back as JSON)."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0]
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Compression jobs. Each user sees their own; staff see all. Others' jobs answer 404."""
+
+    serializer_class = JobSerializer
+
+    def get_content_negotiator(self):
+        if getattr(self, "action", None) == "file":  # routed in urls.py (a file path needs no trailing slash)
+            return AnyContentNegotiation()
+        return super().get_content_negotiator()
+
+    def get_queryset(self):
+        wanted = self.request.query_params.get("status")
+        if self.action == "list" and wanted and wanted not in Job.Status.values:
+            raise ValidationError({"status": [f"Use one of: {', '.join(Job.Status.values)}."]})
+        return selectors.job_list_for_user(user=self.request.user, status=wanted if self.action == "list" else None)
+
+    def get_throttles(self):
+        if self.action == "create":
+            return [JobCreateThrottle()]
+        return super().get_throttles()
+
+    @extend_schema(
+        parameters=[OpenApiParameter("status", str, enum=Job.Status.values, description="Only jobs in this state.")]
+    )
+    def list(self, request: Request, *args, **kwargs) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=JobCreateSerializer,
+        responses={201: JobSerializer, 200: JobSerializer},
+        description=(
+            "Submit a job. Preflight runs first: a job that cannot succeed gets 400 naming the field. "
+            "Deduplication: when an identical job of yours already succeeded (same model revision, resolved "
+            "recipe, calibration data and evaluation) and `force` is false, no new job is created: the answer "
+            "is 200 with that earlier job and `duplicate: true`. A new job answers 201."
+        ),
+    )
+    def create(self, request: Request) -> Response:
+        serializer = JobCreateSerializer(data=request.data, context={"request": request})
+        serializer.is_valid(raise_exception=True)
+        try:
+            submission = services.job_submit(
+                owner=request.user, data=serializer.to_job_input(), force=serializer.validated_data["force"]
+            )
+        except EngineError as exc:
+            raise _field_error(exc) from None
+        context = {"request": request, "duplicate": not submission.created}
+        return Response(
+            JobSerializer(submission.job, context=context).data,
+            status=status.HTTP_201_CREATED if submission.created else status.HTTP_200_OK,
+        )
+
+    @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str | None = None) -> Response:
+        try:
+            job = services.job_cancel(job=self.get_object(), by=request.user)
+        except services.JobStateError as exc:
+            raise Conflict(exc.message) from None
+        return Response(JobSerializer(job, context={"request": request}).data)
+
+    @extend_schema(request=None, responses={201: JobSerializer, 400: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        """A new job with the same request, linked to this failed or cancelled one (retry_of, attempt + 1)."""
+        try:
+            job = services.job_retry(job=self.get_object())
+        except services.JobStateError as exc:
+            raise Conflict(exc.message) from None
+        except EngineError as exc:
+            raise _field_error(exc) from None
+        return Response(JobSerializer(job, context={"request": request}).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("after", int, description="Only lines with a larger id (the last id you have)."),
+            OpenApiParameter("limit", int, description="At most this many lines (default 500, max 2000)."),
+        ],
+        responses=inline_serializer(
+            "JobLogPage",
+            {
+                "lines": JobLogLineSerializer(many=True),
+                "cursor": serializers.IntegerField(),
+                "status": serializers.CharField(),
+            },
+        ),
+    )
+    @action(detail=True, methods=["get"])
+    def logs(self, request: Request, pk: str | None = None) -> Response:
+        """Log lines after a cursor; pass the returned cursor back as `after` to get only new lines."""
+        job = self.get_object()
+        try:
+            after = int(request.query_params.get("after", 0))
+            limit = max(1, min(2000, int(request.query_params.get("limit", 500))))
+        except ValueError:
+            raise ValidationError({"after": ["after and limit must be whole numbers."]}) from None
+        lines = selectors.job_log_after(job=job, after=after, limit=limit)
+        return Response(
+            {
+                "lines": JobLogLineSerializer(lines, many=True).data,
+                "cursor": lines[-1].id if lines else after,
+                "status": job.status,
+            }
+        )
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["get"])
+    def results(self, request: Request, pk: str | None = None) -> Response:
+        """Sizes, timings, per-layer errors and the evaluation table of a succeeded job."""
+        job = self.get_object()
+        if job.status != Job.Status.SUCCEEDED:
+            raise Conflict(f"Job {job.pk} is {job.status}; results exist once it has succeeded.")
+        return Response({"id": job.pk, "results": job.results, "manifest": job.manifest})
+
+    @extend_schema(
+        parameters=[OpenApiParameter("kind", str, enum=[*downloads.ARCHIVE_KINDS], description="zip (default) or tar")],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
+    def archive(self, request: Request, pk: str | None = None):
+        """The whole checkpoint as one archive, streamed while it is built."""
+        kind = request.query_params.get("kind", "zip")
+        if kind not in downloads.ARCHIVE_KINDS:
+            raise ValidationError({"kind": ["Use zip or tar."]})
+        return self._download(lambda job: downloads.archive_response(job, kind=kind))
+
+    @extend_schema(responses={(200, "application/json"): OpenApiTypes.OBJECT})
+    @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
+    def manifest(self, request: Request, pk: str | None = None):
+        """manifest.json: path, size and sha256 of every checkpoint file."""
+        return self._download(downloads.manifest_response)
+
+    @extend_schema(
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            (206, "application/octet-stream"): OpenApiTypes.BINARY,
+        },
+        parameters=[OpenApiParameter("Range", str, OpenApiParameter.HEADER, description="bytes=first-last")],
+    )
+    def file(self, request: Request, pk: str | None = None, path: str = ""):
+        """One checkpoint file by its manifest path; supports `Range: bytes=a-b` (206) for resuming."""
+        return self._download(
+            lambda job: downloads.file_response(
+                job, path=path, range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range")
+            )
+        )
+
+    def _download(self, respond):
+        job = self.get_object()
+        try:
+            return respond(job)
+        except downloads.NotDownloadable as exc:
+            raise Conflict(str(exc)) from None
+        except FileNotFoundError:
+            raise Http404("No such file in this checkpoint.") from None
+
+
+class PresetListView(APIView):
+    """The compression presets, with what each does."""
+
+    @extend_schema(responses=PresetSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        presets = [
+            {
+                "name": p.name,
+                "description": p.description,
+                "needs_calibration": p.needs_calibration,
+                "weight_quantization": p.weight_quantization,
+                "activation_quantization": p.activation_quantization,
+                "sparsity": p.sparsity,
+                "method": p.method,
+                "group_size": p.group_size,
+                "notes": list(p.notes),
+            }
+            for p in PRESETS.values()
+        ]
+        return Response(PresetSerializer(presets, many=True).data)
+
+
+class CalibrationDatasetViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    """Uploaded calibration files (JSONL of {"text"} or {"messages"} rows); each user sees their own."""
+
+    serializer_class = CalibrationDatasetSerializer
+    parser_classes = [MultiPartParser, FormParser]
+
+    def get_queryset(self):
+        return selectors.calibration_datasets_for_user(user=self.request.user)
+
+    def perform_create(self, serializer: CalibrationDatasetSerializer) -> None:
+        try:
+            serializer.instance = services.calibration_dataset_create(
+                owner=self.request.user,
+                name=serializer.validated_data.get("name", ""),
+                upload=serializer.validated_data["file"],
+            )
+        except EngineError as exc:
+            raise ValidationError({"file": [exc.message]}) from None

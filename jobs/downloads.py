@@ -1,0 +1,203 @@
+"""Checkpoint downloads: the whole folder as one streamed archive, one file with HTTP Range, the manifest.
+
+Plain Django responses, so the API and the pages serve the same bytes. Only files listed in the job's
+sha256 manifest (and the manifest itself) are ever served: a requested path is looked up there, never
+joined onto the filesystem as given. Archives are produced while they are sent, one chunk at a time:
+no copy of the checkpoint is built in memory or on disk.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from django.core.files.storage import default_storage
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+
+from jobs.models import Job
+
+MANIFEST_NAME = "manifest.json"
+CHUNK_BYTES = 1024 * 1024
+ARCHIVE_KINDS = ("zip", "tar")
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+class NotDownloadable(Exception):
+    """The job has no checkpoint to download (not succeeded, or its files are gone)."""
+
+
+def checkpoint_dir(job: Job) -> Path:
+    if job.status != Job.Status.SUCCEEDED or not job.artifacts_path or not job.manifest:
+        raise NotDownloadable(f"Job {job.pk} has no checkpoint to download (it is {job.status}).")
+    root = Path(default_storage.path(job.artifacts_path))
+    if not root.is_dir():
+        raise NotDownloadable(f"The checkpoint of job {job.pk} is no longer stored on this server.")
+    return root
+
+
+def archive_name(job: Job) -> str:
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(job.model_source).name or job.model_source).strip("-")
+    return f"job-{job.pk}-{model}-{job.preset or 'custom'}"
+
+
+def _entries(job: Job) -> list[tuple[str, int]]:
+    """(relative path, size) of every file to send: the manifest's files, then the manifest."""
+    root = checkpoint_dir(job)
+    files = [(entry["path"], int(entry["size"])) for entry in job.manifest.get("files", [])]
+    return [*files, (MANIFEST_NAME, (root / MANIFEST_NAME).stat().st_size)]
+
+
+# --- the archive ---------------------------------------------------------------------------------------
+
+
+def archive_response(job: Job, *, kind: str = "zip") -> StreamingHttpResponse:
+    """The whole checkpoint as job-<id>-<model>-<preset>.zip or .tar, streamed."""
+    if kind not in ARCHIVE_KINDS:
+        raise ValueError(f"Unknown archive kind '{kind}'; use zip or tar.")
+    root, entries, name = checkpoint_dir(job), _entries(job), archive_name(job)
+    if kind == "zip":
+        response = StreamingHttpResponse(_zip_stream(root, entries, name), content_type="application/zip")
+    else:
+        headers = [(_tar_header(f"{name}/{path}", size), path, size) for path, size in entries]
+        response = StreamingHttpResponse(_tar_stream(root, headers), content_type="application/x-tar")
+        response["Content-Length"] = str(sum(len(h) + size + (-size % 512) for h, _p, size in headers) + 1024)
+    response["Content-Disposition"] = f'attachment; filename="{name}.{kind}"'
+    return response
+
+
+class _Sink:
+    """A write-only, unseekable file for zipfile: it collects what is written until taken."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._position = 0
+
+    def write(self, data: bytes) -> int:
+        self._chunks.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self._chunks = b"".join(self._chunks), []
+        return data
+
+
+def _zip_stream(root: Path, entries: list[tuple[str, int]], prefix: str) -> Iterator[bytes]:
+    # Stored, not deflated: weights do not compress, and this keeps the CPU free. zipfile writes data
+    # descriptors (sizes after the data) because the sink cannot seek; ZIP64 for files over 4 GiB.
+    sink = _Sink()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for path, _size in entries:
+            source = root / path
+            info = zipfile.ZipInfo.from_file(source, f"{prefix}/{path}")
+            info.compress_type = zipfile.ZIP_STORED
+            with source.open("rb") as src, archive.open(info, mode="w") as dst:
+                while chunk := src.read(CHUNK_BYTES):
+                    dst.write(chunk)
+                    yield sink.take()
+            yield sink.take()
+    yield sink.take()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _tar_stream(root: Path, headers: list[tuple[bytes, str, int]]) -> Iterator[bytes]:
+    # A tar file is header, data padded to 512 bytes, for each file, then two empty blocks.
+    for header, path, size in headers:
+        yield header
+        with (root / path).open("rb") as src:
+            while chunk := src.read(CHUNK_BYTES):
+                yield chunk
+        yield b"\0" * (-size % 512)
+    yield b"\0" * 1024
+
+
+# --- one file, with Range ------------------------------------------------------------------------------
+
+
+def file_response(job: Job, *, path: str, range_header: str | None, if_range: str | None = None) -> HttpResponse:
+    """One checkpoint file. `Range: bytes=a-b` (one range) gets 206 with those bytes; past the end, 416."""
+    root = checkpoint_dir(job)
+    entry = next((e for e in job.manifest.get("files", []) if e["path"] == path), None)
+    if entry is None and path != MANIFEST_NAME:
+        raise FileNotFoundError(path)
+    source = root / path
+    size = source.stat().st_size
+    etag = f'"{entry["sha256"]}"' if entry else None
+    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    wanted = _parse_range(range_header, size) if range_header else None
+    if wanted is not None and if_range is not None and if_range != etag:
+        wanted = None  # the client's copy is of another version: send the whole file
+    if wanted == "unsatisfiable":
+        response = HttpResponse(status=416)
+        response["Content-Range"] = f"bytes */{size}"
+    elif wanted is None:
+        response = FileResponse(source.open("rb"), content_type=content_type)
+        response["Content-Length"] = str(size)
+    else:
+        start, end = wanted
+        response = StreamingHttpResponse(
+            _read_span(source, start, end - start + 1), status=206, content_type=content_type
+        )
+        response["Content-Range"] = f"bytes {start}-{end}/{size}"
+        response["Content-Length"] = str(end - start + 1)
+    response["Accept-Ranges"] = "bytes"
+    response["Content-Disposition"] = f'attachment; filename="{Path(path).name}"'
+    if etag:
+        response["ETag"] = etag
+    return response
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """(first, last) byte, "unsatisfiable", or None to send everything (absent, malformed or multi-range)."""
+    match = _RANGE.match(header)
+    if not match:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # the last N bytes
+        count = int(last)
+        if count == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - count), size - 1
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    return start, end
+
+
+def _read_span(path: Path, start: int, length: int) -> Iterator[bytes]:
+    with path.open("rb") as src:
+        src.seek(start)
+        while length > 0:
+            chunk = src.read(min(CHUNK_BYTES, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
+
+
+def manifest_response(job: Job) -> FileResponse:
+    """The checkpoint's manifest.json: every file's path, size and sha256."""
+    response = FileResponse((checkpoint_dir(job) / MANIFEST_NAME).open("rb"), content_type="application/json")
+    response["Content-Disposition"] = f'inline; filename="{MANIFEST_NAME}"'
+    return response

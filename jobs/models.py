@@ -1,0 +1,217 @@
+"""The Job record (the state machine of one compression run), its log lines and uploaded calibration data.
+
+Only jobs.services changes a Job's status, and only from the expected state (conditional UPDATEs), so a
+late message from a killed or cancelled task changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import PurePosixPath
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec
+
+
+def calibration_upload_to(instance: CalibrationDataset, filename: str) -> str:
+    """Uploaded files live under calibration/<owner id>/ with a random name (never the user's path)."""
+    return f"calibration/{instance.owner_id}/{uuid.uuid4().hex}.jsonl"
+
+
+class CalibrationDataset(models.Model):
+    """A JSONL file of {"text"} or {"messages"} rows a user uploaded for calibration."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="calibration_datasets")
+    name = models.CharField(max_length=200)
+    file = models.FileField(upload_to=calibration_upload_to, max_length=300)
+    sha256 = models.CharField(max_length=64)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    rows = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.rows} rows)"
+
+
+class Job(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE = frozenset({Status.QUEUED, Status.RUNNING})
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+
+    class Stage(models.TextChoices):
+        WAITING = "waiting", "Waiting in the queue"
+        LOADING = "loading", "Loading"
+        CALIBRATING = "calibrating", "Calibrating"
+        COMPRESSING = "compressing", "Compressing"
+        SAVING = "saving", "Saving"
+        EVALUATING = "evaluating", "Evaluating"
+        DONE = "done", "Done"
+
+    class DeviceClass(models.TextChoices):
+        GPU = "gpu", "GPU"
+        CPU = "cpu", "CPU"
+
+    class CalibrationKind(models.TextChoices):
+        BUILTIN = "builtin", "Built-in text"
+        UPLOAD = "upload", "Uploaded JSONL file"
+        HUB = "hub", "Hugging Face dataset"
+        NONE = "none", "None (data-free presets)"
+
+    # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse (see services).
+    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, 5, 9
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+
+    # What to do.
+    model_source = models.CharField(max_length=500, default=BUILTIN_MODEL)
+    model_revision = models.CharField(max_length=200, blank=True)
+    preset = models.CharField(max_length=64, blank=True, db_index=True)
+    recipe_yaml = models.TextField(blank=True, help_text="A custom llm-compressor recipe (instead of a preset).")
+    resolved_recipe = models.TextField(blank=True, help_text="The recipe preflight resolved; what actually runs.")
+    calibration_kind = models.CharField(max_length=16, choices=CalibrationKind.choices, default=CalibrationKind.BUILTIN)
+    calibration_file = models.ForeignKey(
+        CalibrationDataset, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
+    )
+    calibration_hub_dataset = models.CharField(max_length=300, blank=True)
+    calibration_split = models.CharField(max_length=100, default="train")
+    calibration_column = models.CharField(max_length=100, default="text")
+    calibration_samples = models.PositiveIntegerField(default=32)
+    calibration_max_seq_len = models.PositiveIntegerField(default=256)
+    evaluation = models.JSONField(null=True, blank=True, help_text="EvaluationSpec fields, or null for none.")
+    ignore_indivisible = models.BooleanField(default=False)
+    priority = models.PositiveSmallIntegerField(
+        default=PRIORITY_NORMAL, validators=[MinValueValidator(0), MaxValueValidator(9)]
+    )
+    device_class = models.CharField(max_length=8, choices=DeviceClass.choices, default=DeviceClass.GPU)
+    spec_fingerprint = models.CharField(max_length=64, blank=True, db_index=True)
+
+    # Where it stands.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.WAITING)
+    message = models.CharField(max_length=500, blank=True)
+    step = models.PositiveIntegerField(null=True, blank=True)
+    total = models.PositiveIntegerField(null=True, blank=True)
+    percent = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    # The queue and the worker.
+    celery_task_id = models.CharField(max_length=64, blank=True, db_index=True)
+    queue = models.CharField(max_length=32, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    attempt = models.PositiveSmallIntegerField(default=1, help_text="1 for a new job, +1 for each retry.")
+    requeue_count = models.PositiveSmallIntegerField(default=0, help_text="Times the reaper re-queued it.")
+    retry_of = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="followups",
+        help_text="The job this one retries or was cloned from.",
+    )
+
+    # What it produced.
+    results = models.JSONField(null=True, blank=True)
+    artifacts_path = models.CharField(max_length=300, blank=True, help_text="Checkpoint folder under MEDIA_ROOT.")
+    manifest = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["status", "queue", "-priority", "created_at"], name="job_queue_order"),
+            models.Index(fields=["owner", "-created_at"], name="job_owner_recent"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Job {self.pk} ({self.model_source}, {self.preset or 'custom recipe'}, {self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+    @property
+    def recipe_label(self) -> str:
+        return self.preset or "custom recipe"
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or self.heartbeat_at or self.started_at
+        return (end - self.started_at).total_seconds()
+
+    def artifacts_relpath(self) -> str:
+        """Where this job's checkpoint goes, relative to MEDIA_ROOT (a fresh folder per job)."""
+        return str(PurePosixPath("jobs") / str(self.pk) / "checkpoint")
+
+    def to_spec(self, *, device: str = "auto") -> CompressionSpec:
+        """The engine's view of this job (plain data, no Django)."""
+        kind = self.calibration_kind
+        if kind == self.CalibrationKind.UPLOAD:
+            calibration = CalibrationSpec(
+                kind="jsonl",
+                path=self.calibration_file.file.path if self.calibration_file else None,
+                samples=self.calibration_samples,
+                max_seq_len=self.calibration_max_seq_len,
+            )
+        else:
+            calibration = CalibrationSpec(
+                kind=kind,
+                dataset=self.calibration_hub_dataset or None,
+                split=self.calibration_split,
+                column=self.calibration_column,
+                samples=self.calibration_samples,
+                max_seq_len=self.calibration_max_seq_len,
+            )
+        evaluation = None
+        if self.evaluation is not None:
+            data = dict(self.evaluation)
+            data["tasks"] = tuple(data.get("tasks") or ())
+            evaluation = EvaluationSpec(**data)
+        return CompressionSpec(
+            model=self.model_source,
+            revision=self.model_revision or None,
+            preset=self.preset or None,
+            recipe_yaml=self.recipe_yaml or None,
+            calibration=calibration,
+            evaluation=evaluation,
+            device=device,
+            ignore_indivisible=self.ignore_indivisible,
+            allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
+            trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
+        )
+
+
+class JobLogLine(models.Model):
+    """One log line of a job. The id is the cursor for incremental fetches; old lines are pruned."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_lines")
+    created_at = models.DateTimeField(auto_now_add=True)
+    stage = models.CharField(max_length=16, blank=True)
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["job", "id"], name="joblog_job_cursor")]
+
+    def __str__(self) -> str:
+        return self.text[:80]

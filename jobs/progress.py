@@ -1,0 +1,105 @@
+"""The worker's link between a running engine and its Job row: progress, log, heartbeat and cancel.
+
+The engine calls the recorder for every event (many log lines a second); a background thread writes what
+accumulated once per COMPRESSOR_HEARTBEAT_INTERVAL_S through jobs.services.job_record_progress. That one
+write is also the heartbeat the reaper watches, and its answer is the cancel signal: when the row is no
+longer RUNNING, should_cancel() turns True and the engine stops at its next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from django.db import connection
+
+from engine.spec import ProgressEvent
+from jobs import services
+
+logger = logging.getLogger(__name__)
+
+# Overall percent: the span of the job each stage covers (step i of N moves within its span).
+_STAGE_SPANS = {
+    "loading": (0.0, 5.0),
+    "calibrating": (5.0, 85.0),
+    "compressing": (5.0, 85.0),
+    "saving": (85.0, 95.0),
+    "evaluating": (95.0, 99.0),
+    "done": (100.0, 100.0),
+}
+
+
+class JobProgress:
+    def __init__(self, *, job_id: int, interval_s: float) -> None:
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._fields: dict[str, Any] = {}
+        self._lines: list[tuple[str, str]] = []
+        self._stage = "loading"
+        self._percent = 0.0
+        self._cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-{job_id}-progress", daemon=True)
+
+    # The engine's callbacks (called on the task's thread; they never touch the database).
+
+    def __call__(self, event: ProgressEvent) -> None:
+        with self._lock:
+            if event.log_line is not None:
+                self._lines.append((event.stage, event.log_line))
+                return
+            self._stage = event.stage
+            low, high = _STAGE_SPANS.get(event.stage, (self._percent, self._percent))
+            fraction = (event.step / event.total) if event.step is not None and event.total else 0.0
+            self._percent = max(self._percent, round(low + (high - low) * fraction, 1))
+            self._fields = {
+                "stage": event.stage,
+                "step": event.step,
+                "total": event.total,
+                "percent": self._percent,
+                "message": event.message,
+            }
+            if event.message:
+                self._lines.append((event.stage, event.message))
+
+    def should_cancel(self) -> bool:
+        return self._cancelled.is_set()
+
+    def log(self, text: str) -> None:
+        with self._lock:
+            self._lines.append((self._stage, text))
+
+    # The background writer.
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the writer and store what is left (on the caller's thread)."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            fields, lines = self._fields, self._lines
+            self._fields, self._lines = {}, []
+        try:
+            running = services.job_record_progress(job_id=self.job_id, log_lines=lines, **fields)
+        except Exception:  # a database hiccup must not kill the job; the next beat tries again
+            logger.exception("Could not record progress of job %s", self.job_id)
+            with self._lock:
+                self._lines = lines + self._lines
+            return
+        if not running:
+            self._cancelled.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                self.flush()
+        finally:
+            connection.close()  # this thread's own database connection

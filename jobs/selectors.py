@@ -1,0 +1,173 @@
+"""Reads: which jobs a user may see, queue positions, log pages, and what the workers and queues hold."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Q, QuerySet
+from django.shortcuts import get_object_or_404
+
+from jobs.models import CalibrationDataset, Job, JobLogLine
+
+logger = logging.getLogger(__name__)
+
+QUEUE_NAMES = ("gpu", "cpu", "light")
+_QUEUE_ORDER = ("-priority", "created_at", "id")
+
+
+def job_list_for_user(*, user: AbstractBaseUser, status: str | None = None) -> QuerySet[Job]:
+    """The jobs a user may see: their own; staff see everyone's."""
+    jobs = Job.objects.select_related("owner")
+    if not user.is_staff:
+        jobs = jobs.filter(owner=user)
+    if status:
+        jobs = jobs.filter(status=status)
+    return jobs
+
+
+def job_get_for_user(*, user: AbstractBaseUser, job_id: int) -> Job:
+    """One job the user may see, or Http404 (never 403: others' jobs do not exist for them)."""
+    return get_object_or_404(job_list_for_user(user=user).select_related("calibration_file"), pk=job_id)
+
+
+def queued_jobs(*, queue: str | None = None) -> QuerySet[Job]:
+    """Waiting jobs in the order workers will take them: priority (9 first), then submission time."""
+    jobs = Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")
+    if queue:
+        jobs = jobs.filter(queue=queue)
+    return jobs.order_by(*_QUEUE_ORDER)
+
+
+def queue_position(*, job: Job) -> int | None:
+    """1 for the next job its queue hands out; None when the job is not waiting."""
+    if job.status != Job.Status.QUEUED:
+        return None
+    ahead = Job.objects.filter(status=Job.Status.QUEUED, queue=job.queue).filter(
+        Q(priority__gt=job.priority)
+        | Q(priority=job.priority, created_at__lt=job.created_at)
+        | Q(priority=job.priority, created_at=job.created_at, id__lt=job.pk)
+    )
+    return ahead.count() + 1
+
+
+def job_log_after(*, job: Job, after: int = 0, limit: int = 500) -> list[JobLogLine]:
+    """Log lines newer than the cursor (a line id); pass the last id back to get only what is new."""
+    return list(JobLogLine.objects.filter(job=job, id__gt=after).order_by("id")[:limit])
+
+
+def calibration_datasets_for_user(*, user: AbstractBaseUser) -> QuerySet[CalibrationDataset]:
+    datasets = CalibrationDataset.objects.select_related("owner")
+    return datasets if user.is_staff else datasets.filter(owner=user)
+
+
+# --- the broker and the workers (the admin's queue page) ---------------------------------------------------
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    queues: list[str] = field(default_factory=list)
+    running: list[dict[str, Any]] = field(default_factory=list)  # {"task_id", "name", "job"}
+
+
+@dataclass
+class QueueOverview:
+    workers: list[WorkerInfo]
+    queue_lengths: dict[str, int | None]
+    waiting: list[Job]
+    error: str = ""
+
+
+def active_task_ids(*, timeout: float = 2.0) -> set[str]:
+    """Task ids the workers are executing right now (asks every worker; empty when none answers)."""
+    from compressor_app.celery import app
+
+    active = app.control.inspect(timeout=timeout).active() or {}
+    return {task["id"] for tasks in active.values() for task in tasks}
+
+
+def queue_overview(*, timeout: float = 1.0) -> QueueOverview:
+    """Workers online and what each runs, messages per queue in Redis, and the waiting jobs in order."""
+    from compressor_app.celery import app
+
+    workers: list[WorkerInfo] = []
+    lengths: dict[str, int | None] = {name: None for name in QUEUE_NAMES}
+    error = ""
+    try:
+        inspect = app.control.inspect(timeout=timeout)
+        active = inspect.active() or {}
+        queues = inspect.active_queues() or {}
+        task_ids = {task["id"] for tasks in active.values() for task in tasks}
+        jobs_by_task = {j.celery_task_id: j for j in Job.objects.filter(celery_task_id__in=task_ids)}
+        for name in sorted(set(active) | set(queues)):
+            info = WorkerInfo(name=name, queues=sorted(q["name"] for q in queues.get(name, [])))
+            for task in active.get(name, []):
+                info.running.append({"task_id": task["id"], "name": task["name"], "job": jobs_by_task.get(task["id"])})
+            workers.append(info)
+        with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            for name in QUEUE_NAMES:
+                lengths[name] = channel.queue_declare(queue=name).message_count  # counts all priority levels
+    except Exception as exc:  # noqa: BLE001 - the page still shows the database's view
+        logger.warning("Queue overview incomplete: %s", exc)
+        error = f"The broker or the workers did not answer: {exc}"
+    return QueueOverview(workers=workers, queue_lengths=lengths, waiting=list(queued_jobs()[:200]), error=error)
+
+
+# --- used by frontend (the dashboard pages); appended by the frontend work, read-only queries -------------
+
+
+def job_list_filtered(
+    *, user: AbstractBaseUser, status: str | None = None, preset: str | None = None, model: str | None = None
+) -> QuerySet[Job]:
+    """The jobs list page: job_list_for_user narrowed by preset and model as well."""
+    jobs = job_list_for_user(user=user, status=status)
+    if preset:
+        jobs = jobs.filter(preset=preset)
+    if model:
+        jobs = jobs.filter(model_source=model)
+    return jobs
+
+
+def job_stage_started(*, job: Job) -> dict[str, Any]:
+    """When each stage began: the time of the job's first log line in it (stage name -> datetime)."""
+    from django.db.models import Min
+
+    rows = (
+        JobLogLine.objects.filter(job=job)
+        .exclude(stage="")
+        .order_by()
+        .values("stage")
+        .annotate(first=Min("created_at"))
+    )
+    return {row["stage"]: row["first"] for row in rows}
+
+
+def job_log_tail(*, job: Job, lines: int = 40) -> list[JobLogLine]:
+    """The newest log lines of a job, oldest first."""
+    return list(reversed(JobLogLine.objects.filter(job=job).order_by("-id")[:lines]))
+
+
+def job_models_for_user(*, user: AbstractBaseUser) -> list[str]:
+    """Models the user has succeeded jobs for (the compare page's choice)."""
+    jobs = job_list_for_user(user=user, status=Job.Status.SUCCEEDED)
+    return sorted(set(jobs.values_list("model_source", flat=True)))
+
+
+def calibration_dataset_preview(*, dataset: CalibrationDataset, rows: int = 5, max_chars: int = 300) -> list[str]:
+    """The first rows of an uploaded JSONL file, each cut to max_chars (the form's preview)."""
+    preview: list[str] = []
+    try:
+        with dataset.file.open("rb") as handle:
+            for raw in handle:
+                line = raw.decode("utf-8", errors="replace").strip()
+                if line:
+                    preview.append(line if len(line) <= max_chars else line[:max_chars] + "…")
+                if len(preview) >= rows:
+                    break
+    except OSError:
+        return []
+    return preview

@@ -1,0 +1,481 @@
+"""Everything that changes a Job: submit, start, record progress, finish, fail, cancel, retry, clone, reap.
+
+Status moves only here, and only from the expected state: each transition is one conditional UPDATE
+(`filter(pk=..., status=EXPECTED).update(...)`) whose row count says whether it happened. A late message
+from a killed or cancelled task therefore changes nothing. The form view, the API and the admin call
+these same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.files.storage import default_storage
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from engine.errors import EngineError, PreflightError
+from engine.preflight import PreflightReport, preflight
+from engine.spec import BUILTIN_MODEL
+from jobs.models import CalibrationDataset, Job, JobLogLine
+
+logger = logging.getLogger(__name__)
+
+Status = Job.Status
+
+
+class JobStateError(Exception):
+    """The job is not in a state that allows this action (e.g. cancelling a finished job)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """What a user asks for; built by the API serializer, the form and the admin alike."""
+
+    model: str = BUILTIN_MODEL
+    revision: str = ""
+    preset: str = ""
+    recipe_yaml: str = ""
+    calibration_kind: str = Job.CalibrationKind.BUILTIN
+    calibration_file: CalibrationDataset | None = None
+    calibration_hub_dataset: str = ""
+    calibration_split: str = "train"
+    calibration_column: str = "text"
+    calibration_samples: int = 32
+    calibration_max_seq_len: int = 256
+    evaluation: dict[str, Any] | None = None
+    ignore_indivisible: bool = False
+    priority: int = Job.PRIORITY_NORMAL
+    device_class: str = ""
+
+
+class Submission(NamedTuple):
+    """job_submit's answer. created=False: an identical succeeded job of the same user is offered instead."""
+
+    job: Job
+    created: bool
+
+
+# --- submission ----------------------------------------------------------------------------------------
+
+
+def job_submit(
+    *,
+    owner: AbstractBaseUser,
+    data: JobInput,
+    force: bool = False,
+    retry_of: Job | None = None,
+    attempt: int = 1,
+) -> Submission:
+    """Check the job (preflight), then queue it once the transaction commits.
+
+    Raises PreflightError (with .field) when the job cannot succeed; it never takes a queue place then.
+    Deduplication: unless force is set, a succeeded job of the same owner with the same model revision,
+    resolved recipe, calibration data and evaluation is returned instead (Submission.created is False)
+    and no work is queued.
+    """
+    _check_policy(owner=owner, data=data)
+    job = _job_from_input(owner=owner, data=data)
+    report = preflight(job.to_spec(device=_engine_device(job.device_class)))
+    job.resolved_recipe = report.recipe_yaml
+    job.spec_fingerprint = _fingerprint(job, report)
+    if not force:
+        existing = (
+            Job.objects.filter(owner=owner, status=Status.SUCCEEDED, spec_fingerprint=job.spec_fingerprint)
+            .order_by("-finished_at")
+            .first()
+        )
+        if existing is not None:
+            return Submission(job=existing, created=False)
+    job.retry_of = retry_of
+    job.attempt = attempt
+    job.queue = job.device_class  # compute queues are named after the device class: "gpu", "cpu"
+    job.celery_task_id = _new_task_id()
+    with transaction.atomic():
+        job.save()
+        _append_log(job.pk, [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")])
+        for warning in report.warnings:
+            _append_log(job.pk, [("waiting", f"Warning: {warning}")])
+        transaction.on_commit(lambda: _enqueue(job))
+    return Submission(job=job, created=True)
+
+
+def job_input_from(job: Job) -> JobInput:
+    """The request that produced a job (for retry, and for the "clone and edit" form's initial values)."""
+    return JobInput(
+        model=job.model_source,
+        revision=job.model_revision,
+        preset=job.preset,
+        recipe_yaml=job.recipe_yaml,
+        calibration_kind=job.calibration_kind,
+        calibration_file=job.calibration_file,
+        calibration_hub_dataset=job.calibration_hub_dataset,
+        calibration_split=job.calibration_split,
+        calibration_column=job.calibration_column,
+        calibration_samples=job.calibration_samples,
+        calibration_max_seq_len=job.calibration_max_seq_len,
+        evaluation=job.evaluation,
+        ignore_indivisible=job.ignore_indivisible,
+        priority=job.priority,
+        device_class=job.device_class,
+    )
+
+
+def job_retry(*, job: Job) -> Job:
+    """A new job with the same request, linked to the failed or cancelled one (attempt + 1)."""
+    if job.status not in (Status.FAILED, Status.CANCELLED):
+        raise JobStateError(f"Job {job.pk} is {job.status}; only failed or cancelled jobs can be retried.")
+    submission = job_submit(
+        owner=job.owner, data=job_input_from(job), force=True, retry_of=job, attempt=job.attempt + 1
+    )
+    return submission.job
+
+
+def job_clone(*, job: Job, owner: AbstractBaseUser, changes: dict[str, Any], force: bool = False) -> Submission:
+    """ "Clone and edit": a new job from an old one's request with some fields changed, linked to it."""
+    data = dataclasses.replace(job_input_from(job), **changes)
+    return job_submit(owner=owner, data=data, force=force, retry_of=job)
+
+
+def _check_policy(*, owner: AbstractBaseUser, data: JobInput) -> None:
+    """Operator rules preflight does not know about (the engine serves trusted command-line users too)."""
+    model = data.model.strip()
+    looks_local = model.startswith(("/", ".", "~")) or Path(model).expanduser().exists()
+    if looks_local and model != BUILTIN_MODEL and not settings.COMPRESSOR_ALLOW_LOCAL_PATHS:
+        raise PreflightError(
+            "Local model folders are disabled on this server; use the built-in model or a hub model id.",
+            field="model",
+        )
+    if data.calibration_kind == Job.CalibrationKind.UPLOAD:
+        if data.calibration_file is None:
+            raise PreflightError("Choose one of your uploaded calibration files.", field="calibration")
+        if data.calibration_file.owner_id != owner.pk:
+            raise PreflightError("That calibration file does not exist.", field="calibration")
+    if data.evaluation and data.evaluation.get("heldout_path") and not settings.COMPRESSOR_ALLOW_LOCAL_PATHS:
+        raise PreflightError("Local held-out files are disabled on this server.", field="evaluation")
+    if data.device_class and data.device_class not in Job.DeviceClass.values:
+        raise PreflightError(f"Unknown device class '{data.device_class}'.", field="device_class")
+
+
+def _job_from_input(*, owner: AbstractBaseUser, data: JobInput) -> Job:
+    return Job(
+        owner=owner,
+        model_source=data.model.strip(),
+        model_revision=data.revision.strip(),
+        preset=data.preset,
+        recipe_yaml=data.recipe_yaml,
+        calibration_kind=data.calibration_kind,
+        calibration_file=data.calibration_file if data.calibration_kind == Job.CalibrationKind.UPLOAD else None,
+        calibration_hub_dataset=data.calibration_hub_dataset,
+        calibration_split=data.calibration_split,
+        calibration_column=data.calibration_column,
+        calibration_samples=data.calibration_samples,
+        calibration_max_seq_len=data.calibration_max_seq_len,
+        evaluation=data.evaluation,
+        ignore_indivisible=data.ignore_indivisible,
+        priority=data.priority,
+        device_class=data.device_class or settings.COMPRESSOR_DEFAULT_DEVICE_CLASS,
+    )
+
+
+def _fingerprint(job: Job, report: PreflightReport) -> str:
+    """Identical work has the same fingerprint: model revision, resolved recipe, calibration data, evaluation."""
+    path = Path(report.model.path)
+    # A hub snapshot folder is named after its commit: the exact revision even when none was given.
+    revision = path.name if "snapshots" in path.parts else (job.model_revision or "")
+    calibration: dict[str, Any] | None = None
+    if report.needs_calibration:
+        calibration = {
+            "kind": job.calibration_kind,
+            "file_sha256": job.calibration_file.sha256 if job.calibration_file else None,
+            "dataset": job.calibration_hub_dataset,
+            "split": job.calibration_split,
+            "column": job.calibration_column,
+            "samples": job.calibration_samples,
+            "max_seq_len": job.calibration_max_seq_len,
+        }
+    payload = {
+        "model": job.model_source,
+        "revision": revision,
+        "recipe": report.recipe_yaml,
+        "calibration": calibration,
+        "evaluation": job.evaluation,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _engine_device(device_class: str) -> str:
+    return "cpu" if device_class == Job.DeviceClass.CPU else "auto"
+
+
+def _new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
+def broker_priority(priority: int) -> int:
+    """Job priority (9 runs first) -> Redis broker priority (0 is polled first)."""
+    return 9 - max(0, min(9, int(priority)))
+
+
+def _enqueue(job: Job) -> None:
+    from jobs.tasks import compress_job
+
+    compress_job.apply_async(
+        args=(job.pk,), task_id=job.celery_task_id, queue=job.queue, priority=broker_priority(job.priority)
+    )
+
+
+# --- the worker's side ---------------------------------------------------------------------------------
+
+
+def job_start(*, job_id: int, task_id: str, worker: str) -> Job | None:
+    """Claim a queued job for this task. None: cancelled, claimed by someone else, or a stale message."""
+    now = timezone.now()
+    claimed = Job.objects.filter(pk=job_id, status=Status.QUEUED, celery_task_id=task_id).update(
+        status=Status.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        worker=worker,
+        stage=Job.Stage.LOADING,
+        message="Starting",
+        step=None,
+        total=None,
+        percent=0.0,
+        error="",
+    )
+    if not claimed:
+        return None
+    _append_log(job_id, [("loading", f"Started on {worker}.")])
+    return Job.objects.select_related("calibration_file").get(pk=job_id)
+
+
+def job_record_progress(
+    *,
+    job_id: int,
+    stage: str | None = None,
+    step: int | None = None,
+    total: int | None = None,
+    percent: float | None = None,
+    message: str | None = None,
+    log_lines: list[tuple[str, str]] | None = None,
+) -> bool:
+    """Store progress, log lines and a heartbeat for a running job; False (and nothing stored) otherwise.
+
+    False tells the worker to stop: the job was cancelled or ended while it ran.
+    """
+    fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
+    if stage is not None:
+        fields.update(stage=stage, step=step, total=total)
+    if percent is not None:
+        fields["percent"] = percent
+    if message is not None:
+        fields["message"] = message[:500]
+    with transaction.atomic():
+        # The UPDATE locks the row, so a concurrent cancel lands wholly before or after these lines.
+        if not Job.objects.filter(pk=job_id, status=Status.RUNNING).update(**fields):
+            return False
+        if log_lines:
+            _append_log(job_id, log_lines)
+    return True
+
+
+def job_finish(*, job_id: int, results: dict[str, Any], manifest: dict[str, Any], artifacts_path: str) -> bool:
+    """Running -> succeeded with results and the checkpoint; False if the job was cancelled meanwhile."""
+    with transaction.atomic():
+        done = Job.objects.filter(pk=job_id, status=Status.RUNNING).update(
+            status=Status.SUCCEEDED,
+            finished_at=timezone.now(),
+            stage=Job.Stage.DONE,
+            percent=100.0,
+            message="Checkpoint ready",
+            results=results,
+            manifest=manifest,
+            artifacts_path=artifacts_path,
+        )
+        if done:
+            _append_log(job_id, [("done", "Succeeded: the checkpoint is ready to download.")])
+    return bool(done)
+
+
+def job_fail(*, job_id: int, error: str, log_lines: list[tuple[str, str]] | None = None) -> bool:
+    """Running -> failed with the reason in plain words; False if the job had already ended."""
+    with transaction.atomic():
+        done = Job.objects.filter(pk=job_id, status=Status.RUNNING).update(
+            status=Status.FAILED, finished_at=timezone.now(), error=error, message="Failed"
+        )
+        if done:
+            _append_log(job_id, [*(log_lines or []), ("", f"Failed: {error}")])
+    return bool(done)
+
+
+# --- operators and owners --------------------------------------------------------------------------------
+
+
+def job_cancel(*, job: Job, by: AbstractBaseUser | None = None) -> Job:
+    """Cancel a queued or running job.
+
+    A queued job never starts (its task finds it cancelled and returns; the message is also revoked).
+    A running job notices within about a second (its heartbeat update finds it no longer running), stops
+    between steps and removes its partial output; if it has not stopped after COMPRESSOR_CANCEL_GRACE_S,
+    a light task terminates its worker child (revoke with terminate=True) and removes the output.
+    """
+    who = f" by {by.get_username()}" if by is not None else ""
+    with transaction.atomic():
+        done = Job.objects.filter(pk=job.pk, status__in=Job.ACTIVE).update(
+            status=Status.CANCELLED, finished_at=timezone.now(), message=f"Cancelled{who}"
+        )
+        if not done:
+            job.refresh_from_db()
+            raise JobStateError(f"Job {job.pk} has already {job.status}; it cannot be cancelled.")
+        _append_log(job.pk, [("", f"Cancelled{who}.")])
+        task_id = job.celery_task_id
+        transaction.on_commit(lambda: _stop_after_cancel(job.pk, task_id))
+    job.refresh_from_db()
+    return job
+
+
+def _stop_after_cancel(job_id: int, task_id: str) -> None:
+    from compressor_app.celery import app
+    from jobs.tasks import stop_cancelled_job
+
+    app.control.revoke(task_id)  # a worker that receives the queued message drops it
+    stop_cancelled_job.apply_async(args=(job_id,), countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
+
+
+def job_set_priority(*, job: Job, priority: int) -> bool:
+    """Change a queued job's priority and move it in the queue; False if it is no longer queued.
+
+    The Redis message cannot be edited, so the job gets a new message (new task id) with the new priority;
+    the old message finds a different task id on the job when it arrives and does nothing.
+    """
+    priority = max(0, min(9, int(priority)))
+    new_task_id = _new_task_id()
+    with transaction.atomic():
+        done = Job.objects.filter(pk=job.pk, status=Status.QUEUED, celery_task_id=job.celery_task_id).update(
+            priority=priority, celery_task_id=new_task_id
+        )
+        if not done:
+            return False
+        old_task_id = job.celery_task_id
+        job.priority, job.celery_task_id = priority, new_task_id
+        _append_log(job.pk, [("waiting", f"Priority changed to {priority}.")])
+        transaction.on_commit(lambda: _requeue(job, old_task_id))
+    return True
+
+
+def _requeue(job: Job, old_task_id: str) -> None:
+    from compressor_app.celery import app
+
+    app.control.revoke(old_task_id)
+    _enqueue(job)
+
+
+def job_reap_stale(*, now=None) -> list[tuple[int, str]]:
+    """End running jobs whose worker stopped sending heartbeats: re-queue each once, then fail it.
+
+    Returns (job id, "requeued" | "failed") for each job it acted on.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.COMPRESSOR_HEARTBEAT_TIMEOUT_S)
+    stale = Job.objects.filter(status=Status.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
+    )
+    acted: list[tuple[int, str]] = []
+    for job in stale:
+        last = job.heartbeat_at or job.started_at
+        silence = (
+            f"the worker {job.worker or '(unknown)'} stopped answering (last heartbeat {last:%Y-%m-%d %H:%M:%S} UTC)"
+        )
+        if job.requeue_count < 1:
+            new_task_id = _new_task_id()
+            with transaction.atomic():
+                done = Job.objects.filter(pk=job.pk, status=Status.RUNNING, heartbeat_at=job.heartbeat_at).update(
+                    status=Status.QUEUED,
+                    requeue_count=job.requeue_count + 1,
+                    celery_task_id=new_task_id,
+                    stage=Job.Stage.WAITING,
+                    message="Re-queued after its worker vanished",
+                    started_at=None,
+                    worker="",
+                    step=None,
+                    total=None,
+                    percent=None,
+                )
+                if done:
+                    job.celery_task_id = new_task_id
+                    _append_log(job.pk, [("waiting", f"Re-queued once: {silence}.")])
+                    transaction.on_commit(lambda job=job: _enqueue(job))
+                    acted.append((job.pk, "requeued"))
+        elif job_fail(job_id=job.pk, error=f"The job was lost: {silence}, and it had already been re-queued once."):
+            acted.append((job.pk, "failed"))
+    return acted
+
+
+# --- artifacts and uploads ---------------------------------------------------------------------------------
+
+
+def job_folder(job: Job) -> Path:
+    """The job's own folder under MEDIA_ROOT (its checkpoint and any partial output of a run)."""
+    return Path(default_storage.path(f"jobs/{job.pk}"))
+
+
+def job_remove_artifacts(*, job: Job) -> None:
+    """Delete the job's folder: partial output of a cancelled or failed run, or an old checkpoint."""
+    shutil.rmtree(job_folder(job), ignore_errors=True)
+
+
+def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: UploadedFile) -> CalibrationDataset:
+    """Store an uploaded JSONL calibration file; raise EngineError (field "file") when it is unusable."""
+    from engine.calibration import read_jsonl
+
+    if upload.size and upload.size > settings.COMPRESSOR_MAX_UPLOAD_BYTES:
+        raise EngineError(
+            f"The file is larger than the limit of {settings.COMPRESSOR_MAX_UPLOAD_BYTES // 2**20} MiB.", field="file"
+        )
+    digest = hashlib.sha256()
+    for chunk in upload.chunks():
+        digest.update(chunk)
+    upload.seek(0)
+    dataset = CalibrationDataset(
+        owner=owner, name=name or upload.name or "calibration.jsonl", sha256=digest.hexdigest(), size_bytes=upload.size
+    )
+    dataset.file.save("upload.jsonl", upload, save=False)
+    try:
+        dataset.rows = len(read_jsonl(Path(dataset.file.path)))
+    except EngineError as exc:
+        dataset.file.delete(save=False)
+        raise EngineError(exc.message, field="file") from None
+    dataset.save()
+    return dataset
+
+
+# --- the log -------------------------------------------------------------------------------------------
+
+
+def _append_log(job_id: int, lines: list[tuple[str, str]]) -> None:
+    """Append (stage, text) lines and keep only the newest COMPRESSOR_JOB_LOG_MAX_LINES."""
+    JobLogLine.objects.bulk_create(
+        [JobLogLine(job_id=job_id, stage=stage or "", text=text[:4000]) for stage, text in lines]
+    )
+    keep = settings.COMPRESSOR_JOB_LOG_MAX_LINES
+    oldest_kept = JobLogLine.objects.filter(job_id=job_id).order_by("-id").values_list("id", flat=True)[keep - 1 : keep]
+    oldest = list(oldest_kept)
+    if oldest:
+        JobLogLine.objects.filter(job_id=job_id, id__lt=oldest[0]).delete()

@@ -1,0 +1,313 @@
+"""Fixtures for the dashboard tests: users, signed-in clients, jobs in every state, and for the browser
+tests a real Celery worker process, a live server and Debian's headless Chromium driven by Playwright.
+
+How the worker sees the live server's data: on SQLite the test database is a file (set below through
+the DATABASES TEST NAME, the same way tests/jobs does it), so `celery worker` in another process opens
+the same file; on PostgreSQL it is pytest-django's test_<name> database. The worker also gets this
+session's media folder and its own Redis key prefix, so parallel runs never take each other's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
+CHROMIUM = os.environ.get("COMPRESSOR_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+QUEUES = ("gpu", "cpu", "light")
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition"):
+    """Poll until predicate() is truthy and return its value; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- settings: a database file, a private media folder ------------------------------------------------------
+
+
+def current_media_root() -> Path:
+    from django.conf import settings
+
+    return Path(settings.MEDIA_ROOT)
+
+
+# --- users and jobs -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str | None = None, **fields):
+        return django_user_model.objects.create_user(
+            username=username or f"user-{uuid.uuid4().hex[:6]}", password="pw-for-tests", **fields
+        )
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def client_for():
+    """A Django test client signed in as the user."""
+    from django.test import Client
+
+    def make(user) -> Client:
+        client = Client()
+        client.force_login(user)
+        return client
+
+    return make
+
+
+@pytest.fixture
+def make_job():
+    """A Job row as the services would leave it (no preflight, nothing queued): for page tests only."""
+    from jobs.models import Job
+
+    def make(owner, **fields) -> Job:
+        defaults = {
+            "preset": "fp8-dynamic",
+            "calibration_kind": "none",
+            "queue": "gpu",
+            "celery_task_id": str(uuid.uuid4()),
+        }
+        return Job.objects.create(owner=owner, **{**defaults, **fields})
+
+    return make
+
+
+def sample_results(*, preset: str, after: int, quality: float) -> dict[str, Any]:
+    """Results shaped like the worker's (sizes, timings, per-layer errors, an evaluation)."""
+    layers = [f"model.layers.{i}.{name}" for i in range(30) for name in ("self_attn.q_proj", "mlp.down_proj")]
+    return {
+        "model": "smollm2-135m-instruct",
+        "preset": preset,
+        "size_before_bytes": 269_060_096,
+        "size_after_bytes": after,
+        "compression_ratio": round(269_060_096 / after, 3),
+        "timings": {"load_s": 2.1, "compress_s": 31.4, "save_s": 1.2, "hash_s": 0.3},
+        "layer_errors": [
+            {"module": name, "error": 0.002 + 0.0004 * (i % 13) + 0.00005 * i} for i, name in enumerate(layers)
+        ],
+        "evaluation": {
+            "metrics": [
+                {
+                    "name": "perplexity",
+                    "label": "Perplexity (held-out text)",
+                    "baseline": 12.84,
+                    "compressed": round(12.84 / quality, 2),
+                    "recovery": quality,
+                    "higher_is_better": False,
+                },
+                {
+                    "name": "top1_agreement",
+                    "label": "Next-token agreement with baseline",
+                    "baseline": 1.0,
+                    "compressed": quality,
+                    "recovery": quality,
+                    "higher_is_better": True,
+                },
+            ],
+            "generations": [
+                {
+                    "prompt": "What is the capital of France?",
+                    "baseline": "The capital of France is Paris.",
+                    "compressed": "The capital of France is Paris, a city on the Seine.",
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture
+def succeeded_job(make_job):
+    """A succeeded job with results and a small checkpoint on disk (files, README and a sha256 manifest)."""
+    from django.utils import timezone
+
+    from engine.artifacts import write_manifest
+
+    def make(owner, *, preset: str = "fp8-dynamic", after: int = 164_000_000, quality: float = 0.991):
+        job = make_job(owner, preset=preset)
+        relpath = job.artifacts_relpath()
+        folder = current_media_root() / relpath
+        shutil.rmtree(folder.parent, ignore_errors=True)  # ids repeat after rolled-back tests
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(os.urandom(50_000))
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "README.md").write_text(
+            "---\nbase_model: smollm2-135m-instruct\n---\n# smollm2-135m-instruct-" + preset + "\n\n"
+            "## Evaluation\n\n| Metric | Baseline | Compressed | Recovery |\n|---|---|---|---|\n"
+            f"| Perplexity | 12.84 | {12.84 / quality:.2f} | {quality * 100:.1f}% |\n\n<script>alert(1)</script>\n"
+        )
+        manifest = write_manifest(folder)
+        now = timezone.now()
+        job.status, job.stage, job.percent = "succeeded", "done", 100.0
+        job.started_at, job.finished_at = now - timezone.timedelta(seconds=42), now
+        job.artifacts_path, job.manifest = relpath, manifest
+        job.results = sample_results(preset=preset, after=after, quality=quality)
+        job.save()
+        return job
+
+    return make
+
+
+# --- the broker and a live worker (browser tests) ---------------------------------------------------------
+
+
+def _database_url(settings_dict: dict) -> str:
+    if settings_dict["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{settings_dict['NAME']}"
+    user = settings_dict.get("USER") or "postgres"
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
+
+
+@pytest.fixture(scope="module")
+def live_worker(django_db_setup, django_db_blocker, broker, tmp_path_factory) -> Iterator[subprocess.Popen]:
+    """`celery -A compressor_app worker` as its own process on the test database and this module's queues."""
+    from django.db import connection
+
+    from compressor_app.celery import app
+
+    name = f"frontend-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with django_db_blocker.unblock():
+        database_url = _database_url(connection.settings_dict)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": broker["url"],
+        "CELERY_KEY_PREFIX": broker["prefix"],
+        "COMPRESSOR_MEDIA_ROOT": str(current_media_root()),
+        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # set for the browser's thread only
+    command = [
+        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),
+        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    process.log_path = log_path  # type: ignore[attr-defined]
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"The worker exited:\n{log_path.read_text(errors='replace')[-4000:]}")
+        return bool(app.control.ping(destination=[name], timeout=1))
+
+    try:
+        wait_until(ready, timeout=120, what="the Celery worker to answer")
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def worker_log(process) -> str:
+    return Path(process.log_path).read_text(errors="replace")[-6000:]
+
+
+# --- the browser --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium (`make browser` installs it), headless, through Playwright; never a downloaded browser."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"No Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) first.")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are still synchronous.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+    os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+@pytest.fixture
+def new_page(browser, live_server):
+    """new_page() -> a page in a fresh browser context (its own cookies), 1280 px wide."""
+    contexts = []
+
+    def make(width: int = 1280, height: int = 900):
+        context = browser.new_context(
+            viewport={"width": width, "height": height}, accept_downloads=True, base_url=live_server.url
+        )
+        context.set_default_timeout(20_000)
+        contexts.append(context)
+        return context.new_page()
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+@pytest.fixture
+def sign_in():
+    def do(page, username: str, password: str = "pw-for-tests", screenshot: str | None = None) -> None:
+        page.goto("/accounts/login/")
+        page.get_by_label("Username").fill(username)
+        page.get_by_label("Password").fill(password)
+        if screenshot:
+            shoot(page, screenshot)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(lambda url: "/accounts/login/" not in url)
+
+    return do
+
+
+def shoot(page, name: str, *, full_page: bool = True) -> Path:
+    path = SCREENSHOTS / name
+    page.screenshot(path=str(path), full_page=full_page)
+    return path

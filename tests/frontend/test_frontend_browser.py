@@ -1,0 +1,156 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a live server, a
+real Redis, a real `celery worker` process and the real engine on the built-in model.
+
+Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); the names are listed in
+SCREENSHOT_NAMES below and each test says what its screenshots show.
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+from tests.frontend.conftest import shoot, worker_log
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+JOB_TIMEOUT_MS = 420_000  # the built-in model, fp8-dynamic and the offline evaluation on a shared 2-core CPU
+
+
+def test_sign_in_submit_follow_and_download(
+    new_page, sign_in, live_worker, make_user, builtin_model, django_user_model
+):
+    from jobs.models import Job
+
+    make_user("alice")
+    make_user("bob")
+    page = new_page()
+
+    # Given alice signed in, with no jobs yet
+    sign_in(page, "alice", screenshot="01-sign-in.png")
+    assert page.get_by_role("heading", name="No jobs yet").is_visible()
+    shoot(page, "02-jobs-empty.png")
+
+    # When she opens the form and asks for w4a16-gptq on the built-in model
+    page.get_by_role("link", name="New job").first.click()
+    page.wait_for_url("**/jobs/new/")
+    page.locator('input[name="model_source"][value="builtin"]').check()
+    shoot(page, "03-new-job-form.png")
+    page.locator('input[name="preset"][value="w4a16-gptq"]').check()
+    page.get_by_role("button", name="Check and queue").click()
+
+    # Then the group-size error appears beside the preset field, read out with its inputs; nothing is queued
+    error = page.locator("#preset-error")
+    error.wait_for()
+    assert "Group size 128" in error.inner_text()
+    described = page.locator('input[name="preset"][value="w4a16-gptq"]').get_attribute("aria-describedby")
+    assert "preset-error" in described
+    assert page.locator("#error-summary").is_visible()
+    error.scroll_into_view_if_needed()
+    shoot(page, "04-form-error-inline.png", full_page=False)
+    assert not Job.objects.exists()
+
+    # When she picks fp8-dynamic instead (data-free) and submits
+    page.locator('input[name="preset"][value="fp8-dynamic"]').check()
+    page.get_by_role("button", name="Check and queue").click()
+    page.wait_for_url("**/jobs/*/")
+    job = Job.objects.get()
+    assert page.url.endswith(f"/jobs/{job.pk}/")
+
+    # Then the page follows the job live: running with progress, then succeeded (the script reloads it)
+    try:
+        page.wait_for_selector('#job-live .live-root[data-status="running"] .progress-bar', timeout=120_000)
+        shoot(page, "05-job-running.png")
+    except Exception:  # noqa: BLE001 - a fast run may finish between two polls; the end state is what matters
+        shoot(page, "05-job-running.png")
+    try:
+        # The script reloads the page when the job ends: the reloaded page has the results or the reason.
+        page.wait_for_selector("#results, section.failure", timeout=JOB_TIMEOUT_MS)
+    except Exception:
+        job.refresh_from_db()
+        raise AssertionError(f"Job {job.pk} is {job.status}: {job.error}\n{worker_log(live_worker)}") from None
+    job.refresh_from_db()
+    assert job.status == "succeeded", f"{job.error}\n{worker_log(live_worker)}"
+    shoot(page, "06-job-succeeded.png")
+
+    # ...with its results: sizes before and after, and the baseline | compressed | recovery table
+    assert page.locator("#results").is_visible()
+    assert "MB" in page.locator("#size-before").inner_text() and "MB" in page.locator("#size-after").inner_text()
+    from frontend.presentation import metric_rows
+
+    rows = metric_rows(job.results)
+    assert {row.name for row in rows} >= {"perplexity", "kl_divergence", "top1_agreement"}
+    assert page.locator("#results-table tbody tr").count() == len(rows)
+    assert "recovery" in page.locator("#results-table thead").inner_text().lower()
+    assert "Perplexity (held-out text)" in page.locator("#results-table").inner_text()
+    assert "Succeeded" in page.locator(".timeline").inner_text()
+
+    # When she downloads the archive
+    with page.expect_download() as download_info:
+        page.locator("#download-archive").click()
+    download = download_info.value
+    path = download.path()
+
+    # Then it is the checkpoint, with its manifest
+    assert download.suggested_filename.startswith(f"job-{job.pk}-") and download.suggested_filename.endswith(".zip")
+    with zipfile.ZipFile(path) as archive:
+        names = {name.split("/", 1)[1] for name in archive.namelist()}
+    assert {"config.json", "manifest.json", "recipe.yaml"} <= names and any(n.endswith(".safetensors") for n in names)
+
+    # ...and the list shows the job as succeeded with its sizes
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
+    row = page.locator(f'tr[data-job-id="{job.pk}"]')
+    assert row.get_attribute("data-status") == "succeeded" and "→" in row.inner_text()
+    shoot(page, "07-jobs-list.png")
+
+    # When bob signs in and opens alice's job page
+    other = new_page()
+    sign_in(other, "bob")
+    response = other.goto(f"/jobs/{job.pk}/")
+
+    # Then it does not exist for him
+    assert response.status == 404
+    assert other.get_by_role("heading", name="Not found").is_visible()
+    shoot(other, "08-other-user-404.png")
+    assert other.goto(f"/api/v1/jobs/{job.pk}/archive/").status == 404
+
+
+def test_result_failure_compare_and_narrow_pages(new_page, sign_in, make_user, succeeded_job, make_job):
+    """Pages with everything on them (results shaped like the worker's, written by the fixture)."""
+    alice = make_user("alice")
+    full = succeeded_job(alice, preset="fp8-dynamic", after=164_000_000, quality=0.991)
+    succeeded_job(alice, preset="int8-w8a8-gptq", after=160_500_000, quality=0.972)
+    succeeded_job(alice, preset="w8a16-gptq", after=158_000_000, quality=0.983)
+    failed = make_job(
+        alice, preset="int8-w8a8-gptq", status="failed", error="Calibration needs at least 1 row; the file has none."
+    )
+    make_job(alice, preset="nvfp4")
+    page = new_page()
+    sign_in(page, "alice")
+
+    # The full results page: table, sizes, both charts, generations, downloads and the rendered card
+    page.goto(f"/jobs/{full.pk}/")
+    assert page.locator("#results-table tbody tr").count() == 2
+    assert page.locator("svg.chart").count() == 2
+    assert page.locator(".model-card h1").inner_text() == "smollm2-135m-instruct-fp8-dynamic"
+    shoot(page, "09-job-results-full.png")
+
+    # A failed job: the reason in plain words and the last lines, with retry and clone
+    page.goto(f"/jobs/{failed.pk}/")
+    assert "Calibration needs at least 1 row" in page.locator(".failure").inner_text()
+    assert page.get_by_role("button", name="Retry").is_visible()
+    shoot(page, "10-job-failed.png")
+
+    # Compare: one column per job plus the baseline, and the size-versus-quality chart
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Compare").click()
+    assert page.locator("#compare-table thead th").count() == 2 + 3
+    assert page.locator("svg.chart-scatter circle").count() == 4
+    shoot(page, "11-compare.png")
+
+    # Narrow (a small laptop window / tablet): the list and the form still read well
+    narrow = new_page(width=760, height=900)
+    sign_in(narrow, "alice")
+    shoot(narrow, "12-jobs-list-narrow.png")
+    narrow.goto("/jobs/new/")
+    shoot(narrow, "13-new-job-form-narrow.png", full_page=False)

@@ -1,0 +1,368 @@
+"""The dashboard's views through Django's test client: who sees what, the form's errors beside their
+fields (preflight by the same jobs service as the API), and the pages for each job state."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.urls import reverse
+
+from jobs.models import CalibrationDataset, Job
+
+pytestmark = pytest.mark.django_db
+
+FORM = {
+    "model_source": "builtin",
+    "builtin_model": "smollm2-135m-instruct",
+    "preset": "fp8-dynamic",
+    "calibration_kind": "builtin",
+    "calibration_split": "train",
+    "calibration_column": "text",
+    "calibration_samples": "8",
+    "calibration_max_seq_len": "128",
+    "evaluate_offline": "on",
+    "priority": "5",
+    "device_class": "cpu",
+}
+
+
+def _html(response) -> str:
+    return response.content.decode()
+
+
+# --- access ---------------------------------------------------------------------------------------------
+
+
+def test_pages_ask_anonymous_visitors_to_sign_in(client):
+    for url in ("/", "/jobs/new/", "/compare/", "/jobs/1/"):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/"), url
+
+
+def test_the_sign_in_page_signs_in(client, alice):
+    # Given the sign-in page
+    page = client.get("/accounts/login/")
+    assert page.status_code == 200 and 'autocomplete="current-password"' in _html(page)
+
+    # When alice signs in with a wrong and then the right password
+    wrong = client.post("/accounts/login/", {"username": "alice", "password": "nope"})
+    right = client.post("/accounts/login/", {"username": "alice", "password": "pw-for-tests"})
+
+    # Then the first is refused in words tied to the inputs, and the second lands on the jobs list
+    assert wrong.status_code == 200 and 'role="alert"' in _html(wrong) and 'aria-invalid="true"' in _html(wrong)
+    assert right.status_code == 302 and right["Location"] == "/"
+
+
+def test_another_users_job_does_not_exist_for_you(client_for, alice, bob, make_job):
+    # Given a job of alice's
+    job = make_job(alice)
+    as_bob = client_for(bob)
+
+    # When bob asks for its page, its live part, or cancels it
+    # Then each answers 404, and the job is untouched
+    assert as_bob.get(f"/jobs/{job.pk}/").status_code == 404
+    assert as_bob.get(f"/jobs/{job.pk}/live/").status_code == 404
+    assert as_bob.post(f"/jobs/{job.pk}/cancel/").status_code == 404
+    assert as_bob.get(f"/jobs/new/?from={job.pk}").status_code == 404
+    job.refresh_from_db()
+    assert job.status == "queued"
+    # ...while alice sees it
+    assert client_for(alice).get(f"/jobs/{job.pk}/").status_code == 200
+
+
+def test_staff_see_links_to_the_admin_queue_and_everyone_to_the_api_docs(client_for, make_user):
+    staff_page = _html(client_for(make_user("operator", is_staff=True)).get("/"))
+    user_page = _html(client_for(make_user("someone")).get("/"))
+    assert reverse("admin:jobs_job_queue") in staff_page and reverse("admin:jobs_job_queue") not in user_page
+    assert "/api/v1/docs/" in user_page
+
+
+# --- the jobs list --------------------------------------------------------------------------------------
+
+
+def test_the_list_has_an_empty_state_that_says_how_to_start(client_for, alice):
+    html = _html(client_for(alice).get("/"))
+    assert "No jobs yet" in html and "fp8-dynamic" in html and reverse("frontend:job-new") in html
+
+
+def test_the_list_shows_your_jobs_with_queue_place_sizes_and_recovery(client_for, alice, bob, make_job, succeeded_job):
+    # Given two queued jobs and a succeeded one of alice's, and one of bob's
+    first, second = make_job(alice), make_job(alice)
+    done = succeeded_job(alice, quality=0.991)
+    make_job(bob, preset="w4a16-gptq")
+
+    # When alice opens the list
+    html = _html(client_for(alice).get("/"))
+
+    # Then she sees her three jobs only, with queue places, sizes before -> after and the headline recovery
+    assert {int(i) for i in re.findall(r'data-job-id="(\d+)"', html)} == {first.pk, second.pk, done.pk}
+    assert "#1 in the gpu queue" in html and "#2 in the gpu queue" in html
+    assert "269.1 MB" in html and "164.0 MB" in html and "99.1 %" in html
+
+
+def test_the_list_filters_by_status_and_preset(client_for, alice, make_job, succeeded_job):
+    queued = make_job(alice, preset="w8a16-gptq")
+    done = succeeded_job(alice)
+    as_alice = client_for(alice)
+
+    by_status = _html(as_alice.get("/", {"status": "succeeded"}))
+    by_preset = _html(as_alice.get("/", {"preset": "w8a16-gptq"}))
+    nothing = _html(as_alice.get("/", {"status": "failed"}))
+
+    assert f'data-job-id="{done.pk}"' in by_status and f'data-job-id="{queued.pk}"' not in by_status
+    assert f'data-job-id="{queued.pk}"' in by_preset and f'data-job-id="{done.pk}"' not in by_preset
+    assert "No jobs match these filters" in nothing
+
+
+def test_the_rows_fragment_says_whether_to_keep_polling(client_for, alice, make_job):
+    as_alice = client_for(alice)
+    assert 'data-active="false"' in _html(as_alice.get("/jobs/rows/"))
+    make_job(alice)
+    fragment = _html(as_alice.get("/jobs/rows/"))
+    assert 'data-active="true"' in fragment and "<html" not in fragment
+
+
+# --- the new-job form -----------------------------------------------------------------------------------
+
+
+def test_the_form_describes_each_preset_and_what_it_needs(client_for, alice, settings):
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = False
+    html = _html(client_for(alice).get("/jobs/new/"))
+    assert "Needs: no calibration data (data-free)" in html
+    assert "layer input widths divisible by 128" in html and "Reproduces seed card 003" in html
+    assert 'name="local_path"' not in html and 'value="local"' not in html
+    assert 'for="id_hub_id"' in html and 'aria-describedby="hub_id-help"' in html
+
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = True
+    assert 'name="local_path"' in _html(client_for(alice).get("/jobs/new/"))
+
+
+def test_a_preflight_error_appears_beside_its_field_and_nothing_is_queued(client_for, alice, builtin_model):
+    # Given the built-in model, whose layer widths 128 does not divide
+    # When alice asks for w4a16-gptq through the form
+    response = client_for(alice).post("/jobs/new/", {**FORM, "preset": "w4a16-gptq"})
+
+    # Then the form comes back with the group-size error beside the preset, tied to its inputs
+    html = _html(response)
+    assert response.status_code == 400
+    error = re.search(r'<p class="field-error" id="preset-error">(.*?)</p>', html, re.S)
+    assert error and "Group size 128" in error.group(1)
+    assert re.search(r'<input type="radio" name="preset" value="w4a16-gptq"[^>]*aria-describedby="preset-error"', html)
+    assert 'aria-invalid="true"' in html and "The job was not queued" in html
+    # ...her choices are kept, and no job exists
+    assert re.search(r'value="w4a16-gptq"[^>]*checked', html)
+    assert not Job.objects.exists()
+
+
+def test_the_forms_own_checks_point_at_their_fields(client_for, alice):
+    as_alice = client_for(alice)
+    hub = _html(as_alice.post("/jobs/new/", {**FORM, "model_source": "hub", "hub_id": ""}))
+    custom = _html(as_alice.post("/jobs/new/", {**FORM, "preset": "custom", "recipe_yaml": ""}))
+    priority = _html(as_alice.post("/jobs/new/", {**FORM, "priority": "9"}))
+    assert 'id="hub_id-error"' in hub and "owner/name" in hub
+    assert 'id="recipe_yaml-error"' in custom
+    assert 'id="priority-error"' in priority and "At most 5" in priority
+    assert not Job.objects.exists()
+
+
+def test_a_local_path_is_refused_where_the_operator_does_not_allow_it(client_for, alice, settings):
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = False
+    html = _html(client_for(alice).post("/jobs/new/", {**FORM, "model_source": "local", "local_path": "/etc"}))
+    assert 'id="model_source-error"' in html and not Job.objects.exists()
+
+
+def test_a_bad_upload_is_refused_beside_the_file_field(client_for, alice):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    upload = SimpleUploadedFile("calib.jsonl", b'{"text": "fine"}\nnot json at all\n', content_type="application/jsonl")
+    response = client_for(alice).post(
+        "/jobs/new/", {**FORM, "preset": "int8-w8a8-gptq", "calibration_kind": "upload", "calibration_upload": upload}
+    )
+    html = _html(response)
+    assert response.status_code == 400 and 'id="calibration_upload-error"' in html
+    assert not Job.objects.exists() and not CalibrationDataset.objects.exists()
+
+
+def test_a_good_upload_is_kept_and_previewed_when_the_job_is_refused(client_for, alice, builtin_model):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    rows = b"".join(b'{"text": "calibration row %d"}\n' % i for i in range(8))
+    upload = SimpleUploadedFile("calib.jsonl", rows, content_type="application/jsonl")
+    # w4a16-gptq fails preflight after the file was stored: the re-shown form keeps it selected and previews it
+    response = client_for(alice).post(
+        "/jobs/new/", {**FORM, "preset": "w4a16-gptq", "calibration_kind": "upload", "calibration_upload": upload}
+    )
+    html = _html(response)
+    dataset = CalibrationDataset.objects.get(owner=alice)
+    assert response.status_code == 400 and dataset.rows == 8
+    assert re.search(rf'<option value="{dataset.pk}" selected>', html)
+    assert "calibration row 0" in html and "calibration row 4" in html and "calibration row 5" not in html
+
+
+def test_a_valid_form_queues_the_job_through_the_service(client_for, alice, builtin_model):
+    # When alice submits the built-in model with fp8-dynamic
+    response = client_for(alice).post(
+        "/jobs/new/", {**FORM, "evaluation_tasks": "gsm8k, arc_easy", "evaluation_limit": "10"}
+    )
+
+    # Then one job is queued with what she asked for, and she lands on its page
+    job = Job.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{job.pk}/"
+    assert (job.owner, job.status, job.preset, job.model_source) == (
+        alice,
+        "queued",
+        "fp8-dynamic",
+        "smollm2-135m-instruct",
+    )
+    assert job.device_class == "cpu" and job.priority == 5 and job.resolved_recipe
+    assert job.evaluation == {"offline": True, "tasks": ["gsm8k", "arc_easy"], "limit": 10}
+
+
+def test_clone_and_edit_starts_from_the_old_request_and_links_the_new_job(client_for, alice, builtin_model, make_job):
+    source = make_job(
+        alice, preset="int8-w8a8-gptq", calibration_kind="builtin", calibration_samples=16, priority=3, status="failed"
+    )
+    as_alice = client_for(alice)
+
+    form = _html(as_alice.get(f"/jobs/new/?from={source.pk}"))
+    assert re.search(r'value="int8-w8a8-gptq"[^>]*checked', form) and f'name="clone_of" value="{source.pk}"' in form
+    assert 'name="calibration_samples" value="16"' in form
+
+    response = as_alice.post("/jobs/new/", {**FORM, "clone_of": str(source.pk)})
+    clone = Job.objects.exclude(pk=source.pk).get()
+    assert response.status_code == 302 and clone.retry_of == source and clone.preset == "fp8-dynamic"
+
+
+# --- one job --------------------------------------------------------------------------------------------
+
+
+def test_a_queued_job_page_shows_its_place_and_a_cancel_button(client_for, alice, make_job):
+    make_job(alice)
+    job = make_job(alice)
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert "<strong>#2</strong> in the <code>gpu</code> queue" in html
+    assert f'action="/jobs/{job.pk}/cancel/"' in html and 'data-reload-when-done="true"' in html
+
+
+def test_cancel_and_retry_call_the_services(client_for, alice, make_job, builtin_model):
+    job = make_job(alice, calibration_kind="builtin")
+    as_alice = client_for(alice)
+
+    assert as_alice.post(f"/jobs/{job.pk}/cancel/").status_code == 302
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+
+    response = as_alice.post(f"/jobs/{job.pk}/retry/")
+    retry = Job.objects.get(retry_of=job)
+    assert response["Location"] == f"/jobs/{retry.pk}/" and retry.attempt == 2 and retry.status == "queued"
+    # Cancelling twice is refused politely
+    as_alice.post(f"/jobs/{job.pk}/cancel/")
+    assert "already cancelled" in _html(as_alice.get(f"/jobs/{job.pk}/"))
+
+
+def test_a_running_job_shows_layer_progress_and_time_left(client_for, alice, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import JobLogLine
+
+    job = make_job(
+        alice, status="running", stage="calibrating", step=6, total=30, percent=21.0, started_at=timezone.now()
+    )
+    line = JobLogLine.objects.create(job=job, stage="calibrating", text="(6/30): Calibrating")
+    JobLogLine.objects.filter(pk=line.pk).update(created_at=timezone.now() - timedelta(seconds=60))
+
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
+
+    assert "layer 6 of 30" in html and 'aria-valuenow="21"' in html
+    assert re.search(r"about 4 min \d\d s left", html)  # 60 s for 6 layers -> 240 s for the 24 left
+    assert "(6/30): Calibrating" in html and "tl-current" in html
+
+
+def test_a_failed_job_page_gives_the_reason_and_the_last_log_lines(client_for, alice, make_job):
+    from jobs.models import JobLogLine
+
+    job = make_job(alice, status="failed", error="The model does not fit in host memory.")
+    JobLogLine.objects.create(job=job, stage="loading", text="loading shards")
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert "Why it failed" in html and "The model does not fit in host memory." in html
+    assert "loading shards" in html and f'action="/jobs/{job.pk}/retry/"' in html
+
+
+def test_a_succeeded_job_page_shows_results_charts_card_and_downloads(client_for, alice, succeeded_job):
+    job = succeeded_job(alice, quality=0.991)
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+
+    # The results table in the seed cards' shape: baseline | compressed | recovery
+    table = re.search(r'<table class="table results-table".*?</table>', html, re.S).group(0)
+    assert "Perplexity (held-out text)" in table and "12.84" in table and "99.1 %" in table
+    # Sizes, charts (inline SVG, no script), generations side by side
+    assert "269.1 MB" in html and "164.0 MB" in html
+    assert html.count('<svg class="chart') == 2 and "model.layers.0.self_attn.q_proj" in html
+    assert "The capital of France is Paris, a city on the Seine." in html
+    # The model card is rendered, its raw HTML escaped
+    assert "<h1>smollm2-135m-instruct-fp8-dynamic</h1>" in html and "<script>alert(1)</script>" not in html
+    # Downloads point at the API: archive, manifest and each file
+    assert f'href="/api/v1/jobs/{job.pk}/archive/"' in html and f'href="/api/v1/jobs/{job.pk}/manifest/"' in html
+    assert f'href="/api/v1/jobs/{job.pk}/files/model.safetensors"' in html
+
+
+def test_a_succeeded_job_without_an_evaluation_still_renders(client_for, alice, succeeded_job):
+    job = succeeded_job(alice)
+    job.results = {"size_before_bytes": 100, "size_after_bytes": 50}
+    job.save()
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert "ran no evaluation" in html and 'id="results-table"' not in html
+
+
+# --- compare --------------------------------------------------------------------------------------------
+
+
+def test_compare_puts_jobs_of_one_model_side_by_side(client_for, alice, bob, succeeded_job):
+    fp8 = succeeded_job(alice, preset="fp8-dynamic", after=164_000_000, quality=0.991)
+    int8 = succeeded_job(alice, preset="int8-w8a8-gptq", after=160_000_000, quality=0.975)
+    other = succeeded_job(bob, preset="w8a16-gptq")
+
+    html = _html(client_for(alice).get("/compare/", {"model": "smollm2-135m-instruct"}))
+
+    table = re.search(r'<table class="table compare-table".*?</table>', html, re.S).group(0)
+    assert f"#{fp8.pk}" in table and f"#{int8.pk}" in table and f"#{other.pk}" not in table
+    assert "97.5 %" in table and "99.1 %" in table and "Baseline" in table
+    assert '<svg class="chart chart-scatter"' in html
+
+
+def test_compare_without_succeeded_jobs_says_what_to_do(client_for, alice):
+    assert "Nothing to compare yet" in _html(client_for(alice).get("/compare/"))
+
+
+# --- presentation ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metric", "expected"),
+    [
+        ({"recovery": 0.991}, 99.1),
+        ({"recovery": 99.1}, 99.1),
+        ({"baseline": 10.0, "compressed": 9.0}, 90.0),
+        ({"baseline": 10.0, "compressed": 12.5, "higher_is_better": False}, 80.0),
+        ({"baseline": None, "compressed": 1.0}, None),
+        ({}, None),
+    ],
+)
+def test_recovery_is_read_or_computed_like_the_seed_cards(metric, expected):
+    from frontend.presentation import recovery_percent
+
+    value = recovery_percent(metric)
+    assert (value is None and expected is None) or value == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "results", [None, {}, {"evaluation": "oops"}, {"metrics": "x", "layer_errors": [1, {"error": "?"}]}]
+)
+def test_odd_results_show_nothing_rather_than_fail(results):
+    from frontend import presentation
+
+    assert presentation.metric_rows(results) == [] and presentation.layer_errors(results) == []
+    assert presentation.sizes(results) is None and presentation.generations(results) == []

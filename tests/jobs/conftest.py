@@ -1,0 +1,250 @@
+"""Fixtures for the jobs tests: an isolated broker, a private media folder, users with tokens, job
+factories, and a real Celery worker process (no eager mode) against the real Redis and the test database.
+
+Isolation: every test session publishes under its own Redis key prefix (CELERY_KEY_PREFIX), so parallel
+runs on one Redis never take each other's messages; on SQLite the test database is a file (a worker in
+another process cannot open an in-memory one); on PostgreSQL it is pytest-django's test_<name> database.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+QUEUES = ("gpu", "cpu", "light")
+
+
+def _wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition"):
+    """Poll until predicate() returns something truthy; return it, or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- settings: database file, media folder, broker prefix -------------------------------------------------
+
+
+# --- users, API clients and factories ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str | None = None, **fields):
+        return django_user_model.objects.create_user(
+            username=username or f"user-{uuid.uuid4().hex[:6]}", password="pw", **fields
+        )
+
+    return make
+
+
+@pytest.fixture
+def user(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def other_user(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def api_for():
+    """An API client authenticated as the user with a real token (TokenAuthentication)."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    def client(user) -> APIClient:
+        api = APIClient()
+        token, _ = Token.objects.get_or_create(user=user)
+        api.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        return api
+
+    return client
+
+
+@pytest.fixture
+def api(api_for, user):
+    return api_for(user)
+
+
+@pytest.fixture
+def make_job():
+    """A Job row as the services would leave it (no preflight, nothing queued)."""
+    from jobs.models import Job
+
+    def make(owner, **fields) -> Job:
+        defaults = {
+            "preset": "fp8-dynamic",
+            "calibration_kind": "none",
+            "queue": "gpu",
+            "celery_task_id": str(uuid.uuid4()),
+        }
+        return Job.objects.create(owner=owner, **{**defaults, **fields})
+
+    return make
+
+
+@pytest.fixture
+def checkpoint(media_root):
+    """Give a job a small succeeded checkpoint on disk (files and a sha256 manifest) without the engine."""
+    from engine.artifacts import write_manifest
+
+    def make(job, files: dict[str, bytes] | None = None):
+        files = files or {
+            "model.safetensors": os.urandom(300_000),
+            "config.json": b'{"model_type": "llama"}',
+            "README.md": b"# model card\n",
+        }
+        relpath = job.artifacts_relpath()
+        folder = Path(media_root) / relpath
+        shutil.rmtree(folder.parent, ignore_errors=True)  # ids repeat after rolled-back tests
+        folder.mkdir(parents=True)
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        manifest = write_manifest(folder)
+        job.status, job.artifacts_path, job.manifest, job.results = "succeeded", relpath, manifest, {"ok": True}
+        job.save()
+        return folder
+
+    return make
+
+
+# --- the live worker ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LiveWorker:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def control(self, command: str, **kwargs) -> Any:
+        from compressor_app.celery import app
+
+        return app.control.broadcast(command, destination=[self.name], reply=True, timeout=5, arguments=kwargs)
+
+    def pause(self) -> None:
+        """Stop taking compression jobs (the process keeps running): queued jobs stay queued."""
+        for queue in ("gpu", "cpu"):
+            assert self.control("cancel_consumer", queue=queue), self.log_tail()
+
+    def resume(self) -> None:
+        for queue in ("gpu", "cpu"):
+            assert self.control("add_consumer", queue=queue), self.log_tail()
+
+    def active(self) -> list[dict]:
+        replies = self.control("active") or [{}]
+        return next(iter(replies[0].values()), [])
+
+
+def _database_url(settings_dict: dict) -> str:
+    if settings_dict["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{settings_dict['NAME']}"
+    user = settings_dict.get("USER") or "postgres"
+    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
+    host = settings_dict.get("HOST") or "127.0.0.1"
+    port = settings_dict.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -> Iterator[LiveWorker]:
+    """`celery worker` as its own process on this session's queues and test database (started once)."""
+    from django.db import connection
+
+    from compressor_app.celery import app
+
+    name = f"test-{uuid.uuid4().hex[:8]}@%h"
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(connection.settings_dict),
+        "CELERY_BROKER_URL": broker["url"],
+        "CELERY_KEY_PREFIX": broker["prefix"],
+        "COMPRESSOR_MEDIA_ROOT": str(media_root),
+        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
+        "COMPRESSOR_CANCEL_GRACE_S": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),
+        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    import socket
+
+    worker = LiveWorker(name=name.replace("%h", socket.gethostname()), process=process, log_path=log_path)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
+            return bool(app.control.ping(destination=[worker.name], timeout=1))
+
+        _wait_for(ready, timeout=90, what="the Celery worker to answer")
+        yield worker
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def live_worker(live_worker_process, transactional_db) -> Iterator[LiveWorker]:
+    """The session's worker, consuming; each test leaves it idle with empty queues for the next."""
+    live_worker_process.resume()
+    yield live_worker_process
+    live_worker_process.resume()
+    _wait_for(lambda: not live_worker_process.active(), timeout=120, what="the worker to finish its task")
+    from compressor_app.celery import app
+
+    with app.connection_for_write() as conn:
+        for queue in QUEUES:
+            conn.default_channel.queue_purge(queue)
+
+
+@pytest.fixture
+def wait_for():
+    """wait_for(predicate, timeout=..., what=...): poll until truthy, or fail naming what did not happen."""
+    return _wait_for
+
+
+@pytest.fixture
+def wait_job():
+    from jobs.models import Job
+
+    def wait(job_id: int, *statuses: str, timeout: float = 180) -> Job:
+        def reached():
+            job = Job.objects.get(pk=job_id)
+            return job if job.status in statuses else None
+
+        return _wait_for(reached, timeout=timeout, what=f"job {job_id} to become {' or '.join(statuses)}")
+
+    return wait

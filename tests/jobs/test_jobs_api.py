@@ -1,0 +1,167 @@
+"""The REST API without a worker: validation, visibility, throttling, uploads, presets, schema and docs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from jobs.models import Job
+
+pytestmark = pytest.mark.django_db
+
+
+def test_requests_without_credentials_are_refused(client):
+    from rest_framework.test import APIClient
+
+    assert APIClient().get("/api/v1/jobs/").status_code in (401, 403)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"preset": "no-such-preset"}, "preset"),
+        ({"preset": "fp8-dynamic", "recipe_yaml": "a: b"}, "preset"),
+        ({"recipe_yaml": "just: [a, list"}, "recipe_yaml"),
+        ({"preset": "int8-w8a8-gptq", "calibration": {"kind": "none"}}, "calibration"),
+        ({"preset": "int8-w8a8-gptq", "calibration": {"samples": 0}}, "calibration"),
+        ({"preset": "fp8-dynamic", "priority": 12}, "priority"),
+        ({"preset": "fp8-dynamic", "model": "/etc"}, "model"),
+        ({"preset": "int8-w8a8-gptq", "calibration": {"kind": "upload", "dataset_id": 999}}, "calibration"),
+    ],
+)
+def test_a_bad_request_gets_400_naming_the_field(api, body, field):
+    response = api.post("/api/v1/jobs/", body, format="json")
+
+    assert response.status_code == 400, response.content
+    assert field in response.json(), response.json()
+    assert not Job.objects.exists()
+
+
+def test_users_cannot_ask_for_more_than_normal_priority_but_staff_can(api, api_for, make_user):
+    assert api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "priority": 9}, format="json").status_code == 400
+    staff = api_for(make_user("op", is_staff=True))
+    assert staff.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "priority": 9}, format="json").status_code == 201
+
+
+def test_another_user_gets_404_on_someone_elses_job(api_for, user, other_user, make_user, make_job, checkpoint):
+    # Given alice's succeeded job
+    job = make_job(user)
+    checkpoint(job)
+    bob = api_for(other_user)
+
+    # Then bob can neither see, follow, change nor download it
+    for method, url in [
+        ("get", f"/api/v1/jobs/{job.pk}/"),
+        ("get", f"/api/v1/jobs/{job.pk}/logs/"),
+        ("get", f"/api/v1/jobs/{job.pk}/results/"),
+        ("get", f"/api/v1/jobs/{job.pk}/archive/"),
+        ("get", f"/api/v1/jobs/{job.pk}/manifest/"),
+        ("get", f"/api/v1/jobs/{job.pk}/files/config.json"),
+        ("post", f"/api/v1/jobs/{job.pk}/cancel/"),
+        ("post", f"/api/v1/jobs/{job.pk}/retry/"),
+    ]:
+        assert getattr(bob, method)(url).status_code == 404, url
+    assert bob.get("/api/v1/jobs/").json()["count"] == 0
+    # ...while alice and staff can
+    assert api_for(user).get(f"/api/v1/jobs/{job.pk}/").status_code == 200
+    assert api_for(make_user("op", is_staff=True)).get(f"/api/v1/jobs/{job.pk}/manifest/").status_code == 200
+
+
+def test_list_is_paginated_and_filtered_by_status(api, user, make_job):
+    make_job(user, status=Job.Status.FAILED)
+    make_job(user, status=Job.Status.QUEUED)
+
+    everything = api.get("/api/v1/jobs/").json()
+    failed = api.get("/api/v1/jobs/", {"status": "failed"}).json()
+
+    assert everything["count"] == 2 and "results" in everything and "next" in everything
+    assert [j["status"] for j in failed["results"]] == ["failed"]
+    assert api.get("/api/v1/jobs/", {"status": "bogus"}).status_code == 400
+
+
+def test_create_returns_the_job_with_its_queue_position(api, user, make_job):
+    make_job(user, priority=5)  # already waiting
+    response = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "calibration": {"kind": "none"}}, format="json")
+
+    assert response.status_code == 201
+    body = response.json()
+    assert body["status"] == "queued" and body["queue_position"] == 2 and body["duplicate"] is False
+    assert body["owner"] == "alice" and body["links"]["page"] == f"/jobs/{body['id']}/"
+
+
+def test_status_and_results_are_read_only(api, user, make_job):
+    job = make_job(user)
+    assert api.patch(f"/api/v1/jobs/{job.pk}/", {"status": "succeeded"}, format="json").status_code == 405
+    assert api.get(f"/api/v1/jobs/{job.pk}/results/").status_code == 409  # not succeeded yet
+
+
+def test_job_creation_is_throttled(api, settings):
+    settings.COMPRESSOR_JOB_CREATE_RATE = "2/minute"
+    from django.core.cache import cache
+
+    cache.clear()
+    codes = [
+        api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "force": True}, format="json").status_code for _ in range(3)
+    ]
+    assert codes == [201, 201, 429]
+    assert api.get("/api/v1/jobs/").status_code == 200  # reading is not throttled
+
+
+def test_logs_are_fetched_incrementally_by_cursor(api, user, make_job):
+    from jobs import services
+
+    job = make_job(user)
+    services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w")
+    first = api.get(f"/api/v1/jobs/{job.pk}/logs/").json()
+    services.job_record_progress(job_id=job.pk, log_lines=[("calibrating", "layer 1"), ("calibrating", "layer 2")])
+
+    new = api.get(f"/api/v1/jobs/{job.pk}/logs/", {"after": first["cursor"]}).json()
+
+    assert [line["text"] for line in new["lines"]] == ["layer 1", "layer 2"]
+    assert api.get(f"/api/v1/jobs/{job.pk}/logs/", {"after": new["cursor"]}).json()["lines"] == []
+
+
+def test_presets_are_listed_with_descriptions(api):
+    presets = {p["name"]: p for p in api.get("/api/v1/presets/").json()}
+    assert {"fp8-dynamic", "int8-w8a8-gptq"} <= set(presets)
+    assert presets["fp8-dynamic"]["needs_calibration"] is False and presets["int8-w8a8-gptq"]["description"]
+
+
+def test_calibration_upload_counts_rows_and_rejects_bad_files(api, api_for, other_user):
+    good = io.BytesIO(b'{"text": "hello world"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    good.name = "cal.jsonl"
+    bad = io.BytesIO(b"this is not json\n")
+    bad.name = "bad.jsonl"
+
+    created = api.post("/api/v1/calibration-datasets/", {"file": good, "name": "mine"}, format="multipart")
+    refused = api.post("/api/v1/calibration-datasets/", {"file": bad}, format="multipart")
+
+    assert created.status_code == 201 and created.json()["rows"] == 2 and len(created.json()["sha256"]) == 64
+    assert refused.status_code == 400 and "file" in refused.json()
+    assert [d["name"] for d in api.get("/api/v1/calibration-datasets/").json()["results"]] == ["mine"]
+    assert api_for(other_user).get("/api/v1/calibration-datasets/").json()["count"] == 0
+
+
+def test_a_job_can_use_an_uploaded_calibration_file(api):
+    upload = io.BytesIO(b"".join(b'{"text": "sample number %d for calibration"}\n' % i for i in range(10)))
+    upload.name = "cal.jsonl"
+    dataset = api.post("/api/v1/calibration-datasets/", {"file": upload}, format="multipart").json()
+
+    body = {"preset": "int8-w8a8-gptq", "calibration": {"kind": "upload", "dataset_id": dataset["id"], "samples": 8}}
+    response = api.post("/api/v1/jobs/", body, format="json")
+
+    assert response.status_code == 201, response.content
+    assert response.json()["calibration"]["dataset_id"] == dataset["id"]
+    too_many = {**body, "calibration": {**body["calibration"], "samples": 50}}
+    assert "calibration" in api.post("/api/v1/jobs/", too_many, format="json").json()
+
+
+def test_schema_and_docs_are_served_without_a_cdn(api):
+    schema = api.get("/api/v1/schema/", HTTP_ACCEPT="application/json")
+    docs = api.get("/api/v1/docs/")
+
+    assert schema.status_code == 200 and "/api/v1/jobs/" in schema.json()["paths"]
+    html = docs.content.decode()
+    assert docs.status_code == 200 and "swagger-ui" in html
+    assert "cdn" not in html.lower() and "/static/drf_spectacular_sidecar/" in html

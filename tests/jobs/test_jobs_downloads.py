@@ -1,0 +1,102 @@
+"""Downloads on a small checkpoint written by the test: streamed archives, Range requests, the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import zipfile
+
+import pytest
+
+pytestmark = pytest.mark.django_db
+
+
+def _body(response) -> bytes:
+    return b"".join(response.streaming_content) if response.streaming else response.content
+
+
+@pytest.fixture
+def done_job(user, make_job, checkpoint):
+    job = make_job(user)
+    files = {"model.safetensors": bytes(range(256)) * 4000, "config.json": b"{}", "sub/tokenizer.json": b"[1,2]"}
+    checkpoint(job, files)
+    return job, files
+
+
+def test_archives_stream_every_file_with_its_sha256(api, done_job):
+    job, files = done_job
+    zipped = api.get(f"/api/v1/jobs/{job.pk}/archive/")
+    tarred = api.get(f"/api/v1/jobs/{job.pk}/archive/", {"kind": "tar"})
+
+    assert zipped.streaming and tarred.streaming  # produced while sent, never built whole first
+    assert f'filename="job-{job.pk}-smollm2-135m-instruct-fp8-dynamic.zip"' in zipped["Content-Disposition"]
+    with zipfile.ZipFile(io.BytesIO(_body(zipped))) as archive:
+        assert archive.testzip() is None
+        got = {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()}
+    data = _body(tarred)
+    assert int(tarred["Content-Length"]) == len(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        got_tar = {m.name.split("/", 1)[1]: archive.extractfile(m).read() for m in archive.getmembers()}
+    for name, content in files.items():
+        assert hashlib.sha256(got[name]).digest() == hashlib.sha256(content).digest()
+        assert got_tar[name] == content
+    assert "manifest.json" in got and "manifest.json" in got_tar
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "span"),
+    [
+        ("bytes=0-99", 206, (0, 100)),
+        ("bytes=1000-", 206, (1000, None)),
+        ("bytes=-10", 206, (-10, None)),
+        ("bytes=5-999999999", 206, (5, None)),
+        ("bytes=99999999-", 416, None),
+        ("bytes=0-1,5-6", 200, (0, None)),  # several ranges: the whole file
+    ],
+)
+def test_single_file_download_honours_range(api, done_job, header, status, span):
+    job, files = done_job
+    content = files["model.safetensors"]
+
+    response = api.get(f"/api/v1/jobs/{job.pk}/files/model.safetensors", HTTP_RANGE=header)
+
+    assert response.status_code == status
+    assert response["Accept-Ranges"] == "bytes"
+    if status == 416:
+        assert response["Content-Range"] == f"bytes */{len(content)}"
+    else:
+        start, end = span
+        assert _body(response) == content[start:end]
+
+
+def test_if_range_with_an_old_etag_gets_the_whole_file(api, done_job):
+    job, files = done_job
+    response = api.get(
+        f"/api/v1/jobs/{job.pk}/files/model.safetensors", HTTP_RANGE="bytes=0-9", HTTP_IF_RANGE='"stale"'
+    )
+    assert response.status_code == 200 and _body(response) == files["model.safetensors"]
+    etag = response["ETag"]
+    again = api.get(f"/api/v1/jobs/{job.pk}/files/model.safetensors", HTTP_RANGE="bytes=0-9", HTTP_IF_RANGE=etag)
+    assert again.status_code == 206
+
+
+def test_only_manifest_files_are_served(api, done_job, media_root):
+    job, _files = done_job
+    (media_root / "secret.txt").write_text("no")
+    assert api.get(f"/api/v1/jobs/{job.pk}/files/sub/tokenizer.json").status_code == 200
+    assert api.get(f"/api/v1/jobs/{job.pk}/files/../../secret.txt").status_code == 404
+    assert api.get(f"/api/v1/jobs/{job.pk}/files/nothing.bin").status_code == 404
+
+
+def test_downloads_exist_only_for_succeeded_jobs(api, user, make_job):
+    job = make_job(user, status="running")
+    assert api.get(f"/api/v1/jobs/{job.pk}/archive/").status_code == 409
+    assert api.get(f"/api/v1/jobs/{job.pk}/manifest/").status_code == 409
+
+
+def test_session_authenticated_browsers_download_too(client, user, done_job):
+    job, files = done_job
+    client.force_login(user)
+    response = client.get(f"/api/v1/jobs/{job.pk}/files/config.json", HTTP_ACCEPT="text/html")
+    assert response.status_code == 200 and _body(response) == files["config.json"]
