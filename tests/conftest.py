@@ -51,6 +51,35 @@ def tiny_model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
 
 
+@pytest.fixture
+def make_user(django_user_model):
+    """make_user(username=None, **fields): a user whose password is "pw-for-tests"."""
+
+    def make(username: str | None = None, **fields):
+        return django_user_model.objects.create_user(
+            username=username or f"user-{uuid.uuid4().hex[:6]}", password="pw-for-tests", **fields
+        )
+
+    return make
+
+
+@pytest.fixture
+def make_job():
+    """A Job row as the services would leave it (no preflight, nothing queued)."""
+    from jobs.models import Job
+
+    def make(owner, **fields) -> Job:
+        defaults = {
+            "preset": "fp8-dynamic",
+            "calibration_kind": "none",
+            "queue": "gpu",
+            "celery_task_id": str(uuid.uuid4()),
+        }
+        return Job.objects.create(owner=owner, **{**defaults, **fields})
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def model_store() -> Path:
     return default_store()

@@ -15,15 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import QUEUES, REPO, database_url, wait_until
+
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 CHROMIUM = os.environ.get("COMPRESSOR_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,22 +36,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-QUEUES = ("gpu", "cpu", "light")
-
-
-def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition"):
-    """Poll until predicate() is truthy and return its value; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-# --- settings: a database file, a private media folder ------------------------------------------------------
 
 
 def current_media_root() -> Path:
@@ -61,16 +45,6 @@ def current_media_root() -> Path:
 
 
 # --- users and jobs -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_user(django_user_model):
-    def make(username: str | None = None, **fields):
-        return django_user_model.objects.create_user(
-            username=username or f"user-{uuid.uuid4().hex[:6]}", password="pw-for-tests", **fields
-        )
-
-    return make
 
 
 @pytest.fixture
@@ -92,23 +66,6 @@ def client_for():
         client = Client()
         client.force_login(user)
         return client
-
-    return make
-
-
-@pytest.fixture
-def make_job():
-    """A Job row as the services would leave it (no preflight, nothing queued): for page tests only."""
-    from jobs.models import Job
-
-    def make(owner, **fields) -> Job:
-        defaults = {
-            "preset": "fp8-dynamic",
-            "calibration_kind": "none",
-            "queue": "gpu",
-            "celery_task_id": str(uuid.uuid4()),
-        }
-        return Job.objects.create(owner=owner, **{**defaults, **fields})
 
     return make
 
@@ -191,16 +148,6 @@ def succeeded_job(make_job):
 # --- the broker and a live worker (browser tests) ---------------------------------------------------------
 
 
-def _database_url(settings_dict: dict) -> str:
-    if settings_dict["ENGINE"] == "django.db.backends.sqlite3":
-        return f"sqlite:///{settings_dict['NAME']}"
-    user = settings_dict.get("USER") or "postgres"
-    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
-    host = settings_dict.get("HOST") or "127.0.0.1"
-    port = settings_dict.get("PORT") or 5432
-    return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
-
-
 @pytest.fixture(scope="module")
 def live_worker(django_db_setup, django_db_blocker, broker, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """`celery -A compressor_app worker` as its own process on the test database and this module's queues."""
@@ -211,10 +158,10 @@ def live_worker(django_db_setup, django_db_blocker, broker, tmp_path_factory) ->
     name = f"frontend-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with django_db_blocker.unblock():
-        database_url = _database_url(connection.settings_dict)
+        db_url = database_url(connection.settings_dict)
     env = {
         **os.environ,
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": db_url,
         "CELERY_BROKER_URL": broker["url"],
         "CELERY_KEY_PREFIX": broker["prefix"],
         "COMPRESSOR_MEDIA_ROOT": str(current_media_root()),

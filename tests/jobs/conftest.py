@@ -13,45 +13,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-QUEUES = ("gpu", "cpu", "light")
-
-
-def _wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition"):
-    """Poll until predicate() returns something truthy; return it, or fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-# --- settings: database file, media folder, broker prefix -------------------------------------------------
-
+from tests.support import QUEUES, REPO, database_url, wait_until
 
 # --- users, API clients and factories ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def make_user(django_user_model):
-    def make(username: str | None = None, **fields):
-        return django_user_model.objects.create_user(
-            username=username or f"user-{uuid.uuid4().hex[:6]}", password="pw", **fields
-        )
-
-    return make
 
 
 @pytest.fixture
@@ -82,23 +54,6 @@ def api_for():
 @pytest.fixture
 def api(api_for, user):
     return api_for(user)
-
-
-@pytest.fixture
-def make_job():
-    """A Job row as the services would leave it (no preflight, nothing queued)."""
-    from jobs.models import Job
-
-    def make(owner, **fields) -> Job:
-        defaults = {
-            "preset": "fp8-dynamic",
-            "calibration_kind": "none",
-            "queue": "gpu",
-            "celery_task_id": str(uuid.uuid4()),
-        }
-        return Job.objects.create(owner=owner, **{**defaults, **fields})
-
-    return make
 
 
 @pytest.fixture
@@ -158,16 +113,6 @@ class LiveWorker:
         return next(iter(replies[0].values()), [])
 
 
-def _database_url(settings_dict: dict) -> str:
-    if settings_dict["ENGINE"] == "django.db.backends.sqlite3":
-        return f"sqlite:///{settings_dict['NAME']}"
-    user = settings_dict.get("USER") or "postgres"
-    password = f":{settings_dict['PASSWORD']}" if settings_dict.get("PASSWORD") else ""
-    host = settings_dict.get("HOST") or "127.0.0.1"
-    port = settings_dict.get("PORT") or 5432
-    return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
-
-
 @pytest.fixture(scope="session")
 def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -> Iterator[LiveWorker]:
     """`celery worker` as its own process on this session's queues and test database (started once)."""
@@ -179,7 +124,7 @@ def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {
         **os.environ,
-        "DATABASE_URL": _database_url(connection.settings_dict),
+        "DATABASE_URL": database_url(connection.settings_dict),
         "CELERY_BROKER_URL": broker["url"],
         "CELERY_KEY_PREFIX": broker["prefix"],
         "COMPRESSOR_MEDIA_ROOT": str(media_root),
@@ -205,7 +150,7 @@ def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -
                 raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
             return bool(app.control.ping(destination=[worker.name], timeout=1))
 
-        _wait_for(ready, timeout=90, what="the Celery worker to answer")
+        wait_until(ready, timeout=90, what="the Celery worker to answer")
         yield worker
     finally:
         process.send_signal(signal.SIGTERM)
@@ -222,7 +167,7 @@ def live_worker(live_worker_process, transactional_db) -> Iterator[LiveWorker]:
     live_worker_process.resume()
     yield live_worker_process
     live_worker_process.resume()
-    _wait_for(lambda: not live_worker_process.active(), timeout=120, what="the worker to finish its task")
+    wait_until(lambda: not live_worker_process.active(), timeout=120, what="the worker to finish its task")
     from compressor_app.celery import app
 
     with app.connection_for_write() as conn:
@@ -233,7 +178,7 @@ def live_worker(live_worker_process, transactional_db) -> Iterator[LiveWorker]:
 @pytest.fixture
 def wait_for():
     """wait_for(predicate, timeout=..., what=...): poll until truthy, or fail naming what did not happen."""
-    return _wait_for
+    return wait_until
 
 
 @pytest.fixture
@@ -245,6 +190,6 @@ def wait_job():
             job = Job.objects.get(pk=job_id)
             return job if job.status in statuses else None
 
-        return _wait_for(reached, timeout=timeout, what=f"job {job_id} to become {' or '.join(statuses)}")
+        return wait_until(reached, timeout=timeout, what=f"job {job_id} to become {' or '.join(statuses)}")
 
     return wait
