@@ -79,3 +79,11 @@ def test_too_few_calibration_rows_is_refused(tiny_model_dir, tmp_path):
 def test_preset_and_recipe_together_are_refused(tiny_model_dir):
     with pytest.raises(PreflightError, match="either a preset or a custom recipe"):
         preflight(spec_for(tiny_model_dir, preset="fp8-dynamic", recipe_yaml="a: b"))
+
+
+def test_hub_model_without_a_reachable_hub_is_a_clear_message_not_a_hang(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what this machine is anyway; set so the test is deterministic
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to fall back on
+    with pytest.raises(PreflightError, match="hub cannot be reached.*built-in model") as info:
+        preflight(CompressionSpec(model="some-org/some-model", revision="v1", preset="fp8-dynamic"))
+    assert info.value.field == "model"
