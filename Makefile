@@ -54,6 +54,11 @@ up: model
 stop:
 	scripts/services.sh stop
 
+# Benchmarks (bench/README.md): the service against the bare library and the machine; prints ratios.
+bench: model
+	scripts/ensure_services.sh
+	$(PY) bench/run.py
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -42,12 +42,14 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
         preset = ""
     jobs = selectors.job_list_filtered(user=request.user, status=status or None, preset=preset or None)
     page = Paginator(jobs, 25).get_page(request.GET.get("page"))
+    waiting = any(job.status == Job.Status.QUEUED for job in page.object_list)
+    positions = selectors.queue_positions() if waiting else {}
     rows = []
     for job in page.object_list:
         rows.append(
             {
                 "job": job,
-                "queue_position": selectors.queue_position(job=job),
+                "queue_position": positions.get(job.pk),
                 "sizes": presentation.sizes(job.results),
                 "recovery": presentation.headline_recovery(job.results),
             }

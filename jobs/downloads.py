@@ -148,6 +148,7 @@ def file_response(job: Job, *, path: str, range_header: str | None, if_range: st
         response["Content-Range"] = f"bytes */{size}"
     elif wanted is None:
         response = FileResponse(source.open("rb"), content_type=content_type)
+        response.block_size = CHUNK_BYTES  # the 4 KiB default costs a third of loopback throughput
         response["Content-Length"] = str(size)
     else:
         start, end = wanted

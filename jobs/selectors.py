@@ -53,6 +53,17 @@ def queue_position(*, job: Job) -> int | None:
     return ahead.count() + 1
 
 
+def queue_positions() -> dict[int, int]:
+    """The position of every waiting job in its queue, in one query (for list pages: no query per row)."""
+    positions: dict[int, int] = {}
+    seen_per_queue: dict[str, int] = {}
+    waiting = Job.objects.filter(status=Job.Status.QUEUED).order_by("-priority", "created_at", "id")
+    for job_id, queue in waiting.values_list("id", "queue"):
+        seen_per_queue[queue] = seen_per_queue.get(queue, 0) + 1
+        positions[job_id] = seen_per_queue[queue]
+    return positions
+
+
 def job_log_after(*, job: Job, after: int = 0, limit: int = 500) -> list[JobLogLine]:
     """Log lines newer than the cursor (a line id); pass the last id back to get only what is new."""
     return list(JobLogLine.objects.filter(job=job, id__gt=after).order_by("id")[:limit])

@@ -133,7 +133,10 @@ class JobSerializer(serializers.ModelSerializer):
         }
 
     def get_queue_position(self, job: Job) -> int | None:
-        return selectors.queue_position(job=job)
+        # Computed once per response for all waiting jobs: a list page costs the same queries at any length.
+        if "queue_positions" not in self.context:
+            self.context["queue_positions"] = selectors.queue_positions()
+        return self.context["queue_positions"].get(job.pk)
 
     @extend_schema_field(serializers.DictField(child=serializers.CharField()))
     def get_links(self, job: Job) -> dict:

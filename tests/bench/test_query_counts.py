@@ -73,11 +73,6 @@ def test_api_list_queries_do_not_grow_with_finished_jobs(api, owner, status):
     assert large == small, f"{small} queries with 10 jobs, {large} with 200: a query per row"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known N+1: JobSerializer.get_queue_position runs one COUNT per queued row "
-    "(selectors.queue_position). Remove this mark once the list computes positions in one query.",
-)
 def test_api_list_queries_do_not_grow_with_queued_jobs(api, owner):
     _add_jobs(owner, 10, "queued")
     small = _list_queries(api)

@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmark harness: figures, statistics, the bench's environment and machine facts."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / "var" / "bench"
+DATA_DIR = BENCH_DIR / "data"
+LOG_DIR = BENCH_DIR / "logs"
+RESULTS_DIR = REPO / "bench" / "results"
+MODEL_STORE = REPO / "var" / "models"
+PYTHON = REPO / ".venv" / "bin" / "python"
+DB_NAME = os.environ.get("BENCH_DB_NAME", "bench_compressor")
+PG_URL = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432")
+# Each run publishes under its own Redis key prefix: other engineers' workers never see the bench's jobs.
+KEY_PREFIX = f"bench-{os.getpid()}:"
+
+
+def bench_env() -> dict[str, str]:
+    """The environment of the bench's web server, worker and in-process Django (its own data and DB)."""
+    return {
+        "DJANGO_SETTINGS_MODULE": "compressor_app.settings",
+        "COMPRESSOR_DATA_DIR": str(DATA_DIR),
+        "COMPRESSOR_MODEL_STORE": str(MODEL_STORE),
+        "DATABASE_URL": f"{PG_URL}/{DB_NAME}",
+        "CELERY_KEY_PREFIX": KEY_PREFIX,
+        # 200 submissions in a burst: the per-user creation throttle would refuse most of them.
+        "COMPRESSOR_JOB_CREATE_RATE": "1000000/hour",
+        "DJANGO_DEBUG": "False",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@dataclass
+class Figure:
+    """One row of the table: what was measured against its target."""
+
+    part: str
+    name: str
+    target: str
+    measured: str
+    ratio: float | None = None
+    verdict: str = "info"  # met | missed | info | n/a | error
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def ratio_text(self) -> str:
+        return "-" if self.ratio is None else f"{self.ratio:.2f}"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def error_figure(part: str, exc: BaseException) -> Figure:
+    """A row saying the part could not run: the exception's first line and its last line (the cause)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return Figure(part, f"{part} (failed to run)", "-", f"{type(exc).__name__}: {text}"[:240], verdict="error")
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else math.nan
+
+
+def percentile(values: Iterable[float], pct: float) -> float:
+    """Nearest-rank percentile (p95 of 200 samples is the 190th smallest)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy and return it; TimeoutError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - not ready yet (connection refused and the like)
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def machine_info() -> dict[str, str]:
+    import psutil
+
+    try:
+        uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        uname = platform.platform()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "uname -a": uname,
+        "nproc": str(os.cpu_count()),
+        "RAM": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "load average at start": load,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,98 @@
+"""Part 3, API throughput: N job submissions at concurrency C over loopback, with token auth.
+
+Each submission is a job preflight accepts (fp8-dynamic on the built-in model, force=true so none is
+answered by deduplication). No worker runs meanwhile: the jobs stay queued and are cancelled (and the bench's
+Redis keys purged) afterwards. Checked: every request answered 201 once, the returned ids are distinct, and the
+database holds exactly those new rows (none lost, none duplicated).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from bench.common import Figure, median, percentile, verdict
+from bench.stack import Stack, purge_redis
+
+PAYLOAD = {"preset": "fp8-dynamic", "force": True}
+
+
+def run(stack: Stack, *, total: int = 200, concurrency: int = 20) -> list[Figure]:
+    from jobs.models import Job
+
+    stack.stop_worker()
+    # One submission first: the web process imports torch/transformers for preflight on its first job.
+    t0 = time.perf_counter()
+    first = stack.api.submit(PAYLOAD)
+    first_s = time.perf_counter() - t0
+    marker = first["id"]
+
+    local = threading.local()
+
+    def submit(index: int) -> tuple[int, int, float, int | None, str]:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = stack.api.new_session()
+        started = time.perf_counter()
+        try:
+            response = session.post(stack.api.url("/api/v1/jobs/"), json=PAYLOAD, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - counted as a failure
+            return index, 0, time.perf_counter() - started, None, str(exc)[:200]
+        elapsed = time.perf_counter() - started
+        job_id = response.json().get("id") if response.status_code in (200, 201) else None
+        return index, response.status_code, elapsed, job_id, "" if job_id else response.text[:200]
+
+    wall0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(submit, range(total), timeout=900))
+    wall = time.perf_counter() - wall0
+
+    latencies = [r[2] for r in results]
+    statuses: dict[int, int] = {}
+    for r in results:
+        statuses[r[1]] = statuses.get(r[1], 0) + 1
+    ids = [r[3] for r in results if r[3] is not None]
+    db_ids = set(Job.objects.filter(pk__gt=marker).values_list("pk", flat=True))
+    duplicates = len(ids) - len(set(ids))
+    lost = set(ids) - db_ids
+    extra = db_ids - set(ids)
+    errors = [r[4] for r in results if r[4]][:3]
+    ok = statuses.get(201, 0) == total and duplicates == 0 and not lost and not extra and len(db_ids) == total
+
+    # Clean up: the jobs were only for the API; no worker will ever run them.
+    Job.objects.filter(pk__gte=marker, status=Job.Status.QUEUED).update(
+        status=Job.Status.CANCELLED, message="bench: cancelled after the throughput run"
+    )
+    purged = purge_redis()
+
+    med, p95 = median(latencies), percentile(latencies, 95)
+    details = [
+        f"{total} POST /api/v1/jobs/ from {concurrency} threads in {wall:.1f} s = {total / wall:.1f} submissions/s "
+        f"(each runs preflight in the web process); first submission after start {first_s:.2f} s (imports)",
+        f"status codes: {statuses}; ids returned {len(ids)}, distinct {len(set(ids))}; new DB rows {len(db_ids)}; "
+        f"lost {len(lost)}, duplicated {duplicates}, unexpected rows {len(extra)}",
+        f"latency min {min(latencies) * 1000:.0f} ms, median {med * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+        f"max {max(latencies) * 1000:.0f} ms; afterwards {purged} Redis keys of the bench purged",
+    ]
+    if errors:
+        details.append(f"first errors: {errors}")
+    return [
+        Figure(
+            "throughput",
+            f"API: {total} submissions at concurrency {concurrency}",
+            "each accepted exactly once",
+            f"{statuses.get(201, 0)}/{total} accepted, {len(db_ids)} rows, {duplicates} dup, {len(lost)} lost",
+            None,
+            verdict(ok),
+            details,
+        ),
+        Figure(
+            "throughput",
+            "API: submission latency median / p95",
+            "report",
+            f"{med * 1000:.0f} ms / {p95 * 1000:.0f} ms ({total / wall:.1f} jobs/s)",
+            None,
+            "info",
+        ),
+    ]
