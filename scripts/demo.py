@@ -15,6 +15,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from engine.card import results_table
+
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ENGINE_LOG_PREFIXES = ("INFO:", "DEBUG:", "METRIC:", "WARNING:", "SUCCESS:", "TRACE:")
 
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--preset", default="int8-w8a8-gptq")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation (faster)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--reuse", action="store_true", help="accept an earlier identical result (no force)")
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "calibration": {"kind": "builtin", "samples": args.samples, "max_seq_len": args.max_seq_len},
         "force": not args.reuse,
+        # The offline suite (perplexity, KL, top-1 agreement, generations): the seed cards' table.
+        "evaluation": None if args.no_eval else {"offline": True},
     }
     submitted = time.monotonic()
     response = api.post(f"{base}/api/v1/jobs/", json=body, timeout=120)
@@ -112,9 +117,9 @@ def report(base: str, job: dict, manifest: dict, downloadable_s: float) -> None:
     print("Engine timings:      " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     evaluation = results.get("evaluation")
     if evaluation:
-        print("Evaluation:")
-        for name, row in (evaluation.get("metrics") or evaluation).items():
-            print(f"  {name}: {row}")
+        print()
+        print(results_table(evaluation, baseline_name=job["model"], compressed_name=f"job {job['id']}"))
+        print()
     total_mib = manifest.get("total_bytes", 0) / mib
     print(f"Files:               {len(manifest['files'])} files, {total_mib:.1f} MiB, sha256 in the manifest")
     print(f"Download (zip):      {base}/api/v1/jobs/{job['id']}/archive/")
