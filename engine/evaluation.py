@@ -113,7 +113,7 @@ def _measure(path: Path, spec: EvaluationSpec, settings: dict, device: str, *, r
         result.update(_score_windows(model, windows, reference))
         result["generations"] = [_generate(model, tokenizer, prompt) for prompt in PROMPTS]
     if spec.tasks:
-        scores, failed = _run_tasks(model, tokenizer, spec, device, emit)
+        scores, failed = _run_tasks(path, model, tokenizer, spec, device, emit)
         result["tasks"], result["tasks_failed"] = scores, failed
     del model
     return result
@@ -213,7 +213,7 @@ def _generate(model, tokenizer, prompt: str) -> str:
 # --- lm-eval -----------------------------------------------------------------------------------
 
 
-def _run_tasks(model, tokenizer, spec: EvaluationSpec, device: str, emit) -> tuple[dict, list]:
+def _run_tasks(path: Path, model, tokenizer, spec: EvaluationSpec, device: str, emit) -> tuple[dict, list]:
     """Run each task on its own, so that one unreachable data set fails that task only."""
     scores, failed = {}, []
     if spec.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -223,13 +223,13 @@ def _run_tasks(model, tokenizer, spec: EvaluationSpec, device: str, emit) -> tup
         if emit:
             emit(2 + number, f"lm-eval {task}")
         try:
-            scores[task] = _run_task(model, tokenizer, task, spec, device)
+            scores[task] = _run_task(path, model, tokenizer, task, spec, device)
         except Exception as exc:  # lm-eval and datasets raise many kinds; the reason goes in the report
             failed.append({"task": task, "reason": _task_failure_reason(task, exc)})
     return scores, failed
 
 
-def _run_task(model, tokenizer, task: str, spec: EvaluationSpec, device: str) -> dict:
+def _run_task(path: Path, model, tokenizer, task: str, spec: EvaluationSpec, device: str) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -243,8 +243,15 @@ def _run_task(model, tokenizer, task: str, spec: EvaluationSpec, device: str) ->
     if task not in LOCAL_TASKS and not hub_reachable():
         raise EngineError("its data set lives on the Hugging Face hub, which this machine cannot reach.")
     shots = OPENLLM_TASKS.get(task, (0, "", ""))[0]
+    if spec.backend == "vllm":
+        # vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU), as the seed cards did.
+        lm = "vllm"
+        model_args = f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,max_model_len=4096,add_bos_token=True"
+    else:
+        lm, model_args = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=8), None
     output = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=8),
+        model=lm,
+        model_args=model_args,
         tasks=[task],
         num_fewshot=shots or None,
         limit=spec.limit,
