@@ -109,7 +109,7 @@ def compress(
                 progress=reporter.callback,
             )
             timings["evaluate_s"] = time.perf_counter() - started
-        _write_card(staging, out_dir, spec, report, result)
+        _write_card(staging, spec, report, result)
         (staging / "results.json").write_text(json.dumps(_results_payload(spec, report, result), indent=2))
         started = time.perf_counter()
         reporter.emit("saving", "Hashing the files")
@@ -217,11 +217,11 @@ def _eval_device(device: str) -> str:
     return device
 
 
-def _write_card(staging: Path, out_dir: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
+def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
     suffix = spec.preset or "custom"
     write_model_card(
         staging,
-        model_name=out_dir.name if out_dir.name else f"{report.model.name}-{suffix}",
+        model_name=f"{Path(report.model.name).name}-{suffix}",  # like the seed cards: base name + scheme
         base_model=report.model.name,
         architecture=report.model.architecture,
         preset=PRESETS.get(spec.preset or ""),
