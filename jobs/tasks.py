@@ -7,6 +7,7 @@ no row (cancelled, claimed elsewhere, or a stale message after a priority change
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -130,12 +131,21 @@ def reap_stale_jobs() -> None:
 
 
 def _free_device_memory() -> None:
-    """Give GPU memory back after each job while keeping the worker child (and its imports) warm."""
+    """Give GPU and host memory back after each job while keeping the worker child (and its imports) warm."""
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.ipc_collect()
+    _trim_host_heap()
+
+
+def _trim_host_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, and the worker's RSS grows job by job)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl, macOS): nothing to trim
+        pass
 
 
 @worker_process_init.connect
