@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from engine.lm_tasks import LOCAL_TASKS
 from engine.presets import Preset
 from engine.spec import CalibrationSpec
 
@@ -23,8 +26,10 @@ def results_table(evaluation: dict, *, baseline_name: str, compressed_name: str)
         )
     average = evaluation.get("average")
     if average:
+        # The average is over the lm-eval tasks only; say so when other metrics share the table.
+        label = "Average" if all(m.get("task") for m in evaluation["metrics"]) else "Average (lm-eval tasks)"
         lines.append(
-            f"| Average | {average['baseline']:.2f} | {average['compressed']:.2f} | {_percent(average['recovery'])} |"
+            f"| {label} | {average['baseline']:.2f} | {average['compressed']:.2f} | {_percent(average['recovery'])} |"
         )
     return "\n".join(lines)
 
@@ -54,32 +59,39 @@ def write_model_card(
     size_after_bytes: int,
 ) -> Path:
     """Write checkpoint_dir/README.md and return its path."""
+    if calibration is not None and calibration.kind == "none":
+        calibration = None  # a data-free recipe
     sections = [
-        _front_matter(base_model, preset),
+        _front_matter(base_model, preset, calibration),
         f"# {model_name}",
-        _overview(architecture, preset, base_model),
-        _optimizations(preset, size_before_bytes, size_after_bytes),
+        _overview(architecture, preset, base_model, recipe_yaml),
+        _summary(base_model, evaluation),
+        _optimizations(preset, recipe_yaml, size_before_bytes, size_after_bytes),
         _creation(base_model, recipe_yaml, calibration),
         _deployment(model_name),
         _evaluation(evaluation, base_model, model_name),
     ]
     path = Path(checkpoint_dir) / "README.md"
-    path.write_text("\n\n".join(sections) + "\n")
+    path.write_text("\n\n".join(section for section in sections if section) + "\n")
     return path
 
 
-def _front_matter(base_model: str, preset: Preset | None) -> str:
+def _front_matter(base_model: str, preset: Preset | None, calibration: CalibrationSpec | None) -> str:
     tags = ["vllm", "llm-compressor", "compressed-tensors"]
     if preset and preset.sparsity:
         tags.append("sparsity")
     if preset is None or preset.weight_quantization:
         tags.append("quantized")
+    if preset:
+        tags.append(preset.name)
     meta = {"tags": tags, "base_model": base_model, "pipeline_tag": "text-generation", "language": ["en"]}
+    if calibration is not None and calibration.kind == "hub":
+        meta["datasets"] = [calibration.dataset]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
 
-def _overview(architecture: str, preset: Preset | None, base_model: str) -> str:
-    optimizations = _optimization_lines(preset)
+def _overview(architecture: str, preset: Preset | None, base_model: str, recipe_yaml: str) -> str:
+    optimizations = _optimization_lines(preset, recipe_yaml)
     return "\n".join(
         [
             "## Model Overview",
@@ -88,15 +100,16 @@ def _overview(architecture: str, preset: Preset | None, base_model: str) -> str:
             "- **Output:** Text",
             "- **Model Optimizations:**",
             *[f"  - **{name}:** {value}" for name, value in optimizations],
+            f"- **Release Date:** {datetime.date.today().isoformat()}",
             f"- **Base model:** {base_model}",
             "- **Made with:** the LLM compression service (llm-compressor)",
         ]
     )
 
 
-def _optimization_lines(preset: Preset | None) -> list[tuple[str, str]]:
+def _optimization_lines(preset: Preset | None, recipe_yaml: str) -> list[tuple[str, str]]:
     if preset is None:
-        return [("Recipe", "custom (see Creation)")]
+        return [("Recipe", f"custom: {_recipe_summary(recipe_yaml)} (see Creation)")]
     lines = []
     if preset.sparsity:
         lines.append(("Sparsity", preset.sparsity))
@@ -105,13 +118,76 @@ def _optimization_lines(preset: Preset | None) -> list[tuple[str, str]]:
     return lines
 
 
-def _optimizations(preset: Preset | None, before: int, after: int) -> str:
+def _recipe_summary(recipe_yaml: str) -> str:
+    """The modifiers of a custom recipe in a few words: "GPTQModifier (scheme W4A16)"."""
+    parts = []
+    for name, args in _modifiers(_parse(recipe_yaml)):
+        scheme = args.get("scheme")
+        parts.append(f"{name} (scheme {scheme})" if isinstance(scheme, str) else name)
+    return ", ".join(parts) or "see the recipe"
+
+
+def _recipe_ignored(recipe_yaml: str) -> list[str]:
+    ignored: set[str] = set()
+    for _, args in _modifiers(_parse(recipe_yaml)):
+        ignore = args.get("ignore") or []
+        ignored.update([ignore] if isinstance(ignore, str) else map(str, ignore))
+    return sorted(ignored)
+
+
+def _parse(recipe_yaml: str) -> Any:
+    try:
+        return yaml.safe_load(recipe_yaml)
+    except yaml.YAMLError:
+        return None
+
+
+def _modifiers(node: Any) -> list[tuple[str, dict]]:
+    """(name, arguments) of every modifier in a parsed recipe, at any depth."""
+    if isinstance(node, list):
+        return [found for item in node for found in _modifiers(item)]
+    if not isinstance(node, dict):
+        return []
+    found = []
+    for key, value in node.items():
+        if str(key).endswith("Modifier"):
+            found.append((str(key), value if isinstance(value, dict) else {}))
+        else:
+            found.extend(_modifiers(value))
+    return found
+
+
+def _summary(base_model: str, evaluation: dict | None) -> str:
+    """The seed cards' one-line result under the overview: the lm-eval average, else the perplexity."""
+    if not evaluation:
+        return f"Compressed version of {base_model}."
+    average = evaluation.get("average")
+    if average:
+        return (
+            f"Compressed version of {base_model}. It achieves an average score of {average['compressed']:.2f} on "
+            f"the evaluated tasks, whereas the original model achieves {average['baseline']:.2f}: a recovery of "
+            f"{_percent(average['recovery'])}."
+        )
+    metric = next(iter(evaluation.get("metrics") or []), None)
+    if metric is None:
+        return f"Compressed version of {base_model}."
+    return (
+        f"Compressed version of {base_model}. {metric['label']}: {_value(metric['compressed'])}, against "
+        f"{_value(metric['baseline'])} for the original model (recovery {_percent(metric['recovery'])})."
+    )
+
+
+def _optimizations(preset: Preset | None, recipe_yaml: str, before: int, after: int) -> str:
     reduction = 100.0 * (1 - after / before) if before else 0.0
     size = (
         f"The weights take {after / 1e6:.1f} MB instead of {before / 1e6:.1f} MB ({reduction:.0f} % smaller on disk)."
     )
     if preset is None:
-        body = "This model was compressed with the custom recipe shown under Creation."
+        ignored = ", ".join(_recipe_ignored(recipe_yaml)) or "none"
+        body = (
+            f"This model was compressed with a custom recipe ({_recipe_summary(recipe_yaml)}), shown under Creation. "
+            f"Layers it leaves in their original precision: {ignored}."
+        )
     else:
         parts = [
             "Only the weights and activations of the linear operators within transformer blocks are "
@@ -123,6 +199,9 @@ def _optimizations(preset: Preset | None, before: int, after: int) -> str:
             f"This reproduces the recipe of seed card {preset.seed_card}." if preset.seed_card else "",
             *preset.notes,
         ]
+        extra = [name for name in _recipe_ignored(recipe_yaml) if name != "lm_head"]
+        if extra:  # layers whose shape the scheme cannot take, left out at the user's request
+            parts.append(f"These layers were also left in their original precision: {', '.join(extra)}.")
         body = " ".join(part for part in parts if part)
     return f"### Model Optimizations\n\n{body}\n\n{size}"
 
@@ -218,33 +297,61 @@ def _deployment(model_name: str) -> str:
 def _evaluation(evaluation: dict | None, base_model: str, model_name: str) -> str:
     if not evaluation:
         return "## Evaluation\n\nNot evaluated: the job was run without evaluation."
-    settings = evaluation.get("settings", {})
-    how = [
-        f"- Offline suite: perplexity, KL divergence and top-1 agreement on {settings.get('windows')} windows of "
-        f"{settings.get('window_tokens')} tokens of held-out text ({settings.get('heldout')}), never used for "
-        "calibration; greedy generations from fixed prompts."
-        if settings.get("offline")
-        else "",
-        f"- lm-eval tasks ({settings.get('backend')} backend): {', '.join(settings.get('tasks') or [])}"
-        + (f", limit {settings['limit']} examples" if settings.get("limit") else "")
-        if settings.get("tasks")
-        else "",
-        "- Recovery: compressed / baseline for scores, baseline / compressed for perplexity, exp(-KL) for "
-        "KL divergence, and the agreement itself for top-1 agreement.",
+    parts = [
+        "## Evaluation",
+        _evaluation_settings(evaluation),
+        "### Accuracy",
+        results_table(evaluation, baseline_name=base_model, compressed_name=model_name),
     ]
-    failed = [f"- {f['task']}: not run ({f['reason']})" for f in evaluation.get("tasks_failed", [])]
+    failed = [f"- {f['task']}: not run. {f['reason']}" for f in evaluation.get("tasks_failed", [])]
+    if failed:
+        parts += ["Tasks that could not run:", "\n".join(failed)]
     generations = [
         f"- **{g['prompt']}**\n  - baseline: {g['baseline']!r}\n  - this model: {g['compressed']!r}"
         for g in evaluation.get("generations", [])
     ]
-    parts = [
-        "## Evaluation",
-        "\n".join(line for line in how if line),
-        "### Accuracy",
-        results_table(evaluation, baseline_name=base_model, compressed_name=model_name),
-    ]
-    if failed:
-        parts += ["Tasks that could not run:", "\n".join(failed)]
     if generations:
         parts += ["### Generations (greedy)", "\n".join(generations)]
+    tasks = [m for m in evaluation.get("metrics", []) if m.get("task")]
+    if tasks:
+        parts += ["To reproduce the task scores on a GPU with vLLM:", _lm_eval_commands(tasks, model_name)]
     return "\n\n".join(parts)
+
+
+def _evaluation_settings(evaluation: dict) -> str:
+    settings = evaluation.get("settings", {})
+    lines = []
+    if settings.get("offline"):
+        lines.append(
+            f"- Offline suite: perplexity, KL divergence and top-1 agreement on {settings.get('windows')} windows "
+            f"of up to {settings.get('window_tokens')} tokens ({settings.get('scored_tokens')} tokens scored) of "
+            f"held-out text ({settings.get('heldout_name') or settings.get('heldout')}, never used for "
+            "calibration); greedy generations from fixed prompts, with the chat template."
+        )
+    tasks = [m["label"] for m in evaluation.get("metrics", []) if m.get("task")]
+    if tasks:
+        limit = f", at most {settings['limit']} examples each" if settings.get("limit") else ""
+        lines.append(
+            f"- [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) tasks "
+            f"({settings.get('backend')} backend{limit}): {', '.join(tasks)}."
+        )
+    lines.append(
+        "- Recovery: compressed / baseline for scores, baseline / compressed for perplexity, exp(-KL) for "
+        "KL divergence, and the agreement itself for top-1 agreement."
+    )
+    return "\n".join(lines)
+
+
+def _lm_eval_commands(tasks: list[dict], model_name: str) -> str:
+    args = f"pretrained={model_name},dtype=auto,gpu_memory_utilization=0.4,add_bos_token=True,max_model_len=4096"
+    lines = []
+    if any(m["name"] in LOCAL_TASKS for m in tasks):
+        lines.append(
+            "# the service's own tasks: python -c \"from pathlib import Path; from engine.lm_tasks import "
+            "write_local_tasks; write_local_tasks(Path('lm_tasks'))\""
+        )
+    for m in tasks:
+        shots = f" --num_fewshot {m['n_shot']}" if m.get("n_shot") is not None else ""
+        include = " --include_path lm_tasks" if m["name"] in LOCAL_TASKS else ""
+        lines.append(f"lm_eval --model vllm --model_args {args} --tasks {m['name']}{shots}{include} --batch_size auto")
+    return "```bash\n" + "\n".join(lines) + "\n```"

@@ -3,7 +3,8 @@
 Offline suite (needs no download): perplexity on held-out real text (CPython's pydoc_data.topics, never
 used for calibration, or the user's own text), KL divergence of the compressed model's next-token
 distribution from the baseline's, top-1 token agreement, and greedy generations side by side.
-lm-eval tasks: any task lm-eval knows, plus the project's local tasks (engine.lm_tasks).
+lm-eval tasks: any task lm-eval knows, plus the project's local tasks (engine.lm_tasks). A task that cannot
+run (unknown name, data set on an unreachable hub, vLLM missing) fails alone, with its reason in tasks_failed.
 
 Recovery (compressed relative to baseline, 100 % = no loss):
 - higher-is-better scores (accuracy): compressed / baseline;
@@ -11,19 +12,26 @@ Recovery (compressed relative to baseline, 100 % = no loss):
 - KL divergence (0 for the baseline by definition): exp(-KL), 100 % for identical distributions;
 - top-1 agreement (100 % for the baseline by definition): the agreement itself.
 
-The baseline's side (its perplexity, top-k next-token distributions, generations and task scores) is
-cached per (model, revision, settings), so many jobs on one model evaluate the baseline once. KL is
-computed on the baseline's top-64 tokens plus one bucket for the rest of the mass: a coarse-grained KL,
-never larger than the exact one, and close to it because the tail carries little mass.
+The baseline's side is cached per part (the offline suite; each task) under a key made of the model
+(baseline_key), the device type and that part's settings, so many jobs on one model evaluate the baseline
+once, and a job that adds a task reuses the offline part. Failures are not cached. The offline part keeps
+tensors (the baseline's top-k next-token log-probabilities), so entries are torch files loaded with
+weights_only=True. KL is computed on the baseline's top-64 tokens plus one bucket for the rest of the mass:
+a coarse-grained KL, never larger than the exact one, and close to it because the tail carries little mass.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
+import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,17 +46,18 @@ WINDOWS = 16
 WINDOW_TOKENS = 256
 TOP_K = 64
 GENERATION_TOKENS = 32
-CACHE_VERSION = 2  # bump when the baseline's measurements change, so that stale cache entries are not used
+CACHE_VERSION = 3  # bump when the baseline's measurements change, so that stale cache entries are not used
+OFFLINE = "offline"
 PROMPTS = (
     "What is the capital of France?",
     "Write one sentence about the ocean.",
     "List three primary colors.",
 )
-# The OpenLLM v1 set of the seed cards: few-shot count and the metric the cards report.
+# The OpenLLM v1 set of the seed cards: few-shot count, the metric the cards report, and its label.
 OPENLLM_TASKS: dict[str, tuple[int, str, str]] = {
     "mmlu": (5, "acc,none", "MMLU"),
     "arc_challenge": (25, "acc_norm,none", "ARC Challenge"),
-    "gsm8k": (5, "exact_match,strict-match", "GSM-8K (strict-match)"),
+    "gsm8k": (5, "exact_match,strict-match", "GSM-8K"),
     "hellaswag": (10, "acc_norm,none", "Hellaswag"),
     "winogrande": (5, "acc,none", "Winogrande"),
     "truthfulqa_mc2": (0, "acc,none", "TruthfulQA"),
@@ -64,32 +73,33 @@ def evaluate(
     cache_dir: Path,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
+    windows: int = WINDOWS,
+    window_tokens: int = WINDOW_TOKENS,
 ) -> dict[str, Any]:
-    """Evaluate both models; return metrics with recovery, generations and failed tasks (JSON-ready)."""
-    emit = _emitter(progress, total=2 + len(spec.tasks))
-    settings = _settings(spec)
-    cache_file = Path(cache_dir) / f"baseline-{_digest([baseline_key, settings])}.pt"
-    baseline, cache_hit = _cached_baseline(cache_file)
-    if baseline is None:
-        emit(1, "baseline model")
-        baseline = _measure(Path(baseline_dir), spec, settings, device, reference=None)
-        _store_baseline(cache_file, baseline)
-    else:
-        emit(1, "baseline model (cached)")
-    emit(2, "compressed model")
-    compressed = _measure(Path(compressed_dir), spec, settings, device, reference=baseline, emit=emit)
-    metrics = _offline_metrics(baseline, compressed) if spec.offline else []
-    metrics += _task_metrics(spec, baseline["tasks"], compressed["tasks"])
+    """Evaluate both models; return metrics with recovery, generations and failed tasks (JSON-ready).
+
+    windows x window_tokens tokens of held-out text are scored (spec.limit caps the windows); the
+    defaults take about 20 s for a 135M model on two CPU cores, baseline included.
+    """
+    settings = _settings(spec, device, min(spec.limit or windows, windows), window_tokens)
+    tasks, failed = _runnable_tasks(spec)
+    parts = ([OFFLINE] if spec.offline else []) + tasks
+    step = _stepper(progress, total=2 * len(parts))
+    cache = _BaselineCache(Path(cache_dir), baseline_key, settings)
+    baseline, missing = _baseline(Path(baseline_dir), parts, cache, spec, settings, device, step)
+    runnable = [part for part in parts if "error" not in baseline[part]]
+    reference = baseline.get(OFFLINE)
+    compressed = _measure(Path(compressed_dir), runnable, spec, settings, device, step, "compressed", reference)
+    failed += _failures(tasks, baseline, compressed)
+    offline = _offline_results(baseline[OFFLINE], compressed[OFFLINE]) if spec.offline else {}
+    metrics = offline.get("metrics", []) + _task_metrics(tasks, baseline, compressed)
     return {
         "metrics": metrics,
         "average": _average(metrics),
-        "generations": [
-            {"prompt": p, "baseline": b, "compressed": c}
-            for p, b, c in zip(PROMPTS, baseline["generations"], compressed["generations"], strict=False)
-        ],
-        "tasks_failed": compressed["tasks_failed"],
-        "settings": settings,
-        "baseline_cache_hit": cache_hit,
+        "generations": offline.get("generations", []),
+        "tasks_failed": failed,
+        "settings": {**settings, "scored_tokens": offline.get("tokens", 0)},
+        "baseline_cache_hit": bool(parts) and not missing,
     }
 
 
@@ -102,21 +112,66 @@ def recovery(baseline: float | None, compressed: float | None, *, higher_is_bett
     return 100.0 * baseline / compressed if compressed else None
 
 
+def default_cache_dir() -> Path:
+    """Where baseline results are cached (COMPRESSOR_EVAL_CACHE, else beside the model store)."""
+    from engine.models import default_store
+
+    return Path(os.environ.get("COMPRESSOR_EVAL_CACHE") or default_store().parent / "eval-cache")
+
+
 # --- measuring one model -----------------------------------------------------------------------
 
 
-def _measure(path: Path, spec: EvaluationSpec, settings: dict, device: str, *, reference, emit=None) -> dict:
-    model, tokenizer = _load(path, device)
-    result: dict[str, Any] = {"generations": [], "tasks": {}, "tasks_failed": []}
-    if spec.offline:
-        windows = _heldout_windows(tokenizer, spec)
-        result.update(_score_windows(model, windows, reference))
-        result["generations"] = [_generate(model, tokenizer, prompt) for prompt in PROMPTS]
-    if spec.tasks:
-        scores, failed = _run_tasks(path, model, tokenizer, spec, device, emit)
-        result["tasks"], result["tasks_failed"] = scores, failed
-    del model
-    return result
+def _baseline(path: Path, parts: list[str], cache: _BaselineCache, spec, settings, device, step):
+    """The baseline's measurements per part, from the cache where present; also the parts measured now."""
+    baseline = {part: value for part in parts if (value := cache.load(part)) is not None}
+    for part in baseline:
+        step(f"baseline, {_describe(part, settings)} (cached)")
+    missing = [part for part in parts if part not in baseline]
+    for part, value in _measure(path, missing, spec, settings, device, step, "baseline").items():
+        baseline[part] = value
+        if "error" not in value:  # a failure may be transient (hub, memory): try again next time
+            cache.store(part, value)
+    return baseline, missing
+
+
+class _Model:
+    """One folder's model and tokenizer, loaded on first use; released before vLLM loads its own copy."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        self.path, self.device, self._loaded = path, device, None
+
+    def get(self):
+        if self._loaded is None:
+            self._loaded = _load(self.path, self.device)
+        return self._loaded
+
+    def release(self) -> None:
+        import torch
+
+        self._loaded = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _measure(path: Path, parts: list[str], spec, settings, device, step, side: str, reference=None) -> dict[str, dict]:
+    """Run the given parts on one model: {part: measurements, or {"error": reason} for a failed task}."""
+    model = _Model(path, device)
+    results: dict[str, dict] = {}
+    for part in parts:
+        step(f"{side}, {_describe(part, settings)}")
+        if part == OFFLINE:
+            results[part] = _offline(*model.get(), spec, settings, reference)
+            continue
+        if spec.backend == "vllm":
+            model.release()
+        try:
+            results[part] = _run_task(path, model, part, spec, device)
+        except Exception as exc:  # lm-eval and datasets raise many kinds; the reason goes in the report
+            results[part] = {"error": _task_failure_reason(exc)}
+    model.release()
+    return results
 
 
 def _load(path: Path, device: str):
@@ -128,10 +183,20 @@ def _load(path: Path, device: str):
     if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
-        # Dequantize on load: runs anywhere (CPU included) with the compressed weights' exact values.
+        # Dequantize on load: runs anywhere (CPU included) with the compressed weights' exact values;
+        # compressed-tensors still quantizes the activations on the fly, so W8A8 schemes keep that error too.
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the point
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _offline(model, tokenizer, spec: EvaluationSpec, settings: dict, reference: dict | None) -> dict:
+    windows = _heldout_windows(tokenizer, spec.heldout_path, settings["windows"], settings["window_tokens"])
+    result = _score_windows(model, windows.to(model.device), reference)
+    result["generations"] = [_generate(model, tokenizer, prompt) for prompt in PROMPTS]
+    return result
 
 
 def heldout_text(path: str | None = None) -> str:
@@ -146,13 +211,14 @@ def heldout_text(path: str | None = None) -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def _heldout_windows(tokenizer, spec: EvaluationSpec):
+def _heldout_windows(tokenizer, path: str | None, windows: int, window_tokens: int):
+    """windows slices of window_tokens tokens, spread evenly over the whole text."""
     import torch
 
-    ids = tokenizer(heldout_text(spec.heldout_path), add_special_tokens=False)["input_ids"]
-    count = min(spec.limit or WINDOWS, WINDOWS, max(1, len(ids) // WINDOW_TOKENS))
-    stride = max(WINDOW_TOKENS, (len(ids) - WINDOW_TOKENS) // max(1, count))  # spread over the whole text
-    return torch.tensor([ids[i * stride : i * stride + WINDOW_TOKENS] for i in range(count)])
+    ids = tokenizer(heldout_text(path), add_special_tokens=False)["input_ids"]
+    count = min(windows, max(1, len(ids) // window_tokens))
+    stride = max(window_tokens, (len(ids) - window_tokens) // count)
+    return torch.tensor([ids[i * stride : i * stride + window_tokens] for i in range(count)])
 
 
 def _score_windows(model, windows, reference: dict | None) -> dict:
@@ -163,8 +229,8 @@ def _score_windows(model, windows, reference: dict | None) -> dict:
     top_values, top_indices, top1 = [], [], []
     with torch.no_grad():
         for index, window in enumerate(windows):
-            logprobs = torch.log_softmax(model(window[None]).logits[0, :-1].float(), dim=-1)
-            targets = window[1:]
+            logprobs = torch.log_softmax(model(window[None]).logits[0, :-1].float(), dim=-1).cpu()
+            targets = window[1:].cpu()
             nll_sum += -logprobs.gather(1, targets[:, None]).sum().item()
             tokens += targets.numel()
             if reference is None:
@@ -201,7 +267,7 @@ def _generate(model, tokenizer, prompt: str) -> str:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)  # the template has the BOS
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = inputs.to(model.device)
@@ -213,115 +279,166 @@ def _generate(model, tokenizer, prompt: str) -> str:
 # --- lm-eval -----------------------------------------------------------------------------------
 
 
-def _run_tasks(path: Path, model, tokenizer, spec: EvaluationSpec, device: str, emit) -> tuple[dict, list]:
-    """Run each task on its own, so that one unreachable data set fails that task only."""
-    scores, failed = {}, []
+def _runnable_tasks(spec: EvaluationSpec) -> tuple[list[str], list[dict]]:
+    """The tasks that can run here, and a failure with its reason for each one that cannot (no model loaded)."""
+    tasks = list(dict.fromkeys(spec.tasks))
+    if not tasks:
+        return [], []
     if spec.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         reason = "vLLM is not installed on this worker (it is the GPU workers' extra); use the hf backend."
-        return {}, [{"task": task, "reason": reason} for task in spec.tasks]
-    for number, task in enumerate(spec.tasks, start=1):
-        if emit:
-            emit(2 + number, f"lm-eval {task}")
-        try:
-            scores[task] = _run_task(path, model, tokenizer, task, spec, device)
-        except Exception as exc:  # lm-eval and datasets raise many kinds; the reason goes in the report
-            failed.append({"task": task, "reason": _task_failure_reason(task, exc)})
-    return scores, failed
-
-
-def _run_task(path: Path, model, tokenizer, task: str, spec: EvaluationSpec, device: str) -> dict:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
+        return [], [{"task": task, "reason": reason} for task in tasks]
     from engine.models import hub_reachable
 
-    include = write_local_tasks(Path(os.environ.get("COMPRESSOR_TASKS_DIR", _default_tasks_dir())))
-    task_manager = TaskManager(include_path=str(include))
-    if task not in task_manager.all_tasks:
-        raise EngineError(f"lm-eval does not know a task named '{task}'.")
-    if task not in LOCAL_TASKS and not hub_reachable():
-        raise EngineError("its data set lives on the Hugging Face hub, which this machine cannot reach.")
-    shots = OPENLLM_TASKS.get(task, (0, "", ""))[0]
+    known = _task_manager(str(_tasks_dir())).all_tasks
+    hub = None
+    runnable, failed = [], []
+    for task in tasks:
+        if task not in known:
+            failed.append({"task": task, "reason": f"lm-eval does not know a task named '{task}'."})
+            continue
+        if task not in LOCAL_TASKS:
+            hub = hub_reachable() if hub is None else hub
+            if not hub:
+                failed.append({"task": task, "reason": _HUB_UNREACHABLE})
+                continue
+        runnable.append(task)
+    return runnable, failed
+
+
+_HUB_UNREACHABLE = (
+    "Its data set lives on the Hugging Face hub, which this machine cannot reach. Run it on a worker with hub "
+    f"access, or choose a task shipped with the service ({', '.join(LOCAL_TASKS)})."
+)
+
+
+def _tasks_dir() -> Path:
+    from engine.models import default_store
+
+    return Path(os.environ.get("COMPRESSOR_TASKS_DIR") or default_store().parent / "lm_tasks")
+
+
+@functools.lru_cache(maxsize=2)
+def _task_manager(include_path: str):
+    """lm-eval's task index (several seconds to build), with the local tasks; built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(write_local_tasks(Path(include_path))))
+
+
+def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, device: str) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    shots = _shots(task)
     if spec.backend == "vllm":
         # vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU), as the seed cards did.
         lm = "vllm"
-        model_args = f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,max_model_len=4096,add_bos_token=True"
+        model_args = (
+            f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,"
+            f"max_model_len={_max_model_len(path)},add_bos_token=True"
+        )
     else:
-        lm, model_args = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=8), None
+        hf_model, tokenizer = model.get()
+        lm, model_args = HFLM(pretrained=hf_model, tokenizer=tokenizer, device=device, batch_size=8), None
     output = lm_eval.simple_evaluate(
         model=lm,
         model_args=model_args,
         tasks=[task],
-        num_fewshot=shots or None,
+        num_fewshot=shots,
         limit=spec.limit,
-        task_manager=task_manager,
+        task_manager=_task_manager(str(_tasks_dir())),
         log_samples=False,
         bootstrap_iters=1000,
     )
+    return _task_score(task, output)
+
+
+def _task_score(task: str, output: dict) -> dict:
+    """The score the seed cards report for the task (in percent), its standard error and few-shot count."""
     values = output["results"][task]
     metric = OPENLLM_TASKS.get(task, (0, "acc,none", ""))[1]
     if metric not in values:
-        metric = next(k for k in values if "," in k and "stderr" not in k)
+        metric = next(k for k in values if "," in k and "_stderr" not in k and isinstance(values[k], int | float))
     stderr = values.get(metric.replace(",", "_stderr,", 1))
+    n_shot = output.get("n-shot", {}).get(task)
+    if n_shot is None:  # a group (mmlu): its subtasks' count
+        n_shot = next(iter(output.get("n-shot", {}).values()), _shots(task) or 0)
     return {
         "metric": metric,
         "value": 100.0 * values[metric],
         "stderr": 100.0 * stderr if isinstance(stderr, int | float) else None,
-        "n_shot": shots,
+        "n_shot": n_shot,
     }
 
 
-def _task_failure_reason(task: str, exc: Exception) -> str:
+def _shots(task: str) -> int | None:
+    """The seed cards' few-shot count for an OpenLLM v1 task; None keeps the task's own default."""
+    return OPENLLM_TASKS[task][0] if task in OPENLLM_TASKS else None
+
+
+def _max_model_len(path: Path) -> int:
+    config = json.loads((path / "config.json").read_text())
+    return min(4096, config.get("max_position_embeddings") or 4096)
+
+
+def _task_failure_reason(exc: Exception) -> str:
     if isinstance(exc, EngineError):
         return exc.message
     return f"The task could not run: {(str(exc) or type(exc).__name__)[:300]}"
 
 
-def _default_tasks_dir() -> Path:
-    from engine.models import default_store
-
-    return default_store().parent / "lm_tasks"
-
-
-def default_cache_dir() -> Path:
-    """Where baseline results are cached (COMPRESSOR_EVAL_CACHE, else beside the model store)."""
-    from engine.models import default_store
-
-    return Path(os.environ.get("COMPRESSOR_EVAL_CACHE") or default_store().parent / "eval-cache")
+def _failures(tasks: list[str], baseline: dict, compressed: dict) -> list[dict]:
+    failed = []
+    for task in tasks:
+        if "error" in baseline[task]:
+            failed.append({"task": task, "reason": f"On the baseline model: {baseline[task]['error']}"})
+        elif "error" in compressed[task]:
+            failed.append({"task": task, "reason": f"On the compressed model: {compressed[task]['error']}"})
+    return failed
 
 
 # --- results -----------------------------------------------------------------------------------
 
 
+def _offline_results(baseline: dict, compressed: dict) -> dict:
+    generations = zip(PROMPTS, baseline["generations"], compressed["generations"], strict=True)
+    return {
+        "metrics": _offline_metrics(baseline, compressed),
+        "generations": [{"prompt": p, "baseline": b, "compressed": c} for p, b, c in generations],
+        "tokens": compressed["tokens"],
+    }
+
+
 def _offline_metrics(baseline: dict, compressed: dict) -> list[dict]:
+    kl = compressed["kl"]
     return [
         _metric("perplexity", "Perplexity (held-out text)", baseline["perplexity"], compressed["perplexity"], False),
         {
-            **_metric("kl_divergence", "KL divergence from baseline", 0.0, compressed["kl"], False),
-            "recovery": 100.0 * math.exp(-compressed["kl"]),
+            **_metric("kl_divergence", "KL divergence from baseline", 0.0, kl, False),
+            "recovery": 100.0 * math.exp(-kl),
         },
-        {
-            **_metric("top1_agreement", "Top-1 token agreement (%)", 100.0, compressed["top1_agreement"], True),
-        },
+        _metric("top1_agreement", "Top-1 token agreement (%)", 100.0, compressed["top1_agreement"], True),
     ]
 
 
-def _task_metrics(spec: EvaluationSpec, baseline: dict, compressed: dict) -> list[dict]:
+def _task_metrics(tasks: list[str], baseline: dict, compressed: dict) -> list[dict]:
     metrics = []
-    for task in spec.tasks:
-        if task in baseline and task in compressed:
-            shots = compressed[task]["n_shot"]
-            label = f"{OPENLLM_TASKS.get(task, (0, '', task))[2] or task} ({shots}-shot)"
-            metric = _metric(task, label, baseline[task]["value"], compressed[task]["value"], True)
-            metric.update(
-                baseline_stderr=baseline[task]["stderr"],
-                compressed_stderr=compressed[task]["stderr"],
-                n_shot=shots,
-                task=True,
-            )
-            metrics.append(metric)
+    for task in tasks:
+        base, comp = baseline[task], compressed.get(task, {})
+        if "error" in base or "error" in comp or not comp:
+            continue
+        metric = _metric(task, _task_label(task, comp), base["value"], comp["value"], True)
+        metric.update(baseline_stderr=base["stderr"], compressed_stderr=comp["stderr"], n_shot=comp["n_shot"])
+        metric["task"] = True
+        metrics.append(metric)
     return metrics
+
+
+def _task_label(task: str, score: dict) -> str:
+    """The seed cards' labels: "ARC Challenge (25-shot)", "GSM-8K (5-shot, strict-match)"."""
+    name = OPENLLM_TASKS[task][2] if task in OPENLLM_TASKS else task
+    qualifier = ", strict-match" if score["metric"].endswith(",strict-match") else ""
+    return f"{name} ({score['n_shot']}-shot{qualifier})"
 
 
 def _metric(name: str, label: str, base: float, comp: float, higher_is_better: bool) -> dict:
@@ -332,12 +449,16 @@ def _metric(name: str, label: str, base: float, comp: float, higher_is_better: b
         "compressed": comp,
         "recovery": recovery(base, comp, higher_is_better=higher_is_better),
         "higher_is_better": higher_is_better,
+        "baseline_stderr": None,
+        "compressed_stderr": None,
+        "n_shot": None,
+        "task": False,
     }
 
 
 def _average(metrics: list[dict]) -> dict | None:
     """The seed cards' "Average" row: the mean lm-eval score, when there are at least two tasks."""
-    tasks = [m for m in metrics if m.get("task")]
+    tasks = [m for m in metrics if m["task"]]
     if len(tasks) < 2:
         return None
     base = sum(m["baseline"] for m in tasks) / len(tasks)
@@ -345,22 +466,95 @@ def _average(metrics: list[dict]) -> dict | None:
     return {"baseline": base, "compressed": comp, "recovery": recovery(base, comp, higher_is_better=True)}
 
 
-# --- baseline cache ----------------------------------------------------------------------------
+# --- settings, progress and the baseline cache -------------------------------------------------
 
 
-def _settings(spec: EvaluationSpec) -> dict:
-    heldout = "pydoc_data.topics" if not spec.heldout_path else _file_digest(Path(spec.heldout_path))
+def _settings(spec: EvaluationSpec, device: str, windows: int, window_tokens: int) -> dict:
+    heldout = _file_digest(Path(spec.heldout_path)) if spec.heldout_path else "pydoc_data.topics"
     return {
         "version": CACHE_VERSION,
+        "device": device.split(":")[0],  # bf16 numerics differ a little between CPU and GPU
         "offline": spec.offline,
         "heldout": heldout,
-        "windows": min(spec.limit or WINDOWS, WINDOWS),
-        "window_tokens": WINDOW_TOKENS,
+        "heldout_name": Path(spec.heldout_path).name if spec.heldout_path else "pydoc_data.topics",
+        "windows": windows,
+        "window_tokens": window_tokens,
         "generation_tokens": GENERATION_TOKENS,
-        "tasks": list(spec.tasks),
+        "tasks": list(dict.fromkeys(spec.tasks)),
+        "n_shot": {task: _shots(task) for task in dict.fromkeys(spec.tasks)},
         "limit": spec.limit,
         "backend": spec.backend,
     }
+
+
+def _describe(part: str, settings: dict) -> str:
+    if part == OFFLINE:
+        return f"perplexity, KL and top-1 agreement on {settings['windows']} windows, generations"
+    return f"lm-eval {part}"
+
+
+def _stepper(progress: ProgressCallback | None, total: int) -> Callable[[str], None]:
+    """step(message): reports the next of total steps. Called outside any try, so a cancel raised by
+    the callback stops the evaluation instead of being recorded as a failed task."""
+    done = 0
+
+    def step(message: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(ProgressEvent(stage="evaluating", step=done, total=total, message=f"Evaluating {message}"))
+
+    return step
+
+
+class _BaselineCache:
+    """One file per baseline part, keyed by the model, the device type and the settings that part uses."""
+
+    _PART_SETTINGS = {
+        OFFLINE: ("heldout", "windows", "window_tokens", "generation_tokens"),
+        "task": ("limit", "backend"),
+    }
+
+    def __init__(self, folder: Path, baseline_key: str, settings: dict) -> None:
+        self.folder, self.baseline_key, self.settings = folder, baseline_key, settings
+
+    def path(self, part: str) -> Path:
+        names = self._PART_SETTINGS[OFFLINE if part == OFFLINE else "task"]
+        shots = None if part == OFFLINE else self.settings["n_shot"].get(part)
+        key = [self.baseline_key, CACHE_VERSION, self.settings["device"], part, shots, PROMPTS, TOP_K]
+        key += [self.settings[name] for name in names]
+        if part != OFFLINE:
+            key.append(_task_fingerprint(part))
+        slug = re.sub(r"[^A-Za-z0-9_.-]", "_", part)[:60]
+        return self.folder / f"baseline-{slug}-{_digest(key)}.pt"
+
+    def load(self, part: str) -> dict | None:
+        import torch
+
+        path = self.path(part)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged entry is recomputed, never trusted
+            return None
+
+    def store(self, part: str, value: dict) -> None:
+        import torch
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(value, handle)
+        os.replace(tmp, self.path(part))  # concurrent workers never read half a file
+
+
+def _task_fingerprint(task: str) -> list[str]:
+    """What a task's score depends on besides the model: lm-eval's version, and a local task's own files."""
+    from importlib.metadata import version
+
+    files = sorted(_tasks_dir().glob(f"{task}[.-]*")) if task in LOCAL_TASKS else []
+    return [version("lm_eval"), *(_file_digest(path) for path in files)]
 
 
 def _digest(value: Any) -> str:
@@ -369,31 +563,3 @@ def _digest(value: Any) -> str:
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:24]
-
-
-def _cached_baseline(path: Path) -> tuple[dict | None, bool]:
-    import torch
-
-    if not path.is_file():
-        return None, False
-    try:
-        return torch.load(path, weights_only=True), True
-    except Exception:  # a damaged cache entry is recomputed, never trusted
-        return None, False
-
-
-def _store_baseline(path: Path, baseline: dict) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(baseline, tmp)
-    os.replace(tmp, path)  # concurrent workers never read half a file
-
-
-def _emitter(progress: ProgressCallback | None, total: int):
-    def emit(step: int, message: str) -> None:
-        if progress:
-            progress(ProgressEvent(stage="evaluating", step=step, total=total, message=f"Evaluating: {message}"))
-
-    return emit

@@ -1,3 +1,7 @@
+"""The model card: the seed cards' sections and table, from an evaluation result (no model needed)."""
+
+import yaml
+
 from engine.card import results_table, write_model_card
 from engine.presets import PRESETS
 from engine.spec import CalibrationSpec
@@ -5,61 +9,81 @@ from engine.spec import CalibrationSpec
 EVALUATION = {
     "metrics": [
         {"name": "perplexity", "label": "Perplexity (held-out text)", "baseline": 17.46, "compressed": 17.91,
-         "recovery": 97.49, "higher_is_better": False},
-        {"name": "arc", "label": "ARC Challenge (25-shot)", "baseline": 58.87, "compressed": 56.74,
-         "recovery": 96.38, "higher_is_better": True, "baseline_stderr": 1.1, "compressed_stderr": 1.2, "task": True},
+         "recovery": 97.49, "higher_is_better": False, "baseline_stderr": None, "compressed_stderr": None,
+         "n_shot": None, "task": False},
+        {"name": "arc_challenge", "label": "ARC Challenge (25-shot)", "baseline": 58.87, "compressed": 56.74,
+         "recovery": 96.38, "higher_is_better": True, "baseline_stderr": 1.1, "compressed_stderr": 1.2,
+         "n_shot": 25, "task": True},
+        {"name": "compressor_arithmetic", "label": "compressor_arithmetic (3-shot)", "baseline": 44.0,
+         "compressed": 40.0, "recovery": 90.91, "higher_is_better": True, "baseline_stderr": 4.99,
+         "compressed_stderr": 4.92, "n_shot": 3, "task": True},
     ],
-    "average": None,
+    "average": {"baseline": 51.435, "compressed": 48.37, "recovery": 94.04},
     "generations": [{"prompt": "Hi?", "baseline": "Hello.", "compressed": "Hello there."}],
-    "tasks_failed": [{"task": "gsm8k", "reason": "the hub cannot be reached"}],
-    "settings": {"offline": True, "windows": 16, "window_tokens": 256, "heldout": "pydoc_data.topics",
-                 "tasks": ["arc"], "backend": "hf", "limit": None},
+    "tasks_failed": [{"task": "gsm8k", "reason": "The hub cannot be reached."}],
+    "settings": {"offline": True, "windows": 16, "window_tokens": 256, "scored_tokens": 4080,
+                 "heldout_name": "pydoc_data.topics", "tasks": ["arc_challenge", "compressor_arithmetic", "gsm8k"],
+                 "backend": "hf", "limit": None},
+    "baseline_cache_hit": False,
 }  # fmt: skip
 
 
-def test_results_table_has_the_seed_cards_columns():
-    table = results_table(EVALUATION, baseline_name="base", compressed_name="small")
-    lines = table.splitlines()
+def card_for(tmp_path, **overrides):
+    arguments = {
+        "model_name": "smol-sparse24-fp8-dynamic",
+        "base_model": "smollm2-135m-instruct",
+        "architecture": "LlamaForCausalLM",
+        "preset": PRESETS["sparse24-fp8-dynamic"],
+        "recipe_yaml": PRESETS["sparse24-fp8-dynamic"].recipe_yaml(),
+        "calibration": CalibrationSpec(samples=64, max_seq_len=512),
+        "evaluation": EVALUATION,
+        "size_before_bytes": 269_000_000,
+        "size_after_bytes": 163_000_000,
+        **overrides,
+    }
+    return write_model_card(tmp_path, **arguments).read_text()
+
+
+def test_results_table_has_the_seed_cards_columns_and_an_average_of_the_tasks():
+    lines = results_table(EVALUATION, baseline_name="base", compressed_name="small").splitlines()
     assert lines[0] == "| Benchmark | base | small (this model) | Recovery |"
     assert "| Perplexity (held-out text) | 17.46 | 17.91 | 97.49% |" in lines
     assert "| ARC Challenge (25-shot) | 58.87 ± 1.10 | 56.74 ± 1.20 | 96.38% |" in lines
+    assert lines[-1] == "| Average (lm-eval tasks) | 51.44 | 48.37 | 94.04% |"
 
 
 def test_card_has_every_section_with_the_numbers(tmp_path):
-    path = write_model_card(
-        tmp_path,
-        model_name="smol-w8a8",
-        base_model="smollm2-135m-instruct",
-        architecture="LlamaForCausalLM",
-        preset=PRESETS["sparse24-fp8-dynamic"],
-        recipe_yaml=PRESETS["sparse24-fp8-dynamic"].recipe_yaml(),
-        calibration=CalibrationSpec(samples=64, max_seq_len=512),
-        evaluation=EVALUATION,
-        size_before_bytes=269_000_000,
-        size_after_bytes=163_000_000,
-    )
-    card = path.read_text()
-    for heading in ("# smol-w8a8", "## Model Overview", "### Model Optimizations", "## Creation", "## Deployment",
-                    "## Evaluation"):  # fmt: skip
-        assert heading in card
-    assert "**Sparsity:** 2:4" in card and "saved dense" in card
-    assert "64 samples of at most 512 tokens" in card and "SparseGPTModifier" in card
-    assert "from vllm import LLM" in card and "oneshot(" in card
-    assert "17.91" in card and "96.38%" in card and "gsm8k: not run" in card
-    assert "163.0 MB instead of 269.0 MB" in card
+    card = card_for(tmp_path)
+    headings = ["# smol-sparse24-fp8-dynamic", "## Model Overview", "### Model Optimizations", "## Creation",
+                "## Deployment", "## Evaluation", "### Accuracy"]  # fmt: skip
+    positions = [card.index(f"\n{heading}\n") for heading in headings]
+    assert positions == sorted(positions)
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "smollm2-135m-instruct" and "sparsity" in front["tags"]
+    assert "**Sparsity:** 2:4" in card and "saved dense" in card and "lm_head" in card
+    assert "minimizing the MSE" in card and "163.0 MB instead of 269.0 MB (39 % smaller on disk)" in card
+    assert "64 samples of at most 512 tokens" in card and "SparseGPTModifier" in card and "oneshot(" in card
+    assert "from vllm import LLM, SamplingParams" in card
+    assert "17.91" in card and "96.38%" in card and "gsm8k: not run. The hub cannot be reached." in card
+    assert "16 windows of up to 256 tokens (4080 tokens scored)" in card
+    assert "ARC Challenge (25-shot), compressor_arithmetic (3-shot)" in card
+    assert "average score of 48.37 on the evaluated tasks, whereas the original model achieves 51.44" in card
+    assert "--tasks arc_challenge --num_fewshot 25 --batch_size auto" in card
+    assert "--tasks compressor_arithmetic --num_fewshot 3 --include_path lm_tasks" in card
+    assert "'Hello there.'" in card
 
 
 def test_card_without_evaluation_or_preset_still_reads_well(tmp_path):
-    card = write_model_card(
-        tmp_path,
-        model_name="custom",
-        base_model="m",
-        architecture="LlamaForCausalLM",
-        preset=None,
-        recipe_yaml="quant_stage: {}\n",
-        calibration=None,
-        evaluation=None,
-        size_before_bytes=10,
-        size_after_bytes=5,
-    ).read_text()
-    assert "custom recipe" in card and "Not evaluated" in card and "data-free" in card
+    recipe = "quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      scheme: W4A16\n      ignore: [lm_head]\n"
+    card = card_for(tmp_path, model_name="custom", preset=None, recipe_yaml=recipe, calibration=None, evaluation=None)
+    assert "custom: GPTQModifier (scheme W4A16)" in card
+    assert "Layers it leaves in their original precision: lm_head." in card
+    assert "Not evaluated" in card and "data-free" in card and "scheme: W4A16" in card
+
+
+def test_card_of_a_data_free_preset_names_the_layers_left_out(tmp_path):
+    preset = PRESETS["fp8-dynamic"]
+    recipe = preset.recipe_yaml(extra_ignore=["model.layers.0.mlp.down_proj"])
+    card = card_for(tmp_path, preset=preset, recipe_yaml=recipe, calibration=CalibrationSpec(kind="none"))
+    assert "data-free" in card and "dataset=ds" not in card and "sparsity" not in card.split("---")[1]
+    assert "also left in their original precision: model.layers.0.mlp.down_proj." in card
