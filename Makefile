@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export COMPRESSOR_DATA_DIR ?= $(CURDIR)/var
+# Local use: development settings, set explicitly (production, the default, requires DJANGO_SECRET_KEY).
+export DJANGO_ENV ?= development
 
 .PHONY: venv model browser test lint format demo up stop bench
 

@@ -1,27 +1,38 @@
-"""Settings, all read from the environment with safe development defaults.
+"""Settings, all read from the environment.
 
+Production is the default: a deploy must give DJANGO_SECRET_KEY (there is no usable default key), and
+DEBUG is refused. Local use (make demo, make up, make test, the scripts) sets DJANGO_ENV=development
+explicitly, which allows the development key, plain HTTP and DJANGO_DEBUG.
 The embedded default: SQLite, local files under COMPRESSOR_DATA_DIR, Redis on localhost.
-Production sets DJANGO_DEBUG=False, DJANGO_SECRET_KEY, DATABASE_URL and the allowed hosts.
 """
 
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
-# "development" (the default: make demo, make up, tests) or "production" (docker compose).
-ENVIRONMENT = env("DJANGO_ENV", default="development")
+# "production" unless DJANGO_ENV=development is set explicitly: forgetting both can never run with a known key.
+ENVIRONMENT = env("DJANGO_ENV", default="production")
+if ENVIRONMENT not in ("development", "production"):
+    raise ImproperlyConfigured(f"DJANGO_ENV must be 'development' or 'production', not {ENVIRONMENT!r}.")
+DEVELOPMENT = ENVIRONMENT == "development"
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-# Production has no default secret: it must come from the environment.
-SECRET_KEY = (
-    env("DJANGO_SECRET_KEY")
-    if ENVIRONMENT == "production"
-    else env("DJANGO_SECRET_KEY", default="insecure-development-key-not-for-production")
-)
+if DEBUG and not DEVELOPMENT:
+    raise ImproperlyConfigured("DJANGO_DEBUG=True is refused in production (it shows settings and code to anyone).")
+if DEVELOPMENT:
+    SECRET_KEY = env("DJANGO_SECRET_KEY", default="insecure-development-key-not-for-production")
+elif not env("DJANGO_SECRET_KEY", default=""):
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is required in production (e.g. openssl rand -hex 32); "
+        "for local use set DJANGO_ENV=development."
+    )
+else:
+    SECRET_KEY = env("DJANGO_SECRET_KEY")
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -79,6 +90,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
     # WAL lets the pages read while a worker writes progress.
     DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL;"
+    # A transaction takes the write lock when it begins: the quota check (count, then insert) cannot interleave
+    # with another submission's (PostgreSQL gets the same from select_for_update on the user's row).
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LANGUAGE_CODE = "en-us"
@@ -102,6 +116,15 @@ LOGOUT_REDIRECT_URL = "/accounts/login/"
 # Celery: Redis broker; the database is the truth for job state, so no result backend.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0")
 CELERY_TASK_IGNORE_RESULT = True
+# The shared cache (the job-creation and login throttles): on the same Redis, so every web process counts
+# together. Tests give each run its own prefix.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": env("COMPRESSOR_CACHE_URL", default=CELERY_BROKER_URL),
+        "KEY_PREFIX": env("COMPRESSOR_CACHE_PREFIX", default="compressor"),
+    }
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Long GPU jobs: acknowledge only after the job ended, give the message back when the worker dies,
 # and never let a busy worker hold a second job (prefetch 1 x concurrency 1).
@@ -181,6 +204,42 @@ COMPRESSOR_ALLOW_PICKLE = env.bool("COMPRESSOR_ALLOW_PICKLE", default=False)
 COMPRESSOR_ALLOW_REMOTE_CODE = env.bool("COMPRESSOR_ALLOW_REMOTE_CODE", default=False)
 COMPRESSOR_ALLOW_LOCAL_PATHS = env.bool("COMPRESSOR_ALLOW_LOCAL_PATHS", default=False)
 
-if not DEBUG:
-    SESSION_COOKIE_HTTPONLY = True
-    X_FRAME_OPTIONS = "DENY"
+# HTTPS: on in production (HSTS, redirect to https, cookies only over https). A local trial of the production
+# settings over plain HTTP sets DJANGO_HTTPS=False. Behind a TLS proxy, DJANGO_SECURE_PROXY_SSL_HEADER names
+# the header the proxy sets (e.g. HTTP_X_FORWARDED_PROTO); only set it when the proxy always overwrites it.
+HTTPS = env.bool("DJANGO_HTTPS", default=not DEVELOPMENT)
+SECURE_SSL_REDIRECT = HTTPS
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000) if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=True)
+_proxy_header = env("DJANGO_SECURE_PROXY_SSL_HEADER", default="")
+SECURE_PROXY_SSL_HEADER = (_proxy_header, "https") if _proxy_header else None
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+
+# Errors: every 500's traceback goes to stderr (the container log), and by mail to ADMINS when set
+# (DJANGO_ADMINS="ops@example.org,alice@example.org"; the mail server comes from DJANGO_EMAIL_URL).
+ADMINS = [(address, address) for address in env.list("DJANGO_ADMINS", default=[])]
+SERVER_EMAIL = env("DJANGO_SERVER_EMAIL", default="compressor@localhost")
+vars().update(env.email_url("DJANGO_EMAIL_URL", default="smtp://localhost:25"))
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"require_debug_false": {"()": "django.utils.log.RequireDebugFalse"}},
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain"},
+        "mail_admins": {
+            "class": "django.utils.log.AdminEmailHandler",
+            "level": "ERROR",
+            "filters": ["require_debug_false"],
+        },
+    },
+    "root": {"handlers": ["stderr"], "level": env("DJANGO_LOG_LEVEL", default="WARNING")},
+    "loggers": {
+        # django.request logs each 500 with its traceback at ERROR.
+        "django": {"handlers": ["stderr", "mail_admins"], "level": "INFO", "propagate": False},
+    },
+}

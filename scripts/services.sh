@@ -17,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export COMPRESSOR_DATA_DIR="${COMPRESSOR_DATA_DIR:-$PWD/var}"
+# runserver and local workers: development settings, explicitly (production requires DJANGO_SECRET_KEY).
+export DJANGO_ENV="${DJANGO_ENV:-development}"
 PY="${PY:-.venv/bin/python}"
 HOST="${HOST:-127.0.0.1}"
 PORT="${PORT:-8000}"

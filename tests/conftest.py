@@ -131,3 +131,17 @@ def broker() -> Iterator[dict[str, str]]:
     yield {"url": url, "prefix": prefix}
     for key in client.scan_iter(match=f"{prefix}*", count=500):
         client.delete(key)
+
+
+@pytest.fixture(autouse=True)
+def fresh_shared_cache() -> Iterator[None]:
+    """Each test starts with empty throttle counters: this session's cache keys are removed after each test
+    (never cache.clear(), which would flush the whole Redis database other sessions share)."""
+    yield
+    import redis
+    from django.conf import settings
+
+    cache = settings.CACHES["default"]
+    client = redis.Redis.from_url(cache["LOCATION"])
+    for key in client.scan_iter(match=f"{cache['KEY_PREFIX']}:*", count=500):
+        client.delete(key)
