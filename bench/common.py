@@ -34,8 +34,10 @@ def bench_env() -> dict[str, str]:
         "COMPRESSOR_MODEL_STORE": str(MODEL_STORE),
         "DATABASE_URL": f"{PG_URL}/{DB_NAME}",
         "CELERY_KEY_PREFIX": KEY_PREFIX,
-        # 200 submissions in a burst: the per-user creation throttle would refuse most of them.
+        "DJANGO_ENV": "development",
+        # 200 submissions in a burst: the per-user creation throttle and active-jobs quota would refuse most.
         "COMPRESSOR_JOB_CREATE_RATE": "1000000/hour",
+        "COMPRESSOR_USER_MAX_ACTIVE_JOBS": "1000000",
         "DJANGO_DEBUG": "False",
         "PYTHONUNBUFFERED": "1",
     }

@@ -167,7 +167,13 @@ CELERY_BEAT_SCHEDULE = {
 # Jobs and the API.
 COMPRESSOR_DEFAULT_DEVICE_CLASS = env("COMPRESSOR_DEFAULT_DEVICE_CLASS", default="gpu")
 COMPRESSOR_JOB_LOG_MAX_LINES = env.int("COMPRESSOR_JOB_LOG_MAX_LINES", default=2000)
+# Per-user limits, enforced in jobs.services for the API, the form and retries alike: created jobs per window
+# (counted in the shared cache), and quotas counted in the database (queued + running jobs, stored bytes).
 COMPRESSOR_JOB_CREATE_RATE = env("COMPRESSOR_JOB_CREATE_RATE", default="30/hour")
+COMPRESSOR_USER_MAX_ACTIVE_JOBS = env.int("COMPRESSOR_USER_MAX_ACTIVE_JOBS", default=20)
+COMPRESSOR_USER_MAX_STORED_BYTES = env.int("COMPRESSOR_USER_MAX_STORED_BYTES", default=500 * 10**9)
+# Checkpoints and uploads are deleted this many days after their job ended (0: kept forever).
+COMPRESSOR_RETENTION_DAYS = env.int("COMPRESSOR_RETENTION_DAYS", default=30)
 # The highest priority a user who is not staff may ask for (staff and the admin go up to 9).
 COMPRESSOR_USER_MAX_PRIORITY = env.int("COMPRESSOR_USER_MAX_PRIORITY", default=5)
 COMPRESSOR_MAX_UPLOAD_BYTES = env.int("COMPRESSOR_MAX_UPLOAD_BYTES", default=200 * 1024 * 1024)

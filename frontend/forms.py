@@ -7,14 +7,24 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.core.validators import MaxValueValidator
 
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
 from jobs.models import Job
-from jobs.services import JobInput
+from jobs.services import JobInput, max_priority_for
 
 CUSTOM_RECIPE = "custom"
+# Request fields the form shows as they are, under the same name (the others are mapped in to_job_input).
+_SAME_NAMES = (
+    "calibration_kind",
+    "calibration_split",
+    "calibration_column",
+    "calibration_samples",
+    "calibration_max_seq_len",
+    "ignore_indivisible",
+    "priority",
+    "device_class",
+)
 BUILTIN_MODELS = [(BUILTIN_MODEL, "SmolLM2-135M-Instruct: 135 M parameters, ships with the service")]
 
 
@@ -112,7 +122,7 @@ class JobForm(forms.Form):
         label="Examples per task", required=False, min_value=1, help_text="Empty for the whole task."
     )
 
-    priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0)
+    priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0, max_value=9)
     device_class = forms.ChoiceField(label="Worker", choices=Job.DeviceClass.choices)
     force = forms.BooleanField(
         label="Run even if an identical job of mine already succeeded", required=False, initial=False
@@ -130,13 +140,8 @@ class JobForm(forms.Form):
         self.fields["model_source"].choices = sources
         self.fields["preset"].choices = [(name, name) for name in PRESETS] + [(CUSTOM_RECIPE, "Custom recipe")]
         self.fields["calibration_dataset"].queryset = calibration_datasets
-        self.max_priority = 9 if user.is_staff else settings.COMPRESSOR_USER_MAX_PRIORITY
-        self.fields["priority"].max_value = self.max_priority
-        self.fields["priority"].validators.append(
-            MaxValueValidator(
-                self.max_priority, message=f"At most {self.max_priority}; operators can raise it in the admin."
-            )
-        )
+        # The cap itself is the service's rule (job_submit refuses above it); the page only shows it.
+        self.max_priority = max_priority_for(user)
         self.fields["priority"].widget.attrs.update(min=0, max=self.max_priority)
         self.fields["priority"].help_text = f"0 to {self.max_priority}; higher runs first."
         self.fields["device_class"].initial = settings.COMPRESSOR_DEFAULT_DEVICE_CLASS
@@ -180,25 +185,43 @@ class JobForm(forms.Form):
         return {"offline": bool(data.get("evaluate_offline")), "tasks": tasks, "limit": data.get("evaluation_limit")}
 
     def to_job_input(self, *, calibration_file=None) -> JobInput:
+        """The request this form describes (the inverse of initial_from)."""
         data = self.cleaned_data
         custom = data["preset"] == CUSTOM_RECIPE
         return JobInput(
+            **{name: data[name] for name in _SAME_NAMES if name in data},
             model=self.model_name(),
             revision=data.get("revision", "").strip() if data["model_source"] == self.SOURCE_HUB else "",
             preset="" if custom else data["preset"],
             recipe_yaml=data["recipe_yaml"] if custom else "",
-            calibration_kind=data["calibration_kind"],
             calibration_file=calibration_file or data.get("calibration_dataset"),
             calibration_hub_dataset=data.get("calibration_hub_dataset", "").strip(),
-            calibration_split=data["calibration_split"],
-            calibration_column=data["calibration_column"],
-            calibration_samples=data["calibration_samples"],
-            calibration_max_seq_len=data["calibration_max_seq_len"],
             evaluation=self.evaluation(),
-            ignore_indivisible=data.get("ignore_indivisible", False),
-            priority=data["priority"],
-            device_class=data["device_class"],
         )
+
+    @classmethod
+    def initial_from(cls, request: JobInput) -> dict[str, Any]:
+        """The form's values for a request ("clone and edit" starts from the old job's; the inverse of
+        to_job_input)."""
+        evaluation = request.evaluation or {}
+        builtin = request.model in dict(BUILTIN_MODELS)
+        local = not builtin and request.model.startswith(("/", ".", "~"))
+        source = cls.SOURCE_BUILTIN if builtin else cls.SOURCE_LOCAL if local else cls.SOURCE_HUB
+        return {
+            **{name: getattr(request, name) for name in _SAME_NAMES},
+            "model_source": source,
+            "builtin_model": request.model if builtin else BUILTIN_MODEL,
+            "hub_id": request.model if source == cls.SOURCE_HUB else "",
+            "local_path": request.model if local else "",
+            "revision": request.revision,
+            "preset": request.preset or CUSTOM_RECIPE,
+            "recipe_yaml": request.recipe_yaml,
+            "calibration_dataset": request.calibration_file.pk if request.calibration_file else None,
+            "calibration_hub_dataset": request.calibration_hub_dataset,
+            "evaluate_offline": bool(evaluation.get("offline")),
+            "evaluation_tasks": ", ".join(evaluation.get("tasks") or []),
+            "evaluation_limit": evaluation.get("limit"),
+        }
 
     # --- errors the service raised ---------------------------------------------------------------------------
 

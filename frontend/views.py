@@ -3,7 +3,6 @@ functions the API calls), and leave presentation to frontend.presentation and th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -20,7 +19,9 @@ from engine.presets import PRESETS
 from frontend import charts, presentation
 from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
 from jobs import downloads, selectors, services
+from jobs.inputs import JobInput
 from jobs.models import Job
+from jobs.ratelimit import RateLimited
 
 logger = logging.getLogger(__name__)
 
@@ -81,34 +82,6 @@ def job_rows(request: HttpRequest) -> HttpResponse:
 # --- a new job -------------------------------------------------------------------------------------------
 
 
-def _initial_from(job: Job) -> dict[str, Any]:
-    """The form's values for "clone and edit": the old job's request."""
-    data = services.job_input_from(job)
-    evaluation = data.evaluation or {}
-    builtin = data.model == JobForm.base_fields["builtin_model"].choices[0][0]
-    return {
-        "model_source": JobForm.SOURCE_BUILTIN if builtin else JobForm.SOURCE_HUB,
-        "hub_id": "" if builtin else data.model,
-        "revision": data.revision,
-        "preset": data.preset or CUSTOM_RECIPE,
-        "recipe_yaml": data.recipe_yaml,
-        "ignore_indivisible": data.ignore_indivisible,
-        "calibration_kind": data.calibration_kind,
-        "calibration_dataset": data.calibration_file.pk if data.calibration_file else None,
-        "calibration_hub_dataset": data.calibration_hub_dataset,
-        "calibration_split": data.calibration_split,
-        "calibration_column": data.calibration_column,
-        "calibration_samples": data.calibration_samples,
-        "calibration_max_seq_len": data.calibration_max_seq_len,
-        "evaluate_offline": bool(evaluation.get("offline")) if data.evaluation is not None else False,
-        "evaluation_tasks": ", ".join(evaluation.get("tasks") or []),
-        "evaluation_limit": evaluation.get("limit"),
-        "priority": data.priority,
-        "device_class": data.device_class,
-        "clone_of": job.pk,
-    }
-
-
 def _default_initial() -> dict[str, Any]:
     return {
         "model_source": JobForm.SOURCE_BUILTIN,
@@ -134,7 +107,8 @@ def job_new(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         if request.GET.get("from"):
             clone_source = selectors.job_get_for_user(user=request.user, job_id=_int(request.GET["from"]))
-            form = _new_job_form(request, initial=_initial_from(clone_source))
+            initial = JobForm.initial_from(JobInput.from_job(clone_source))
+            form = _new_job_form(request, initial={**initial, "clone_of": clone_source.pk})
         else:
             form = _new_job_form(request, initial=_default_initial())
         return _render_form(request, form, clone_source)
@@ -148,7 +122,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         if upload and form.cleaned_data["calibration_kind"] == Job.CalibrationKind.UPLOAD:
             try:
                 dataset = services.calibration_dataset_create(owner=request.user, name=upload.name, upload=upload)
-            except EngineError as exc:
+            except (EngineError, RateLimited) as exc:
                 form.add_error("calibration_upload", exc.message)
                 return _render_form(request, form, clone_source, status=400)
             # From here on the form points at the stored file, so a re-shown form keeps it (and previews it).
@@ -160,12 +134,14 @@ def job_new(request: HttpRequest) -> HttpResponse:
             job_input = form.to_job_input(calibration_file=dataset)
             force = form.cleaned_data.get("force", False)
             if clone_source is not None:
-                changes = {f.name: getattr(job_input, f.name) for f in dataclasses.fields(job_input)}
-                submission = services.job_clone(job=clone_source, owner=request.user, changes=changes, force=force)
+                submission = services.job_clone(job=clone_source, owner=request.user, data=job_input, force=force)
             else:
                 submission = services.job_submit(owner=request.user, data=job_input, force=force)
         except EngineError as exc:
             form.add_error(form.field_for_engine(exc.field), exc.message)
+        except RateLimited as exc:
+            form.add_error(None, exc.message)
+            return _render_form(request, form, clone_source, status=429)
         else:
             job = submission.job
             if submission.created:
@@ -310,7 +286,7 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
         new_job = services.job_retry(job=job)
     except services.JobStateError as exc:
         messages.error(request, exc.message)
-    except EngineError as exc:
+    except (EngineError, RateLimited) as exc:
         messages.error(request, f"The retry was refused: {exc.message}")
     else:
         messages.success(request, f"Job {new_job.pk} retries job {job.pk}.")

@@ -13,7 +13,8 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec
+from engine.spec import BUILTIN_MODEL, CompressionSpec
+from jobs.inputs import CALIBRATION_BUILTIN, PRIORITY_NORMAL, JobInput
 
 
 def calibration_upload_to(instance: CalibrationDataset, filename: str) -> str:
@@ -64,13 +65,13 @@ class Job(models.Model):
         CPU = "cpu", "CPU"
 
     class CalibrationKind(models.TextChoices):
-        BUILTIN = "builtin", "Built-in text"
+        BUILTIN = CALIBRATION_BUILTIN, "Built-in text"
         UPLOAD = "upload", "Uploaded JSONL file"
         HUB = "hub", "Hugging Face dataset"
         NONE = "none", "None (data-free presets)"
 
     # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse (see services).
-    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, 5, 9
+    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, PRIORITY_NORMAL, 9
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
 
@@ -165,40 +166,7 @@ class Job(models.Model):
 
     def to_spec(self, *, device: str = "auto") -> CompressionSpec:
         """The engine's view of this job (plain data, no Django)."""
-        kind = self.calibration_kind
-        if kind == self.CalibrationKind.UPLOAD:
-            calibration = CalibrationSpec(
-                kind="jsonl",
-                path=self.calibration_file.file.path if self.calibration_file else None,
-                samples=self.calibration_samples,
-                max_seq_len=self.calibration_max_seq_len,
-            )
-        else:
-            calibration = CalibrationSpec(
-                kind=kind,
-                dataset=self.calibration_hub_dataset or None,
-                split=self.calibration_split,
-                column=self.calibration_column,
-                samples=self.calibration_samples,
-                max_seq_len=self.calibration_max_seq_len,
-            )
-        evaluation = None
-        if self.evaluation is not None:
-            data = dict(self.evaluation)
-            data["tasks"] = tuple(data.get("tasks") or ())
-            evaluation = EvaluationSpec(**data)
-        return CompressionSpec(
-            model=self.model_source,
-            revision=self.model_revision or None,
-            preset=self.preset or None,
-            recipe_yaml=self.recipe_yaml or None,
-            calibration=calibration,
-            evaluation=evaluation,
-            device=device,
-            ignore_indivisible=self.ignore_indivisible,
-            allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
-            trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
-        )
+        return JobInput.from_job(self).to_spec(device=device)
 
 
 class JobLogLine(models.Model):

@@ -14,23 +14,27 @@ import json
 import logging
 import shutil
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import BigIntegerField, Q, Sum
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from engine.errors import EngineError, PreflightError
 from engine.preflight import PreflightReport, preflight
 from engine.spec import BUILTIN_MODEL
+from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs.ratelimit import RateLimited, Window
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +47,6 @@ class JobStateError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-@dataclass(frozen=True)
-class JobInput:
-    """What a user asks for; built by the API serializer, the form and the admin alike."""
-
-    model: str = BUILTIN_MODEL
-    revision: str = ""
-    preset: str = ""
-    recipe_yaml: str = ""
-    calibration_kind: str = Job.CalibrationKind.BUILTIN
-    calibration_file: CalibrationDataset | None = None
-    calibration_hub_dataset: str = ""
-    calibration_split: str = "train"
-    calibration_column: str = "text"
-    calibration_samples: int = 32
-    calibration_max_seq_len: int = 256
-    evaluation: dict[str, Any] | None = None
-    ignore_indivisible: bool = False
-    priority: int = Job.PRIORITY_NORMAL
-    device_class: str = ""
 
 
 class Submission(NamedTuple):
@@ -84,14 +67,18 @@ def job_submit(
     retry_of: Job | None = None,
     attempt: int = 1,
 ) -> Submission:
-    """Check the job (preflight), then queue it once the transaction commits.
+    """Check the job (policy, then preflight), then queue it once the transaction commits.
 
-    Raises PreflightError (with .field) when the job cannot succeed; it never takes a queue place then.
-    Deduplication: unless force is set, a succeeded job of the same owner with the same model revision,
-    resolved recipe, calibration data and evaluation is returned instead (Submission.created is False)
-    and no work is queued.
+    Raises PreflightError (with .field) when the job cannot succeed, and RateLimited when the owner is over
+    the creation rate or a quota (active jobs, stored bytes); it never takes a queue place then, and only
+    created jobs count toward the rate. Deduplication: unless force is set, a succeeded job of the same owner
+    with the same model revision, resolved recipe, calibration data and evaluation is returned instead
+    (Submission.created is False) and no work is queued.
     """
     _check_policy(owner=owner, data=data)
+    rate = _creation_window(owner)
+    if rate.count() >= rate.limit:  # refused before the (slow) preflight; the place is taken below
+        raise _creation_rate_error(rate)
     job = _job_from_input(owner=owner, data=data)
     report = preflight(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
@@ -108,50 +95,101 @@ def job_submit(
     job.attempt = attempt
     job.queue = job.device_class  # compute queues are named after the device class: "gpu", "cpu"
     job.celery_task_id = _new_task_id()
-    with transaction.atomic():
-        job.save()
-        _append_log(job.pk, [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")])
-        for warning in report.warnings:
-            _append_log(job.pk, [("waiting", f"Warning: {warning}")])
-        transaction.on_commit(lambda: _enqueue(job))
+    place = rate.take()
+    if place is None:
+        raise _creation_rate_error(rate)
+    try:
+        with transaction.atomic():
+            _lock_quotas(owner)
+            _check_active_jobs(owner)
+            _check_stored_bytes(owner)
+            job.save()
+            _append_log(job.pk, [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")])
+            for warning in report.warnings:
+                _append_log(job.pk, [("waiting", f"Warning: {warning}")])
+            transaction.on_commit(lambda: _enqueue(job))
+    except BaseException:
+        Window.give_back(place)  # not created: it does not count toward the rate
+        raise
     return Submission(job=job, created=True)
-
-
-def job_input_from(job: Job) -> JobInput:
-    """The request that produced a job (for retry, and for the "clone and edit" form's initial values)."""
-    return JobInput(
-        model=job.model_source,
-        revision=job.model_revision,
-        preset=job.preset,
-        recipe_yaml=job.recipe_yaml,
-        calibration_kind=job.calibration_kind,
-        calibration_file=job.calibration_file,
-        calibration_hub_dataset=job.calibration_hub_dataset,
-        calibration_split=job.calibration_split,
-        calibration_column=job.calibration_column,
-        calibration_samples=job.calibration_samples,
-        calibration_max_seq_len=job.calibration_max_seq_len,
-        evaluation=job.evaluation,
-        ignore_indivisible=job.ignore_indivisible,
-        priority=job.priority,
-        device_class=job.device_class,
-    )
 
 
 def job_retry(*, job: Job) -> Job:
     """A new job with the same request, linked to the failed or cancelled one (attempt + 1)."""
     if job.status not in (Status.FAILED, Status.CANCELLED):
         raise JobStateError(f"Job {job.pk} is {job.status}; only failed or cancelled jobs can be retried.")
-    submission = job_submit(
-        owner=job.owner, data=job_input_from(job), force=True, retry_of=job, attempt=job.attempt + 1
-    )
+    # An operator may have raised the old job's priority above the owner's cap; the retry keeps within it.
+    data = dataclasses.replace(JobInput.from_job(job), priority=min(job.priority, max_priority_for(job.owner)))
+    submission = job_submit(owner=job.owner, data=data, force=True, retry_of=job, attempt=job.attempt + 1)
     return submission.job
 
 
-def job_clone(*, job: Job, owner: AbstractBaseUser, changes: dict[str, Any], force: bool = False) -> Submission:
-    """ "Clone and edit": a new job from an old one's request with some fields changed, linked to it."""
-    data = dataclasses.replace(job_input_from(job), **changes)
+def job_clone(*, job: Job, owner: AbstractBaseUser, data: JobInput, force: bool = False) -> Submission:
+    """ "Clone and edit": the edited request (the form started from JobInput.from_job(job)), linked to the old job."""
     return job_submit(owner=owner, data=data, force=force, retry_of=job)
+
+
+# --- policy: the operator's limits (the form, the API and the admin all submit through job_submit) ----------
+
+
+def max_priority_for(user: AbstractBaseUser) -> int:
+    """The highest priority a user may ask for: staff 9, others COMPRESSOR_USER_MAX_PRIORITY."""
+    return Job.PRIORITY_HIGH if user.is_staff else settings.COMPRESSOR_USER_MAX_PRIORITY
+
+
+def _creation_window(owner: AbstractBaseUser) -> Window:
+    return Window(name="job-create", subject=str(owner.pk), rate=settings.COMPRESSOR_JOB_CREATE_RATE)
+
+
+def _creation_rate_error(window: Window) -> RateLimited:
+    minutes = -(-window.seconds_left() // 60)
+    return RateLimited(
+        f"You have created {window.limit} jobs in this period ({settings.COMPRESSOR_JOB_CREATE_RATE}); "
+        f"try again in {minutes} min.",
+        retry_after=window.seconds_left(),
+    )
+
+
+def _lock_quotas(owner: AbstractBaseUser) -> None:
+    """Serialise one user's submissions until the transaction ends, so a quota is counted and kept at once.
+
+    PostgreSQL: a row lock on the user. SQLite ignores select_for_update, but its transactions begin
+    IMMEDIATE (settings), which takes the database's write lock at once.
+    """
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk", flat=True).first()
+
+
+def user_stored_bytes(user: AbstractBaseUser) -> int:
+    """What a user keeps on the server: checkpoint weights of their succeeded jobs plus their uploads."""
+    size = Cast(KT("results__size_after_bytes"), BigIntegerField())
+    checkpoints = Job.objects.filter(owner=user, status=Status.SUCCEEDED).aggregate(total=Sum(size))["total"]
+    uploads = CalibrationDataset.objects.filter(owner=user).aggregate(total=Sum("size_bytes"))["total"]
+    return int(checkpoints or 0) + int(uploads or 0)
+
+
+def _check_active_jobs(owner: AbstractBaseUser) -> None:
+    """At most COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running per user (call under _lock_quotas)."""
+    most = settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS
+    active = Job.objects.filter(owner=owner, status__in=Job.ACTIVE).count()
+    if active >= most:
+        raise RateLimited(
+            f"You have {active} jobs queued or running, the most allowed ({most}); wait for one to finish or "
+            "cancel one.",
+            retry_after=60,
+        )
+
+
+def _check_stored_bytes(owner: AbstractBaseUser, *, adding: int = 0) -> None:
+    """At most COMPRESSOR_USER_MAX_STORED_BYTES kept per user (call under _lock_quotas)."""
+    most = settings.COMPRESSOR_USER_MAX_STORED_BYTES
+    stored = user_stored_bytes(owner)
+    if stored >= most or stored + adding > most:
+        raise RateLimited(
+            f"You store {stored / 1e9:.1f} GB of checkpoints and uploads and the quota is {most / 1e9:.1f} GB; "
+            f"checkpoints are deleted {settings.COMPRESSOR_RETENTION_DAYS} days after their job ended, "
+            "or ask an operator.",
+            retry_after=3600,
+        )
 
 
 def _check_policy(*, owner: AbstractBaseUser, data: JobInput) -> None:
@@ -170,29 +208,15 @@ def _check_policy(*, owner: AbstractBaseUser, data: JobInput) -> None:
             raise PreflightError("That calibration file does not exist.", field="calibration")
     if data.evaluation and data.evaluation.get("heldout_path") and not settings.COMPRESSOR_ALLOW_LOCAL_PATHS:
         raise PreflightError("Local held-out files are disabled on this server.", field="evaluation")
+    cap = max_priority_for(owner)
+    if data.priority > cap:
+        raise PreflightError(f"At most {cap}; operators can raise it in the admin.", field="priority")
     if data.device_class and data.device_class not in Job.DeviceClass.values:
         raise PreflightError(f"Unknown device class '{data.device_class}'.", field="device_class")
 
 
 def _job_from_input(*, owner: AbstractBaseUser, data: JobInput) -> Job:
-    return Job(
-        owner=owner,
-        model_source=data.model.strip(),
-        model_revision=data.revision.strip(),
-        preset=data.preset,
-        recipe_yaml=data.recipe_yaml,
-        calibration_kind=data.calibration_kind,
-        calibration_file=data.calibration_file if data.calibration_kind == Job.CalibrationKind.UPLOAD else None,
-        calibration_hub_dataset=data.calibration_hub_dataset,
-        calibration_split=data.calibration_split,
-        calibration_column=data.calibration_column,
-        calibration_samples=data.calibration_samples,
-        calibration_max_seq_len=data.calibration_max_seq_len,
-        evaluation=data.evaluation,
-        ignore_indivisible=data.ignore_indivisible,
-        priority=data.priority,
-        device_class=data.device_class or settings.COMPRESSOR_DEFAULT_DEVICE_CLASS,
-    )
+    return Job(owner=owner, **data.job_fields())
 
 
 def _fingerprint(job: Job, report: PreflightReport) -> str:
@@ -202,15 +226,9 @@ def _fingerprint(job: Job, report: PreflightReport) -> str:
     revision = path.name if "snapshots" in path.parts else (job.model_revision or "")
     calibration: dict[str, Any] | None = None
     if report.needs_calibration:
-        calibration = {
-            "kind": job.calibration_kind,
-            "file_sha256": job.calibration_file.sha256 if job.calibration_file else None,
-            "dataset": job.calibration_hub_dataset,
-            "split": job.calibration_split,
-            "column": job.calibration_column,
-            "samples": job.calibration_samples,
-            "max_seq_len": job.calibration_max_seq_len,
-        }
+        # The uploaded file by its content, not its id: the same data uploaded twice is the same work.
+        calibration = {key: value for key, value in api_calibration(job).items() if key != "dataset_id"}
+        calibration["file_sha256"] = job.calibration_file.sha256 if job.calibration_file else None
     payload = {
         "model": job.model_source,
         "revision": revision,
@@ -449,6 +467,9 @@ def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: Up
         raise EngineError(
             f"The file is larger than the limit of {settings.COMPRESSOR_MAX_UPLOAD_BYTES // 2**20} MiB.", field="file"
         )
+    with transaction.atomic():
+        _lock_quotas(owner)
+        _check_stored_bytes(owner, adding=upload.size or 0)
     digest = hashlib.sha256()
     for chunk in upload.chunks():
         digest.update(chunk)

@@ -5,7 +5,6 @@ Status, progress, results and artifacts are read-only: only the workers (through
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -13,8 +12,8 @@ from rest_framework import serializers
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
 from jobs import selectors
+from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine
-from jobs.services import JobInput
 
 
 class CalibrationInputSerializer(serializers.Serializer):
@@ -52,14 +51,6 @@ class JobCreateSerializer(serializers.Serializer):
         default=False, help_text="Run even when an identical job of yours already succeeded."
     )
 
-    def validate_priority(self, value: int) -> int:
-        user = self.context["request"].user
-        if not user.is_staff and value > settings.COMPRESSOR_USER_MAX_PRIORITY:
-            raise serializers.ValidationError(
-                f"At most {settings.COMPRESSOR_USER_MAX_PRIORITY}; operators can raise it in the admin."
-            )
-        return value
-
     def validate(self, attrs: dict) -> dict:
         if bool(attrs.get("preset")) == bool(attrs.get("recipe_yaml", "").strip()):
             raise serializers.ValidationError({"preset": "Give either a preset or a custom recipe_yaml."})
@@ -76,26 +67,7 @@ class JobCreateSerializer(serializers.Serializer):
         return attrs
 
     def to_job_input(self) -> JobInput:
-        data = self.validated_data
-        calibration = data["calibration"]
-        evaluation = data.get("evaluation")
-        return JobInput(
-            model=data["model"],
-            revision=data["revision"],
-            preset=data["preset"],
-            recipe_yaml=data["recipe_yaml"],
-            calibration_kind=calibration["kind"],
-            calibration_file=data["calibration_file"],
-            calibration_hub_dataset=calibration["hub_dataset"],
-            calibration_split=calibration["split"],
-            calibration_column=calibration["column"],
-            calibration_samples=calibration["samples"],
-            calibration_max_seq_len=calibration["max_seq_len"],
-            evaluation=dict(evaluation) if evaluation is not None else None,
-            ignore_indivisible=data["ignore_indivisible"],
-            priority=data["priority"],
-            device_class=data.get("device_class", ""),
-        )
+        return JobInput.from_api(self.validated_data, calibration_file=self.validated_data["calibration_file"])
 
 
 class JobSerializer(serializers.ModelSerializer):
@@ -122,15 +94,7 @@ class JobSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.DictField())
     def get_calibration(self, job: Job) -> dict:
-        return {
-            "kind": job.calibration_kind,
-            "dataset_id": job.calibration_file_id,
-            "hub_dataset": job.calibration_hub_dataset,
-            "split": job.calibration_split,
-            "column": job.calibration_column,
-            "samples": job.calibration_samples,
-            "max_seq_len": job.calibration_max_seq_len,
-        }
+        return api_calibration(job)
 
     def get_queue_position(self, job: Job) -> int | None:
         # Computed once per response for all waiting jobs: a list page costs the same queries at any length.

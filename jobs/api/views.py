@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.exceptions import APIException, Throttled, ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
 from engine.errors import EngineError
@@ -27,6 +25,7 @@ from jobs.api.serializers import (
     PresetSerializer,
 )
 from jobs.models import CalibrationDataset, Job
+from jobs.ratelimit import RateLimited
 
 # The engine names the part of a request a problem concerns; these are the API's names for them.
 _FIELD_NAMES = {"recipe": "recipe_yaml", "device": "device_class", None: "non_field_errors"}
@@ -36,19 +35,15 @@ def _field_error(exc: EngineError) -> ValidationError:
     return ValidationError({_FIELD_NAMES.get(exc.field, exc.field): [exc.message]})
 
 
+def _too_many(exc: RateLimited) -> Throttled:
+    """429 with the reason (the creation rate or a quota) and Retry-After."""
+    return Throttled(wait=exc.retry_after, detail=exc.message)
+
+
 class Conflict(APIException):
     status_code = status.HTTP_409_CONFLICT
     default_code = "conflict"
     default_detail = "The job is not in a state that allows this."
-
-
-class JobCreateThrottle(UserRateThrottle):
-    """Job creation per user, at COMPRESSOR_JOB_CREATE_RATE (read per request, so tests can change it)."""
-
-    scope = "job_create"
-
-    def get_rate(self) -> str:
-        return settings.COMPRESSOR_JOB_CREATE_RATE
 
 
 class AnyContentNegotiation(BaseContentNegotiation):
@@ -79,11 +74,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             raise ValidationError({"status": [f"Use one of: {', '.join(Job.Status.values)}."]})
         return selectors.job_list_for_user(user=self.request.user, status=wanted if self.action == "list" else None)
 
-    def get_throttles(self):
-        if self.action == "create":
-            return [JobCreateThrottle()]
-        return super().get_throttles()
-
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=Job.Status.values, description="Only jobs in this state.")]
     )
@@ -109,6 +99,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             )
         except EngineError as exc:
             raise _field_error(exc) from None
+        except RateLimited as exc:
+            raise _too_many(exc) from None
         context = {"request": request, "duplicate": not submission.created}
         return Response(
             JobSerializer(submission.job, context=context).data,
@@ -134,6 +126,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             raise Conflict(exc.message) from None
         except EngineError as exc:
             raise _field_error(exc) from None
+        except RateLimited as exc:
+            raise _too_many(exc) from None
         return Response(JobSerializer(job, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -264,3 +258,5 @@ class CalibrationDatasetViewSet(
             )
         except EngineError as exc:
             raise ValidationError({"file": [exc.message]}) from None
+        except RateLimited as exc:
+            raise _too_many(exc) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -18,7 +19,8 @@ FP8 = JobInput(preset="fp8-dynamic", calibration_kind="none")
 
 
 def test_submit_queues_the_job_after_commit_with_its_broker_priority(user, django_capture_on_commit_callbacks):
-    # Given a request for the data-free preset with a high priority
+    # Given a request for the data-free preset with a high priority (above the users' cap: an operator's)
+    user.is_staff = True
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", priority=8)
 
     # When it is submitted
@@ -129,7 +131,8 @@ def test_retry_links_a_new_job_to_the_failed_one(user, make_job):
 
 def test_clone_and_edit_creates_a_linked_job_with_changes(user, make_job):
     old = make_job(user, status=Job.Status.SUCCEEDED)
-    clone = services.job_clone(job=old, owner=user, changes={"preset": "int8-w8a8-gptq", "calibration_kind": "builtin"})
+    edited = dataclasses.replace(JobInput.from_job(old), preset="int8-w8a8-gptq", calibration_kind="builtin")
+    clone = services.job_clone(job=old, owner=user, data=edited)
     assert clone.created and clone.job.retry_of_id == old.pk and clone.job.preset == "int8-w8a8-gptq"
 
 

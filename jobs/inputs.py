@@ -1,0 +1,117 @@
+"""A job request's fields, in one place: what a user asks for, and how it maps onto the Job record, the API's
+shape and the engine's spec. The serializer, the form, the admin and the services all go through JobInput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+
+from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec
+
+if TYPE_CHECKING:
+    from jobs.models import CalibrationDataset, Job
+
+# Defaults that also appear in the Job model's field definitions (jobs.models), kept equal to them.
+CALIBRATION_BUILTIN, CALIBRATION_UPLOAD = "builtin", "upload"
+PRIORITY_NORMAL = 5
+
+# Job model field for each input field whose name differs (the others have the same name on both).
+_JOB_FIELD = {"model": "model_source", "revision": "model_revision"}
+
+# The API nests the calibration fields: {"calibration": {"kind": ..., "dataset_id": ..., "samples": ...}}.
+API_CALIBRATION_FIELDS = {
+    "calibration_kind": "kind",
+    "calibration_hub_dataset": "hub_dataset",
+    "calibration_split": "split",
+    "calibration_column": "column",
+    "calibration_samples": "samples",
+    "calibration_max_seq_len": "max_seq_len",
+}
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """What a user asks for; built by the API serializer, the form and the admin alike."""
+
+    model: str = BUILTIN_MODEL
+    revision: str = ""
+    preset: str = ""
+    recipe_yaml: str = ""
+    calibration_kind: str = CALIBRATION_BUILTIN
+    calibration_file: CalibrationDataset | None = None
+    calibration_hub_dataset: str = ""
+    calibration_split: str = "train"
+    calibration_column: str = "text"
+    calibration_samples: int = 32
+    calibration_max_seq_len: int = 256
+    evaluation: dict[str, Any] | None = None
+    ignore_indivisible: bool = False
+    priority: int = PRIORITY_NORMAL
+    device_class: str = ""
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobInput:
+        """The request that produced a job (for retry, clone and edit, and the engine's spec)."""
+        return cls(**{f.name: getattr(job, _JOB_FIELD.get(f.name, f.name)) for f in fields(cls)})
+
+    def job_fields(self) -> dict[str, Any]:
+        """The Job record's fields for this request, normalised (trimmed names, the default device class)."""
+        values = {_JOB_FIELD.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        values.update(
+            model_source=self.model.strip(),
+            model_revision=self.revision.strip(),
+            calibration_file=self.calibration_file if self.calibration_kind == CALIBRATION_UPLOAD else None,
+            device_class=self.device_class or settings.COMPRESSOR_DEFAULT_DEVICE_CLASS,
+        )
+        return values
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any], *, calibration_file: CalibrationDataset | None) -> JobInput:
+        """From a validated API request (its calibration fields nested under "calibration")."""
+        calibration = data["calibration"]
+        flat = {name: calibration[api_name] for name, api_name in API_CALIBRATION_FIELDS.items()}
+        shared = {f.name: data[f.name] for f in fields(cls) if f.name in data and f.name != "calibration_file"}
+        evaluation = data.get("evaluation")
+        shared["evaluation"] = dict(evaluation) if evaluation is not None else None
+        shared["device_class"] = data.get("device_class", "")
+        return cls(**shared, **flat, calibration_file=calibration_file)
+
+    def to_spec(self, *, device: str = "auto") -> CompressionSpec:
+        """The engine's view of this request (plain data, no Django)."""
+        common = {"samples": self.calibration_samples, "max_seq_len": self.calibration_max_seq_len}
+        if self.calibration_kind == CALIBRATION_UPLOAD:
+            path = self.calibration_file.file.path if self.calibration_file else None
+            calibration = CalibrationSpec(kind="jsonl", path=path, **common)
+        else:
+            calibration = CalibrationSpec(
+                kind=self.calibration_kind,
+                dataset=self.calibration_hub_dataset or None,
+                split=self.calibration_split,
+                column=self.calibration_column,
+                **common,
+            )
+        evaluation = None
+        if self.evaluation is not None:
+            evaluation = EvaluationSpec(**{**self.evaluation, "tasks": tuple(self.evaluation.get("tasks") or ())})
+        return CompressionSpec(
+            model=self.model,
+            revision=self.revision or None,
+            preset=self.preset or None,
+            recipe_yaml=self.recipe_yaml or None,
+            calibration=calibration,
+            evaluation=evaluation,
+            device=device,
+            ignore_indivisible=self.ignore_indivisible,
+            allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
+            trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
+        )
+
+
+def api_calibration(job: Job) -> dict[str, Any]:
+    """A job's calibration fields in the API's nested shape (no query: the file by its id)."""
+    return {"dataset_id": job.calibration_file_id} | {
+        api_name: getattr(job, name) for name, api_name in API_CALIBRATION_FIELDS.items()
+    }
