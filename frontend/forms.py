@@ -121,6 +121,12 @@ class JobForm(forms.Form):
     evaluation_limit = forms.IntegerField(
         label="Examples per task", required=False, min_value=1, help_text="Empty for the whole task."
     )
+    evaluation_backend = forms.ChoiceField(
+        label="lm-eval backend",
+        required=False,
+        choices=[("hf", "Transformers (hf)"), ("vllm", "vLLM (GPU workers)")],
+        initial="hf",
+    )
 
     priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0, max_value=9)
     device_class = forms.ChoiceField(label="Worker", choices=Job.DeviceClass.choices)
@@ -182,7 +188,12 @@ class JobForm(forms.Form):
         tasks = [t.strip() for t in data.get("evaluation_tasks", "").split(",") if t.strip()]
         if not data.get("evaluate_offline") and not tasks:
             return None
-        return {"offline": bool(data.get("evaluate_offline")), "tasks": tasks, "limit": data.get("evaluation_limit")}
+        return {
+            "offline": bool(data.get("evaluate_offline")),
+            "tasks": tasks,
+            "limit": data.get("evaluation_limit"),
+            "backend": data.get("evaluation_backend") or "hf",
+        }
 
     def to_job_input(self, *, calibration_file=None) -> JobInput:
         """The request this form describes (the inverse of initial_from)."""
@@ -221,6 +232,7 @@ class JobForm(forms.Form):
             "evaluate_offline": bool(evaluation.get("offline")),
             "evaluation_tasks": ", ".join(evaluation.get("tasks") or []),
             "evaluation_limit": evaluation.get("limit"),
+            "evaluation_backend": evaluation.get("backend", "hf"),
         }
 
     # --- errors the service raised ---------------------------------------------------------------------------

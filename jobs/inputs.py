@@ -4,7 +4,7 @@ shape and the engine's spec. The serializer, the form, the admin and the service
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -52,6 +52,13 @@ class JobInput:
     priority: int = PRIORITY_NORMAL
     device_class: str = ""
 
+    def __post_init__(self) -> None:
+        # One shape for the evaluation, whoever built the request: every EvaluationSpec field, defaults filled
+        # in (so the same request from the form and from the API has the same fingerprint).
+        if self.evaluation is not None:
+            spec = EvaluationSpec(**{**self.evaluation, "tasks": tuple(self.evaluation.get("tasks") or ())})
+            object.__setattr__(self, "evaluation", {**asdict(spec), "tasks": list(spec.tasks)})
+
     @classmethod
     def from_job(cls, job: Job) -> JobInput:
         """The request that produced a job (for retry, clone and edit, and the engine's spec)."""
@@ -95,7 +102,7 @@ class JobInput:
             )
         evaluation = None
         if self.evaluation is not None:
-            evaluation = EvaluationSpec(**{**self.evaluation, "tasks": tuple(self.evaluation.get("tasks") or ())})
+            evaluation = EvaluationSpec(**{**self.evaluation, "tasks": tuple(self.evaluation["tasks"])})
         return CompressionSpec(
             model=self.model,
             revision=self.revision or None,

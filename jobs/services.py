@@ -76,7 +76,7 @@ def job_submit(
     (Submission.created is False) and no work is queued.
     """
     _check_policy(owner=owner, data=data)
-    rate = _creation_window(owner)
+    rate = creation_window(owner.pk)
     if rate.count() >= rate.limit:  # refused before the (slow) preflight; the place is taken below
         raise _creation_rate_error(rate)
     job = _job_from_input(owner=owner, data=data)
@@ -137,8 +137,9 @@ def max_priority_for(user: AbstractBaseUser) -> int:
     return Job.PRIORITY_HIGH if user.is_staff else settings.COMPRESSOR_USER_MAX_PRIORITY
 
 
-def _creation_window(owner: AbstractBaseUser) -> Window:
-    return Window(name="job-create", subject=str(owner.pk), rate=settings.COMPRESSOR_JOB_CREATE_RATE)
+def creation_window(owner_id: int) -> Window:
+    """The owner's job-creation window: COMPRESSOR_JOB_CREATE_RATE created jobs, counted in the shared cache."""
+    return Window(name="job-create", subject=str(owner_id), rate=settings.COMPRESSOR_JOB_CREATE_RATE)
 
 
 def _creation_rate_error(window: Window) -> RateLimited:
@@ -185,7 +186,7 @@ def _check_stored_bytes(owner: AbstractBaseUser, *, adding: int = 0) -> None:
     stored = user_stored_bytes(owner)
     if stored >= most or stored + adding > most:
         raise RateLimited(
-            f"You store {stored / 1e9:.1f} GB of checkpoints and uploads and the quota is {most / 1e9:.1f} GB; "
+            f"You store {stored / 1e9:.3g} GB of checkpoints and uploads and the quota is {most / 1e9:.3g} GB; "
             f"checkpoints are deleted {settings.COMPRESSOR_RETENTION_DAYS} days after their job ended, "
             "or ask an operator.",
             retry_after=3600,

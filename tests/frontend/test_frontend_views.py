@@ -216,7 +216,13 @@ def test_a_valid_form_queues_the_job_through_the_service(client_for, alice, buil
         "smollm2-135m-instruct",
     )
     assert job.device_class == "cpu" and job.priority == 5 and job.resolved_recipe
-    assert job.evaluation == {"offline": True, "tasks": ["gsm8k", "arc_easy"], "limit": 10}
+    assert job.evaluation == {
+        "offline": True,
+        "tasks": ["gsm8k", "arc_easy"],
+        "limit": 10,
+        "heldout_path": None,
+        "backend": "hf",
+    }
 
 
 def test_clone_and_edit_starts_from_the_old_request_and_links_the_new_job(client_for, alice, builtin_model, make_job):
