@@ -162,6 +162,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(COMPRESSOR_REAPER_INTERVAL_S),
         "options": {"queue": "light", "expires": float(COMPRESSOR_REAPER_INTERVAL_S)},
     },
+    # Retention (COMPRESSOR_RETENTION_DAYS): expired checkpoints and uploads, with their rows.
+    "expire-artifacts": {
+        "task": "jobs.expire_artifacts",
+        "schedule": 3600.0,
+        "options": {"queue": "light", "expires": 3600.0},
+    },
 }
 
 # Jobs and the API.

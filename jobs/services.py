@@ -14,7 +14,8 @@ import json
 import logging
 import shutil
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -501,3 +502,96 @@ def _append_log(job_id: int, lines: list[tuple[str, str]]) -> None:
     oldest = list(oldest_kept)
     if oldest:
         JobLogLine.objects.filter(job_id=job_id, id__lt=oldest[0]).delete()
+
+
+# --- retention and orphans ------------------------------------------------------------------------------
+
+
+class Expired(NamedTuple):
+    jobs: list[int]
+    uploads: list[int]
+
+
+def artifacts_expire(*, now: datetime | None = None) -> Expired:
+    """Delete what is older than COMPRESSOR_RETENTION_DAYS (0 keeps everything): ended jobs with their rows,
+    log lines and folders, then uploads no remaining job uses.
+
+    Rows go first, in one transaction; the files once it commits. A crash in between leaves only files
+    without rows, which the orphan check (orphans_find) reports and removes; never a row whose files are gone.
+    """
+    days = settings.COMPRESSOR_RETENTION_DAYS
+    if days <= 0:
+        return Expired(jobs=[], uploads=[])
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    ended_before = Q(finished_at__lt=cutoff) | Q(finished_at__isnull=True, created_at__lt=cutoff)
+    with transaction.atomic():
+        jobs = Job.objects.select_for_update().filter(ended_before, status__in=Job.TERMINAL)
+        job_ids = list(jobs.values_list("pk", flat=True))
+        folders = [Path(default_storage.path(f"jobs/{pk}")) for pk in job_ids]
+        Job.objects.filter(pk__in=job_ids).delete()
+        uploads = CalibrationDataset.objects.filter(created_at__lt=cutoff, jobs__isnull=True)
+        upload_files = dict(uploads.values_list("pk", "file"))
+        CalibrationDataset.objects.filter(pk__in=upload_files).delete()
+        transaction.on_commit(lambda: _remove_files(folders, list(upload_files.values())))
+    return Expired(jobs=job_ids, uploads=list(upload_files))
+
+
+def _remove_files(folders: list[Path], stored_names: list[str]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    for name in stored_names:
+        default_storage.delete(name)
+
+
+@dataclass
+class Orphans:
+    """Files under MEDIA_ROOT that no row accounts for, and rows whose files are gone (paths MEDIA_ROOT-relative)."""
+
+    files_without_rows: list[str]
+    rows_without_files: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.files_without_rows or self.rows_without_files)
+
+
+def orphans_find() -> Orphans:
+    """Compare the job folders and uploads on disk with the rows.
+
+    A job folder may hold only its published checkpoint (succeeded jobs); a queued or running job's folder is
+    left alone (its run writes there). Anything else is an orphan: a folder of a deleted job, a checkpoint
+    of a job that did not succeed, a stale temporary folder of a killed run, an upload without its row.
+    """
+    root = Path(default_storage.path(""))
+    files: list[str] = []
+    jobs = {job.pk: job for job in Job.objects.only("pk", "status", "artifacts_path")}
+    jobs_dir = root / "jobs"
+    for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
+        job = jobs.get(int(folder.name)) if folder.name.isdigit() else None
+        if job is None:
+            files.append(str(folder.relative_to(root)))
+        elif job.status not in Job.ACTIVE:
+            published = root / job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
+            files += [str(entry.relative_to(root)) for entry in sorted(folder.iterdir()) if entry != published]
+    uploads = dict(CalibrationDataset.objects.values_list("file", "pk"))
+    upload_dir = root / "calibration"
+    for path in sorted(upload_dir.rglob("*")) if upload_dir.is_dir() else []:
+        if path.is_file() and str(path.relative_to(root)) not in uploads:
+            files.append(str(path.relative_to(root)))
+    rows = [
+        f"job {job.pk}: {job.artifacts_path}"
+        for job in jobs.values()
+        if job.status == Status.SUCCEEDED and not (job.artifacts_path and (root / job.artifacts_path).is_dir())
+    ]
+    rows += [f"calibration dataset {pk}: {name}" for name, pk in uploads.items() if not (root / name).is_file()]
+    return Orphans(files_without_rows=files, rows_without_files=rows)
+
+
+def orphans_remove(orphans: Orphans) -> None:
+    """Delete the files no row accounts for (the rows without files are for an operator to look at)."""
+    root = Path(default_storage.path(""))
+    for name in orphans.files_without_rows:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

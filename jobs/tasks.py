@@ -167,3 +167,10 @@ def _preload_engine(**_kwargs) -> None:
             logger.exception("Preloading the engine failed")
 
     threading.Thread(target=preload, name="preload-engine", daemon=True).start()
+
+
+@shared_task(name="jobs.expire_artifacts", ignore_result=True)  # the "light" queue, hourly (CELERY_BEAT_SCHEDULE)
+def expire_artifacts() -> None:
+    expired = services.artifacts_expire()
+    if expired.jobs or expired.uploads:
+        logger.info("Retention: deleted jobs %s and uploads %s", expired.jobs, expired.uploads)
