@@ -109,6 +109,10 @@ STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 
+# Failed password sign-ins allowed per account and per address in a window (jobs.auth).
+AUTHENTICATION_BACKENDS = ["jobs.auth.RateLimitedModelBackend"]
+COMPRESSOR_LOGIN_FAILURE_RATE = env("COMPRESSOR_LOGIN_FAILURE_RATE", default="10/15m")
+COMPRESSOR_LOGIN_FAILURE_RATE_PER_ADDRESS = env("COMPRESSOR_LOGIN_FAILURE_RATE_PER_ADDRESS", default="50/15m")
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

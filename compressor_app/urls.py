@@ -1,6 +1,9 @@
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from frontend.forms import SignInForm
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -10,6 +13,7 @@ urlpatterns = [
     path("api/v1/auth/", include("rest_framework.urls", namespace="rest_framework")),
     path("api/v1/", include("jobs.api.urls")),
     # Sign in / sign out (templates in frontend/templates/registration/), then the pages, last.
+    path("accounts/login/", LoginView.as_view(authentication_form=SignInForm), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("frontend.urls")),
 ]

@@ -7,9 +7,11 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
+from django.contrib.auth.forms import AuthenticationForm
 
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
+from jobs.auth import login_wait_s
 from jobs.models import Job
 from jobs.services import JobInput, max_priority_for
 
@@ -271,3 +273,16 @@ class JobForm(forms.Form):
                 described.append(f"{name}-help")
             if described:
                 field.widget.attrs["aria-describedby"] = " ".join(described)
+
+
+class SignInForm(AuthenticationForm):
+    """Django's sign-in form that says why it refuses while failed sign-ins are over the limit (jobs.auth)."""
+
+    def clean(self) -> dict[str, Any]:
+        wait = login_wait_s(self.request, self.data.get("username"))
+        if wait:
+            raise forms.ValidationError(
+                f"Too many failed sign-ins for this account or from this address; try again in {-(-wait // 60)} min.",
+                code="rate_limited",
+            )
+        return super().clean()

@@ -236,6 +236,23 @@ class PresetListView(APIView):
         return Response(PresetSerializer(presets, many=True).data)
 
 
+class TokenView(APIView):
+    """Your API token. POST: a new one (the old key stops working at once). DELETE: revoke it."""
+
+    @extend_schema(
+        request=None,
+        responses=inline_serializer("NewToken", {"token": serializers.CharField()}),
+        operation_id="token_rotate",
+    )
+    def post(self, request: Request) -> Response:
+        return Response({"token": services.token_rotate(user=request.user)})
+
+    @extend_schema(request=None, responses={204: None}, operation_id="token_revoke")
+    def delete(self, request: Request) -> Response:
+        services.token_revoke(user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
 class CalibrationDatasetViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
 ):
