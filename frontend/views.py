@@ -19,7 +19,7 @@ from engine.errors import EngineError
 from engine.presets import PRESETS
 from frontend import charts, presentation
 from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
-from jobs import downloads, selectors, services
+from jobs import downloads, logtext, selectors, services
 from jobs.models import Job
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def _live_context(job: Job) -> dict[str, Any]:
         "queue_position": selectors.queue_position(job=job),
         "timeline": presentation.timeline(job, stage_started),
         "seconds_left": presentation.seconds_left(job, stage_started),
-        "log_lines": selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES),
+        "log_lines": logtext.public_lines(selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES)),
         "stage_label": Job.Stage(job.stage).label if job.stage in Job.Stage.values else job.stage,
     }
 
@@ -276,7 +276,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if job.status == Job.Status.SUCCEEDED:
         context.update(_results_context(job))
     if job.status == Job.Status.FAILED:
-        context["failed_log"] = selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES)
+        context["failed_log"] = logtext.public_lines(selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES))
     context["preset_info"] = PRESETS.get(job.preset)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
     return render(request, "frontend/job_detail.html", context)
@@ -287,6 +287,12 @@ def job_live(request: HttpRequest, pk: int) -> HttpResponse:
     """The job page's live part alone (progress, timeline, log), polled while the job runs."""
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
     return render(request, "frontend/_job_live.html", _live_context(job))
+
+
+@login_required
+def job_log(request: HttpRequest, pk: int) -> HttpResponse:
+    """The whole log as text/plain (the owner's, or staff's: others get 404 like every job URL)."""
+    return logtext.log_response(selectors.job_get_for_user(user=request.user, job_id=pk))
 
 
 @login_required

@@ -1,0 +1,72 @@
+"""Pages a user reads at a glance: the log (no server paths, times with their zone, the whole log as a
+download), cancel with a confirmation, the compare page's columns, and one source for the job statuses."""
+
+from __future__ import annotations
+
+import re
+import sysconfig
+
+import pytest
+from django.conf import settings
+
+from jobs.models import Job, JobLogLine
+
+pytestmark = pytest.mark.django_db
+
+
+def _html(response) -> str:
+    return response.content.decode()
+
+
+def _token_client(user):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    return api
+
+
+@pytest.fixture
+def logged_job(alice, make_job):
+    """A running job with 60 log lines that name server folders, as llm-compressor and the worker write them."""
+    job = make_job(alice, status=Job.Status.RUNNING, stage="calibrating")
+    site = sysconfig.get_paths()["purelib"]
+    texts = [f"Calibrating layer {i} of 60" for i in range(57)]
+    texts += [
+        f"{site}/transformers/modeling_utils.py:4321: UserWarning: `torch_dtype` is deprecated",
+        f"Saving the checkpoint to {settings.MEDIA_ROOT}/jobs/{job.pk}/checkpoint",
+        "Loading /srv/other/cache/models--x/snapshots/abc/config.json from https://huggingface.co/a/b",
+    ]
+    JobLogLine.objects.bulk_create(JobLogLine(job=job, stage="calibrating", text=text) for text in texts)
+    return job
+
+
+def test_the_log_tail_hides_server_paths_and_says_its_time_zone(client_for, alice, logged_job):
+    html = _html(client_for(alice).get(f"/jobs/{logged_job.pk}/"))
+    log = html[html.index('id="h-log"') :]
+    log = log[: log.index("</pre>")]
+
+    assert "times in UTC" in log
+    assert str(settings.MEDIA_ROOT) not in log and sysconfig.get_paths()["purelib"] not in log and "/srv/" not in log
+    assert "transformers/modeling_utils.py:4321" in log and f"to jobs/{logged_job.pk}/checkpoint" in log
+    assert ".../config.json from https://huggingface.co/a/b" in log
+    assert f'href="/jobs/{logged_job.pk}/log.txt"' in log
+
+
+def test_the_whole_log_downloads_as_text_for_its_owner_only(client_for, alice, bob, logged_job):
+    for response in (
+        client_for(alice).get(f"/jobs/{logged_job.pk}/log.txt"),
+        _token_client(alice).get(f"/api/v1/jobs/{logged_job.pk}/log/"),
+    ):
+        assert response.status_code == 200
+        assert response["Content-Type"] == "text/plain; charset=utf-8"
+        assert f'filename="job-{logged_job.pk}-log.txt"' in response["Content-Disposition"]
+        text = b"".join(response.streaming_content).decode()
+        lines = text.splitlines()
+        assert len(lines) == 1 + 60 and "times in UTC" in lines[0]  # every line, not the page's last 40
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[calibrating\] Calibrating layer 0 of 60$", lines[1])
+        assert str(settings.MEDIA_ROOT) not in text and "/srv/" not in text
+
+    assert client_for(bob).get(f"/jobs/{logged_job.pk}/log.txt").status_code == 404
+    assert _token_client(bob).get(f"/api/v1/jobs/{logged_job.pk}/log/").status_code == 404
