@@ -13,7 +13,7 @@ from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
 from engine.errors import EngineError
 from engine.presets import PRESETS
@@ -28,6 +28,8 @@ LOG_TAIL_LINES = 40
 FAILED_LOG_LINES = 15
 MODEL_CARD_MAX_BYTES = 512 * 1024
 COMPARE_MAX_JOBS = 8
+# Messages that state a job's status ("Job 12 is queued."): the page's script removes them once it changes.
+JOB_STATE_MESSAGE = "job-state"
 
 
 # --- the jobs list --------------------------------------------------------------------------------------
@@ -63,6 +65,7 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
         "presets": list(PRESETS),
         "filtered": bool(status or preset),
         "any_active": any(row["job"].is_active for row in rows),
+        "JobStatus": Job.Status,
         "query": request.GET.urlencode(),
     }
 
@@ -169,7 +172,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         else:
             job = submission.job
             if submission.created:
-                messages.success(request, f"Job {job.pk} is queued.")
+                messages.success(request, f"Job {job.pk} is queued.", extra_tags=JOB_STATE_MESSAGE)
             else:
                 messages.info(
                     request,
@@ -214,6 +217,7 @@ def _live_context(job: Job) -> dict[str, Any]:
     stage_started = selectors.job_stage_started(job=job)
     return {
         "job": job,
+        "JobStatus": Job.Status,
         "queue_position": selectors.queue_position(job=job),
         "timeline": presentation.timeline(job, stage_started),
         "seconds_left": presentation.seconds_left(job, stage_started),
@@ -296,15 +300,21 @@ def job_log(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    """Cancel after a confirmation: the job page's button posts without `confirm` (no script: this page asks)
+    or with it (the script asked already, in a dialog); the confirmation page posts with it."""
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    if request.method != "POST" or request.POST.get("confirm") != "yes":
+        if not job.is_active:
+            return redirect("frontend:job-detail", pk=job.pk)
+        return render(request, "frontend/job_cancel.html", {"job": job, "JobStatus": Job.Status})
     try:
         services.job_cancel(job=job, by=request.user)
     except services.JobStateError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Job {job.pk} is cancelled.")
+        messages.success(request, f"Job {job.pk} is cancelled.", extra_tags=JOB_STATE_MESSAGE)
     return redirect("frontend:job-detail", pk=job.pk)
 
 
@@ -319,7 +329,7 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
     except EngineError as exc:
         messages.error(request, f"The retry was refused: {exc.message}")
     else:
-        messages.success(request, f"Job {new_job.pk} retries job {job.pk}.")
+        messages.success(request, f"Job {new_job.pk} retries job {job.pk}: it is queued.", extra_tags=JOB_STATE_MESSAGE)
         return redirect("frontend:job-detail", pk=new_job.pk)
     return redirect("frontend:job-detail", pk=job.pk)
 

@@ -70,3 +70,44 @@ def test_the_whole_log_downloads_as_text_for_its_owner_only(client_for, alice, b
 
     assert client_for(bob).get(f"/jobs/{logged_job.pk}/log.txt").status_code == 404
     assert _token_client(bob).get(f"/api/v1/jobs/{logged_job.pk}/log/").status_code == 404
+
+
+# --- cancel asks first; the page says when it does not update by itself -----------------------------------
+
+
+def test_cancel_asks_for_confirmation_before_it_cancels(client_for, alice, make_job):
+    job = make_job(alice, status=Job.Status.RUNNING, stage="calibrating")
+    as_alice = client_for(alice)
+
+    # The job page's button asks in a dialog when the script runs (data-confirm) ...
+    page = _html(as_alice.get(f"/jobs/{job.pk}/"))
+    assert re.search(rf'action="/jobs/{job.pk}/cancel/" data-confirm="Cancel job #{job.pk}\?', page)
+
+    # ... and without the script its post (no "confirm") only brings a confirmation page, as does a GET
+    for response in (as_alice.post(f"/jobs/{job.pk}/cancel/"), as_alice.get(f"/jobs/{job.pk}/cancel/")):
+        assert response.status_code == 200 and f"Cancel job #{job.pk}?" in _html(response)
+        assert 'name="confirm" value="yes"' in _html(response)
+    job.refresh_from_db()
+    assert job.status == Job.Status.RUNNING
+
+    # When she confirms, it is cancelled
+    response = as_alice.post(f"/jobs/{job.pk}/cancel/", {"confirm": "yes"}, follow=True)
+    job.refresh_from_db()
+    assert job.status == Job.Status.CANCELLED and f"Job {job.pk} is cancelled." in _html(response)
+
+
+def test_an_active_job_page_says_to_reload_without_javascript(client_for, alice, make_job, succeeded_job):
+    running = make_job(alice, status=Job.Status.RUNNING, stage="loading")
+    done = succeeded_job(alice)
+    as_alice = client_for(alice)
+    assert re.search(r"<noscript>.*reload it.*</noscript>", _html(as_alice.get(f"/jobs/{running.pk}/")), re.S)
+    assert "<noscript>" not in _html(as_alice.get(f"/jobs/{done.pk}/"))
+
+
+def test_the_pages_give_the_script_the_statuses_from_the_job_model(client_for, alice):
+    import json
+
+    html = _html(client_for(alice).get("/"))
+    data = json.loads(re.search(r'<script id="job-statuses" type="application/json">(.*?)</script>', html).group(1))
+    assert set(data["active"]) == set(Job.ACTIVE) and set(data["terminal"]) == set(Job.TERMINAL)
+    assert set(data["icons"]) == set(Job.Status.values)
