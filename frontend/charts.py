@@ -204,18 +204,21 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
 class Point:
     label: str
     size_bytes: int
-    quality: float  # recovery in percent
+    quality: float | None  # recovery in percent; None: the job ran no evaluation
     baseline: bool = False
 
 
 def size_quality_chart(points: Sequence[Point]) -> SafeString:
-    """Checkpoint size (x) against recovery (y): down and to the left loses, up and to the left wins."""
+    """Checkpoint size (x) against recovery (y): down and to the left loses, up and to the left wins. Jobs
+    without an evaluation sit on a "not evaluated" strip under the plot, at their size, instead of vanishing."""
     if not points:
         return mark_safe("")
-    width, height, left, bottom, top, right = 640, 300, 64, 44, 16, 150
+    unevaluated = [p for p in points if p.quality is None]
+    strip = 34 if unevaluated else 0
+    width, height, left, bottom, top, right = 640, 300 + strip, 64, 44 + strip, 16, 150
     plot_w, plot_h = width - left - right, height - top - bottom
     max_x = max(p.size_bytes for p in points) * 1.1 or 1
-    qualities = [p.quality for p in points]
+    qualities = [p.quality for p in points if p.quality is not None] or [100.0]
     low = math.floor(min(min(qualities), 90) / 5) * 5
     high = math.ceil(max(max(qualities), 100) / 5) * 5
     span = (high - low) or 1
@@ -223,17 +226,25 @@ def size_quality_chart(points: Sequence[Point]) -> SafeString:
     def px(size: float) -> float:
         return left + plot_w * size / max_x
 
-    def py(quality: float) -> float:
+    def py(quality: float | None) -> float:
+        if quality is None:
+            return top + plot_h + 28
         return top + plot_h * (1 - (quality - low) / span)
 
     body = [
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
-        f'<text class="label" x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+        f'<text class="label axis-label" x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
         "checkpoint size (MB)</text>",
-        f'<text class="label" x="14" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
+        f'<text class="label axis-label" x="14" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + plot_h / 2:.0f})">recovery (%)</text>',
     ]
+    if unevaluated:
+        y = py(None)
+        body.append(
+            f'<rect class="strip" x="{left}" y="{y - 12}" width="{plot_w}" height="24"/>'
+            f'<text class="tick" x="{left - 6}" y="{y + 4}" text-anchor="end">not evaluated</text>'
+        )
     for tick in range(int(low), int(high) + 1, 5 if span <= 40 else 10):
         y = py(tick)
         body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}"/>')
@@ -241,22 +252,24 @@ def size_quality_chart(points: Sequence[Point]) -> SafeString:
     for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = left + plot_w * fraction
         body.append(
-            f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
+            f'<text class="tick" x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">'
             f"{max_x * fraction / 1e6:.0f}</text>"
         )
     for point in points:
         x, y = px(point.size_bytes), py(point.quality)
-        css = "point-baseline" if point.baseline else "point"
+        css = "point-baseline" if point.baseline else "point-none" if point.quality is None else "point"
+        quality = "not evaluated" if point.quality is None else f"{point.quality:.1f} %"
         body.append(
             f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="6"><title>{escape(point.label)}: '
-            f"{point.size_bytes / 1e6:.1f} MB, {point.quality:.1f} %</title></circle>"
+            f"{point.size_bytes / 1e6:.1f} MB, {quality}</title></circle>"
             f'<text class="tick" x="{x + 9:.1f}" y="{y + 4:.1f}">{escape(point.label)}</text>'
         )
     return _svg(
         width,
         height,
         "Size against quality",
-        "Each job is a point: its checkpoint size and its recovery; the baseline model is at 100 %.",
+        "Each job is a point: its checkpoint size and its recovery; the baseline model is at 100 %"
+        + ("; jobs without an evaluation are on the strip below." if unevaluated else "."),
         body,
         "chart-scatter",
     )

@@ -337,46 +337,93 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
 # --- compare --------------------------------------------------------------------------------------------
 
 
+def _calibration_text(job: Job) -> str:
+    """What calibrated the job, short enough for a column header: "data-free", "built-in text 32 × 256"."""
+    preset = PRESETS.get(job.preset)
+    if job.calibration_kind == Job.CalibrationKind.NONE or (preset is not None and not preset.needs_calibration):
+        return "data-free"
+    source = {
+        Job.CalibrationKind.UPLOAD: job.calibration_file.name if job.calibration_file else "uploaded file",
+        Job.CalibrationKind.HUB: job.calibration_hub_dataset,
+    }.get(job.calibration_kind, job.get_calibration_kind_display().lower())
+    return f"{source} {job.calibration_samples} × {job.calibration_max_seq_len}"
+
+
+def _best_index(values: list[float | None], higher_is_better: bool) -> int | None:
+    """The column holding the best value of a row (None when fewer than two columns have one)."""
+    present = [(value, index) for index, value in enumerate(values) if value is not None]
+    if len(present) < 2:
+        return None
+    return (max(present) if higher_is_better else min(present))[1]
+
+
 @login_required
 def compare(request: HttpRequest) -> HttpResponse:
     models = selectors.job_models_for_user(user=request.user)
     model = request.GET.get("model") or (models[0] if models else "")
     candidates = (
-        list(selectors.job_list_filtered(user=request.user, status=Job.Status.SUCCEEDED, model=model)) if model else []
+        list(
+            selectors.job_list_filtered(user=request.user, status=Job.Status.SUCCEEDED, model=model).select_related(
+                "calibration_file"
+            )
+        )
+        if model
+        else []
     )
-    wanted = {_int(value) for value in request.GET.getlist("jobs")}
-    chosen = [job for job in candidates if job.pk in wanted] if wanted else candidates[:COMPARE_MAX_JOBS]
+    # Columns in the order the jobs were chosen (the order of ?jobs= in the address), else the list's order.
+    by_id = {job.pk: job for job in candidates}
+    wanted = list(dict.fromkeys(_int(value) for value in request.GET.getlist("jobs")))
+    chosen = [by_id[pk] for pk in wanted if pk in by_id] if wanted else candidates
     chosen = chosen[:COMPARE_MAX_JOBS]
-    chosen.sort(key=lambda job: job.pk)
 
     # One row per metric any chosen job has; the baseline column takes the first job's baseline value.
     labels: dict[str, str] = {}
     baseline: dict[str, float | None] = {}
+    higher_is_better: dict[str, bool] = {}
     per_job: list[dict[str, presentation.MetricRow]] = []
     for job in chosen:
         rows = {row.name: row for row in presentation.metric_rows(job.results)}
         per_job.append(rows)
         for name, row in rows.items():
             labels.setdefault(name, row.label)
+            higher_is_better.setdefault(name, row.higher_is_better)
             if baseline.get(name) is None:
                 baseline[name] = row.baseline
-    metric_table = [
-        {"label": label, "baseline": baseline.get(name), "cells": [rows.get(name) for rows in per_job]}
-        for name, label in labels.items()
+    metric_table = []
+    for name, label in labels.items():
+        cells = [rows.get(name) for rows in per_job]
+        best = _best_index([cell.compressed if cell else None for cell in cells], higher_is_better[name])
+        metric_table.append(
+            {
+                "label": label,
+                "higher_is_better": higher_is_better[name],
+                "baseline": baseline.get(name),
+                "cells": [{"row": cell, "best": index == best} for index, cell in enumerate(cells)],
+            }
+        )
+    columns = [
+        {
+            "job": job,
+            "sizes": presentation.sizes(job.results),
+            "calibration": _calibration_text(job),
+            "evaluated": bool(per_job[index]),
+        }
+        for index, job in enumerate(chosen)
     ]
-    columns = [{"job": job, "sizes": presentation.sizes(job.results)} for job in chosen]
+    smallest = _best_index([c["sizes"].after if c["sizes"] else None for c in columns], higher_is_better=False)
+    for index, column in enumerate(columns):
+        column["smallest"] = index == smallest
     points = []
     before = next((c["sizes"].before for c in columns if c["sizes"]), None)
     if before:
         points.append(charts.Point(label="baseline", size_bytes=before, quality=100.0, baseline=True))
     for column in columns:
-        recovery = presentation.headline_recovery(column["job"].results)
-        if column["sizes"] and recovery is not None:
+        if column["sizes"]:
             points.append(
                 charts.Point(
                     label=f"#{column['job'].pk} {column['job'].recipe_label}",
                     size_bytes=column["sizes"].after,
-                    quality=recovery,
+                    quality=presentation.headline_recovery(column["job"].results),
                 )
             )
     context = {

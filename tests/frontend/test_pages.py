@@ -111,3 +111,50 @@ def test_the_pages_give_the_script_the_statuses_from_the_job_model(client_for, a
     data = json.loads(re.search(r'<script id="job-statuses" type="application/json">(.*?)</script>', html).group(1))
     assert set(data["active"]) == set(Job.ACTIVE) and set(data["terminal"]) == set(Job.TERMINAL)
     assert set(data["icons"]) == set(Job.Status.values)
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+
+
+def _header_cells(html: str) -> list[str]:
+    head = html[html.index('id="compare-table"') :]
+    head = head[: head.index("</thead>")]
+    return [
+        re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", cell)).strip()
+        for cell in re.findall(r"<th[^>]*>(.*?)</th>", head, re.S)
+    ]
+
+
+def test_compare_tells_jobs_apart_marks_the_best_and_keeps_the_chosen_order(client_for, alice, succeeded_job):
+    from django.utils import timezone
+
+    # Given two fp8-dynamic jobs of different days and calibration, an int8 one, and one that ran no evaluation
+    older = succeeded_job(alice, preset="fp8-dynamic", after=164_000_000, quality=0.95)
+    newer = succeeded_job(alice, preset="fp8-dynamic", after=164_000_000, quality=0.99)
+    Job.objects.filter(pk=older.pk).update(created_at=timezone.now() - timezone.timedelta(days=3))
+    best = succeeded_job(alice, preset="int8-w8a8-gptq", after=150_000_000, quality=0.995)
+    Job.objects.filter(pk=best.pk).update(calibration_kind="builtin", calibration_samples=64)
+    bare = succeeded_job(alice, preset="w8a16-gptq", after=158_000_000, quality=0.99)
+    bare.results.pop("evaluation")
+    bare.save()
+
+    # When she compares them in her own order
+    order = [newer.pk, bare.pk, older.pk, best.pk]
+    html = _html(client_for(alice).get("/compare/", {"model": "smollm2-135m-instruct", "jobs": order}))
+
+    # Then the columns follow that order, and each header has the job's date and its calibration
+    headers = _header_cells(html)[2:]
+    assert [int(re.match(r"#(\d+)", h).group(1)) for h in headers] == order
+    assert headers[0] != headers[2], "two fp8-dynamic jobs must not have the same header"
+    older_day = (timezone.now() - timezone.timedelta(days=3)).strftime("%Y-%m-%d")
+    assert older_day in headers[2] and "calibration: data-free" in headers[0]
+    assert "calibration: built-in text 64 × 256" in headers[3]
+    # ...the job without an evaluation says so (in its header, its cells and the chart) instead of vanishing
+    assert "not evaluated" in headers[1]
+    assert html.count('class="point-none"') == 1 and f"#{bare.pk} w8a16-gptq: 158.0 MB, not evaluated" in html
+    # ...and the best value of each row is marked: the lowest perplexity, the smallest checkpoint (both int8)
+    rows = re.findall(r"<tr><th scope=\"row\"[^>]*>(.*?)</tr>", html, re.S)
+    for row in rows:
+        cells = re.findall(r"<td class=\"num( best)?\">", row)
+        assert cells[1 + order.index(best.pk)] == " best", row[:80]
+        assert cells.count(" best") == 1
