@@ -1,11 +1,13 @@
-"""Part 4, the dashboard with history: 10 000 jobs in PostgreSQL, p95 latency of the list pages.
+"""Part 4, the dashboard with history: 10 000 jobs in PostgreSQL, p95 latency of the list pages and of the
+admin's queue page.
 
 The history is bulk-created through the ORM (realistic rows: results with sizes, timings and per-layer
 errors, manifests; spread over 90 days; the newest few still queued or running), topping the database up to
 the wanted count. Measured over loopback against the bench's web server: the API list (page 1 and the last
-page) and the jobs page "/" (with a signed-in session), requests alternating. Queries per page are counted
-in-process (django.test.Client + CaptureQueriesContext on the same database): they must not grow with the
-history or the page (tests/bench/test_query_counts.py asserts the same for the API list).
+page), the jobs page "/" (with a signed-in session) and the admin queue page (a staff session), requests
+alternating. Queries per page are counted in-process (django.test.Client + CaptureQueriesContext on the same
+database): they must not grow with the history or the page (tests/bench/test_query_counts.py asserts the
+same for the API list and the admin's queue page and job list).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import requests
 
 from bench.common import Figure, percentile, verdict
-from bench.stack import Stack
+from bench.stack import Stack, bench_user
 
 TARGET_MS = 150.0
 PRESET_NAMES = ("fp8-dynamic", "int8-w8a8-gptq", "w4a16-gptq", "fp8-static", "sparse24-fp8-dynamic")
@@ -158,12 +160,16 @@ def run(stack: Stack, *, jobs: int = 10_000, requests_per_page: int = 100) -> li
     api = stack.api.new_session()
     page = requests.Session()
     page.cookies.set(settings.SESSION_COOKIE_NAME, session_cookie(stack.user), domain="127.0.0.1")
+    operator_user, _token = bench_user("bench-operator", staff=True)
+    operator = requests.Session()
+    operator.cookies.set(settings.SESSION_COOKIE_NAME, session_cookie(operator_user), domain="127.0.0.1")
 
     targets = {
         "API list page 1": (api, "/api/v1/jobs/"),
         f"API list page {last_page}": (api, f"/api/v1/jobs/?page={last_page}"),
         "jobs page /": (page, "/"),
         f"jobs page /?page={last_page}": (page, f"/?page={last_page}"),
+        "admin queue page": (operator, "/admin/jobs/job/queue/"),
     }
     # Is the jobs page there (and is it the jobs page, not a sign-in redirect)?
     probe = page.get(stack.base + "/", allow_redirects=False, timeout=30)
@@ -190,7 +196,10 @@ def run(stack: Stack, *, jobs: int = 10_000, requests_per_page: int = 100) -> li
         if time.monotonic() > deadline:
             break
 
-    queries = {name: count_queries(path, stack.user) for name, (_s, path) in targets.items()}
+    queries = {
+        name: count_queries(path, operator_user if session is operator else stack.user)
+        for name, (session, path) in targets.items()
+    }
     figures = []
     for name, values in latencies.items():
         p95 = percentile(values, 95) * 1000

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,84 +29,174 @@ def _fmt(value: float) -> str:
 
 
 def _svg(width: int, height: int, title: str, desc: str, body: list[str], css_class: str) -> SafeString:
+    """The chart in a box that scrolls sideways on a phone: the SVG keeps its natural width there (via
+    --natural-width in the CSS), so its text stays readable instead of shrinking with the screen."""
     ident = hashlib.sha1(f"{title}{desc}{len(body)}".encode()).hexdigest()[:8]
     return mark_safe(  # noqa: S308 - every data-derived string below is escaped
-        f'<svg class="chart {css_class}" viewBox="0 0 {width} {height}" role="img" '
+        f'<div class="chart-scroll" tabindex="0" role="group" aria-label="{escape(title)}">'
+        f'<svg class="chart {css_class}" viewBox="0 0 {width} {height}" role="img" style="--natural-width: {width}px" '
         f'aria-labelledby="chart-{ident}-t chart-{ident}-d" preserveAspectRatio="xMinYMin meet">'
         f'<title id="chart-{ident}-t">{escape(title)}</title><desc id="chart-{ident}-d">{escape(desc)}</desc>'
         + "".join(body)
-        + "</svg>"
+        + "</svg></div>"
     )
 
 
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+LAYER_ERROR_UNIT = "squared error of the layer's output, no unit"
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """Powers of ten from low to high (both already powers of ten)."""
+    ticks, value = [], low
+    while value <= high * 1.0001:
+        ticks.append(value)
+        value *= 10
+    return ticks
+
+
 def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
-    """One vertical bar per quantized module, in network order; hover shows the module and its error."""
+    """One bar per quantized module, in network order, on a log scale: a few outliers (often 1000x the
+    rest) would flatten every other bar on a linear one. Hover shows the module's name and its error."""
     if not errors:
         return mark_safe("")
-    width, height, left, bottom, top = 760, 220, 56, 28, 12
-    plot_w, plot_h = width - left - 8, height - bottom - top
-    peak = max(value for _name, value in errors) or 1.0
+    width, height, left, bottom, top, right = 760, 250, 64, 52, 12, 10
+    plot_w, plot_h = width - left - right, height - bottom - top
+    positive = [value for _name, value in errors if value > 0]
+    floor = 10 ** math.floor(math.log10(min(positive))) if positive else 1.0
+    ceiling = 10 ** math.ceil(math.log10(max(positive))) if positive else 10.0
+    if ceiling <= floor:
+        ceiling = floor * 10
+    decades = math.log10(ceiling) - math.log10(floor)
+
+    def bar_height(value: float) -> float:
+        # Values at or below the floor (zero included) get a sliver so that every module stays visible.
+        return max(plot_h * (math.log10(max(value, floor)) - math.log10(floor)) / decades, 1.0)
+
     step = plot_w / len(errors)
-    body = [
-        f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - 8}" y2="{top + plot_h}"/>',
+    body = []
+    for tick in _log_ticks(floor, ceiling):
+        y = top + plot_h - plot_h * (math.log10(tick) - math.log10(floor)) / decades
+        body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}"/>')
+        body.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(tick)}</text>')
+    body += [
+        f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
     ]
-    for fraction in (0.0, 0.5, 1.0):
-        y = top + plot_h * (1 - fraction)
-        body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{width - 8}" y2="{y:.1f}"/>')
-        body.append(
-            f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(peak * fraction)}</text>'
-        )
+    labelled_layers: set[str] = set()
+    layer_count = len({m.group(1) for name, _v in errors if (m := _LAYER_INDEX.search(name))})
+    every = max(1, math.ceil(layer_count / 8))
     for index, (name, value) in enumerate(errors):
-        bar_h = plot_h * (value / peak) if peak else 0
+        bar_h = bar_height(value)
         x = left + index * step
         body.append(
             f'<rect class="bar" x="{x + step * 0.1:.2f}" y="{top + plot_h - bar_h:.2f}" '
             f'width="{max(step * 0.8, 0.5):.2f}" height="{bar_h:.2f}">'
             f"<title>{escape(name)}: {_fmt(value)}</title></rect>"
         )
+        match = _LAYER_INDEX.search(name)
+        if match and match.group(1) not in labelled_layers:
+            labelled_layers.add(match.group(1))
+            if int(match.group(1)) % every == 0:
+                body.append(
+                    f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="start">'
+                    f"{match.group(1)}</text>"
+                )
+    x_label = (
+        "layer (each bar is one module of it, in network order)"
+        if labelled_layers
+        else (f"{len(errors)} quantized modules, in network order")
+    )
     body.append(
-        f'<text class="label" x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
-        f"{len(errors)} quantized modules, first layer on the left</text>"
+        f'<text class="label axis-label" x="{left + plot_w / 2:.0f}" y="{height - 8}" text-anchor="middle">'
+        f"{escape(x_label)}</text>"
+    )
+    mid = top + plot_h / 2
+    body.append(
+        f'<text class="label axis-label" x="14" y="{mid:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {mid:.0f})">error (log scale)</text>'
     )
     worst = max(errors, key=lambda item: item[1])
     return _svg(
         width,
         height,
-        "Quantization error per layer",
-        f"{len(errors)} modules; the largest error is {_fmt(worst[1])} in {worst[0]}.",
+        "Quantization error per module, log scale",
+        f"{len(errors)} modules; error is the {LAYER_ERROR_UNIT}; the largest is {_fmt(worst[1])} in {worst[0]}.",
         body,
         "chart-layers",
     )
 
 
+def _nice_ceiling(value: float) -> float:
+    """The smallest of 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k at or above value: an axis end that reads well."""
+    if value <= 0:
+        return 1.0
+    magnitude = 10 ** math.floor(math.log10(value))
+    for factor in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        if factor * magnitude >= value * 0.9999:
+            return factor * magnitude
+    return 10 * magnitude
+
+
 def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
-    """Baseline and compressed side by side for each metric, each pair scaled to its larger value."""
-    rows = [r for r in rows if r.baseline is not None and r.compressed is not None]
+    """One panel per metric, each with its own labelled axis starting at 0 and the direction that is better.
+
+    Metrics have different units and scales (perplexity ~15, KL divergence ~0.03, agreement 0..1), so they
+    never share an axis; a metric whose baseline is 0 by definition (a divergence from the baseline itself)
+    gets no baseline bar, and its compressed bar is read against its own axis, not against an empty bar.
+    """
+    rows = [r for r in rows if r.compressed is not None]
     if not rows:
         return mark_safe("")
-    label_w, bar_w, row_h = 280, 380, 44
-    width, height = label_w + bar_w + 90, 24 + row_h * len(rows)
+    label_w, bar_w, panel_h = 150, 480, 78
+    width, height = label_w + bar_w + 100, 26 + panel_h * len(rows)
     body = [
-        '<rect class="bar-baseline" x="8" y="4" width="12" height="10"/>'
-        '<text class="tick" x="24" y="13">baseline</text>'
-        '<rect class="bar-compressed" x="96" y="4" width="12" height="10"/>'
-        '<text class="tick" x="112" y="13">compressed</text>'
+        '<rect class="bar-baseline" x="8" y="6" width="12" height="10"/>'
+        '<text class="tick" x="24" y="15">baseline</text>'
+        '<rect class="bar-compressed" x="96" y="6" width="12" height="10"/>'
+        '<text class="tick" x="112" y="15">compressed</text>'
     ]
     for index, row in enumerate(rows):
-        y = 24 + index * row_h
-        peak = max(abs(row.baseline), abs(row.compressed)) or 1.0
-        label = row.label if len(row.label) <= 40 else row.label[:39] + "…"
-        body.append(f'<text class="label" x="{label_w - 8}" y="{y + 22}" text-anchor="end">{escape(label)}</text>')
-        for offset, css, value in ((2, "bar-baseline", row.baseline), (20, "bar-compressed", row.compressed)):
+        y = 26 + index * panel_h
+        has_baseline = row.baseline is not None and row.baseline != 0
+        peak = _nice_ceiling(max(abs(row.compressed), abs(row.baseline or 0)))
+        direction = "higher is better ↑" if row.higher_is_better else "lower is better ↓"
+        label = row.label if len(row.label) <= 70 else row.label[:69] + "…"
+        body.append(
+            f'<text class="label metric-name" x="8" y="{y + 14}">{escape(label)} '
+            f'<tspan class="direction">({direction})</tspan></text>'
+        )
+        bars = [(22, "bar-baseline", row.baseline)] if has_baseline else []
+        bars.append((40, "bar-compressed", row.compressed))
+        if not has_baseline:
+            note = "baseline: none" if row.baseline is None else "baseline: 0 by definition, no bar"
+            body.append(f'<text class="tick" x="{label_w - 8}" y="{y + 34}" text-anchor="end">{note}</text>')
+        for offset, css, value in bars:
             length = bar_w * abs(value) / peak
             body.append(
-                f'<rect class="{css}" x="{label_w}" y="{y + offset}" width="{length:.1f}" height="15">'
-                f"<title>{escape(row.label)} {css.removeprefix('bar-')}: {_fmt(value)}</title></rect>"
-                f'<text class="tick" x="{label_w + length + 4:.1f}" y="{y + offset + 12}">{_fmt(value)}</text>'
+                f'<text class="tick" x="{label_w - 8}" y="{y + offset + 11}" text-anchor="end">'
+                f"{css.removeprefix('bar-')}</text>"
+                f'<rect class="{css}" x="{label_w}" y="{y + offset}" width="{length:.1f}" height="14">'
+                f"<title>{escape(row.label)} {css.removeprefix('bar-')}: {_fmt(value)}{escape(row.unit)}</title></rect>"
+                f'<text class="tick value" x="{label_w + length + 4:.1f}" y="{y + offset + 11}">'
+                f"{_fmt(value)}{escape(row.unit)}</text>"
+            )
+        axis_y = y + 58
+        body.append(f'<line class="axis" x1="{label_w}" y1="{axis_y}" x2="{label_w + bar_w}" y2="{axis_y}"/>')
+        for fraction in (0.0, 0.5, 1.0):
+            x = label_w + bar_w * fraction
+            body.append(
+                f'<line class="axis" x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 4}"/>'
+                f'<text class="tick axis-tick" x="{x:.1f}" y="{axis_y + 15}" text-anchor="middle">'
+                f"{_fmt(peak * fraction)}{escape(row.unit)}</text>"
             )
     return _svg(
-        width, height, "Offline metrics, baseline and compressed", "One pair of bars per metric.", body, "chart-metrics"
+        width,
+        height,
+        "Offline metrics, baseline and compressed",
+        "One panel per metric, each on its own axis from 0, with the direction that is better.",
+        body,
+        "chart-metrics",
     )
 
 
@@ -113,18 +204,21 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
 class Point:
     label: str
     size_bytes: int
-    quality: float  # recovery in percent
+    quality: float | None  # recovery in percent; None: the job ran no evaluation
     baseline: bool = False
 
 
 def size_quality_chart(points: Sequence[Point]) -> SafeString:
-    """Checkpoint size (x) against recovery (y): down and to the left loses, up and to the left wins."""
+    """Checkpoint size (x) against recovery (y): down and to the left loses, up and to the left wins. Jobs
+    without an evaluation sit on a "not evaluated" strip under the plot, at their size, instead of vanishing."""
     if not points:
         return mark_safe("")
-    width, height, left, bottom, top, right = 640, 300, 64, 44, 16, 150
+    unevaluated = [p for p in points if p.quality is None]
+    strip = 34 if unevaluated else 0
+    width, height, left, bottom, top, right = 640, 300 + strip, 64, 44 + strip, 16, 150
     plot_w, plot_h = width - left - right, height - top - bottom
     max_x = max(p.size_bytes for p in points) * 1.1 or 1
-    qualities = [p.quality for p in points]
+    qualities = [p.quality for p in points if p.quality is not None] or [100.0]
     low = math.floor(min(min(qualities), 90) / 5) * 5
     high = math.ceil(max(max(qualities), 100) / 5) * 5
     span = (high - low) or 1
@@ -132,17 +226,25 @@ def size_quality_chart(points: Sequence[Point]) -> SafeString:
     def px(size: float) -> float:
         return left + plot_w * size / max_x
 
-    def py(quality: float) -> float:
+    def py(quality: float | None) -> float:
+        if quality is None:
+            return top + plot_h + 28
         return top + plot_h * (1 - (quality - low) / span)
 
     body = [
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
-        f'<text class="label" x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+        f'<text class="label axis-label" x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
         "checkpoint size (MB)</text>",
-        f'<text class="label" x="14" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
+        f'<text class="label axis-label" x="14" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + plot_h / 2:.0f})">recovery (%)</text>',
     ]
+    if unevaluated:
+        y = py(None)
+        body.append(
+            f'<rect class="strip" x="{left}" y="{y - 12}" width="{plot_w}" height="24"/>'
+            f'<text class="tick" x="{left - 6}" y="{y + 4}" text-anchor="end">not evaluated</text>'
+        )
     for tick in range(int(low), int(high) + 1, 5 if span <= 40 else 10):
         y = py(tick)
         body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}"/>')
@@ -150,22 +252,24 @@ def size_quality_chart(points: Sequence[Point]) -> SafeString:
     for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = left + plot_w * fraction
         body.append(
-            f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
+            f'<text class="tick" x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">'
             f"{max_x * fraction / 1e6:.0f}</text>"
         )
     for point in points:
         x, y = px(point.size_bytes), py(point.quality)
-        css = "point-baseline" if point.baseline else "point"
+        css = "point-baseline" if point.baseline else "point-none" if point.quality is None else "point"
+        quality = "not evaluated" if point.quality is None else f"{point.quality:.1f} %"
         body.append(
             f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="6"><title>{escape(point.label)}: '
-            f"{point.size_bytes / 1e6:.1f} MB, {point.quality:.1f} %</title></circle>"
+            f"{point.size_bytes / 1e6:.1f} MB, {quality}</title></circle>"
             f'<text class="tick" x="{x + 9:.1f}" y="{y + 4:.1f}">{escape(point.label)}</text>'
         )
     return _svg(
         width,
         height,
         "Size against quality",
-        "Each job is a point: its checkpoint size and its recovery; the baseline model is at 100 %.",
+        "Each job is a point: its checkpoint size and its recovery; the baseline model is at 100 %"
+        + ("; jobs without an evaluation are on the strip below." if unevaluated else "."),
         body,
         "chart-scatter",
     )

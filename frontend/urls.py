@@ -10,6 +10,7 @@ urlpatterns = [
     path("jobs/new/", views.job_new, name="job-new"),
     path("jobs/<int:pk>/", views.job_detail, name="job-detail"),
     path("jobs/<int:pk>/live/", views.job_live, name="job-live"),
+    path("jobs/<int:pk>/log.txt", views.job_log, name="job-log"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
     path("compare/", views.compare, name="compare"),

@@ -12,13 +12,13 @@ from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST
 
 from engine.errors import EngineError
 from engine.presets import PRESETS
 from frontend import charts, presentation
 from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
-from jobs import downloads, selectors, services
+from jobs import downloads, logtext, selectors, services
 from jobs.inputs import JobInput
 from jobs.models import Job
 from jobs.ratelimit import RateLimited
@@ -29,6 +29,8 @@ LOG_TAIL_LINES = 40
 FAILED_LOG_LINES = 15
 MODEL_CARD_MAX_BYTES = 512 * 1024
 COMPARE_MAX_JOBS = 8
+# Messages that state a job's status ("Job 12 is queued."): the page's script removes them once it changes.
+JOB_STATE_MESSAGE = "job-state"
 
 
 # --- the jobs list --------------------------------------------------------------------------------------
@@ -64,6 +66,7 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
         "presets": list(PRESETS),
         "filtered": bool(status or preset),
         "any_active": any(row["job"].is_active for row in rows),
+        "JobStatus": Job.Status,
         "query": request.GET.urlencode(),
     }
 
@@ -145,7 +148,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         else:
             job = submission.job
             if submission.created:
-                messages.success(request, f"Job {job.pk} is queued.")
+                messages.success(request, f"Job {job.pk} is queued.", extra_tags=JOB_STATE_MESSAGE)
             else:
                 messages.info(
                     request,
@@ -190,10 +193,11 @@ def _live_context(job: Job) -> dict[str, Any]:
     stage_started = selectors.job_stage_started(job=job)
     return {
         "job": job,
+        "JobStatus": Job.Status,
         "queue_position": selectors.queue_position(job=job),
         "timeline": presentation.timeline(job, stage_started),
         "seconds_left": presentation.seconds_left(job, stage_started),
-        "log_lines": selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES),
+        "log_lines": logtext.public_lines(selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES)),
         "stage_label": Job.Stage(job.stage).label if job.stage in Job.Stage.values else job.stage,
     }
 
@@ -252,7 +256,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if job.status == Job.Status.SUCCEEDED:
         context.update(_results_context(job))
     if job.status == Job.Status.FAILED:
-        context["failed_log"] = selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES)
+        context["failed_log"] = logtext.public_lines(selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES))
     context["preset_info"] = PRESETS.get(job.preset)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
     return render(request, "frontend/job_detail.html", context)
@@ -266,15 +270,27 @@ def job_live(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+def job_log(request: HttpRequest, pk: int) -> HttpResponse:
+    """The whole log as text/plain (the owner's, or staff's: others get 404 like every job URL)."""
+    return logtext.log_response(selectors.job_get_for_user(user=request.user, job_id=pk))
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
 def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    """Cancel after a confirmation: the job page's button posts without `confirm` (no script: this page asks)
+    or with it (the script asked already, in a dialog); the confirmation page posts with it."""
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    if request.method != "POST" or request.POST.get("confirm") != "yes":
+        if not job.is_active:
+            return redirect("frontend:job-detail", pk=job.pk)
+        return render(request, "frontend/job_cancel.html", {"job": job, "JobStatus": Job.Status})
     try:
         services.job_cancel(job=job, by=request.user)
     except services.JobStateError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Job {job.pk} is cancelled.")
+        messages.success(request, f"Job {job.pk} is cancelled.", extra_tags=JOB_STATE_MESSAGE)
     return redirect("frontend:job-detail", pk=job.pk)
 
 
@@ -289,7 +305,7 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
     except (EngineError, RateLimited) as exc:
         messages.error(request, f"The retry was refused: {exc.message}")
     else:
-        messages.success(request, f"Job {new_job.pk} retries job {job.pk}.")
+        messages.success(request, f"Job {new_job.pk} retries job {job.pk}: it is queued.", extra_tags=JOB_STATE_MESSAGE)
         return redirect("frontend:job-detail", pk=new_job.pk)
     return redirect("frontend:job-detail", pk=job.pk)
 
@@ -297,46 +313,93 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
 # --- compare --------------------------------------------------------------------------------------------
 
 
+def _calibration_text(job: Job) -> str:
+    """What calibrated the job, short enough for a column header: "data-free", "built-in text 32 × 256"."""
+    preset = PRESETS.get(job.preset)
+    if job.calibration_kind == Job.CalibrationKind.NONE or (preset is not None and not preset.needs_calibration):
+        return "data-free"
+    source = {
+        Job.CalibrationKind.UPLOAD: job.calibration_file.name if job.calibration_file else "uploaded file",
+        Job.CalibrationKind.HUB: job.calibration_hub_dataset,
+    }.get(job.calibration_kind, job.get_calibration_kind_display().lower())
+    return f"{source} {job.calibration_samples} × {job.calibration_max_seq_len}"
+
+
+def _best_index(values: list[float | None], higher_is_better: bool) -> int | None:
+    """The column holding the best value of a row (None when fewer than two columns have one)."""
+    present = [(value, index) for index, value in enumerate(values) if value is not None]
+    if len(present) < 2:
+        return None
+    return (max(present) if higher_is_better else min(present))[1]
+
+
 @login_required
 def compare(request: HttpRequest) -> HttpResponse:
     models = selectors.job_models_for_user(user=request.user)
     model = request.GET.get("model") or (models[0] if models else "")
     candidates = (
-        list(selectors.job_list_filtered(user=request.user, status=Job.Status.SUCCEEDED, model=model)) if model else []
+        list(
+            selectors.job_list_filtered(user=request.user, status=Job.Status.SUCCEEDED, model=model).select_related(
+                "calibration_file"
+            )
+        )
+        if model
+        else []
     )
-    wanted = {_int(value) for value in request.GET.getlist("jobs")}
-    chosen = [job for job in candidates if job.pk in wanted] if wanted else candidates[:COMPARE_MAX_JOBS]
+    # Columns in the order the jobs were chosen (the order of ?jobs= in the address), else the list's order.
+    by_id = {job.pk: job for job in candidates}
+    wanted = list(dict.fromkeys(_int(value) for value in request.GET.getlist("jobs")))
+    chosen = [by_id[pk] for pk in wanted if pk in by_id] if wanted else candidates
     chosen = chosen[:COMPARE_MAX_JOBS]
-    chosen.sort(key=lambda job: job.pk)
 
     # One row per metric any chosen job has; the baseline column takes the first job's baseline value.
     labels: dict[str, str] = {}
     baseline: dict[str, float | None] = {}
+    higher_is_better: dict[str, bool] = {}
     per_job: list[dict[str, presentation.MetricRow]] = []
     for job in chosen:
         rows = {row.name: row for row in presentation.metric_rows(job.results)}
         per_job.append(rows)
         for name, row in rows.items():
             labels.setdefault(name, row.label)
+            higher_is_better.setdefault(name, row.higher_is_better)
             if baseline.get(name) is None:
                 baseline[name] = row.baseline
-    metric_table = [
-        {"label": label, "baseline": baseline.get(name), "cells": [rows.get(name) for rows in per_job]}
-        for name, label in labels.items()
+    metric_table = []
+    for name, label in labels.items():
+        cells = [rows.get(name) for rows in per_job]
+        best = _best_index([cell.compressed if cell else None for cell in cells], higher_is_better[name])
+        metric_table.append(
+            {
+                "label": label,
+                "higher_is_better": higher_is_better[name],
+                "baseline": baseline.get(name),
+                "cells": [{"row": cell, "best": index == best} for index, cell in enumerate(cells)],
+            }
+        )
+    columns = [
+        {
+            "job": job,
+            "sizes": presentation.sizes(job.results),
+            "calibration": _calibration_text(job),
+            "evaluated": bool(per_job[index]),
+        }
+        for index, job in enumerate(chosen)
     ]
-    columns = [{"job": job, "sizes": presentation.sizes(job.results)} for job in chosen]
+    smallest = _best_index([c["sizes"].after if c["sizes"] else None for c in columns], higher_is_better=False)
+    for index, column in enumerate(columns):
+        column["smallest"] = index == smallest
     points = []
     before = next((c["sizes"].before for c in columns if c["sizes"]), None)
     if before:
         points.append(charts.Point(label="baseline", size_bytes=before, quality=100.0, baseline=True))
     for column in columns:
-        recovery = presentation.headline_recovery(column["job"].results)
-        if column["sizes"] and recovery is not None:
+        if column["sizes"]:
             points.append(
                 charts.Point(
                     label=f"#{column['job'].pk} {column['job'].recipe_label}",
                     size_bytes=column["sizes"].after,
-                    quality=recovery,
+                    quality=presentation.headline_recovery(column["job"].results),
                 )
             )
     context = {

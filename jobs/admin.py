@@ -3,6 +3,8 @@ queue page showing the workers online, what each runs, the queue lengths and the
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
@@ -11,6 +13,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from engine.errors import EngineError
 from jobs import selectors, services
@@ -48,7 +51,7 @@ class JobAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     ordering = ["-created_at"]
     list_per_page = 50
-    readonly_fields = [f.name for f in Job._meta.fields] + ["recent_log"]
+    readonly_fields = [f.name for f in Job._meta.fields] + ["recent_log", "results_table", "manifest_table"]
     fieldsets = [
         ("Request", {"fields": [
             "owner", "model_source", "model_revision", "preset", "recipe_yaml", "resolved_recipe",
@@ -60,7 +63,7 @@ class JobAdmin(admin.ModelAdmin):
             "status", "stage", "message", "step", "total", "percent", "error", "created_at", "started_at",
             "finished_at", "heartbeat_at", "celery_task_id", "queue", "worker", "requeue_count",
         ]}),
-        ("Output", {"fields": ["results", "artifacts_path", "manifest", "recent_log"]}),
+        ("Output", {"fields": ["results_table", "artifacts_path", "manifest_table", "recent_log"]}),
     ]  # fmt: skip
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -75,7 +78,24 @@ class JobAdmin(admin.ModelAdmin):
 
     @admin.display(description="Place in queue")
     def queue_position_display(self, job: Job) -> int | None:
-        return selectors.queue_position(job=job)
+        return getattr(job, "queue_place", None)  # set for the whole page at once in get_changelist_instance
+
+    def get_changelist_instance(self, request: HttpRequest):
+        """The list's rows get their place in the queue from one query, not one query per row."""
+        changelist = super().get_changelist_instance(request)
+        if any(job.status == Job.Status.QUEUED for job in changelist.result_list):
+            positions = selectors.queue_positions()
+            for job in changelist.result_list:
+                job.queue_place = positions.get(job.pk)
+        return changelist
+
+    @admin.display(description="Results")
+    def results_table(self, job: Job) -> SafeString:
+        return readable_json(job.results)
+
+    @admin.display(description="Manifest")
+    def manifest_table(self, job: Job) -> SafeString:
+        return readable_json(job.manifest)
 
     @admin.display(description="Duration")
     def duration(self, job: Job) -> str:
@@ -141,30 +161,81 @@ class JobAdmin(admin.ModelAdmin):
     def get_urls(self):
         return [
             path("queue/", self.admin_site.admin_view(self.queue_view), name="jobs_job_queue"),
+            path("queue/workers/", self.admin_site.admin_view(self.workers_view), name="jobs_job_queue_workers"),
             *super().get_urls(),
         ]
 
     def queue_view(self, request: HttpRequest) -> HttpResponse:
-        overview = selectors.queue_overview()
         context = {
             **self.admin_site.each_context(request),
             "title": "Queue and workers",
             "opts": self.model._meta,
-            "overview": overview,
-            "waiting": _with_positions(overview.waiting),
+            "overview": selectors.queue_overview(),
             "changelist_url": reverse("admin:jobs_job_changelist"),
         }
         return TemplateResponse(request, "admin/jobs/job/queue.html", context)
 
+    def workers_view(self, request: HttpRequest) -> HttpResponse:
+        """The workers table alone: asking the workers takes up to a second, so the queue page loads it apart."""
+        workers, error = selectors.worker_overview()
+        context = {"workers": workers, "error": error}
+        if request.headers.get("X-Requested-With") == "fetch":  # the queue page's script inserts the table
+            return TemplateResponse(request, "admin/jobs/job/_workers.html", context)
+        context.update(self.admin_site.each_context(request), title="Workers online", opts=self.model._meta)
+        return TemplateResponse(request, "admin/jobs/job/workers.html", context)
 
-def _with_positions(jobs: list[Job]) -> list[tuple[int, Job]]:
-    """Number the waiting jobs within each queue (they arrive in queue order)."""
-    seen: dict[str, int] = {}
-    numbered = []
-    for job in jobs:
-        seen[job.queue] = seen.get(job.queue, 0) + 1
-        numbered.append((seen[job.queue], job))
-    return numbered
+
+# The admin's home page links to the queue page (the template adds it above the list of models).
+admin.site.index_template = "admin/jobs/index.html"
+
+_MAX_ROWS = 30
+
+
+def readable_json(value: Any) -> SafeString:
+    """Stored JSON (results, manifest) as nested tables an operator can read; long lists are cut."""
+    if value is None or value == {} or value == []:
+        return format_html('<span class="quiet">{}</span>', "none")
+    return _json_html(value)
+
+
+def _json_html(value: Any) -> SafeString:
+    if isinstance(value, dict):
+        rows = format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", ((k, _json_html(v)) for k, v in value.items()))
+        return format_html('<table class="json-table"><tbody>{}</tbody></table>', rows)
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        columns = list(dict.fromkeys(key for item in value[:_MAX_ROWS] for key in item))
+        head = format_html_join("", "<th>{}</th>", ((c,) for c in columns))
+        body = format_html_join(
+            "",
+            "<tr>{}</tr>",
+            (
+                (format_html_join("", "<td>{}</td>", ((_json_html(item.get(c, "")),) for c in columns)),)
+                for item in value[:_MAX_ROWS]
+            ),
+        )
+        more = (
+            f"{len(value) - _MAX_ROWS} more rows (all of them: the API's results endpoint)"
+            if len(value) > _MAX_ROWS
+            else ""
+        )
+        return format_html(
+            '<table class="json-table"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>{}',
+            head,
+            body,
+            format_html('<p class="help">{}</p>', more) if more else "",
+        )
+    if isinstance(value, list):
+        shown = ", ".join(_scalar(item) for item in value[:_MAX_ROWS])
+        return format_html("{}{}", shown, f" … ({len(value)} in all)" if len(value) > _MAX_ROWS else "")
+    if isinstance(value, str) and "\n" in value:
+        return format_html('<pre style="white-space:pre-wrap;margin:0">{}</pre>', value)
+    return format_html("{}", _scalar(value))
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
 
 
 @admin.register(CalibrationDataset)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.shortcuts import get_object_or_404
 
 from jobs.models import CalibrationDataset, Job, JobLogLine
@@ -15,7 +15,9 @@ from jobs.models import CalibrationDataset, Job, JobLogLine
 logger = logging.getLogger(__name__)
 
 QUEUE_NAMES = ("gpu", "cpu", "light")
-_QUEUE_ORDER = ("-priority", "created_at", "id")
+# The order workers take waiting jobs in: priority (9 first), then submission time, then id. The one home of
+# it: the lists, the job page, the API and the admin all number waiting jobs through the functions below.
+QUEUE_ORDER = ("-priority", "created_at", "id")
 
 
 def job_list_for_user(*, user: AbstractBaseUser, status: str | None = None) -> QuerySet[Job]:
@@ -34,31 +36,36 @@ def job_get_for_user(*, user: AbstractBaseUser, job_id: int) -> Job:
 
 
 def queued_jobs(*, queue: str | None = None) -> QuerySet[Job]:
-    """Waiting jobs in the order workers will take them: priority (9 first), then submission time."""
+    """Waiting jobs in the order workers will take them (QUEUE_ORDER)."""
     jobs = Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")
     if queue:
         jobs = jobs.filter(queue=queue)
-    return jobs.order_by(*_QUEUE_ORDER)
+    return jobs.order_by(*QUEUE_ORDER)
+
+
+def _ahead_of(job: Job) -> Q:
+    """Waiting jobs that come before `job` in QUEUE_ORDER: ahead on the first field that differs."""
+    ahead, same = Q(pk__in=[]), Q()
+    for key in QUEUE_ORDER:
+        name = key.lstrip("-")
+        value = getattr(job, name)
+        ahead |= same & Q(**{f"{name}__{'gt' if key.startswith('-') else 'lt'}": value})
+        same &= Q(**{name: value})
+    return ahead
 
 
 def queue_position(*, job: Job) -> int | None:
-    """1 for the next job its queue hands out; None when the job is not waiting."""
+    """1 for the next job its queue hands out; None when the job is not waiting (one COUNT on the index)."""
     if job.status != Job.Status.QUEUED:
         return None
-    ahead = Job.objects.filter(status=Job.Status.QUEUED, queue=job.queue).filter(
-        Q(priority__gt=job.priority)
-        | Q(priority=job.priority, created_at__lt=job.created_at)
-        | Q(priority=job.priority, created_at=job.created_at, id__lt=job.pk)
-    )
-    return ahead.count() + 1
+    return Job.objects.filter(status=Job.Status.QUEUED, queue=job.queue).filter(_ahead_of(job)).count() + 1
 
 
 def queue_positions() -> dict[int, int]:
     """The position of every waiting job in its queue, in one query (for list pages: no query per row)."""
     positions: dict[int, int] = {}
     seen_per_queue: dict[str, int] = {}
-    waiting = Job.objects.filter(status=Job.Status.QUEUED).order_by("-priority", "created_at", "id")
-    for job_id, queue in waiting.values_list("id", "queue"):
+    for job_id, queue in queued_jobs().values_list("id", "queue"):
         seen_per_queue[queue] = seen_per_queue.get(queue, 0) + 1
         positions[job_id] = seen_per_queue[queue]
     return positions
@@ -85,10 +92,35 @@ class WorkerInfo:
 
 
 @dataclass
+class QueueCount:
+    """One queue as the database and the broker see it; the two can differ, and `note` says why."""
+
+    name: str
+    waiting_jobs: int
+    messages: int | None  # None: the broker did not answer
+
+    @property
+    def note(self) -> str:
+        if self.messages is None or self.messages == self.waiting_jobs:
+            return ""
+        if self.messages > self.waiting_jobs:
+            extra = self.messages - self.waiting_jobs
+            return (
+                f"{extra} message(s) belong to no waiting job: their jobs were cancelled, or already taken "
+                "and re-queued. A worker takes each and drops it without running anything."
+            )
+        missing = self.waiting_jobs - self.messages
+        return (
+            f"{missing} waiting job(s) have no message in the broker right now: a worker has already "
+            "reserved it (it starts when the worker is free), or the message is being re-published."
+        )
+
+
+@dataclass
 class QueueOverview:
-    workers: list[WorkerInfo]
-    queue_lengths: dict[str, int | None]
-    waiting: list[Job]
+    queues: list[QueueCount]
+    waiting: list[tuple[int, Job]]  # (position in its queue, job), in the order workers take them
+    running: list[Job]
     error: str = ""
 
 
@@ -100,32 +132,61 @@ def active_task_ids(*, timeout: float = 2.0) -> set[str]:
     return {task["id"] for tasks in active.values() for task in tasks}
 
 
-def queue_overview(*, timeout: float = 1.0) -> QueueOverview:
-    """Workers online and what each runs, messages per queue in Redis, and the waiting jobs in order."""
+def broker_queue_lengths() -> dict[str, int]:
+    """Messages per queue in the broker (all priority levels); raises when the broker does not answer."""
+    from compressor_app.celery import app
+
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        return {name: channel.queue_declare(queue=name).message_count for name in QUEUE_NAMES}
+
+
+def queue_overview(*, waiting_limit: int = 200) -> QueueOverview:
+    """The queue page: waiting and running jobs from the database (the truth about jobs), with the broker's
+    message count per queue beside the database's. A fixed number of queries, however long the queue;
+    it never waits for workers to answer (worker_overview does, on its own request)."""
+    positions = queue_positions()
+    waiting = [(positions[job.pk], job) for job in queued_jobs()[:waiting_limit] if job.pk in positions]
+    counts = dict(
+        Job.objects.filter(status=Job.Status.QUEUED)
+        .order_by()
+        .values("queue")
+        .annotate(n=Count("id"))
+        .values_list("queue", "n")
+    )
+    running = list(Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").order_by("started_at"))
+    error = ""
+    try:
+        lengths: dict[str, int | None] = {**broker_queue_lengths()}
+    except Exception as exc:  # noqa: BLE001 - the page still shows the database's view
+        logger.warning("Broker queue lengths unavailable: %s", exc)
+        lengths, error = {}, f"The broker did not answer: {exc}"
+    names = list(QUEUE_NAMES) + sorted(set(counts) - set(QUEUE_NAMES))
+    queues = [QueueCount(name=n, waiting_jobs=counts.get(n, 0), messages=lengths.get(n)) for n in names]
+    return QueueOverview(queues=queues, waiting=waiting, running=running, error=error)
+
+
+def worker_overview(*, timeout: float = 1.0) -> tuple[list[WorkerInfo], str]:
+    """Workers online and what each runs. It asks every worker and waits `timeout` for the answers, so the
+    queue page loads it separately. Returns (workers, error text)."""
     from compressor_app.celery import app
 
     workers: list[WorkerInfo] = []
-    lengths: dict[str, int | None] = {name: None for name in QUEUE_NAMES}
-    error = ""
     try:
         inspect = app.control.inspect(timeout=timeout)
         active = inspect.active() or {}
         queues = inspect.active_queues() or {}
-        task_ids = {task["id"] for tasks in active.values() for task in tasks}
-        jobs_by_task = {j.celery_task_id: j for j in Job.objects.filter(celery_task_id__in=task_ids)}
-        for name in sorted(set(active) | set(queues)):
-            info = WorkerInfo(name=name, queues=sorted(q["name"] for q in queues.get(name, [])))
-            for task in active.get(name, []):
-                info.running.append({"task_id": task["id"], "name": task["name"], "job": jobs_by_task.get(task["id"])})
-            workers.append(info)
-        with app.connection_for_read() as conn:
-            channel = conn.default_channel
-            for name in QUEUE_NAMES:
-                lengths[name] = channel.queue_declare(queue=name).message_count  # counts all priority levels
-    except Exception as exc:  # noqa: BLE001 - the page still shows the database's view
-        logger.warning("Queue overview incomplete: %s", exc)
-        error = f"The broker or the workers did not answer: {exc}"
-    return QueueOverview(workers=workers, queue_lengths=lengths, waiting=list(queued_jobs()[:200]), error=error)
+    except Exception as exc:  # noqa: BLE001 - shown on the page instead of an error page
+        logger.warning("Worker overview unavailable: %s", exc)
+        return workers, f"The workers did not answer: {exc}"
+    task_ids = {task["id"] for tasks in active.values() for task in tasks}
+    jobs_by_task = {j.celery_task_id: j for j in Job.objects.filter(celery_task_id__in=task_ids)}
+    for name in sorted(set(active) | set(queues)):
+        info = WorkerInfo(name=name, queues=sorted(q["name"] for q in queues.get(name, [])))
+        for task in active.get(name, []):
+            info.running.append({"task_id": task["id"], "name": task["name"], "job": jobs_by_task.get(task["id"])})
+        workers.append(info)
+    return workers, ""
 
 
 # --- used by frontend (the dashboard pages); appended by the frontend work, read-only queries -------------

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 
 from django import template
-from django.utils.html import escape
+from django.utils.html import escape, json_script
 from django.utils.safestring import SafeString, mark_safe
 
 from frontend.presentation import duration_text
+from jobs.models import Job
 
 register = template.Library()
 
@@ -78,7 +79,29 @@ def mb(value) -> str:
     return f"{number / 1e6:.1f} MB"
 
 
+# A text symbol beside each status word (the colour is never the only signal); app.js reads the same map.
+STATUS_ICONS = {
+    Job.Status.QUEUED: "◷",
+    Job.Status.RUNNING: "▶",
+    Job.Status.SUCCEEDED: "✓",
+    Job.Status.FAILED: "✕",
+    Job.Status.CANCELLED: "⊘",
+}
+
+
 @register.filter
 def status_icon(status: str) -> str:
-    """A text symbol beside each status word (the colour is never the only signal)."""
-    return {"queued": "◷", "running": "▶", "succeeded": "✓", "failed": "✕", "cancelled": "⊘"}.get(status, "•")
+    return STATUS_ICONS.get(status, "•")
+
+
+@register.simple_tag
+def job_statuses_json() -> SafeString:
+    """The statuses for app.js, from Job itself: which are active (keep polling) and each one's icon."""
+    return json_script(
+        {
+            "active": sorted(Job.ACTIVE),
+            "terminal": sorted(Job.TERMINAL),
+            "icons": {str(status): icon for status, icon in STATUS_ICONS.items()},
+        },
+        "job-statuses",
+    )

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 
 from engine.errors import EngineError
 from engine.presets import PRESETS
-from jobs import downloads, selectors, services
+from jobs import downloads, logtext, selectors, services
 from jobs.api.serializers import (
     CalibrationDatasetSerializer,
     JobCreateSerializer,
@@ -161,6 +161,12 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
                 "status": job.status,
             }
         )
+
+    @extend_schema(responses={(200, "text/plain"): OpenApiTypes.STR})
+    @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
+    def log(self, request: Request, pk: str | None = None):
+        """The whole log as text/plain (times in UTC, no server paths), as the job page's download."""
+        return logtext.log_response(self.get_object())
 
     @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
     @action(detail=True, methods=["get"])

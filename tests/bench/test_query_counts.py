@@ -86,3 +86,30 @@ def test_api_list_last_page_costs_the_same_as_the_first(api, owner):
     first = _list_queries(api, "/api/v1/jobs/?page=1")
     last = _list_queries(api, "/api/v1/jobs/?page=8")
     assert first == last
+
+
+@pytest.fixture
+def operator(django_user_model):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(django_user_model.objects.create_user(username="root", is_staff=True, is_superuser=True))
+    return client
+
+
+def _page_queries(client, path: str) -> int:
+    client.get(path)  # warm: session, content types
+    with CaptureQueriesContext(connection) as ctx:
+        response = client.get(path)
+    assert response.status_code == 200, response.content[:300]
+    return len(ctx.captured_queries)
+
+
+@pytest.mark.parametrize("path", ["/admin/jobs/job/queue/", "/admin/jobs/job/"])
+def test_admin_queue_pages_queries_do_not_grow_with_queued_jobs(operator, owner, path):
+    # The queue page numbers every waiting job and the job list shows each row's place in the queue
+    _add_jobs(owner, 10, "queued")
+    small = _page_queries(operator, path)
+    _add_jobs(owner, 190, "queued")
+    large = _page_queries(operator, path)
+    assert large == small, f"{path}: {small} queries with 10 queued jobs, {large} with 200: a query per row"

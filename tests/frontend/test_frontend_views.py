@@ -255,7 +255,7 @@ def test_cancel_and_retry_call_the_services(client_for, alice, make_job, builtin
     job = make_job(alice, calibration_kind="builtin")
     as_alice = client_for(alice)
 
-    assert as_alice.post(f"/jobs/{job.pk}/cancel/").status_code == 302
+    assert as_alice.post(f"/jobs/{job.pk}/cancel/", {"confirm": "yes"}).status_code == 302
     job.refresh_from_db()
     assert job.status == "cancelled"
 
@@ -263,7 +263,7 @@ def test_cancel_and_retry_call_the_services(client_for, alice, make_job, builtin
     retry = Job.objects.get(retry_of=job)
     assert response["Location"] == f"/jobs/{retry.pk}/" and retry.attempt == 2 and retry.status == "queued"
     # Cancelling twice is refused politely
-    as_alice.post(f"/jobs/{job.pk}/cancel/")
+    as_alice.post(f"/jobs/{job.pk}/cancel/", {"confirm": "yes"})
     assert "already cancelled" in _html(as_alice.get(f"/jobs/{job.pk}/"))
 
 

@@ -5,7 +5,12 @@
 
   var ACTIVE_MS = 2000;   // while jobs run
   var IDLE_MS = 15000;
-  var ICONS = { queued: "◷", running: "▶", succeeded: "✓", failed: "✕", cancelled: "⊘" };  // as the status_icon filter    // the jobs list keeps an eye out for jobs submitted elsewhere (API, another tab)
+  var STATUSES = readJson("job-statuses") || { active: [], terminal: [], icons: {} };  // rendered from jobs.models.Job
+
+  function readJson(id) {
+    var element = document.getElementById(id);
+    try { return element ? JSON.parse(element.textContent) : null; } catch (e) { return null; }
+  }
 
   function liveRoot(container) {
     return container.querySelector(".live-root");
@@ -45,8 +50,12 @@
           var badge = document.getElementById("job-status");
           if (badge && root && root.getAttribute("data-status")) {
             var status = root.getAttribute("data-status");
+            if (badge.className !== "badge badge-" + status) {
+              // "Job 12 is queued." is no longer true: drop the flash that said so
+              document.querySelectorAll(".message.job-state").forEach(function (m) { m.remove(); });
+            }
             badge.className = "badge badge-" + status;
-            badge.firstChild.textContent = ICONS[status] || "•";
+            badge.firstChild.textContent = STATUSES.icons[status] || "•";
             badge.lastChild.textContent = " " + root.getAttribute("data-status-label");
           }
           if (reloadWhenDone && root && root.getAttribute("data-active") !== "true") {
@@ -133,7 +142,21 @@
     if (summary) { summary.focus(); }
   }
 
+  /* --- actions that ask first (cancel): a dialog here; without the script the server asks on a page --- */
+
+  function setupConfirm(form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.getAttribute("data-confirm"))) { event.preventDefault(); return; }
+      var confirmed = document.createElement("input");
+      confirmed.type = "hidden";
+      confirmed.name = "confirm";
+      confirmed.value = "yes";
+      form.appendChild(confirmed);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("form[data-confirm]").forEach(setupConfirm);
     document.querySelectorAll("[data-live-url]").forEach(startLive);
     document.querySelectorAll("form.job-form").forEach(setupForm);
   });

@@ -1,0 +1,160 @@
+"""Pages a user reads at a glance: the log (no server paths, times with their zone, the whole log as a
+download), cancel with a confirmation, the compare page's columns, and one source for the job statuses."""
+
+from __future__ import annotations
+
+import re
+import sysconfig
+
+import pytest
+from django.conf import settings
+
+from jobs.models import Job, JobLogLine
+
+pytestmark = pytest.mark.django_db
+
+
+def _html(response) -> str:
+    return response.content.decode()
+
+
+def _token_client(user):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    return api
+
+
+@pytest.fixture
+def logged_job(alice, make_job):
+    """A running job with 60 log lines that name server folders, as llm-compressor and the worker write them."""
+    job = make_job(alice, status=Job.Status.RUNNING, stage="calibrating")
+    site = sysconfig.get_paths()["purelib"]
+    texts = [f"Calibrating layer {i} of 60" for i in range(57)]
+    texts += [
+        f"{site}/transformers/modeling_utils.py:4321: UserWarning: `torch_dtype` is deprecated",
+        f"Saving the checkpoint to {settings.MEDIA_ROOT}/jobs/{job.pk}/checkpoint",
+        "Loading /srv/other/cache/models--x/snapshots/abc/config.json from https://huggingface.co/a/b",
+    ]
+    JobLogLine.objects.bulk_create(JobLogLine(job=job, stage="calibrating", text=text) for text in texts)
+    return job
+
+
+def test_the_log_tail_hides_server_paths_and_says_its_time_zone(client_for, alice, logged_job):
+    html = _html(client_for(alice).get(f"/jobs/{logged_job.pk}/"))
+    log = html[html.index('id="h-log"') :]
+    log = log[: log.index("</pre>")]
+
+    assert "times in UTC" in log
+    assert str(settings.MEDIA_ROOT) not in log and sysconfig.get_paths()["purelib"] not in log and "/srv/" not in log
+    assert "transformers/modeling_utils.py:4321" in log and f"to jobs/{logged_job.pk}/checkpoint" in log
+    assert ".../config.json from https://huggingface.co/a/b" in log
+    assert f'href="/jobs/{logged_job.pk}/log.txt"' in log
+
+
+def test_the_whole_log_downloads_as_text_for_its_owner_only(client_for, alice, bob, logged_job):
+    for response in (
+        client_for(alice).get(f"/jobs/{logged_job.pk}/log.txt"),
+        _token_client(alice).get(f"/api/v1/jobs/{logged_job.pk}/log/"),
+    ):
+        assert response.status_code == 200
+        assert response["Content-Type"] == "text/plain; charset=utf-8"
+        assert f'filename="job-{logged_job.pk}-log.txt"' in response["Content-Disposition"]
+        text = b"".join(response.streaming_content).decode()
+        lines = text.splitlines()
+        assert len(lines) == 1 + 60 and "times in UTC" in lines[0]  # every line, not the page's last 40
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[calibrating\] Calibrating layer 0 of 60$", lines[1])
+        assert str(settings.MEDIA_ROOT) not in text and "/srv/" not in text
+
+    assert client_for(bob).get(f"/jobs/{logged_job.pk}/log.txt").status_code == 404
+    assert _token_client(bob).get(f"/api/v1/jobs/{logged_job.pk}/log/").status_code == 404
+
+
+# --- cancel asks first; the page says when it does not update by itself -----------------------------------
+
+
+def test_cancel_asks_for_confirmation_before_it_cancels(client_for, alice, make_job):
+    job = make_job(alice, status=Job.Status.RUNNING, stage="calibrating")
+    as_alice = client_for(alice)
+
+    # The job page's button asks in a dialog when the script runs (data-confirm) ...
+    page = _html(as_alice.get(f"/jobs/{job.pk}/"))
+    assert re.search(rf'action="/jobs/{job.pk}/cancel/" data-confirm="Cancel job #{job.pk}\?', page)
+
+    # ... and without the script its post (no "confirm") only brings a confirmation page, as does a GET
+    for response in (as_alice.post(f"/jobs/{job.pk}/cancel/"), as_alice.get(f"/jobs/{job.pk}/cancel/")):
+        assert response.status_code == 200 and f"Cancel job #{job.pk}?" in _html(response)
+        assert 'name="confirm" value="yes"' in _html(response)
+    job.refresh_from_db()
+    assert job.status == Job.Status.RUNNING
+
+    # When she confirms, it is cancelled
+    response = as_alice.post(f"/jobs/{job.pk}/cancel/", {"confirm": "yes"}, follow=True)
+    job.refresh_from_db()
+    assert job.status == Job.Status.CANCELLED and f"Job {job.pk} is cancelled." in _html(response)
+
+
+def test_an_active_job_page_says_to_reload_without_javascript(client_for, alice, make_job, succeeded_job):
+    running = make_job(alice, status=Job.Status.RUNNING, stage="loading")
+    done = succeeded_job(alice)
+    as_alice = client_for(alice)
+    assert re.search(r"<noscript>.*reload it.*</noscript>", _html(as_alice.get(f"/jobs/{running.pk}/")), re.S)
+    assert "<noscript>" not in _html(as_alice.get(f"/jobs/{done.pk}/"))
+
+
+def test_the_pages_give_the_script_the_statuses_from_the_job_model(client_for, alice):
+    import json
+
+    html = _html(client_for(alice).get("/"))
+    data = json.loads(re.search(r'<script id="job-statuses" type="application/json">(.*?)</script>', html).group(1))
+    assert set(data["active"]) == set(Job.ACTIVE) and set(data["terminal"]) == set(Job.TERMINAL)
+    assert set(data["icons"]) == set(Job.Status.values)
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+
+
+def _header_cells(html: str) -> list[str]:
+    head = html[html.index('id="compare-table"') :]
+    head = head[: head.index("</thead>")]
+    return [
+        re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", cell)).strip()
+        for cell in re.findall(r"<th[^>]*>(.*?)</th>", head, re.S)
+    ]
+
+
+def test_compare_tells_jobs_apart_marks_the_best_and_keeps_the_chosen_order(client_for, alice, succeeded_job):
+    from django.utils import timezone
+
+    # Given two fp8-dynamic jobs of different days and calibration, an int8 one, and one that ran no evaluation
+    older = succeeded_job(alice, preset="fp8-dynamic", after=164_000_000, quality=0.95)
+    newer = succeeded_job(alice, preset="fp8-dynamic", after=164_000_000, quality=0.99)
+    Job.objects.filter(pk=older.pk).update(created_at=timezone.now() - timezone.timedelta(days=3))
+    best = succeeded_job(alice, preset="int8-w8a8-gptq", after=150_000_000, quality=0.995)
+    Job.objects.filter(pk=best.pk).update(calibration_kind="builtin", calibration_samples=64)
+    bare = succeeded_job(alice, preset="w8a16-gptq", after=158_000_000, quality=0.99)
+    bare.results.pop("evaluation")
+    bare.save()
+
+    # When she compares them in her own order
+    order = [newer.pk, bare.pk, older.pk, best.pk]
+    html = _html(client_for(alice).get("/compare/", {"model": "smollm2-135m-instruct", "jobs": order}))
+
+    # Then the columns follow that order, and each header has the job's date and its calibration
+    headers = _header_cells(html)[2:]
+    assert [int(re.match(r"#(\d+)", h).group(1)) for h in headers] == order
+    assert headers[0] != headers[2], "two fp8-dynamic jobs must not have the same header"
+    older_day = (timezone.now() - timezone.timedelta(days=3)).strftime("%Y-%m-%d")
+    assert older_day in headers[2] and "calibration: data-free" in headers[0]
+    assert "calibration: built-in text 64 × 256" in headers[3]
+    # ...the job without an evaluation says so (in its header, its cells and the chart) instead of vanishing
+    assert "not evaluated" in headers[1]
+    assert html.count('class="point-none"') == 1 and f"#{bare.pk} w8a16-gptq: 158.0 MB, not evaluated" in html
+    # ...and the best value of each row is marked: the lowest perplexity, the smallest checkpoint (both int8)
+    rows = re.findall(r"<tr><th scope=\"row\"[^>]*>(.*?)</tr>", html, re.S)
+    for row in rows:
+        cells = re.findall(r"<td class=\"num( best)?\">", row)
+        assert cells[1 + order.index(best.pk)] == " best", row[:80]
+        assert cells.count(" best") == 1

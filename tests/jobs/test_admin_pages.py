@@ -1,0 +1,102 @@
+"""The admin for operators: the queue page reconciles the broker with the database and reads in one glance,
+the job page shows results and manifest as tables, and the admin's home page leads to the queue page."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from jobs.models import Job
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def operator(client, make_user):
+    client.force_login(make_user("root", is_staff=True, is_superuser=True))
+    return client
+
+
+def _queue_row(html: str, name: str) -> list[str]:
+    table = html[html.index('id="queue-counts"') :]
+    row = re.search(rf"<tr>\s*<td>{name}</td>(.*?)</tr>", table, re.S).group(1)
+    return [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+
+
+def test_queue_page_explains_broker_messages_that_belong_to_no_waiting_job(operator, user):
+    from compressor_app.celery import app
+
+    # Given two messages in the gpu queue whose jobs no longer wait (cancelled after they were queued)
+    with app.connection_for_write() as conn:
+        for _ in range(2):
+            app.send_task("jobs.tasks.run_job", args=[0], queue="gpu", connection=conn)
+    try:
+        page = operator.get("/admin/jobs/job/queue/")
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge("gpu")
+
+    # Then the page does not leave "gpu 2" beside "No job is waiting": it counts both sides and says why
+    waiting, messages, note = _queue_row(page.text, "gpu")
+    assert (waiting, messages) == ("0", "2")
+    assert "2 message(s) belong to no waiting job" in note
+
+
+def test_queue_page_explains_waiting_jobs_without_a_message(operator, user, make_job):
+    make_job(user, queue="cpu")
+    waiting, messages, note = _queue_row(operator.get("/admin/jobs/job/queue/").text, "cpu")
+    assert (waiting, messages) == ("1", "0") and "have no message in the broker" in note
+
+
+def test_queue_page_answers_without_waiting_for_workers(operator, user, make_job):
+    # The workers are asked by a second request (the page's script, or the link without JavaScript)
+    make_job(user, status=Job.Status.RUNNING, worker="gpu0@host", stage="calibrating")
+    page = operator.get("/admin/jobs/job/queue/")
+    assert 'data-url="/admin/jobs/job/queue/workers/"' in page.text and "gpu0@host" in page.text
+    fragment = operator.get("/admin/jobs/job/queue/workers/", HTTP_X_REQUESTED_WITH="fetch")
+    assert fragment.status_code == 200 and 'id="workers-table"' in fragment.text and "<html" not in fragment.text
+    full = operator.get("/admin/jobs/job/queue/workers/")
+    assert "<html" in full.text and 'id="workers-table"' in full.text
+
+
+def test_job_change_page_shows_results_and_manifest_as_tables(operator, user, make_job):
+    job = make_job(
+        user,
+        status=Job.Status.SUCCEEDED,
+        results={
+            "size_before_bytes": 269060096,
+            "layer_errors": [{"module": f"model.layers.{i}.mlp.down_proj", "error": 0.5 + i} for i in range(40)],
+            "evaluation": {"metrics": [{"name": "perplexity", "baseline": 12.84, "compressed": 13.1}]},
+        },
+        manifest={"files": [{"path": "model.safetensors", "size": 163, "sha256": "ab" * 32}]},
+    )
+
+    html = operator.get(f"/admin/jobs/job/{job.pk}/change/").text
+
+    assert '{"size_before_bytes"' not in html and "&quot;size_before_bytes&quot;" not in html
+    assert "<th>size_before_bytes</th><td>269060096</td>" in html
+    assert "<td>model.layers.0.mlp.down_proj</td>" in html and "10 more rows" in html
+    assert "<th>path</th><th>size</th><th>sha256</th>" in html and f"<td>{'ab' * 32}</td>" in html
+
+
+def test_admin_home_links_to_the_queue_page(operator):
+    assert 'href="/admin/jobs/job/queue/"' in operator.get("/admin/").text
+
+
+def test_every_page_numbers_the_queue_the_same_way(user, make_job):
+    from django.utils import timezone
+
+    from jobs import selectors
+
+    # Given waiting jobs with ties on priority and on submission time, in two queues
+    now = timezone.now()
+    wanted = ((5, "gpu"), (9, "gpu"), (5, "gpu"), (5, "cpu"), (0, "gpu"))
+    jobs = [make_job(user, priority=p, queue=q) for p, q in wanted]
+    Job.objects.filter(pk__in=[j.pk for j in jobs]).update(created_at=now)
+
+    # Then the one-job count (job page, API) and the whole-queue numbering (lists, admin) agree
+    positions = selectors.queue_positions()
+    for job in Job.objects.filter(pk__in=[j.pk for j in jobs]):
+        assert selectors.queue_position(job=job) == positions[job.pk]
+    assert [positions[j.pk] for j in jobs] == [2, 1, 3, 1, 4]
