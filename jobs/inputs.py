@@ -114,6 +114,7 @@ class JobInput:
             ignore_indivisible=self.ignore_indivisible,
             allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
             trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
+            allow_local_paths=settings.COMPRESSOR_ALLOW_LOCAL_PATHS,
         )
 
 

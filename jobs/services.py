@@ -32,10 +32,10 @@ from django.utils import timezone
 
 from engine.errors import EngineError, PreflightError
 from engine.preflight import PreflightReport, preflight
-from engine.spec import BUILTIN_MODEL
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine
 from jobs.ratelimit import RateLimited, Window
+from jobs.redaction import redact_paths
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +196,8 @@ def _check_stored_bytes(owner: AbstractBaseUser, *, adding: int = 0) -> None:
 
 def _check_policy(*, owner: AbstractBaseUser, data: JobInput) -> None:
     """Operator rules preflight does not know about (the engine serves trusted command-line users too)."""
-    model = data.model.strip()
-    looks_local = model.startswith(("/", ".", "~")) or Path(model).expanduser().exists()
-    if looks_local and model != BUILTIN_MODEL and not settings.COMPRESSOR_ALLOW_LOCAL_PATHS:
-        raise PreflightError(
-            "Local model folders are disabled on this server; use the built-in model or a hub model id.",
-            field="model",
-        )
+    # Local model folders: refused by the engine from the text alone (Job.to_spec passes the setting), so the
+    # answer never tells which paths exist on the server.
     if data.calibration_kind == Job.CalibrationKind.UPLOAD:
         if data.calibration_file is None:
             raise PreflightError("Choose one of your uploaded calibration files.", field="calibration")
@@ -306,7 +301,7 @@ def job_record_progress(
     if percent is not None:
         fields["percent"] = percent
     if message is not None:
-        fields["message"] = message[:500]
+        fields["message"] = redact_paths(message)[:500]
     with transaction.atomic():
         # The UPDATE locks the row, so a concurrent cancel lands wholly before or after these lines.
         if not Job.objects.filter(pk=job_id, status=Status.RUNNING).update(**fields):
@@ -338,7 +333,7 @@ def job_fail(*, job_id: int, error: str, log_lines: list[tuple[str, str]] | None
     """Running -> failed with the reason in plain words; False if the job had already ended."""
     with transaction.atomic():
         done = Job.objects.filter(pk=job_id, status=Status.RUNNING).update(
-            status=Status.FAILED, finished_at=timezone.now(), error=error, message="Failed"
+            status=Status.FAILED, finished_at=timezone.now(), error=redact_paths(error), message="Failed"
         )
         if done:
             _append_log(job_id, [*(log_lines or []), ("", f"Failed: {error}")])
@@ -477,7 +472,10 @@ def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: Up
         digest.update(chunk)
     upload.seek(0)
     dataset = CalibrationDataset(
-        owner=owner, name=name or upload.name or "calibration.jsonl", sha256=digest.hexdigest(), size_bytes=upload.size
+        owner=owner,
+        name=(name or upload.name or "calibration.jsonl")[:200],  # a browser's file name can be longer
+        sha256=digest.hexdigest(),
+        size_bytes=upload.size,
     )
     dataset.file.save("upload.jsonl", upload, save=False)
     try:
@@ -495,7 +493,7 @@ def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: Up
 def _append_log(job_id: int, lines: list[tuple[str, str]]) -> None:
     """Append (stage, text) lines and keep only the newest COMPRESSOR_JOB_LOG_MAX_LINES."""
     JobLogLine.objects.bulk_create(
-        [JobLogLine(job_id=job_id, stage=stage or "", text=text[:4000]) for stage, text in lines]
+        [JobLogLine(job_id=job_id, stage=stage or "", text=redact_paths(text)[:4000]) for stage, text in lines]
     )
     keep = settings.COMPRESSOR_JOB_LOG_MAX_LINES
     oldest_kept = JobLogLine.objects.filter(job_id=job_id).order_by("-id").values_list("id", flat=True)[keep - 1 : keep]

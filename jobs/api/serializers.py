@@ -9,7 +9,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from engine.presets import PRESETS
+from engine.presets import MAX_RECIPE_BYTES, PRESETS
 from engine.spec import BUILTIN_MODEL
 from jobs import selectors
 from jobs.inputs import JobInput, api_calibration
@@ -21,16 +21,28 @@ class CalibrationInputSerializer(serializers.Serializer):
     dataset_id = serializers.IntegerField(
         required=False, allow_null=True, help_text="An uploaded calibration file's id (kind 'upload')."
     )
-    hub_dataset = serializers.CharField(required=False, allow_blank=True, default="", help_text="kind 'hub'")
-    split = serializers.CharField(required=False, default="train")
-    column = serializers.CharField(required=False, default="text")
+    hub_dataset = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=96,
+        help_text="kind 'hub': a dataset id, namespace/name.",
+    )
+    split = serializers.CharField(required=False, default="train", max_length=100)
+    column = serializers.CharField(required=False, default="text", max_length=100)
     samples = serializers.IntegerField(min_value=1, max_value=4096, default=32)
     max_seq_len = serializers.IntegerField(min_value=8, max_value=32768, default=256)
 
 
 class EvaluationInputSerializer(serializers.Serializer):
     offline = serializers.BooleanField(default=True, help_text="Perplexity and the offline checks.")
-    tasks = serializers.ListField(child=serializers.CharField(), required=False, default=list)
+    tasks = serializers.ListField(
+        child=serializers.CharField(max_length=200),
+        required=False,
+        default=list,
+        max_length=50,
+        help_text="lm-eval task names; unknown names are refused.",
+    )
     limit = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
     backend = serializers.ChoiceField(choices=["hf", "vllm"], default="hf")
 
@@ -38,9 +50,22 @@ class EvaluationInputSerializer(serializers.Serializer):
 class JobCreateSerializer(serializers.Serializer):
     model = serializers.CharField(default=BUILTIN_MODEL, max_length=500, help_text="Built-in name or hub id.")
     revision = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
-    preset = serializers.ChoiceField(choices=sorted(PRESETS), required=False, allow_blank=True, default="")
+    preset = serializers.ChoiceField(
+        choices=sorted(PRESETS),
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="A preset's name. A job needs exactly one of preset and recipe_yaml.",
+    )
     recipe_yaml = serializers.CharField(
-        required=False, allow_blank=True, default="", help_text="A custom llm-compressor recipe instead of a preset."
+        required=False,
+        allow_blank=True,
+        default="",
+        max_length=MAX_RECIPE_BYTES,
+        help_text=(
+            "A custom llm-compressor recipe instead of a preset (exactly one of the two): YAML of at most 64 KB, "
+            "without aliases, Python tags or code."
+        ),
     )
     calibration = CalibrationInputSerializer(required=False)
     evaluation = EvaluationInputSerializer(required=False, allow_null=True, default=None)
@@ -120,6 +145,18 @@ class JobSerializer(serializers.ModelSerializer):
         return bool(self.context.get("duplicate"))
 
 
+class JobSummarySerializer(JobSerializer):
+    """A job in a list: without its recipes, results and manifest, which can be large (see the job itself)."""
+
+    class Meta(JobSerializer.Meta):
+        fields = [
+            name
+            for name in JobSerializer.Meta.fields
+            if name not in ("recipe_yaml", "resolved_recipe", "results", "manifest")
+        ]
+        read_only_fields = fields
+
+
 class JobLogLineSerializer(serializers.ModelSerializer):
     class Meta:
         model = JobLogLine
@@ -140,7 +177,7 @@ class PresetSerializer(serializers.Serializer):
 
 class CalibrationDatasetSerializer(serializers.ModelSerializer):
     file = serializers.FileField(write_only=True, help_text='A JSONL file of {"text"} or {"messages"} rows.')
-    name = serializers.CharField(required=False, allow_blank=True, default="")
+    name = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
 
     class Meta:
         model = CalibrationDataset

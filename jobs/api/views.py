@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, Throttled, ValidationError
@@ -17,15 +18,18 @@ from rest_framework.views import APIView
 from engine.errors import EngineError
 from engine.presets import PRESETS
 from jobs import downloads, logtext, selectors, services
+from jobs.api.schema import ErrorAnswersSchema, ErrorSerializer
 from jobs.api.serializers import (
     CalibrationDatasetSerializer,
     JobCreateSerializer,
     JobLogLineSerializer,
     JobSerializer,
+    JobSummarySerializer,
     PresetSerializer,
 )
 from jobs.models import CalibrationDataset, Job
 from jobs.ratelimit import RateLimited
+from jobs.uploads import UploadSizeLimit
 
 # The engine names the part of a request a problem concerns; these are the API's names for them.
 _FIELD_NAMES = {"recipe": "recipe_yaml", "device": "device_class", None: "non_field_errors"}
@@ -60,6 +64,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     """Compression jobs. Each user sees their own; staff see all. Others' jobs answer 404."""
 
     serializer_class = JobSerializer
+    queryset = Job.objects.none()  # for the schema (ids are integers); get_queryset picks the user's jobs
+    schema = ErrorAnswersSchema()
 
     def get_content_negotiator(self):
         if getattr(self, "action", None) == "file":  # routed in urls.py (a file path needs no trailing slash)
@@ -74,6 +80,10 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             raise ValidationError({"status": [f"Use one of: {', '.join(Job.Status.values)}."]})
         return selectors.job_list_for_user(user=self.request.user, status=wanted if self.action == "list" else None)
 
+    def get_serializer_class(self):
+        # A list shows each job without its recipes, results and manifest: they can be large (the detail has them).
+        return JobSummarySerializer if self.action == "list" else JobSerializer
+
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=Job.Status.values, description="Only jobs in this state.")]
     )
@@ -84,7 +94,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         request=JobCreateSerializer,
         responses={201: JobSerializer, 200: JobSerializer},
         description=(
-            "Submit a job. Preflight runs first: a job that cannot succeed gets 400 naming the field. "
+            "Submit a job: a model, and either a `preset` or a custom `recipe_yaml` (exactly one of the two). "
+            "Preflight runs first: a job that cannot succeed gets 400 naming the field. "
             "Deduplication: when an identical job of yours already succeeded (same model revision, resolved "
             "recipe, calibration data and evaluation) and `force` is false, no new job is created: the answer "
             "is 200 with that earlier job and `duplicate: true`. A new job answers 201."
@@ -107,7 +118,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             status=status.HTTP_201_CREATED if submission.created else status.HTTP_200_OK,
         )
 
-    @extend_schema(request=None, responses={200: JobSerializer, 409: OpenApiTypes.OBJECT})
+    @extend_schema(request=None, responses={200: JobSerializer, 409: ErrorSerializer})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         try:
@@ -116,7 +127,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             raise Conflict(exc.message) from None
         return Response(JobSerializer(job, context={"request": request}).data)
 
-    @extend_schema(request=None, responses={201: JobSerializer, 400: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
+    @extend_schema(request=None, responses={201: JobSerializer, 400: OpenApiTypes.OBJECT, 409: ErrorSerializer})
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """A new job with the same request, linked to this failed or cancelled one (retry_of, attempt + 1)."""
@@ -168,7 +179,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         """The whole log as text/plain (times in UTC, no server paths), as the job page's download."""
         return logtext.log_response(self.get_object())
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: OpenApiTypes.OBJECT})
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: ErrorSerializer})
     @action(detail=True, methods=["get"])
     def results(self, request: Request, pk: str | None = None) -> Response:
         """Sizes, timings, per-layer errors and the evaluation table of a succeeded job."""
@@ -179,7 +190,11 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     @extend_schema(
         parameters=[OpenApiParameter("kind", str, enum=[*downloads.ARCHIVE_KINDS], description="zip (default) or tar")],
-        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+        responses={
+            (200, "application/zip"): OpenApiTypes.BINARY,
+            (200, "application/x-tar"): OpenApiTypes.BINARY,
+            409: ErrorSerializer,
+        },
     )
     @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
     def archive(self, request: Request, pk: str | None = None):
@@ -189,7 +204,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             raise ValidationError({"kind": ["Use zip or tar."]})
         return self._download(lambda job: downloads.archive_response(job, kind=kind))
 
-    @extend_schema(responses={(200, "application/json"): OpenApiTypes.OBJECT})
+    @extend_schema(responses={(200, "application/json"): OpenApiTypes.OBJECT, 409: ErrorSerializer})
     @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
     def manifest(self, request: Request, pk: str | None = None):
         """manifest.json: path, size and sha256 of every checkpoint file."""
@@ -199,6 +214,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         responses={
             (200, "application/octet-stream"): OpenApiTypes.BINARY,
             (206, "application/octet-stream"): OpenApiTypes.BINARY,
+            409: ErrorSerializer,
+            416: OpenApiResponse(description="The range starts past the end; Content-Range gives the size."),
         },
         parameters=[OpenApiParameter("Range", str, OpenApiParameter.HEADER, description="bytes=first-last")],
     )
@@ -222,6 +239,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
 class PresetListView(APIView):
     """The compression presets, with what each does."""
+
+    schema = ErrorAnswersSchema()
 
     @extend_schema(responses=PresetSerializer(many=True))
     def get(self, request: Request) -> Response:
@@ -266,11 +285,26 @@ class CalibrationDatasetViewSet(
 
     serializer_class = CalibrationDatasetSerializer
     parser_classes = [MultiPartParser, FormParser]
+    queryset = CalibrationDataset.objects.none()  # for the schema; get_queryset picks the user's files
+    schema = ErrorAnswersSchema()
+
+    def initialize_request(self, request, *args, **kwargs):
+        # First handler: an oversized upload stops while it streams in, before it is written to disk.
+        self.upload_limit = UploadSizeLimit(settings.COMPRESSOR_MAX_UPLOAD_BYTES)
+        request.upload_handlers.insert(0, self.upload_limit)
+        return super().initialize_request(request, *args, **kwargs)
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator: no user, but the id's type
             return CalibrationDataset.objects.none()
         return selectors.calibration_datasets_for_user(user=self.request.user)
+
+    def create(self, request: Request, *args, **kwargs) -> Response:
+        request.data  # noqa: B018 - parse the upload now, so that a stopped one is reported as such
+        if self.upload_limit.exceeded:
+            limit_mib = settings.COMPRESSOR_MAX_UPLOAD_BYTES // 2**20
+            raise ValidationError({"file": [f"The file is larger than the limit of {limit_mib} MiB."]})
+        return super().create(request, *args, **kwargs)
 
     def perform_create(self, serializer: CalibrationDatasetSerializer) -> None:
         try:

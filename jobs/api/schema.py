@@ -1,0 +1,38 @@
+"""The OpenAPI schema's error answers: every operation lists the 4xx it can give, with their bodies."""
+
+from __future__ import annotations
+
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import inline_serializer
+from rest_framework import serializers
+
+ErrorSerializer = inline_serializer("Error", {"detail": serializers.CharField()})
+
+_ERRORS = {
+    "400": (OpenApiTypes.OBJECT, "Invalid request: each field's name maps to a list of messages."),
+    "401": (ErrorSerializer, "No or an invalid token / session."),
+    "403": (ErrorSerializer, "Not allowed (e.g. a session request without its CSRF token)."),
+    "404": (ErrorSerializer, "No such object among yours (another user's object answers 404 too)."),
+    "429": (ErrorSerializer, "Too many requests; Retry-After says when to try again."),
+}
+
+
+class ErrorAnswersSchema(AutoSchema):
+    """drf-spectacular's schema plus the error answers: 400, 401, 403, 404 (by id), 429 (POST)."""
+
+    def _get_response_bodies(self, direction="response"):
+        responses = super()._get_response_bodies(direction)
+        codes = ["401", "403"]
+        if self.method == "POST" or any(p.get("in") == "query" for p in self._get_parameters()):
+            codes.append("400")
+        if "{" in self.path:
+            codes.append("404")
+        if self.method == "POST":
+            codes.append("429")
+        for code in sorted(codes):
+            if code not in responses:
+                body, description = _ERRORS[code]
+                responses[code] = self._get_response_for_code(body, code, direction=direction)
+                responses[code]["description"] = description
+        return dict(sorted(responses.items()))
