@@ -15,6 +15,7 @@ from django.utils.html import format_html, format_html_join
 from engine.errors import EngineError
 from jobs import selectors, services
 from jobs.models import CalibrationDataset, Job
+from jobs.ratelimit import RateLimited
 
 
 class JobActionForm(ActionForm):
@@ -109,7 +110,7 @@ class JobAdmin(admin.ModelAdmin):
                 created.append(str(services.job_retry(job=job).pk))
             except services.JobStateError:
                 skipped.append(str(job.pk))
-            except EngineError as exc:
+            except (EngineError, RateLimited) as exc:  # preflight, or the owner's rate or quota
                 self.message_user(request, f"Job {job.pk} cannot be retried: {exc.message}", messages.ERROR)
         self._report(
             request,
