@@ -78,8 +78,10 @@ def job_submit(
     """
     _check_policy(owner=owner, data=data)
     rate = creation_window(owner.pk)
-    if rate.count() >= rate.limit:  # refused before the (slow) preflight; the place is taken below
+    # Refused before the (slow) preflight when already over; both are checked again where they are taken.
+    if rate.count() >= rate.limit:
         raise _creation_rate_error(rate)
+    _check_active_jobs(owner)
     job = _job_from_input(owner=owner, data=data)
     report = preflight(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
