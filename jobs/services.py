@@ -172,7 +172,7 @@ def user_stored_bytes(user: AbstractBaseUser) -> int:
 
 
 def _check_active_jobs(owner: AbstractBaseUser) -> None:
-    """At most COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running per user (call under _lock_quotas)."""
+    """At most COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running per user (exact only under _lock_quotas)."""
     most = settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS
     active = Job.objects.filter(owner=owner, status__in=Job.ACTIVE).count()
     if active >= most:
