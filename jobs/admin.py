@@ -18,6 +18,7 @@ from django.utils.safestring import SafeString
 from engine.errors import EngineError
 from jobs import selectors, services
 from jobs.models import CalibrationDataset, Job
+from jobs.ratelimit import RateLimited
 
 
 class JobActionForm(ActionForm):
@@ -129,7 +130,7 @@ class JobAdmin(admin.ModelAdmin):
                 created.append(str(services.job_retry(job=job).pk))
             except services.JobStateError:
                 skipped.append(str(job.pk))
-            except EngineError as exc:
+            except (EngineError, RateLimited) as exc:  # preflight, or the owner's rate or quota
                 self.message_user(request, f"Job {job.pk} cannot be retried: {exc.message}", messages.ERROR)
         self._report(
             request,

@@ -78,8 +78,10 @@ def job_submit(
     """
     _check_policy(owner=owner, data=data)
     rate = creation_window(owner.pk)
-    if rate.count() >= rate.limit:  # refused before the (slow) preflight; the place is taken below
+    # Refused before the (slow) preflight when already over; both are checked again where they are taken.
+    if rate.count() >= rate.limit:
         raise _creation_rate_error(rate)
+    _check_active_jobs(owner)
     job = _job_from_input(owner=owner, data=data)
     report = preflight(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
@@ -170,7 +172,7 @@ def user_stored_bytes(user: AbstractBaseUser) -> int:
 
 
 def _check_active_jobs(owner: AbstractBaseUser) -> None:
-    """At most COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running per user (call under _lock_quotas)."""
+    """At most COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running per user (exact only under _lock_quotas)."""
     most = settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS
     active = Job.objects.filter(owner=owner, status__in=Job.ACTIVE).count()
     if active >= most:

@@ -153,3 +153,29 @@ def test_stored_bytes_quota_refuses_jobs_and_uploads(alice_api, make_job, settin
 
     assert upload.status_code == 429 and "the quota is 0.01 GB" in upload.json()["detail"]
     assert job.status_code == 429 and "You store 0.01 GB" in job.json()["detail"]
+
+
+def test_the_priority_cap_is_the_services_rule_for_every_caller(alice_api, client_for, make_job, make_user):
+    from engine.errors import PreflightError
+    from jobs import services
+    from jobs.inputs import JobInput
+
+    alice, api = alice_api
+    # The API and the form refuse 9 from a user beside the priority field; the service refuses any caller
+    api_answer = api.post("/api/v1/jobs/", {**FP8, "priority": 9}, format="json")
+    assert api_answer.status_code == 400 and "At most 5" in api_answer.json()["priority"][0]
+    form = client_for(alice).post(
+        "/jobs/new/",
+        {"model_source": "builtin", "preset": "fp8-dynamic", "calibration_kind": "none", "priority": 9}
+        | {"calibration_split": "train", "calibration_column": "text", "calibration_samples": 32}
+        | {"calibration_max_seq_len": 256, "device_class": "gpu"},
+    )
+    assert form.status_code == 400 and 'id="priority-error"' in form.content.decode()
+    with pytest.raises(PreflightError) as refused:
+        services.job_submit(owner=alice, data=JobInput(preset="fp8-dynamic", calibration_kind="none", priority=9))
+    assert refused.value.field == "priority"
+    # Staff may; a retry of a job an operator raised to 9 keeps within its owner's cap
+    staff = make_user("operator", is_staff=True)
+    assert services.job_submit(owner=staff, data=JobInput(preset="fp8-dynamic", calibration_kind="none", priority=9))
+    raised = make_job(alice, status=Job.Status.FAILED, priority=9)
+    assert services.job_retry(job=raised).priority == 5

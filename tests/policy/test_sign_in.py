@@ -3,7 +3,14 @@ rotated and revoked by their owner."""
 
 from __future__ import annotations
 
+import pytest
 from django.test import Client
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Sign-ins hash passwords many times here; the hasher's cost is not what these tests are about."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def sign_in(client: Client, username: str, password: str):
