@@ -327,3 +327,63 @@ def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, mak
         shoot(admin, f"{width}-admin-queue.png")
         problems += [f"{width} admin queue: {v}" for v in axe_violations(admin)]
     assert not problems, "\n".join(problems)
+
+
+def test_cancel_asks_first_and_a_stale_flash_leaves(
+    browser, live_server, new_page, sign_in, make_user, make_job, builtin_model
+):
+    from django.utils import timezone
+
+    from jobs.models import Job
+
+    alice = make_user("alice")
+    failed = make_job(alice, status="failed", error="The worker stopped.")
+    page = new_page()
+    sign_in(page, "alice")
+
+    # Given a retry just queued, with its flash "... it is queued."
+    page.goto(f"/jobs/{failed.pk}/")
+    with page.expect_navigation(timeout=120_000):  # preflight runs first (its first run imports the engine)
+        page.get_by_role("button", name="Retry").click(no_wait_after=True)
+    retry = Job.objects.get(retry_of=failed)
+    flash = page.locator(".message.job-state")
+    assert "it is queued" in flash.inner_text()
+
+    # When a worker starts it, the badge follows and the flash that said "queued" goes
+    Job.objects.filter(pk=retry.pk).update(status="running", stage="loading", started_at=timezone.now())
+    page.wait_for_selector("#job-status.badge-running", timeout=30_000)
+    flash.wait_for(state="detached", timeout=10_000)
+
+    # When she presses Cancel and dismisses the dialog, nothing happens; when she accepts, it is cancelled
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.locator("#cancel-job").click()
+    page.wait_for_timeout(300)
+    retry.refresh_from_db()
+    assert retry.status == "running"
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel-job").click()
+    page.wait_for_selector("#job-status.badge-cancelled")
+    retry.refresh_from_db()
+    assert retry.status == "cancelled"
+
+    # Without JavaScript: the page says to reload, and Cancel goes through a confirmation page
+    other = make_job(alice, status="running", stage="calibrating", started_at=timezone.now())
+    context = browser.new_context(
+        java_script_enabled=False, base_url=live_server.url, viewport={"width": 390, "height": 800}
+    )
+    try:
+        plain = context.new_page()
+        sign_in(plain, "alice")
+        plain.goto(f"/jobs/{other.pk}/")
+        assert "reload it" in plain.locator("#reload-hint").inner_text()
+        plain.locator("#cancel-job").click()
+        plain.wait_for_url(f"**/jobs/{other.pk}/cancel/")
+        shoot(plain, "390-cancel-confirm.png")
+        other.refresh_from_db()
+        assert other.status == "running"
+        plain.locator("#confirm-cancel").click()
+        plain.wait_for_url(f"**/jobs/{other.pk}/")
+        other.refresh_from_db()
+        assert other.status == "cancelled"
+    finally:
+        context.close()
