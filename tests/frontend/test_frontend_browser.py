@@ -1,8 +1,10 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a live server, a
 real Redis, a real `celery worker` process and the real engine on the built-in model.
 
-Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); the names are listed in
-SCREENSHOT_NAMES below and each test says what its screenshots show.
+Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); each test says what its
+screenshots show. test_every_page_at_desktop_and_phone_width writes <width>-<page>.png for the sign-in page,
+the jobs list, the form, a running and a succeeded job, compare and the admin queue at 1440 and 390 px, and
+checks each with axe-core (zero violations) and for what must stay on a phone's screen.
 """
 
 from __future__ import annotations
