@@ -218,8 +218,10 @@ def _staged_jobs(alice, make_job, succeeded_job):
         )
     )
     make_job(alice, preset="nvfp4")
-    make_job(alice, preset="fp8-static", status="failed", error="Calibration needs at least 1 row; the file has none.")
-    return full, running
+    failed = make_job(
+        alice, preset="fp8-static", status="failed", error="Calibration needs at least 1 row; the file has none."
+    )
+    return full, running, failed
 
 
 def _no_checks(page, width: int) -> list[str]:
@@ -297,13 +299,16 @@ LAYOUT_CHECKS = {
 def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, make_job, succeeded_job):
     alice = make_user("alice")
     make_user("operator", is_staff=True, is_superuser=True)
-    full, running = _staged_jobs(alice, make_job, succeeded_job)
+    full, running, failed = _staged_jobs(alice, make_job, succeeded_job)
     pages = {
         "jobs-list": "/",
         "new-job": "/jobs/new/",
         "job-running": f"/jobs/{running.pk}/",
         "job-succeeded": f"/jobs/{full.pk}/",
+        "job-failed": f"/jobs/{failed.pk}/",
+        "cancel-confirm": f"/jobs/{running.pk}/cancel/",
         "compare": "/compare/",
+        "not-found": "/jobs/999999/",
     }
     problems: list[str] = []
     for width in WIDTHS:
