@@ -24,7 +24,7 @@ def _fmt(value: float) -> str:
     if abs(value) >= 100:
         return f"{value:.0f}"
     if abs(value) >= 0.01:
-        return f"{value:.3g}"
+        return f"{value:.4g}"
     return f"{value:.2e}"
 
 
@@ -55,6 +55,16 @@ def _log_ticks(low: float, high: float) -> list[float]:
     return ticks
 
 
+def _power_of_ten(value: float) -> str:
+    """0.001, 1, 1000 as written; beyond that 1e-05, 1e+06."""
+    exponent = round(math.log10(value))
+    if -4 <= exponent < 0:
+        return f"{value:.{-exponent}f}"
+    if 0 <= exponent < 6:
+        return f"{value:.0f}"
+    return f"1e{exponent:+03d}"
+
+
 def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
     """One bar per quantized module, in network order, on a log scale: a few outliers (often 1000x the
     rest) would flatten every other bar on a linear one. Hover shows the module's name and its error."""
@@ -78,7 +88,7 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
     for tick in _log_ticks(floor, ceiling):
         y = top + plot_h - plot_h * (math.log10(tick) - math.log10(floor)) / decades
         body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}"/>')
-        body.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(tick)}</text>')
+        body.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_power_of_ten(tick)}</text>')
     body += [
         f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>',
         f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>',
@@ -114,7 +124,7 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
     mid = top + plot_h / 2
     body.append(
         f'<text class="label axis-label" x="14" y="{mid:.0f}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {mid:.0f})">error (log scale)</text>'
+        f'transform="rotate(-90 14 {mid:.0f})">error, no unit (log scale)</text>'
     )
     worst = max(errors, key=lambda item: item[1])
     return _svg(
@@ -163,7 +173,7 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
         direction = "higher is better ↑" if row.higher_is_better else "lower is better ↓"
         label = row.label if len(row.label) <= 70 else row.label[:69] + "…"
         body.append(
-            f'<text class="label metric-name" x="8" y="{y + 14}">{escape(label)} '
+            f'<text class="label axis-label metric-name" x="8" y="{y + 14}">{escape(label)} '
             f'<tspan class="direction">({direction})</tspan></text>'
         )
         bars = [(22, "bar-baseline", row.baseline)] if has_baseline else []

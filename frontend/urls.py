@@ -11,6 +11,7 @@ urlpatterns = [
     path("jobs/<int:pk>/", views.job_detail, name="job-detail"),
     path("jobs/<int:pk>/live/", views.job_live, name="job-live"),
     path("jobs/<int:pk>/log.txt", views.job_log, name="job-log"),
+    path("jobs/<int:pk>/SHA256SUMS", views.job_checksums, name="job-checksums"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
     path("compare/", views.compare, name="compare"),

@@ -245,6 +245,7 @@ def _results_context(job: Job) -> dict[str, Any]:
         "files": files,
         "archive_url": reverse("api:job-archive", kwargs={"pk": job.pk}),
         "manifest_url": reverse("api:job-manifest", kwargs={"pk": job.pk}),
+        "checksums_url": reverse("frontend:job-checksums", kwargs={"pk": job.pk}),
         "ignored_layers": (results or {}).get("ignored_layers") if isinstance(results, dict) else None,
     }
 
@@ -273,6 +274,16 @@ def job_live(request: HttpRequest, pk: int) -> HttpResponse:
 def job_log(request: HttpRequest, pk: int) -> HttpResponse:
     """The whole log as text/plain (the owner's, or staff's: others get 404 like every job URL)."""
     return logtext.log_response(selectors.job_get_for_user(user=request.user, job_id=pk))
+
+
+@login_required
+def job_checksums(request: HttpRequest, pk: int) -> HttpResponse:
+    """SHA256SUMS of the checkpoint, for `sha256sum -c` in the unpacked archive."""
+    job = selectors.job_get_for_user(user=request.user, job_id=pk)
+    try:
+        return downloads.checksums_response(job)
+    except downloads.NotDownloadable as exc:
+        return HttpResponse(str(exc), status=409, content_type="text/plain; charset=utf-8")
 
 
 @login_required

@@ -44,6 +44,16 @@ def archive_name(job: Job) -> str:
     return f"job-{job.pk}-{model}-{job.preset or 'custom'}"
 
 
+def checksums_response(job: Job) -> HttpResponse:
+    """The manifest in `sha256sum` format ("<hash>  <path>" per line): in the unpacked archive's folder,
+    `sha256sum -c SHA256SUMS` checks every file."""
+    checkpoint_dir(job)
+    lines = [f"{entry['sha256']}  {entry['path']}\n" for entry in job.manifest.get("files", [])]
+    response = HttpResponse("".join(lines), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="SHA256SUMS"'
+    return response
+
+
 def _entries(job: Job) -> list[tuple[str, int]]:
     """(relative path, size) of every file to send: the manifest's files, then the manifest."""
     root = checkpoint_dir(job)

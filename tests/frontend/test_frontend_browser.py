@@ -1,8 +1,10 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a live server, a
 real Redis, a real `celery worker` process and the real engine on the built-in model.
 
-Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); the names are listed in
-SCREENSHOT_NAMES below and each test says what its screenshots show.
+Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); each test says what its
+screenshots show. test_every_page_at_desktop_and_phone_width writes <width>-<page>.png for the sign-in page,
+the jobs list, the form, a running and a succeeded job, compare and the admin queue at 1440 and 390 px, and
+checks each with axe-core (zero violations) and for what must stay on a phone's screen.
 """
 
 from __future__ import annotations
@@ -154,3 +156,241 @@ def test_result_failure_compare_and_narrow_pages(new_page, sign_in, make_user, s
     shoot(narrow, "12-jobs-list-narrow.png")
     narrow.goto("/jobs/new/")
     shoot(narrow, "13-new-job-form-narrow.png", full_page=False)
+
+
+# --- every page at 1440 px and 390 px: screenshots, axe-core, nothing key off-screen ------------------------
+
+WIDTHS = (1440, 390)
+
+
+def axe_violations(page) -> list[str]:
+    """axe-core (the copy the axe-playwright-python wheel ships, injected into the page) on the whole page."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in results.response["violations"]
+    ]
+
+
+def offscreen(page, selector: str, *, inside_scrollers: bool = True) -> list[str]:
+    """The elements matching selector that end right of the viewport (cut off or needing a sideways scroll);
+    with inside_scrollers=False, only those not inside a box that scrolls sideways on its own."""
+    return page.evaluate(
+        """([selector, insideScrollers]) => Array.from(document.querySelectorAll(selector))
+            .filter((el) => el.getClientRects().length && el.getBoundingClientRect().right > window.innerWidth + 1)
+            .filter((el) => {
+                if (insideScrollers) { return true; }
+                for (let up = el.parentElement; up && up !== document.body; up = up.parentElement) {
+                    if (getComputedStyle(up).overflowX !== "visible") { return false; }
+                }
+                return true;
+            })
+            .map((el) => el.tagName + "." + el.className + ": " + el.textContent.trim().slice(0, 40))""",
+        [selector, inside_scrollers],
+    )
+
+
+def _staged_jobs(alice, make_job, succeeded_job):
+    from django.utils import timezone
+
+    from jobs.models import JobLogLine
+
+    full = succeeded_job(alice, preset="int8-w8a8-gptq", after=164_000_000, quality=0.991)
+    succeeded_job(alice, preset="fp8-dynamic", after=170_500_000, quality=0.997)
+    running = make_job(
+        alice,
+        preset="w8a16-gptq",
+        status="running",
+        stage="calibrating",
+        step=12,
+        total=30,
+        percent=41.0,
+        started_at=timezone.now() - timezone.timedelta(seconds=50),
+    )
+    JobLogLine.objects.bulk_create(
+        JobLogLine(job=running, stage=stage, text=text)
+        for stage, text in (
+            ("loading", "Loading smollm2-135m-instruct (bf16, 134.5 M parameters)"),
+            ("calibrating", "Calibrating with 32 samples of 256 tokens"),
+            ("calibrating", "GPTQ model.layers.11.mlp.down_proj error 12.42"),
+        )
+    )
+    make_job(alice, preset="nvfp4")
+    failed = make_job(
+        alice, preset="fp8-static", status="failed", error="Calibration needs at least 1 row; the file has none."
+    )
+    return full, running, failed
+
+
+def _no_checks(page, width: int) -> list[str]:
+    return []
+
+
+def _phone_header(page, width: int) -> list[str]:
+    height = page.locator(".site-header").bounding_box()["height"]
+    return [f"the header takes {height:.0f} px (more than one row)"] if height > 64 else []
+
+
+def _jobs_list(page, width: int) -> list[str]:
+    # Status, progress, size and recovery of every job are on screen, not in a column off to the right
+    return _phone_header(page, width) + [
+        f"off-screen: {cell}"
+        for cell in offscreen(
+            page, ".jobs-table .col-status, .jobs-table .col-progress, .jobs-table .col-size, .jobs-table .col-recovery"
+        )
+    ]
+
+
+def _new_job(page, width: int) -> list[str]:
+    problems = []
+    # The preset cards have inner padding (".field label" must not take it away)
+    padding = page.locator(".preset-option").first.evaluate("el => parseFloat(getComputedStyle(el).paddingLeft)")
+    if padding < 6:
+        problems.append(f"preset cards have {padding} px inner padding")
+    # Each checkbox sits beside its label: same line, a small gap
+    for field in page.locator(".field.check").all():
+        box, label = field.locator("input").bounding_box(), field.locator("label").bounding_box()
+        gap = label["x"] - (box["x"] + box["width"])
+        if not (0 <= gap < 20 and abs(label["y"] - box["y"]) < 12):
+            problems.append(f"a checkbox sits apart from its label {field.locator('label').inner_text()!r}")
+    return problems
+
+
+def _chart_text(page, width: int) -> list[str]:
+    problems = []
+    for chart in page.locator("svg.chart").all():
+        if chart.locator(".axis-label").count() < (1 if "chart-metrics" in chart.get_attribute("class") else 2):
+            problems.append(f"a chart without axis labels: {chart.get_attribute('class')}")
+        if chart.get_attribute("class") == "chart chart-metrics" and chart.locator(".axis-tick").count() < 2:
+            problems.append("the metric chart has no axis ticks")
+    sizes = page.eval_on_selector_all(
+        "svg.chart text", "els => els.map((el) => el.getBoundingClientRect().height).filter((h) => h > 0)"
+    )
+    if sizes and min(sizes) < 9:
+        problems.append(f"chart text {min(sizes):.1f} px high: unreadable")
+    return problems
+
+
+def _job_succeeded(page, width: int) -> list[str]:
+    # The results table keeps its Recovery column on screen; the charts are labelled and readable
+    recovery = offscreen(page, "#results-table th:last-child, #results-table td:last-child")
+    return _chart_text(page, width) + [f"off-screen: {cell}" for cell in recovery]
+
+
+def _compare(page, width: int) -> list[str]:
+    first_job = page.locator(".compare-table th.job-col").first.bounding_box()
+    problems = _chart_text(page, width)
+    if first_job["x"] + 40 > width:
+        problems.append("no job column is visible beside the metric names")
+    return problems
+
+
+LAYOUT_CHECKS = {
+    "jobs-list": _jobs_list,
+    "new-job": _new_job,
+    "job-running": _phone_header,
+    "job-succeeded": _job_succeeded,
+    "compare": _compare,
+}
+
+
+def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, make_job, succeeded_job):
+    alice = make_user("alice")
+    make_user("operator", is_staff=True, is_superuser=True)
+    full, running, failed = _staged_jobs(alice, make_job, succeeded_job)
+    pages = {
+        "jobs-list": "/",
+        "new-job": "/jobs/new/",
+        "job-running": f"/jobs/{running.pk}/",
+        "job-succeeded": f"/jobs/{full.pk}/",
+        "job-failed": f"/jobs/{failed.pk}/",
+        "cancel-confirm": f"/jobs/{running.pk}/cancel/",
+        "compare": "/compare/",
+        "not-found": "/jobs/999999/",
+    }
+    problems: list[str] = []
+    for width in WIDTHS:
+        page = new_page(width=width, height=900)
+        page.goto("/accounts/login/")
+        shoot(page, f"{width}-login.png")
+        problems += [f"{width} login: {v}" for v in axe_violations(page)]
+        sign_in(page, "alice")
+        for name, url in pages.items():
+            page.goto(url)
+            page.wait_for_load_state("networkidle")
+            shoot(page, f"{width}-{name}.png")
+            problems += [f"{width} {name}: {v}" for v in axe_violations(page)]
+            problems += [f"{width} {name}: {p}" for p in LAYOUT_CHECKS.get(name, _no_checks)(page, width)]
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            if overflow > 0:
+                culprits = offscreen(page, "body *", inside_scrollers=False)[:5]
+                problems.append(f"{width} {name}: the page scrolls sideways by {overflow} px: {culprits}")
+        admin = new_page(width=width, height=900)
+        sign_in(admin, "operator")
+        admin.goto("/admin/jobs/job/queue/")
+        admin.wait_for_selector("#workers-table, #workers :text('could not')")
+        shoot(admin, f"{width}-admin-queue.png")
+        problems += [f"{width} admin queue: {v}" for v in axe_violations(admin)]
+    assert not problems, "\n".join(problems)
+
+
+def test_cancel_asks_first_and_a_stale_flash_leaves(
+    browser, live_server, new_page, sign_in, make_user, make_job, builtin_model
+):
+    from django.utils import timezone
+
+    from jobs.models import Job
+
+    alice = make_user("alice")
+    failed = make_job(alice, status="failed", error="The worker stopped.")
+    page = new_page()
+    sign_in(page, "alice")
+
+    # Given a retry just queued, with its flash "... it is queued."
+    page.goto(f"/jobs/{failed.pk}/")
+    with page.expect_navigation(timeout=120_000):  # preflight runs first (its first run imports the engine)
+        page.get_by_role("button", name="Retry").click(no_wait_after=True)
+    retry = Job.objects.get(retry_of=failed)
+    flash = page.locator(".message.job-state")
+    assert "it is queued" in flash.inner_text()
+
+    # When a worker starts it, the badge follows and the flash that said "queued" goes
+    Job.objects.filter(pk=retry.pk).update(status="running", stage="loading", started_at=timezone.now())
+    page.wait_for_selector("#job-status.badge-running", timeout=30_000)
+    flash.wait_for(state="detached", timeout=10_000)
+
+    # When she presses Cancel and dismisses the dialog, nothing happens; when she accepts, it is cancelled
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.locator("#cancel-job").click()
+    page.wait_for_timeout(300)
+    retry.refresh_from_db()
+    assert retry.status == "running"
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#cancel-job").click()
+    page.wait_for_selector("#job-status.badge-cancelled")
+    retry.refresh_from_db()
+    assert retry.status == "cancelled"
+
+    # Without JavaScript: the page says to reload, and Cancel goes through a confirmation page
+    other = make_job(alice, status="running", stage="calibrating", started_at=timezone.now())
+    context = browser.new_context(
+        java_script_enabled=False, base_url=live_server.url, viewport={"width": 390, "height": 800}
+    )
+    try:
+        plain = context.new_page()
+        sign_in(plain, "alice")
+        plain.goto(f"/jobs/{other.pk}/")
+        assert "reload it" in plain.locator("#reload-hint").inner_text()
+        plain.locator("#cancel-job").click()
+        plain.wait_for_url(f"**/jobs/{other.pk}/cancel/")
+        shoot(plain, "390-cancel-confirm.png")
+        other.refresh_from_db()
+        assert other.status == "running"
+        plain.locator("#confirm-cancel").click()
+        plain.wait_for_url(f"**/jobs/{other.pk}/")
+        other.refresh_from_db()
+        assert other.status == "cancelled"
+    finally:
+        context.close()

@@ -158,3 +158,28 @@ def test_compare_tells_jobs_apart_marks_the_best_and_keeps_the_chosen_order(clie
         cells = re.findall(r"<td class=\"num( best)?\">", row)
         assert cells[1 + order.index(best.pk)] == " best", row[:80]
         assert cells.count(" best") == 1
+
+
+# --- checksums a user can check ------------------------------------------------------------------------------
+
+
+def test_the_checksums_download_passes_sha256sum_check(client_for, alice, bob, succeeded_job, make_job, tmp_path):
+    import shutil
+    import subprocess
+
+    from tests.frontend.conftest import current_media_root
+
+    job = succeeded_job(alice)
+    page = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert f'href="/jobs/{job.pk}/SHA256SUMS"' in page and "sha256sum -c SHA256SUMS" in page
+
+    response = client_for(alice).get(f"/jobs/{job.pk}/SHA256SUMS")
+    assert response.status_code == 200 and response["Content-Type"] == "text/plain; charset=utf-8"
+    unpacked = tmp_path / "checkpoint"
+    shutil.copytree(current_media_root() / job.artifacts_path, unpacked)
+    (unpacked / "SHA256SUMS").write_bytes(response.content)
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=unpacked, capture_output=True, text=True)
+    assert check.returncode == 0 and "model.safetensors: OK" in check.stdout, check.stdout + check.stderr
+
+    assert client_for(bob).get(f"/jobs/{job.pk}/SHA256SUMS").status_code == 404
+    assert client_for(alice).get(f"/jobs/{make_job(alice).pk}/SHA256SUMS").status_code == 409
