@@ -102,6 +102,12 @@ def _recipe(modifier: str) -> str:
         ("unknown modifier", _recipe("EvilModifier: {targets: [Linear]}"), "EvilModifier"),
         ("unknown argument", _recipe("QuantizationModifier: {scheme: W8A16, targets: [Linear], hook: x}"), "hook"),
         ("invalid YAML", "compression_stage: [unclosed\n", "not valid YAML"),
+        ("deep nesting", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than"),
+        (
+            "hundreds of modifiers",
+            "".join(f"s{i}_stage:\n  m_modifiers:\n    GPTQModifier: {{scheme: W4A16}}\n" for i in range(600)),
+            "more than 32 modifiers",
+        ),
         (
             "code in a field",
             _recipe(
