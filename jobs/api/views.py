@@ -29,7 +29,6 @@ from jobs.api.serializers import (
     PresetSerializer,
 )
 from jobs.models import CalibrationDataset, Job
-from jobs.uploads import UploadSizeLimit
 
 # The engine names the part of a request a problem concerns; these are the API's names for them.
 _FIELD_NAMES = {"recipe": "recipe_yaml", "device": "device_class", None: "non_field_errors"}
@@ -268,21 +267,8 @@ class CalibrationDatasetViewSet(
     queryset = CalibrationDataset.objects.none()  # for the schema; get_queryset picks the user's files
     schema = ErrorAnswersSchema()
 
-    def initialize_request(self, request, *args, **kwargs):
-        # First handler: an oversized upload stops while it streams in, before it is written to disk.
-        self.upload_limit = UploadSizeLimit(settings.COMPRESSOR_MAX_UPLOAD_BYTES)
-        request.upload_handlers.insert(0, self.upload_limit)
-        return super().initialize_request(request, *args, **kwargs)
-
     def get_queryset(self):
         return selectors.calibration_datasets_for_user(user=self.request.user)
-
-    def create(self, request: Request, *args, **kwargs) -> Response:
-        request.data  # noqa: B018 - parse the upload now, so that a stopped one is reported as such
-        if self.upload_limit.exceeded:
-            limit_mib = settings.COMPRESSOR_MAX_UPLOAD_BYTES // 2**20
-            raise ValidationError({"file": [f"The file is larger than the limit of {limit_mib} MiB."]})
-        return super().create(request, *args, **kwargs)
 
     def perform_create(self, serializer: CalibrationDatasetSerializer) -> None:
         try:

@@ -105,3 +105,16 @@ def test_a_body_declared_over_the_limit_is_refused_before_it_is_read(user, setti
     assert answer["status"].startswith("400") and b"larger than the limit of 1 MiB" in content, content
     assert body.read_bytes < 64 * 1024, f"read {body.read_bytes} bytes of a refused body"
     assert not CalibrationDataset.objects.exists()
+
+
+def test_the_job_form_stops_an_oversized_upload_too(client, user, settings, media_root):
+    settings.COMPRESSOR_MAX_UPLOAD_BYTES = 2**20
+    client.force_login(user)
+    before = _stored_files(media_root)
+    upload = io.BytesIO(b'{"text": "row"}\n' * (2**20 // 8))
+    upload.name = "big.jsonl"
+
+    response = client.post("/jobs/new/", {"calibration_kind": "upload", "calibration_upload": upload})
+
+    assert response.status_code == 400
+    assert not CalibrationDataset.objects.exists() and _stored_files(media_root) == before
