@@ -188,6 +188,12 @@ COMPRESSOR_RETENTION_DAYS = env.int("COMPRESSOR_RETENTION_DAYS", default=30)
 COMPRESSOR_USER_MAX_PRIORITY = env.int("COMPRESSOR_USER_MAX_PRIORITY", default=5)
 COMPRESSOR_MAX_UPLOAD_BYTES = env.int("COMPRESSOR_MAX_UPLOAD_BYTES", default=200 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# An upload over COMPRESSOR_MAX_UPLOAD_BYTES is stopped while it streams in, before it fills the disk.
+FILE_UPLOAD_HANDLERS = [
+    "jobs.uploads.UploadSizeLimit",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 # Warm GPU workers: import torch and llm-compressor in each worker child before its first job.
 COMPRESSOR_WORKER_PRELOAD = env.bool("COMPRESSOR_WORKER_PRELOAD", default=True)
 

@@ -75,8 +75,8 @@ def resolve_model(
         path = ensure_builtin_model(store)
     elif allow_local and _is_local(source):
         path = Path(source).expanduser().resolve()
-        if not path.is_dir():
-            raise EngineError(f"The model folder '{source}' does not exist.", field="model")
+        if not _is_dir(path):
+            raise EngineError(f"The model folder '{source[:300]}' does not exist.", field="model")
     else:
         _check_hub_id(source, allow_local=allow_local)
         _check_revision(revision)
@@ -93,11 +93,13 @@ def resolve_model(
 
 
 def _is_local(source: str) -> bool:
-    if source.startswith(("/", ".", "~")):
-        return True
+    return source.startswith(("/", ".", "~")) or _is_dir(Path(source).expanduser())
+
+
+def _is_dir(path: Path) -> bool:
     try:
-        return Path(source).expanduser().is_dir()
-    except OSError:  # e.g. a name longer than the filesystem allows: not a folder here
+        return path.is_dir()
+    except OSError:  # e.g. a name longer than the filesystem allows: no such folder here
         return False
 
 

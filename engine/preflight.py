@@ -52,6 +52,10 @@ def preflight(spec: CompressionSpec, *, store: Path | None = None) -> PreflightR
 
 def _preflight(spec: CompressionSpec, store: Path | None) -> PreflightReport:
     recipe_yaml = _base_recipe(spec)
+    # What the request's text alone decides comes first: it costs nothing and needs no model.
+    if spec.calibration.kind == "hub":
+        calib.check_hub_dataset_id(spec.calibration.dataset)
+    _check_tasks(spec.evaluation)
     model = resolve_model(
         spec.model,
         spec.revision,
@@ -76,7 +80,6 @@ def _preflight(spec: CompressionSpec, store: Path | None) -> PreflightReport:
     )
     _check_memory(report, skeleton, spec.device)
     report.calibration_rows = _check_calibration(spec, report.needs_calibration)
-    _check_tasks(spec.evaluation)
     return report
 
 

@@ -176,24 +176,38 @@ def get_preset(name: str) -> Preset:
 
 
 MAX_RECIPE_BYTES = 64 * 1024
+# Real recipes have a handful of modifiers a few levels deep; these bounds keep validation under a second.
+MAX_RECIPE_MODIFIERS = 32
+_MAX_RECIPE_DEPTH = 32
 # llm-compressor evaluates a pruning scheduler written as "calc(...)" with Python's eval: a recipe is data.
 _CODE_IN_STRING = re.compile(r"calc\s*\(|__\w+__|\blambda\b")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (no Python object tags) that also refuses aliases.
+    """PyYAML's safe loader (no Python object tags) that also refuses aliases and deep nesting.
 
     Nested aliases multiply a small document into billions of nodes (the "billion laughs"); a recipe
-    never needs them, so the first alias stops the parse before anything is expanded.
+    never needs them, so the first alias stops the parse before anything is expanded. Nesting is capped
+    before the composer's recursion would run out of stack.
     """
 
+    _depth = 0
+
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(
                 None, None, "aliases (*name) are not allowed in a recipe; write the values out", event.start_mark
             )
-        return super().compose_node(parent, index)
+        if self._depth >= _MAX_RECIPE_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"the recipe is nested more than {_MAX_RECIPE_DEPTH} levels deep", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def load_recipe_yaml(text: str) -> Any:
@@ -212,6 +226,8 @@ def validate_recipe_yaml(text: str) -> str:
     if not isinstance(data, dict) or not data:
         raise EngineError("The recipe must be a YAML mapping of stages to modifiers.", field="recipe")
     _refuse_code(data)
+    if len(_modifier_args(data)) > MAX_RECIPE_MODIFIERS:
+        raise EngineError(f"The recipe has more than {MAX_RECIPE_MODIFIERS} modifiers.", field="recipe")
     from llmcompressor.recipe import Recipe
 
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
@@ -29,7 +28,6 @@ from jobs.api.serializers import (
 )
 from jobs.models import CalibrationDataset, Job
 from jobs.ratelimit import RateLimited
-from jobs.uploads import UploadSizeLimit
 
 # The engine names the part of a request a problem concerns; these are the API's names for them.
 _FIELD_NAMES = {"recipe": "recipe_yaml", "device": "device_class", None: "non_field_errors"}
@@ -288,23 +286,10 @@ class CalibrationDatasetViewSet(
     queryset = CalibrationDataset.objects.none()  # for the schema; get_queryset picks the user's files
     schema = ErrorAnswersSchema()
 
-    def initialize_request(self, request, *args, **kwargs):
-        # First handler: an oversized upload stops while it streams in, before it is written to disk.
-        self.upload_limit = UploadSizeLimit(settings.COMPRESSOR_MAX_UPLOAD_BYTES)
-        request.upload_handlers.insert(0, self.upload_limit)
-        return super().initialize_request(request, *args, **kwargs)
-
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator: no user, but the id's type
             return CalibrationDataset.objects.none()
         return selectors.calibration_datasets_for_user(user=self.request.user)
-
-    def create(self, request: Request, *args, **kwargs) -> Response:
-        request.data  # noqa: B018 - parse the upload now, so that a stopped one is reported as such
-        if self.upload_limit.exceeded:
-            limit_mib = settings.COMPRESSOR_MAX_UPLOAD_BYTES // 2**20
-            raise ValidationError({"file": [f"The file is larger than the limit of {limit_mib} MiB."]})
-        return super().create(request, *args, **kwargs)
 
     def perform_create(self, serializer: CalibrationDatasetSerializer) -> None:
         try:
