@@ -17,6 +17,7 @@ from django.views.decorators.http import require_POST
 
 from engine.errors import EngineError
 from engine.presets import PRESETS
+from engine.units import RECOVERY_DEFINITION
 from frontend import charts, presentation
 from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
 from jobs import downloads, selectors, services
@@ -51,11 +52,13 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
                 "job": job,
                 "queue_position": positions.get(job.pk),
                 "sizes": presentation.sizes(job.results),
-                "recovery": presentation.headline_recovery(job.results),
+                "headline": presentation.headline_recovery(job.results),
+                "stage_detail": presentation.stage_detail(job),
             }
         )
     return {
         "rows": rows,
+        "recovery_heading": presentation.headline_heading([row["headline"] for row in rows]),
         "page": page,
         "status": status,
         "preset": preset,
@@ -216,9 +219,10 @@ def _live_context(job: Job) -> dict[str, Any]:
         "job": job,
         "queue_position": selectors.queue_position(job=job),
         "timeline": presentation.timeline(job, stage_started),
-        "seconds_left": presentation.seconds_left(job, stage_started),
+        "seconds_left": presentation.seconds_left(job),
         "log_lines": selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES),
         "stage_label": Job.Stage(job.stage).label if job.stage in Job.Stage.values else job.stage,
+        "stage_detail": presentation.stage_detail(job),
     }
 
 
@@ -266,6 +270,8 @@ def _results_context(job: Job) -> dict[str, Any]:
         "archive_url": reverse("api:job-archive", kwargs={"pk": job.pk}),
         "manifest_url": reverse("api:job-manifest", kwargs={"pk": job.pk}),
         "ignored_layers": (results or {}).get("ignored_layers") if isinstance(results, dict) else None,
+        "run_settings": presentation.run_settings(results),
+        "recovery_definition": RECOVERY_DEFINITION,
     }
 
 
@@ -353,14 +359,15 @@ def compare(request: HttpRequest) -> HttpResponse:
     before = next((c["sizes"].before for c in columns if c["sizes"]), None)
     if before:
         points.append(charts.Point(label="baseline", size_bytes=before, quality=100.0, baseline=True))
-    for column in columns:
-        recovery = presentation.headline_recovery(column["job"].results)
-        if column["sizes"] and recovery is not None:
+    headlines = [presentation.headline_recovery(column["job"].results) for column in columns]
+    for column, headline in zip(columns, headlines, strict=True):
+        column["headline"] = headline
+        if column["sizes"] and headline is not None:
             points.append(
                 charts.Point(
                     label=f"#{column['job'].pk} {column['job'].recipe_label}",
                     size_bytes=column["sizes"].after,
-                    quality=recovery,
+                    quality=headline.recovery,
                 )
             )
     context = {
@@ -371,6 +378,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         "columns": columns,
         "metric_table": metric_table,
         "baseline_size": before,
+        "recovery_heading": presentation.headline_heading(headlines),
         "chart": charts.size_quality_chart(points) if len(points) > 1 else "",
     }
     return render(request, "frontend/compare.html", context)
