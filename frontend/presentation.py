@@ -89,7 +89,7 @@ class Headline:
     recovery: float
 
 
-def headline_recovery(results: Any) -> Headline | None:
+def headline(results: Any) -> Headline | None:
     """Perplexity's recovery when the offline suite ran, else the lm-eval average's, else the first task's."""
     evaluation = evaluation_of(results)
     metrics = [m for m in evaluation.get("metrics") or [] if isinstance(m, dict)]
@@ -104,10 +104,18 @@ def headline_recovery(results: Any) -> Headline | None:
     return None
 
 
-def headline_heading(headlines: list[Headline | None]) -> str:
-    """The heading of a headline column: the metric's name when every job has the same one."""
-    names = {headline.name for headline in headlines if headline is not None}
-    return names.pop() if len(names) == 1 else "Recovery"
+def headline_recovery(results: Any) -> float | None:
+    """The headline recovery alone (see headline)."""
+    found = headline(results)
+    return found.recovery if found else None
+
+
+def headline_heading(results: list[Any]) -> str:
+    """The heading of the jobs' headline recovery column: which metric it is ("Perplexity recovery")."""
+    names = sorted({found.name for found in map(headline, results) if found is not None})
+    if len(names) > 1:  # "Perplexity / Task average recovery"
+        return " / ".join(name.removesuffix(" recovery") for name in names) + " recovery"
+    return names[0] if names else "Recovery"
 
 
 def generations(results: Any) -> list[dict[str, str]]:

@@ -52,13 +52,13 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
                 "job": job,
                 "queue_position": positions.get(job.pk),
                 "sizes": presentation.sizes(job.results),
-                "headline": presentation.headline_recovery(job.results),
+                "recovery": presentation.headline_recovery(job.results),
                 "stage_detail": presentation.stage_detail(job),
             }
         )
     return {
         "rows": rows,
-        "recovery_heading": presentation.headline_heading([row["headline"] for row in rows]),
+        "recovery_heading": presentation.headline_heading([job.results for job in page.object_list]),
         "page": page,
         "status": status,
         "preset": preset,
@@ -359,15 +359,14 @@ def compare(request: HttpRequest) -> HttpResponse:
     before = next((c["sizes"].before for c in columns if c["sizes"]), None)
     if before:
         points.append(charts.Point(label="baseline", size_bytes=before, quality=100.0, baseline=True))
-    headlines = [presentation.headline_recovery(column["job"].results) for column in columns]
-    for column, headline in zip(columns, headlines, strict=True):
-        column["headline"] = headline
-        if column["sizes"] and headline is not None:
+    for column in columns:
+        recovery = presentation.headline_recovery(column["job"].results)
+        if column["sizes"] and recovery is not None:
             points.append(
                 charts.Point(
                     label=f"#{column['job'].pk} {column['job'].recipe_label}",
                     size_bytes=column["sizes"].after,
-                    quality=headline.recovery,
+                    quality=recovery,
                 )
             )
     context = {
@@ -378,7 +377,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         "columns": columns,
         "metric_table": metric_table,
         "baseline_size": before,
-        "recovery_heading": presentation.headline_heading(headlines),
+        "recovery_heading": presentation.headline_heading([job.results for job in chosen]),
         "chart": charts.size_quality_chart(points) if len(points) > 1 else "",
     }
     return render(request, "frontend/compare.html", context)

@@ -11,7 +11,6 @@ from django.utils.safestring import SafeString, mark_safe
 from engine.card import LINK_HOSTS
 from engine.units import percent_text, size_text
 from frontend.presentation import duration_text
-from jobs.models import Job
 
 register = template.Library()
 
@@ -87,16 +86,7 @@ def mb(value) -> str:
         return size_text(None)
 
 
-_STATUS_ICONS = {
-    Job.Status.QUEUED: "◷",
-    Job.Status.RUNNING: "▶",
-    Job.Status.SUCCEEDED: "✓",
-    Job.Status.FAILED: "✕",
-    Job.Status.CANCELLED: "⊘",
-}
-
-
 @register.filter
 def status_icon(status: str) -> str:
     """A text symbol beside each status word (the colour is never the only signal)."""
-    return _STATUS_ICONS.get(status, "•")
+    return {"queued": "◷", "running": "▶", "succeeded": "✓", "failed": "✕", "cancelled": "⊘"}.get(status, "•")

@@ -108,11 +108,12 @@ def test_a_recovery_of_one_percent_reads_one_percent_on_every_screen(client_for,
     as_alice = client_for(alice)
 
     # When alice looks at the list, the job page and compare
-    pages = [_html(as_alice.get(url)) for url in ("/", f"/jobs/{job.pk}/", "/compare/")]
+    listed, page, compare = (_html(as_alice.get(url)) for url in ("/", f"/jobs/{job.pk}/", "/compare/"))
 
     # Then each says 1.0 %, never 100 %
-    for html in pages:
+    for html in (listed, page):
         assert "<strong>1.0 %</strong>" in html and "<strong>100.0 %</strong>" not in html
+    assert '<span class="muted small">1.0 %</span>' in compare and "164.0 MB, 1.0 %" in compare
 
 
 def test_the_list_filters_by_status_and_preset(client_for, alice, make_job, succeeded_job):
@@ -382,7 +383,7 @@ def test_compare_puts_jobs_of_one_model_side_by_side(client_for, alice, bob, suc
     table = re.search(r'<table class="table compare-table".*?</table>', html, re.S).group(0)
     assert f"#{fp8.pk}" in table and f"#{int8.pk}" in table and f"#{other.pk}" not in table
     assert "97.5 %" in table and "99.1 %" in table and "Baseline" in table
-    assert '<th scope="row">Perplexity recovery</th>' in table
+    assert "Quality: perplexity recovery, relative to the baseline" in html
     assert '<svg class="chart chart-scatter"' in html
 
 
