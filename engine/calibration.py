@@ -18,14 +18,14 @@ from engine.spec import CalibrationSpec
 
 # Standard-library modules whose docstrings make the built-in calibration set: real English prose that
 # ships with every CPython. pydoc_data.topics is kept out: evaluation uses it as held-out text.
-_BUILTIN_SOURCES = (
+BUILTIN_SOURCES = (
     "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
     "difflib", "email.message", "enum", "fractions", "functools", "heapq", "http.client", "inspect",
     "ipaddress", "itertools", "json", "logging", "os", "pathlib", "pickle", "queue", "random", "re",
     "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile",
     "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
-_MIN_DOC_CHARS = 300
+MIN_DOC_CHARS = 300
 # One calibration row never needs more: 32768 tokens (the longest max_seq_len) are far fewer characters.
 MAX_LINE_CHARS = 4 * 2**20
 
@@ -33,11 +33,11 @@ MAX_LINE_CHARS = 4 * 2**20
 def builtin_records(limit: int | None = None) -> list[dict[str, Any]]:
     """Chat rows generated from standard-library documentation: a question and its documented answer."""
     records: list[dict[str, Any]] = []
-    for module_name in _BUILTIN_SOURCES:
+    for module_name in BUILTIN_SOURCES:
         module = importlib.import_module(module_name)
         for name, obj in [(module_name, module), *_public_members(module)]:
             doc = inspect.getdoc(obj) or ""
-            if len(doc) >= _MIN_DOC_CHARS:
+            if len(doc) >= MIN_DOC_CHARS:
                 records.append(_qa_record(name, doc))
                 if limit is not None and len(records) >= limit:
                     return records

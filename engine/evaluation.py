@@ -6,11 +6,13 @@ distribution from the baseline's, top-1 token agreement, and greedy generations 
 lm-eval tasks: any task lm-eval knows, plus the project's local tasks (engine.lm_tasks). A task that cannot
 run (unknown name, data set on an unreachable hub, vLLM missing) fails alone, with its reason in tasks_failed.
 
-Recovery (compressed relative to baseline, 100 % = no loss):
-- higher-is-better scores (accuracy): compressed / baseline;
-- perplexity: baseline / compressed;
-- KL divergence (0 for the baseline by definition): exp(-KL), 100 % for identical distributions;
-- top-1 agreement (100 % for the baseline by definition): the agreement itself.
+Recovery (engine.units: compressed relative to baseline in percent, 100 % = no loss) is given where both
+models get a score of their own: accuracies (compressed / baseline) and perplexity (baseline / compressed).
+KL divergence and top-1 agreement already measure the compressed model against the baseline: no recovery.
+
+Progress: evaluate() reports "step of total" in thousandths of the whole evaluation, moving within each
+part (window by window in the offline suite, request by request in an lm-eval task), so a long
+evaluation never sits still on one number.
 
 The baseline's side is cached per part (the offline suite; each task) under a key made of the model
 (baseline_key), the device type and that part's settings, so many jobs on one model evaluate the baseline
@@ -36,9 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.errors import EngineError
+from engine.errors import CancelledError, EngineError
 from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
 from engine.spec import EvaluationSpec, ProgressEvent
+from engine.units import recovery_percent
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -84,7 +87,7 @@ def evaluate(
     settings = _settings(spec, device, min(spec.limit or windows, windows), window_tokens)
     tasks, failed = _runnable_tasks(spec)
     parts = ([OFFLINE] if spec.offline else []) + tasks
-    step = _stepper(progress, total=2 * len(parts))
+    step = _Progress(progress, parts=2 * len(parts))
     cache = _BaselineCache(Path(cache_dir), baseline_key, settings)
     baseline, missing = _baseline(Path(baseline_dir), parts, cache, spec, settings, device, step)
     runnable = [part for part in parts if "error" not in baseline[part]]
@@ -103,15 +106,6 @@ def evaluate(
     }
 
 
-def recovery(baseline: float | None, compressed: float | None, *, higher_is_better: bool) -> float | None:
-    """Compressed relative to baseline in percent (100 = no loss), for either direction of metric."""
-    if baseline is None or compressed is None:
-        return None
-    if higher_is_better:
-        return 100.0 * compressed / baseline if baseline else None
-    return 100.0 * baseline / compressed if compressed else None
-
-
 def default_cache_dir() -> Path:
     """Where baseline results are cached (COMPRESSOR_EVAL_CACHE, else beside the model store)."""
     from engine.models import default_store
@@ -126,7 +120,7 @@ def _baseline(path: Path, parts: list[str], cache: _BaselineCache, spec, setting
     """The baseline's measurements per part, from the cache where present; also the parts measured now."""
     baseline = {part: value for part in parts if (value := cache.load(part)) is not None}
     for part in baseline:
-        step(f"baseline, {_describe(part, settings)} (cached)")
+        step.part(f"baseline, {_describe(part, settings)} (cached)")
     missing = [part for part in parts if part not in baseline]
     for part, value in _measure(path, missing, spec, settings, device, step, "baseline").items():
         baseline[part] = value
@@ -160,14 +154,16 @@ def _measure(path: Path, parts: list[str], spec, settings, device, step, side: s
     model = _Model(path, device)
     results: dict[str, dict] = {}
     for part in parts:
-        step(f"{side}, {_describe(part, settings)}")
+        step.part(f"{side}, {_describe(part, settings)}")
         if part == OFFLINE:
-            results[part] = _offline(*model.get(), spec, settings, reference)
+            results[part] = _offline(*model.get(), spec, settings, reference, step.within)
             continue
         if spec.backend == "vllm":
             model.release()
         try:
-            results[part] = _run_task(path, model, part, spec, device)
+            results[part] = _run_task(path, model, part, spec, device, step.within)
+        except CancelledError:  # raised by the progress callback: the job stops, the task did not fail
+            raise
         except Exception as exc:  # lm-eval and datasets raise many kinds; the reason goes in the report
             results[part] = {"error": _task_failure_reason(exc)}
     model.release()
@@ -192,10 +188,15 @@ def _load(path: Path, device: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _offline(model, tokenizer, spec: EvaluationSpec, settings: dict, reference: dict | None) -> dict:
+def _offline(model, tokenizer, spec: EvaluationSpec, settings: dict, reference: dict | None, within) -> dict:
+    """The offline suite on one model; within(done, total) after each window and each generation."""
     windows = _heldout_windows(tokenizer, spec.heldout_path, settings["windows"], settings["window_tokens"])
-    result = _score_windows(model, windows.to(model.device), reference)
-    result["generations"] = [_generate(model, tokenizer, prompt) for prompt in PROMPTS]
+    total = len(windows) + len(PROMPTS)
+    result = _score_windows(model, windows.to(model.device), reference, lambda done: within(done, total))
+    result["generations"] = []
+    for index, prompt in enumerate(PROMPTS, start=1):
+        result["generations"].append(_generate(model, tokenizer, prompt))
+        within(len(windows) + index, total)
     return result
 
 
@@ -221,7 +222,7 @@ def _heldout_windows(tokenizer, path: str | None, windows: int, window_tokens: i
     return torch.tensor([ids[i * stride : i * stride + window_tokens] for i in range(count)])
 
 
-def _score_windows(model, windows, reference: dict | None) -> dict:
+def _score_windows(model, windows, reference: dict | None, scored: Callable[[int], None] = lambda done: None) -> dict:
     """Perplexity, and (against a baseline reference) KL divergence and top-1 agreement."""
     import torch
 
@@ -241,6 +242,7 @@ def _score_windows(model, windows, reference: dict | None) -> dict:
             else:
                 kl_sum += _coarse_kl(reference["top_values"][index].float(), reference["top_indices"][index], logprobs)
                 agree += (logprobs.argmax(-1).int() == reference["top1"][index]).sum().item()
+            scored(index + 1)
     result = {"perplexity": math.exp(nll_sum / tokens), "tokens": tokens}
     if reference is None:
         result.update(top_values=top_values, top_indices=top_indices, top1=top1)
@@ -325,7 +327,7 @@ def _task_manager(include_path: str):
     return TaskManager(include_path=str(write_local_tasks(Path(include_path))))
 
 
-def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, device: str) -> dict:
+def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, device: str, within) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -339,7 +341,8 @@ def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, device
         )
     else:
         hf_model, tokenizer = model.get()
-        lm, model_args = HFLM(pretrained=hf_model, tokenizer=tokenizer, device=device, batch_size=8), None
+        lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=device, batch_size=8)
+        lm.report, model_args = within, None
     output = lm_eval.simple_evaluate(
         model=lm,
         model_args=model_args,
@@ -413,11 +416,11 @@ def _offline_metrics(baseline: dict, compressed: dict) -> list[dict]:
     kl = compressed["kl"]
     return [
         _metric("perplexity", "Perplexity (held-out text)", baseline["perplexity"], compressed["perplexity"], False),
+        {**_metric("kl_divergence", "KL divergence from baseline", 0.0, kl, False), "recovery": None},
         {
-            **_metric("kl_divergence", "KL divergence from baseline", 0.0, kl, False),
-            "recovery": 100.0 * math.exp(-kl),
+            **_metric("top1_agreement", "Top-1 token agreement (%)", 100.0, compressed["top1_agreement"], True),
+            "recovery": None,
         },
-        _metric("top1_agreement", "Top-1 token agreement (%)", 100.0, compressed["top1_agreement"], True),
     ]
 
 
@@ -447,7 +450,7 @@ def _metric(name: str, label: str, base: float, comp: float, higher_is_better: b
         "label": label,
         "baseline": base,
         "compressed": comp,
-        "recovery": recovery(base, comp, higher_is_better=higher_is_better),
+        "recovery": recovery_percent(base, comp, higher_is_better=higher_is_better),
         "higher_is_better": higher_is_better,
         "baseline_stderr": None,
         "compressed_stderr": None,
@@ -463,7 +466,7 @@ def _average(metrics: list[dict]) -> dict | None:
         return None
     base = sum(m["baseline"] for m in tasks) / len(tasks)
     comp = sum(m["compressed"] for m in tasks) / len(tasks)
-    return {"baseline": base, "compressed": comp, "recovery": recovery(base, comp, higher_is_better=True)}
+    return {"baseline": base, "compressed": comp, "recovery": recovery_percent(base, comp, higher_is_better=True)}
 
 
 # --- settings, progress and the baseline cache -------------------------------------------------
@@ -493,18 +496,68 @@ def _describe(part: str, settings: dict) -> str:
     return f"lm-eval {part}"
 
 
-def _stepper(progress: ProgressCallback | None, total: int) -> Callable[[str], None]:
-    """step(message): reports the next of total steps. Called outside any try, so a cancel raised by
-    the callback stops the evaluation instead of being recorded as a failed task."""
-    done = 0
+class _Progress:
+    """The evaluation's progress in thousandths: `parts` equal parts (each model's offline suite and each
+    task), each moving by its own measure (windows, requests). A cancel raised by the callback stops the
+    evaluation; it is never recorded as a failed task."""
 
-    def step(message: str) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(ProgressEvent(stage="evaluating", step=done, total=total, message=f"Evaluating {message}"))
+    SCALE = 1000
 
-    return step
+    def __init__(self, callback: ProgressCallback | None, *, parts: int) -> None:
+        self.callback, self.parts = callback, max(parts, 1)
+        self.index, self.message, self.reported = -1, "", -1
+
+    def part(self, message: str) -> None:
+        """The next part begins (a cached part begins and is done at once)."""
+        self.index += 1
+        self.message = f"Evaluating {message}"
+        self._report(0.0, force=True)
+
+    def within(self, done: int, total: int) -> None:
+        """done of total units of the current part are finished."""
+        self._report(min(done, total) / total if total else 1.0)
+
+    def _report(self, fraction: float, *, force: bool = False) -> None:
+        step = int(self.SCALE * (self.index + fraction) / self.parts)
+        if self.callback and (force or step > self.reported):
+            self.reported = step
+            self.callback(ProgressEvent(stage="evaluating", step=step, total=self.SCALE, message=self.message))
+
+
+def _counting_hflm(hflm: type) -> type:
+    """lm-eval's HF model, reporting report(done, total) as its batches of requests finish."""
+
+    class CountingHFLM(hflm):
+        report: Callable[[int, int], None] = staticmethod(lambda done, total: None)
+        _done, _total = 0, 0
+
+        def _start(self, requests) -> None:
+            self._done, self._total = 0, len(requests)
+
+        def _advance(self, rows: int) -> None:
+            self._done += rows
+            self.report(self._done, self._total)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._start(requests)
+            return super().loglikelihood(requests, disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            self._start(requests)
+            return super().generate_until(requests, disable_tqdm)
+
+        def _model_call(self, inps, *args, **kwargs):
+            out = super()._model_call(inps, *args, **kwargs)
+            if self._total:  # not the batch-size probe, which runs before any request
+                self._advance(inps.shape[0])
+            return out
+
+        def _model_generate(self, context, *args, **kwargs):
+            out = super()._model_generate(context, *args, **kwargs)
+            self._advance(context.shape[0])
+            return out
+
+    return CountingHFLM
 
 
 class _BaselineCache:

@@ -1,14 +1,15 @@
-"""Run one compression job: load, calibrate and compress with oneshot, save, hash, publish.
+"""Run one compression job: load, calibrate and compress with oneshot, save, evaluate, hash, publish.
 
 Progress reaches the caller through one callback: stage changes, "layer i of N" from forward hooks
-on the decoder layers, and llm-compressor's own log lines (its METRIC lines carry per-layer errors).
+on the decoder layers, the evaluation's own steps, and llm-compressor's log lines. Each event carries
+the whole job's fraction done, with the stages weighed by their measured cost (_STAGE_COST_S).
+Per-layer errors come from llm-compressor's CompressionLogger, with the module's real name.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,13 +20,22 @@ from engine import calibration as calib
 from engine.artifacts import staging_folder, weights_bytes, write_manifest
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
-from engine.evaluation import default_cache_dir, evaluate
+from engine.evaluation import PROMPTS, WINDOWS, default_cache_dir, evaluate
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS
 from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
+from engine.units import size_text
 
 ProgressCallback = Callable[[ProgressEvent], None]
-_ERROR_LINE = re.compile(r"^error ([0-9.eE+-]+)")
+
+# Seconds each stage took for the built-in model (135M parameters) on two CPU cores, int8-w8a8-gptq with
+# 32 x 256 calibration tokens, the offline suite and one local lm-eval task (bench/results/latest.md and
+# a measured job): the weights of the job's progress. Calibration scales with the calibration tokens, the
+# offline suite with its windows; each evaluation part is counted for both models.
+_STAGE_COST_S = {"loading": 1.0, "calibrating": 38.0, "compressing": 0.5, "saving": 0.6, "hashing": 0.2}
+_CALIBRATION_TOKENS = 32 * 256
+_EVAL_OFFLINE_S = 10.0  # one model, 16 windows and 3 generations
+_EVAL_TASK_S = 30.0  # one model, one local task of 100 items
 
 
 class _Reporter:
@@ -36,12 +46,48 @@ class _Reporter:
         self.should_cancel = should_cancel
         self.stage = "loading"
         self.layer_errors: list[dict[str, Any]] = []
+        self.costs: dict[str, float] = {"loading": _STAGE_COST_S["loading"]}
 
-    def emit(self, stage: str, message: str = "", **fields: Any) -> None:
+    def plan(self, spec: CompressionSpec, report: PreflightReport) -> None:
+        """Weigh the stages this run will go through (see _STAGE_COST_S)."""
+        if report.needs_calibration:
+            tokens = spec.calibration.samples * spec.calibration.max_seq_len
+            compress = _STAGE_COST_S["calibrating"] * tokens / _CALIBRATION_TOKENS
+            self.costs = {"loading": _STAGE_COST_S["loading"], "calibrating": compress}
+        else:
+            self.costs = {"loading": _STAGE_COST_S["loading"], "compressing": _STAGE_COST_S["compressing"]}
+        self.costs["saving"] = _STAGE_COST_S["saving"]
+        evaluation = spec.evaluation
+        if evaluation is not None:
+            windows = min(evaluation.limit or WINDOWS, WINDOWS)
+            offline = _EVAL_OFFLINE_S * (windows + len(PROMPTS)) / (WINDOWS + len(PROMPTS)) if evaluation.offline else 0
+            task = _EVAL_TASK_S * min(evaluation.limit or 100, 100) / 100
+            self.costs["evaluating"] = 2 * (offline + task * len(set(evaluation.tasks)))
+        self.costs["hashing"] = _STAGE_COST_S["hashing"]
+
+    def fraction(self, stage: str, within: float) -> float:
+        """The whole run's fraction done at `within` (0 to 1) of `stage`."""
+        if stage == "done":
+            return 1.0
+        total = sum(self.costs.values()) or 1.0
+        before = 0.0
+        for name, cost in self.costs.items():
+            if name == stage:
+                return min(1.0, (before + cost * min(max(within, 0.0), 1.0)) / total)
+            before += cost
+        return min(1.0, before / total)
+
+    def emit(self, stage: str, message: str = "", *, within: float = 0.0, **fields: Any) -> None:
         self.stage = stage
         self.check_cancel()
         if self.callback:
-            self.callback(ProgressEvent(stage=stage, message=message, **fields))
+            fraction = self.fraction(stage, within)
+            self.callback(ProgressEvent(stage=stage, message=message, fraction=fraction, **fields))
+
+    def evaluation_progress(self, event: ProgressEvent) -> None:
+        """The evaluation's own steps (thousandths of it), placed within the run."""
+        within = event.step / event.total if event.step is not None and event.total else 0.0
+        self.emit(event.stage, event.message, within=within, step=event.step, total=event.total)
 
     def log(self, line: str) -> None:
         if self.callback:
@@ -69,6 +115,7 @@ def compress(
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
     reporter.emit("loading", "Checking the job")
     report = report or preflight(spec, store=store)
+    reporter.plan(spec, report)
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
         started = time.perf_counter()
         model, tokenizer = _load(report, spec)
@@ -76,7 +123,7 @@ def compress(
 
         started = time.perf_counter()
         dataset = _calibration_dataset(spec, report, tokenizer, reporter)
-        with _layer_progress(model, reporter):
+        with _layer_progress(model, reporter), _layer_errors(model, reporter):
             _oneshot(model, tokenizer, report, spec, dataset, reporter)
         timings["compress_s"] = time.perf_counter() - started
 
@@ -95,6 +142,7 @@ def compress(
             size_after_bytes=weights_bytes(staging),
             timings=timings,
             layer_errors=reporter.layer_errors,
+            settings=_run_settings(report),
         )
         if spec.evaluation is not None:
             started = time.perf_counter()
@@ -106,16 +154,16 @@ def compress(
                 baseline_key=_baseline_key(report),
                 cache_dir=default_cache_dir(),
                 device=_eval_device(spec.device),
-                progress=reporter.callback,
+                progress=reporter.evaluation_progress,
             )
             timings["evaluate_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        reporter.emit("hashing", "Writing the model card and hashing the files")
         _write_card(staging, spec, report, result)
         (staging / "results.json").write_text(json.dumps(_results_payload(spec, report, result), indent=2))
-        started = time.perf_counter()
-        reporter.emit("saving", "Hashing the files")
         result.manifest = write_manifest(staging, model=spec.model, preset=spec.preset)
         timings["hash_s"] = time.perf_counter() - started
-    reporter.emit("done", f"Checkpoint ready in {out_dir}", step=1, total=1)
+    reporter.emit("done", f"Checkpoint ready in {out_dir}")
     return result
 
 
@@ -136,7 +184,7 @@ def _load(report: PreflightReport, spec: CompressionSpec):
 def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: _Reporter):
     if not report.needs_calibration:
         return None
-    reporter.emit("calibrating", "Preparing calibration data")
+    reporter.emit("calibrating", "Preparing calibration data (llm-compressor calibrates and compresses each layer)")
     records = calib.load_records(spec.calibration)
     return calib.tokenize_records(records, tokenizer, spec.calibration)
 
@@ -159,7 +207,7 @@ def _oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, d
 
 @contextmanager
 def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
-    """Report "layer i of N" as calibration reaches each decoder layer (and check for cancel there)."""
+    """Report "layer i of N" as llm-compressor reaches each decoder layer (and check for cancel there)."""
     layers = getattr(getattr(model, "model", model), "layers", None) or []
     total = len(layers)
     seen: set[int] = set()
@@ -168,7 +216,9 @@ def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
         def hook(_module, _args):
             if index not in seen:
                 seen.add(index)
-                reporter.emit("calibrating", f"Layer {index + 1} of {total}", step=index + 1, total=total)
+                reporter.emit(
+                    reporter.stage, f"Layer {index + 1} of {total}", within=index / total, step=index + 1, total=total
+                )
             else:
                 reporter.check_cancel()
 
@@ -183,18 +233,39 @@ def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
 
 
 @contextmanager
+def _layer_errors(model, reporter: _Reporter) -> Iterator[None]:
+    """Keep each compressed module's error, under the module's name in the model and at full precision.
+
+    GPTQ and SparseGPT time and measure each module in a CompressionLogger, whose log lines carry only
+    the algorithm's name ("GPTQ") and the error rounded to 2 decimals; the logger itself holds the module
+    and the exact loss, so its exit is wrapped for the length of the run.
+    """
+    from llmcompressor.utils.metric_logging import CompressionLogger
+
+    names = {module: name for name, module in model.named_modules()}
+    original_exit = CompressionLogger.__exit__
+
+    def exit_and_record(self, *exc_info):
+        loss = getattr(self, "_loss", None)
+        if loss is not None:
+            reporter.layer_errors.append({"module": names.get(self.module, "?"), "error": float(loss)})
+        return original_exit(self, *exc_info)
+
+    CompressionLogger.__exit__ = exit_and_record
+    try:
+        yield
+    finally:
+        CompressionLogger.__exit__ = original_exit
+
+
+@contextmanager
 def _captured_logs(reporter: _Reporter) -> Iterator[None]:
-    """Forward llm-compressor's loguru lines; keep its METRIC "error" lines as per-layer errors."""
+    """Forward llm-compressor's loguru lines to the job's log."""
     from loguru import logger
 
     def sink(message) -> None:
         record = message.record
-        text = record["message"]
-        if record["level"].name == "METRIC":
-            match = _ERROR_LINE.match(text)
-            if match:
-                reporter.layer_errors.append({"module": record["function"], "error": float(match.group(1))})
-        reporter.log(f"{record['level'].name}: {text}")
+        reporter.log(f"{record['level'].name}: {record['message']}")
 
     handler = logger.add(sink, level="INFO", format="{message}")
     try:
@@ -217,6 +288,22 @@ def _eval_device(device: str) -> str:
     return device
 
 
+def _run_settings(report: PreflightReport) -> dict[str, Any]:
+    """Where the run happened: the device llm-compressor used, and how the model fitted in memory."""
+    import torch
+
+    host = size_text(report.estimated_host_bytes)
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+        plan = (
+            f"the model waits in host memory (about {host} planned) and llm-compressor brings one decoder "
+            "layer at a time to the GPU"
+        )
+    else:
+        device, plan = "cpu", f"the whole model in host memory (about {host} planned)"
+    return {"device": device, "memory_plan": plan}
+
+
 def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
     suffix = spec.preset or "custom"
     write_model_card(
@@ -230,6 +317,7 @@ def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, r
         evaluation=result.evaluation,
         size_before_bytes=result.size_before_bytes,
         size_after_bytes=result.size_after_bytes,
+        settings=result.settings,
     )
 
 

@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in model's original on the hub
 BUILTIN_CALIBRATION = "builtin"
+# The stages a run goes through, in order (jobs.models.Job.Stage gives each its label). "calibrating"
+# runs llm-compressor with calibration data, which calibrates and compresses each layer in one pass;
+# "compressing" runs a data-free recipe; "hashing" writes the card and the sha256 manifest.
+STAGES = ("loading", "calibrating", "compressing", "saving", "evaluating", "hashing", "done")
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,8 @@ class CompressionSpec:
 class ProgressEvent:
     """One progress report: the stage, optionally step i of n, and/or a log line.
 
-    stage is one of: loading, calibrating, compressing, saving, evaluating, done.
+    stage is one of STAGES. fraction is the whole job's progress (0 to 1) as the runner weighs its
+    stages; None on log lines and on events from outside the runner.
     """
 
     stage: str
@@ -83,6 +89,7 @@ class ProgressEvent:
     message: str = ""
     log_line: str | None = None
     metrics: dict[str, Any] | None = None
+    fraction: float | None = None
 
     @property
     def percent(self) -> float | None:
@@ -102,6 +109,7 @@ class CompressionResult:
     layer_errors: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # the device that ran it and its memory plan
 
     @property
     def compression_ratio(self) -> float:
@@ -116,4 +124,5 @@ class CompressionResult:
             "timings": self.timings,
             "layer_errors": self.layer_errors,
             "evaluation": self.evaluation,
+            "settings": self.settings,
         }

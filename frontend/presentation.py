@@ -13,16 +13,12 @@ from typing import Any
 
 from django.utils import timezone
 
-# The stages a job goes through, in order (jobs.models.Job.Stage without "done", which ends the run).
-STAGE_ORDER = ("waiting", "loading", "calibrating", "compressing", "saving", "evaluating")
-STAGE_LABELS = {
-    "waiting": "Queued",
-    "loading": "Loading",
-    "calibrating": "Calibrating",
-    "compressing": "Compressing",
-    "saving": "Saving",
-    "evaluating": "Evaluating",
-}
+from engine.presets import PRESETS
+from engine.units import has_recovery, recovery_name
+from jobs.models import Job
+
+# The stages a job goes through, in order, with their labels: Job.Stage without "done", which ends the run.
+STAGE_ORDER = tuple(stage for stage in Job.Stage if stage != Job.Stage.DONE)
 
 
 def _number(value: Any) -> float | None:
@@ -46,17 +42,9 @@ def evaluation_of(results: Any) -> dict[str, Any]:
 
 
 def recovery_percent(metric: dict[str, Any]) -> float | None:
-    """Recovery in percent: the stored value (a ratio such as 0.99 or a percentage such as 99.0), or
-    computed from baseline and compressed, the way the seed cards do it."""
-    stored = _number(metric.get("recovery"))
-    if stored is not None:
-        return stored * 100 if abs(stored) <= 2 else stored
-    baseline, compressed = _number(metric.get("baseline")), _number(metric.get("compressed"))
-    if baseline is None or compressed is None or baseline == 0 or compressed == 0:
-        return None
-    if metric.get("higher_is_better", True):
-        return 100 * compressed / baseline
-    return 100 * baseline / compressed
+    """The recovery the engine stored, always a percentage (engine.units); None where recovery means
+    nothing (KL divergence, top-1 agreement), even in results stored before the engine left it out."""
+    return _number(metric.get("recovery")) if has_recovery(metric) else None
 
 
 @dataclass
@@ -93,17 +81,41 @@ def metric_rows(results: Any) -> list[MetricRow]:
     return rows
 
 
-def headline_recovery(results: Any) -> float | None:
-    """The recovery shown in the jobs list: the evaluation's "headline" metric, else its first one."""
+@dataclass
+class Headline:
+    """The one recovery the jobs list and compare show for a job, and what it is a recovery of."""
+
+    name: str  # "Perplexity recovery"
+    recovery: float
+
+
+def headline(results: Any) -> Headline | None:
+    """Perplexity's recovery when the offline suite ran, else the lm-eval average's, else the first task's."""
     evaluation = evaluation_of(results)
-    rows = [row for row in metric_rows(results) if row.recovery is not None]
-    if not rows:
-        return None
-    headline = evaluation.get("headline")
-    for row in rows:
-        if headline and row.name == headline:
-            return row.recovery
-    return rows[0].recovery
+    metrics = [m for m in evaluation.get("metrics") or [] if isinstance(m, dict)]
+    average = evaluation.get("average")
+    candidates = [m for m in metrics if m.get("name") == "perplexity"]
+    candidates += [{**average, "name": "average"}] if isinstance(average, dict) else []
+    candidates += metrics
+    for metric in candidates:
+        value = _number(metric.get("recovery")) if metric.get("name") == "average" else recovery_percent(metric)
+        if value is not None:
+            return Headline(name=recovery_name(metric), recovery=value)
+    return None
+
+
+def headline_recovery(results: Any) -> float | None:
+    """The headline recovery alone (see headline)."""
+    found = headline(results)
+    return found.recovery if found else None
+
+
+def headline_heading(results: list[Any]) -> str:
+    """The heading of the jobs' headline recovery column: which metric it is ("Perplexity recovery")."""
+    names = sorted({found.name for found in map(headline, results) if found is not None})
+    if len(names) > 1:  # "Perplexity / Task average recovery"
+        return " / ".join(name.removesuffix(" recovery") for name in names) + " recovery"
+    return names[0] if names else "Recovery"
 
 
 def generations(results: Any) -> list[dict[str, str]]:
@@ -154,10 +166,38 @@ def sizes(results: Any) -> Sizes | None:
     return Sizes(before=int(before), after=int(after))
 
 
+@dataclass
+class RunSettings:
+    device: str
+    memory_plan: str
+    evaluation_device: str
+
+
+def run_settings(results: Any) -> RunSettings | None:
+    """The device that compressed the model (and evaluated it), and the memory plan, when results carry them."""
+    settings = results.get("settings") if isinstance(results, dict) else None
+    evaluation_device = str(evaluation_of(results).get("settings", {}).get("device") or "")
+    if not isinstance(settings, dict) or not settings.get("device"):
+        if not evaluation_device:
+            return None
+        settings = {}
+    return RunSettings(
+        device=str(settings.get("device") or ""),
+        memory_plan=str(settings.get("memory_plan") or ""),
+        evaluation_device=evaluation_device,
+    )
+
+
 def timings(results: Any) -> list[tuple[str, float]]:
     if not isinstance(results, dict) or not isinstance(results.get("timings"), dict):
         return []
-    names = {"load_s": "Load", "compress_s": "Compress", "save_s": "Save", "hash_s": "Hash", "evaluate_s": "Evaluate"}
+    names = {
+        "load_s": "Load",
+        "compress_s": "Calibrate and compress" if results.get("calibration") else "Compress",
+        "save_s": "Save",
+        "hash_s": "Card and hashes",
+        "evaluate_s": "Evaluate",
+    }
     out = []
     for key, value in results["timings"].items():
         number = _number(value)
@@ -173,7 +213,7 @@ def timings(results: Any) -> list[tuple[str, float]]:
 class TimelineStep:
     key: str
     label: str
-    state: str  # "done", "current", "failed", "pending", "skipped"
+    state: str  # "done", "current", "failed", "pending"
     started: datetime | None
     ended: datetime | None
 
@@ -185,43 +225,65 @@ class TimelineStep:
         return max(0.0, (end - self.started).total_seconds())
 
 
+def _expected_stages(job) -> set[str]:
+    """The stages this job's run goes through: calibration (which compresses too) or compression alone,
+    evaluation only when asked for."""
+    preset = PRESETS.get(job.preset)
+    calibrates = preset.needs_calibration if preset else job.calibration_kind != Job.CalibrationKind.NONE
+    stages = {Job.Stage.WAITING, Job.Stage.LOADING, Job.Stage.SAVING, Job.Stage.HASHING}
+    stages.add(Job.Stage.CALIBRATING if calibrates else Job.Stage.COMPRESSING)
+    if job.evaluation is not None:
+        stages.add(Job.Stage.EVALUATING)
+    return stages
+
+
 def timeline(job, stage_started: dict[str, datetime]) -> list[TimelineStep]:
-    """The stages with when each began and ended (from the first log line of each stage)."""
+    """The stages that ran, with when each began and ended (from the first log line of each stage), and
+    while the job is active, the stages still to come. A stage that does not run is not listed."""
     starts = dict(stage_started)
-    starts["waiting"] = job.created_at
+    starts[Job.Stage.WAITING] = job.created_at
     if job.started_at:
-        starts["loading"] = min(job.started_at, starts.get("loading", job.started_at))
+        starts[Job.Stage.LOADING] = min(job.started_at, starts.get(Job.Stage.LOADING, job.started_at))
     current = job.stage if job.stage in STAGE_ORDER else None
-    seen = [key for key in STAGE_ORDER if key in starts]
+    expected = _expected_stages(job) if job.is_active else set()
+    shown = [key for key in STAGE_ORDER if key in starts or key in expected]
+    last_started = [key for key in shown if key in starts][-1]
     steps: list[TimelineStep] = []
-    for key in STAGE_ORDER:
+    for key in shown:
         started = starts.get(key)
         later = [starts[k] for k in STAGE_ORDER[STAGE_ORDER.index(key) + 1 :] if k in starts]
         ended = min(later) if later else (job.finished_at if started else None)
         if started is None:
-            reached_later = any(STAGE_ORDER.index(k) > STAGE_ORDER.index(key) for k in seen)
-            state = "skipped" if reached_later or job.status == "succeeded" else "pending"
-        elif job.status in ("queued", "running") and key == current:
+            state = "pending"
+        elif job.is_active and key == current:
             state, ended = "current", None
-        elif job.status in ("failed", "cancelled") and key == (seen[-1] if seen else None):
+        elif job.status in (Job.Status.FAILED, Job.Status.CANCELLED) and key == last_started:
             state = "failed"
         else:
             state = "done"
-        steps.append(TimelineStep(key=key, label=STAGE_LABELS[key], state=state, started=started, ended=ended))
+        steps.append(TimelineStep(key=key, label=Job.Stage(key).label, state=state, started=started, ended=ended))
     return steps
 
 
-def seconds_left(job, stage_started: dict[str, datetime]) -> float | None:
-    """Time left in the current stage: the time per step so far times the steps left."""
-    if job.status != "running" or not job.step or not job.total or job.step >= job.total:
+def stage_detail(job) -> str:
+    """Where the current stage stands: "layer 6 of 30" while compressing, "40 % of it" while evaluating."""
+    if not job.step or not job.total:
+        return ""
+    if job.stage in (Job.Stage.CALIBRATING, Job.Stage.COMPRESSING):
+        return f"layer {job.step} of {job.total}"
+    if job.stage == Job.Stage.EVALUATING:
+        return f"{100 * job.step // job.total} % of it"
+    return f"step {job.step} of {job.total}"
+
+
+def seconds_left(job) -> float | None:
+    """Time left for the whole job: the time so far, scaled by the share still to do. The engine weighs
+    its stages by their measured cost, so the percent moves evenly with time."""
+    percent = job.percent or 0.0
+    if job.status != Job.Status.RUNNING or job.started_at is None or not 1.0 <= percent < 100.0:
         return None
-    began = stage_started.get(job.stage)
-    if began is None:
-        return None
-    elapsed = (timezone.now() - began).total_seconds()
-    if elapsed <= 0:
-        return None
-    return elapsed / job.step * (job.total - job.step)
+    elapsed = (timezone.now() - job.started_at).total_seconds()
+    return elapsed * (100.0 - percent) / percent if elapsed > 0 else None
 
 
 def duration_text(seconds: float | None) -> str:

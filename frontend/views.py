@@ -16,6 +16,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from engine.errors import EngineError
 from engine.presets import PRESETS
+from engine.units import RECOVERY_DEFINITION
 from frontend import charts, presentation
 from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
 from jobs import downloads, logtext, selectors, services
@@ -55,10 +56,12 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
                 "queue_position": positions.get(job.pk),
                 "sizes": presentation.sizes(job.results),
                 "recovery": presentation.headline_recovery(job.results),
+                "stage_detail": presentation.stage_detail(job),
             }
         )
     return {
         "rows": rows,
+        "recovery_heading": presentation.headline_heading([job.results for job in page.object_list]),
         "page": page,
         "status": status,
         "preset": preset,
@@ -196,9 +199,10 @@ def _live_context(job: Job) -> dict[str, Any]:
         "JobStatus": Job.Status,
         "queue_position": selectors.queue_position(job=job),
         "timeline": presentation.timeline(job, stage_started),
-        "seconds_left": presentation.seconds_left(job, stage_started),
+        "seconds_left": presentation.seconds_left(job),
         "log_lines": logtext.public_lines(selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES)),
         "stage_label": Job.Stage(job.stage).label if job.stage in Job.Stage.values else job.stage,
+        "stage_detail": presentation.stage_detail(job),
     }
 
 
@@ -247,6 +251,8 @@ def _results_context(job: Job) -> dict[str, Any]:
         "manifest_url": reverse("api:job-manifest", kwargs={"pk": job.pk}),
         "checksums_url": reverse("frontend:job-checksums", kwargs={"pk": job.pk}),
         "ignored_layers": (results or {}).get("ignored_layers") if isinstance(results, dict) else None,
+        "run_settings": presentation.run_settings(results),
+        "recovery_definition": RECOVERY_DEFINITION,
     }
 
 
@@ -421,6 +427,7 @@ def compare(request: HttpRequest) -> HttpResponse:
         "columns": columns,
         "metric_table": metric_table,
         "baseline_size": before,
+        "recovery_heading": presentation.headline_heading([job.results for job in chosen]),
         "chart": charts.size_quality_chart(points) if len(points) > 1 else "",
     }
     return render(request, "frontend/compare.html", context)

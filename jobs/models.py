@@ -52,12 +52,17 @@ class Job(models.Model):
     TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
 
     class Stage(models.TextChoices):
+        """The stages of a run in the order they happen (engine.spec.STAGES), with their labels: the one
+        place the pages take them from. With calibration data llm-compressor calibrates and compresses
+        each layer in one pass, so that stage says both; a data-free recipe only compresses."""
+
         WAITING = "waiting", "Waiting in the queue"
         LOADING = "loading", "Loading"
-        CALIBRATING = "calibrating", "Calibrating"
+        CALIBRATING = "calibrating", "Calibrating and compressing"
         COMPRESSING = "compressing", "Compressing"
         SAVING = "saving", "Saving"
         EVALUATING = "evaluating", "Evaluating"
+        HASHING = "hashing", "Writing the card and hashing the files"
         DONE = "done", "Done"
 
     class DeviceClass(models.TextChoices):

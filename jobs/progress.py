@@ -19,16 +19,6 @@ from jobs import services
 
 logger = logging.getLogger(__name__)
 
-# Overall percent: the span of the job each stage covers (step i of N moves within its span).
-_STAGE_SPANS = {
-    "loading": (0.0, 5.0),
-    "calibrating": (5.0, 85.0),
-    "compressing": (5.0, 85.0),
-    "saving": (85.0, 95.0),
-    "evaluating": (95.0, 99.0),
-    "done": (100.0, 100.0),
-}
-
 
 class JobProgress:
     def __init__(self, *, job_id: int, interval_s: float) -> None:
@@ -39,6 +29,7 @@ class JobProgress:
         self._lines: list[tuple[str, str]] = []
         self._stage = "loading"
         self._percent = 0.0
+        self._message = ""
         self._cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id}-progress", daemon=True)
@@ -51,9 +42,8 @@ class JobProgress:
                 self._lines.append((event.stage, event.log_line))
                 return
             self._stage = event.stage
-            low, high = _STAGE_SPANS.get(event.stage, (self._percent, self._percent))
-            fraction = (event.step / event.total) if event.step is not None and event.total else 0.0
-            self._percent = max(self._percent, round(low + (high - low) * fraction, 1))
+            if event.fraction is not None:  # the engine weighs its stages by their cost; never go back
+                self._percent = max(self._percent, round(100.0 * event.fraction, 1))
             self._fields = {
                 "stage": event.stage,
                 "step": event.step,
@@ -61,8 +51,9 @@ class JobProgress:
                 "percent": self._percent,
                 "message": event.message,
             }
-            if event.message:
+            if event.message and event.message != self._message:  # steps within one part repeat its message
                 self._lines.append((event.stage, event.message))
+            self._message = event.message
 
     def should_cancel(self) -> bool:
         return self._cancelled.is_set()

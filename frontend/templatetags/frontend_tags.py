@@ -8,6 +8,8 @@ from django import template
 from django.utils.html import escape, json_script
 from django.utils.safestring import SafeString, mark_safe
 
+from engine.card import LINK_HOSTS
+from engine.units import percent_text, size_text
 from frontend.presentation import duration_text
 from jobs.models import Job
 
@@ -17,14 +19,25 @@ _FRONT_MATTER = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
 
 
 def render_markdown(text: str) -> SafeString:
-    """Markdown to HTML with markdown-it-py; raw HTML in the source is shown as text, never rendered."""
+    """Markdown to HTML with markdown-it-py. Raw HTML in the source is shown as text, never rendered;
+    images are not loaded, and a link becomes a link only when it points at one of the hosts the model
+    card itself links to (engine.card.LINK_HOSTS), so text that slipped into a card cannot phish."""
     text = _FRONT_MATTER.sub("", text, count=1)
     try:
         from markdown_it import MarkdownIt
     except ImportError:  # the page still shows the card, preformatted
         return mark_safe(f'<pre class="model-card-raw">{escape(text)}</pre>')
-    renderer = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False}).enable("table")
+    renderer = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    renderer.enable("table").disable("image")
+    renderer.validateLink = _card_link
     return mark_safe(renderer.render(text))  # noqa: S308 - html is off: the source cannot inject markup
+
+
+def _card_link(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" and parts.hostname in LINK_HOSTS
 
 
 @register.filter
@@ -34,13 +47,11 @@ def markdown(text: str) -> SafeString:
 
 @register.filter
 def pct(value, digits: int = 1) -> str:
-    """99.234 -> "99.2 %"; None -> "–"."""
-    if value is None or value == "":
-        return "–"
+    """99.234 -> "99.2 %"; None -> "—" (engine.units.percent_text)."""
     try:
-        return f"{float(value):.{int(digits)}f} %"
+        return percent_text(float(value), int(digits))
     except (TypeError, ValueError):
-        return "–"
+        return percent_text(None)
 
 
 @register.filter
@@ -69,14 +80,11 @@ def duration(seconds) -> str:
 
 @register.filter
 def mb(value) -> str:
-    """Bytes as MB (decimal, like model cards): 269060096 -> "269.1 MB"."""
+    """Bytes in decimal units, as everywhere (engine.units.size_text): 269060096 -> "269.1 MB", 1200 -> "1.2 kB"."""
     try:
-        number = float(value)
+        return size_text(float(value))
     except (TypeError, ValueError):
-        return "–"
-    if number >= 1e9:
-        return f"{number / 1e9:.2f} GB"
-    return f"{number / 1e6:.1f} MB"
+        return size_text(None)
 
 
 # A text symbol beside each status word (the colour is never the only signal); app.js reads the same map.

@@ -58,7 +58,10 @@ def test_builtin_model_compresses_evaluates_reloads_and_generates(builtin_dir, t
         card = (out / "README.md").read_text()
         for heading in ("## Model Overview", "### Model Optimizations", "## Creation", "## Deployment"):
             assert heading in card
-        assert f"{ppl['compressed']:.2f}" in card and f"{ppl['recovery']:.2f}%" in card
+        assert f"{ppl['compressed']:.2f}" in card and f"{ppl['recovery']:.2f} %" in card
+        if preset == "int8-w8a8-gptq":  # 7 linear modules in each of the 30 decoder layers, by their real names
+            modules = [entry["module"] for entry in results["layer_errors"]]
+            assert len(modules) == 210 and "model.layers.29.mlp.down_proj" in modules
 
         text = reload_and_generate(out)
         assert len([word for word in text.split() if word.isalpha()]) >= 3, text

@@ -99,6 +99,21 @@ def test_the_list_shows_your_jobs_with_queue_place_sizes_and_recovery(client_for
     assert {int(i) for i in re.findall(r'data-job-id="(\d+)"', html)} == {first.pk, second.pk, done.pk}
     assert "#1 in the gpu queue" in html and "#2 in the gpu queue" in html
     assert "269.1 MB" in html and "164.0 MB" in html and "99.1 %" in html
+    assert '<th scope="col" class="num">Perplexity recovery</th>' in html  # which metric the column shows
+
+
+def test_a_recovery_of_one_percent_reads_one_percent_on_every_screen(client_for, alice, succeeded_job):
+    # Given a job whose perplexity went from 12.84 to 1284: the engine stores a recovery of 1.0 (percent)
+    job = succeeded_job(alice, quality=0.01)
+    as_alice = client_for(alice)
+
+    # When alice looks at the list, the job page and compare
+    listed, page, compare = (_html(as_alice.get(url)) for url in ("/", f"/jobs/{job.pk}/", "/compare/"))
+
+    # Then each says 1.0 %, never 100 %
+    for html in (listed, page):
+        assert "<strong>1.0 %</strong>" in html and "<strong>100.0 %</strong>" not in html
+    assert '<span class="muted small">1.0 %</span>' in compare and "164.0 MB, 1.0 %" in compare
 
 
 def test_the_list_filters_by_status_and_preset(client_for, alice, make_job, succeeded_job):
@@ -274,17 +289,49 @@ def test_a_running_job_shows_layer_progress_and_time_left(client_for, alice, mak
 
     from jobs.models import JobLogLine
 
+    started = timezone.now() - timedelta(seconds=60)
     job = make_job(
-        alice, status="running", stage="calibrating", step=6, total=30, percent=21.0, started_at=timezone.now()
-    )
+        alice, status="running", stage="calibrating", step=6, total=30, percent=20.0, started_at=started,
+        preset="int8-w8a8-gptq", calibration_kind="builtin", evaluation={"offline": True},
+    )  # fmt: skip
     line = JobLogLine.objects.create(job=job, stage="calibrating", text="(6/30): Calibrating")
-    JobLogLine.objects.filter(pk=line.pk).update(created_at=timezone.now() - timedelta(seconds=60))
+    JobLogLine.objects.filter(pk=line.pk).update(created_at=started)
 
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
 
-    assert "layer 6 of 30" in html and 'aria-valuenow="21"' in html
-    assert re.search(r"about 4 min \d\d s left", html)  # 60 s for 6 layers -> 240 s for the 24 left
+    assert "layer 6 of 30" in html and 'aria-valuenow="20"' in html
+    assert re.search(r"about 4 min 0\d s left", html)  # 60 s for 20 % of the job -> 240 s for the rest
     assert "(6/30): Calibrating" in html and "tl-current" in html
+    # The stages this GPTQ job goes through, labelled as they are: calibration compresses too
+    labels = re.findall(r'<span class="tl-label">(.*?)</span>', html)
+    assert labels == ["Waiting in the queue", "Loading", "Calibrating and compressing", "Saving", "Evaluating",
+                      "Writing the card and hashing the files"]  # fmt: skip
+
+
+def test_an_evaluating_job_says_how_far_the_evaluation_is(client_for, alice, make_job):
+    from django.utils import timezone
+
+    job = make_job(
+        alice, status="running", stage="evaluating", step=400, total=1000, percent=70.0, started_at=timezone.now(),
+        message="Evaluating compressed, perplexity, KL and top-1 agreement on 16 windows, generations",
+    )  # fmt: skip
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
+    rows = _html(client_for(alice).get("/jobs/rows/"))
+    assert "<strong>Evaluating</strong> · 40 % of it" in html and "400 of 1000" not in html
+    assert "Evaluating · 40 % of it" in rows
+
+
+def test_a_finished_data_free_job_lists_only_the_stages_that_ran(client_for, alice, succeeded_job):
+    from jobs.models import JobLogLine
+
+    job = succeeded_job(alice)  # fp8-dynamic: data-free, evaluated
+    for stage in ("loading", "compressing", "saving", "evaluating", "hashing"):
+        JobLogLine.objects.create(job=job, stage=stage, text=f"{stage} line")
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
+    labels = re.findall(r'<span class="tl-label">(.*?)</span>', html)
+    assert labels == ["Waiting in the queue", "Loading", "Compressing", "Saving", "Evaluating",
+                      "Writing the card and hashing the files", "Succeeded"]  # fmt: skip
+    assert "skipped" not in html and "Calibrating" not in html
 
 
 def test_a_failed_job_page_gives_the_reason_and_the_last_log_lines(client_for, alice, make_job):
@@ -301,12 +348,18 @@ def test_a_succeeded_job_page_shows_results_charts_card_and_downloads(client_for
     job = succeeded_job(alice, quality=0.991)
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
 
-    # The results table in the seed cards' shape: baseline | compressed | recovery
+    # The results table in the seed cards' shape: baseline | compressed | recovery, defined beside it;
+    # top-1 agreement already compares with the baseline, so it has no recovery
     table = re.search(r'<table class="table results-table".*?</table>', html, re.S).group(0)
     assert "Perplexity (held-out text)" in table and "12.84" in table and "99.1 %" in table
-    # Sizes, charts (inline SVG, no script), generations side by side
-    assert "269.1 MB" in html and "164.0 MB" in html
-    assert html.count('<svg class="chart') == 2 and "model.layers.0.self_attn.q_proj" in html
+    agreement = re.search(r"Top-1 token agreement.*?</tr>", table, re.S).group(0)
+    assert "99.1" in agreement and "<strong>—</strong>" in agreement
+    assert 'id="recovery-definition">Recovery is the compressed model' in html
+    # The device that ran it and its memory plan
+    assert "Compressed on <strong>cpu</strong>: the whole model in host memory" in html
+    # Sizes in one convention (decimal), the files' too; charts (inline SVG, no script), generations side by side
+    assert "269.1 MB" in html and "164.0 MB" in html and ">50.0 kB</td>" in html and "KB" not in html
+    assert html.count('<svg class="chart') == 2 and "model.layers.29.mlp.down_proj" in html
     assert "The capital of France is Paris, a city on the Seine." in html
     # The model card is rendered, its raw HTML escaped
     assert "<h1>smollm2-135m-instruct-fp8-dynamic</h1>" in html and "<script>alert(1)</script>" not in html
@@ -336,6 +389,7 @@ def test_compare_puts_jobs_of_one_model_side_by_side(client_for, alice, bob, suc
     table = re.search(r'<table class="table compare-table".*?</table>', html, re.S).group(0)
     assert f"#{fp8.pk}" in table and f"#{int8.pk}" in table and f"#{other.pk}" not in table
     assert "97.5 %" in table and "99.1 %" in table and "Baseline" in table
+    assert "Quality: perplexity recovery, relative to the baseline" in html
     assert '<svg class="chart chart-scatter"' in html
 
 
@@ -349,19 +403,52 @@ def test_compare_without_succeeded_jobs_says_what_to_do(client_for, alice):
 @pytest.mark.parametrize(
     ("metric", "expected"),
     [
-        ({"recovery": 0.991}, 99.1),
-        ({"recovery": 99.1}, 99.1),
-        ({"baseline": 10.0, "compressed": 9.0}, 90.0),
-        ({"baseline": 10.0, "compressed": 12.5, "higher_is_better": False}, 80.0),
-        ({"baseline": None, "compressed": 1.0}, None),
-        ({}, None),
+        ({"name": "perplexity", "recovery": 1.0}, 1.0),  # a percentage, however small: never guessed a ratio
+        ({"name": "perplexity", "recovery": 99.1}, 99.1),
+        ({"name": "arc_challenge", "task": True, "recovery": 96.4}, 96.4),
+        ({"name": "kl_divergence", "recovery": 97.3}, None),  # stored by older versions: means nothing
+        ({"name": "top1_agreement", "recovery": 99.0}, None),
+        ({"name": "perplexity"}, None),
     ],
 )
-def test_recovery_is_read_or_computed_like_the_seed_cards(metric, expected):
+def test_recovery_is_the_stored_percentage_where_it_means_something(metric, expected):
     from frontend.presentation import recovery_percent
 
-    value = recovery_percent(metric)
-    assert (value is None and expected is None) or value == pytest.approx(expected)
+    assert recovery_percent(metric) == expected
+
+
+def test_the_model_card_on_the_page_keeps_user_strings_as_text(client_for, alice, succeeded_job):
+    from engine.card import write_model_card
+    from jobs import downloads
+
+    # Given a checkpoint whose card was written from a custom recipe with a link and HTML in its ignore list
+    job = succeeded_job(alice)
+    recipe = (
+        "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      scheme: FP8_DYNAMIC\n"
+        "      ignore: ['lm_head', '[click me](https://evil.example)', '<img src=x onerror=alert(1)>']\n"
+    )
+    evaluation = {
+        **job.results["evaluation"],
+        "generations": [
+            {"prompt": "Hi", "baseline": "Visit [us](https://evil.example)", "compressed": "line one\nline two"}
+        ],
+    }
+    write_model_card(
+        downloads.checkpoint_dir(job), model_name="custom", base_model="smollm2-135m-instruct",
+        architecture="LlamaForCausalLM", preset=None, recipe_yaml=recipe, calibration=None, evaluation=evaluation,
+        size_before_bytes=2, size_after_bytes=1, settings=job.results["settings"],
+    )  # fmt: skip
+
+    # When alice opens the job page
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    card = re.search(r'<div class="model-card">(.*?)</div>\s*</section>', html, re.S).group(1)
+
+    # Then the card is there, its own links work, and the user's strings are text: no link, no image, no HTML
+    assert '<a href="https://github.com/vllm-project/llm-compressor">' in card
+    assert "evil.example" in card and 'href="https://evil.example' not in card
+    assert "<img" not in card and "&lt;img src=x onerror=alert(1)&gt;" in card
+    assert "<blockquote>\n<p>line one\nline two</p>" in card  # the generation's own lines, no literal \\n
+    assert "<strong>Compressed on:</strong> cpu" in card
 
 
 @pytest.mark.parametrize(
@@ -372,3 +459,9 @@ def test_odd_results_show_nothing_rather_than_fail(results):
 
     assert presentation.metric_rows(results) == [] and presentation.layer_errors(results) == []
     assert presentation.sizes(results) is None and presentation.generations(results) == []
+
+
+def test_the_pages_stages_are_the_engines_stages_in_order():
+    from engine.spec import STAGES
+
+    assert tuple(Job.Stage.values) == ("waiting", *STAGES)
