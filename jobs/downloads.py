@@ -34,8 +34,9 @@ class DamagedCheckpoint(NotDownloadable):
     """A stored file no longer matches the sha256 in the manifest (bit rot, a bad disk, tampering)."""
 
 
-# Files found intact, by (path, size, mtime_ns): a file is hashed again only after it changed on disk.
-_INTACT: dict[tuple[str, int, int], str] = {}
+# Files found intact, by (path, size, mtime, ctime): a file is hashed again once anything wrote to it, so
+# repeated and ranged downloads of a large shard do not re-read it each time.
+_INTACT: dict[tuple[str, int, int, int], str] = {}
 
 
 def ensure_intact(job: Job, root: Path, paths: list[str]) -> None:
@@ -48,7 +49,7 @@ def ensure_intact(job: Job, root: Path, paths: list[str]) -> None:
             continue
         source = root / path
         stat = source.stat()
-        key = (str(source), stat.st_size, stat.st_mtime_ns)
+        key = (str(source), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if _INTACT.get(key) != expected[path]:
             if sha256_file(source) != expected[path]:
                 raise DamagedCheckpoint(

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.jobs.conftest import LiveWorker
+from tests.jobs.conftest import LiveWorker, api_for, checkpoint  # noqa: F401 - fixtures shared with tests/jobs
 from tests.support import REPO, database_url, wait_until
 
 FAULT_QUEUE = "faults"
