@@ -143,7 +143,7 @@ CELERY_TASK_ROUTES = {"jobs.compress": {"queue": "gpu"}, "jobs.*": {"queue": "li
 COMPRESSOR_JOB_SOFT_LIMIT_S = env.int("COMPRESSOR_JOB_SOFT_LIMIT_S", default=6 * 3600)
 COMPRESSOR_JOB_HARD_LIMIT_S = env.int("COMPRESSOR_JOB_HARD_LIMIT_S", default=COMPRESSOR_JOB_SOFT_LIMIT_S + 600)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": COMPRESSOR_JOB_HARD_LIMIT_S + 3600,
+    "visibility_timeout": env.int("COMPRESSOR_VISIBILITY_TIMEOUT_S", default=COMPRESSOR_JOB_HARD_LIMIT_S + 3600),
     # One Redis list per priority level, polled highest first: priorities really order the queue.
     # With Redis, 0 is the highest broker priority (jobs.services maps the job's 0-9 onto it).
     "queue_order_strategy": "priority",
@@ -160,6 +160,14 @@ COMPRESSOR_HEARTBEAT_TIMEOUT_S = env.int("COMPRESSOR_HEARTBEAT_TIMEOUT_S", defau
 COMPRESSOR_REAPER_INTERVAL_S = env.int("COMPRESSOR_REAPER_INTERVAL_S", default=60)
 # A cancelled job gets this long to stop by itself before its worker child is terminated.
 COMPRESSOR_CANCEL_GRACE_S = env.int("COMPRESSOR_CANCEL_GRACE_S", default=30)
+# Housekeeping: queued jobs older than the grace whose message Redis lost are sent again (the sweeper),
+# and temporary checkpoint folders of runs that are over are removed.
+COMPRESSOR_HOUSEKEEPING_INTERVAL_S = env.int("COMPRESSOR_HOUSEKEEPING_INTERVAL_S", default=60)
+COMPRESSOR_SWEEP_GRACE_S = env.int("COMPRESSOR_SWEEP_GRACE_S", default=60)
+# Worker memory: a child is kept warm between jobs, but replaced after a job during which its resident
+# memory passed this limit (Celery measures the peak), and after any job that did not succeed.
+COMPRESSOR_WORKER_MAX_MEMORY_MB = env.int("COMPRESSOR_WORKER_MAX_MEMORY_MB", default=4096)
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = COMPRESSOR_WORKER_MAX_MEMORY_MB * 1024  # KiB
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-jobs": {
         "task": "jobs.reap_stale_jobs",
@@ -171,6 +179,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "jobs.expire_artifacts",
         "schedule": 3600.0,
         "options": {"queue": "light", "expires": 3600.0},
+    },
+    "housekeeping": {
+        "task": "jobs.housekeeping",
+        "schedule": float(COMPRESSOR_HOUSEKEEPING_INTERVAL_S),
+        "options": {"queue": "light", "expires": float(COMPRESSOR_HOUSEKEEPING_INTERVAL_S)},
     },
 }
 

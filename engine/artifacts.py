@@ -7,12 +7,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1024 * 1024
+_STAGING_MARK = ".partial-"  # temporary folders are named .<final name>.partial-<random>
+# Room a checkpoint needs beyond the compressed weights (tokenizer, card, results), and the share of the
+# original weights' size a compressed copy may take at most (bf16 -> 8 bit is about half).
+_SPACE_MARGIN_BYTES = 64 * 1024 * 1024
 
 
 def sha256_file(path: Path) -> str:
@@ -57,10 +61,36 @@ def staging_folder(out_dir: Path) -> Iterator[Path]:
     if out_dir.exists():
         raise FileExistsError(f"The output folder '{out_dir}' already exists; choose a new one.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_STAGING_MARK}", dir=out_dir.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; the published checkpoint is readable like any folder
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def staging_folders(parents: Iterable[Path]) -> list[Path]:
+    """The temporary folders staging_folder left in these folders (a run killed before it published)."""
+    return [
+        path
+        for parent in parents
+        if parent.is_dir()
+        for path in parent.iterdir()
+        if path.name.startswith(".") and _STAGING_MARK in path.name and path.is_dir()
+    ]
+
+
+def check_free_space(folder: Path, *, weights_bytes: int) -> None:
+    """Refuse to start a checkpoint that cannot fit: the compressed weights may take up to the original
+    weights' size (data-free or partly ignored schemes), plus the tokenizer and the reports."""
+    from engine.errors import EngineError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    needed = weights_bytes + _SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise EngineError(
+            f"Not enough free disk space for the checkpoint: it needs about {needed / 2**20:,.0f} MiB and "
+            f"{free / 2**20:,.0f} MiB are free where checkpoints are stored. Free some space and retry."
+        )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import calibration as calib
-from engine.artifacts import staging_folder, weights_bytes, write_manifest
+from engine.artifacts import check_free_space, staging_folder, weights_bytes, write_manifest
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS, default_cache_dir, evaluate
@@ -115,6 +115,7 @@ def compress(
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
     reporter.emit("loading", "Checking the job")
     report = report or preflight(spec, store=store)
+    check_free_space(out_dir.parent, weights_bytes=report.model.weights_bytes)
     reporter.plan(spec, report)
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
         started = time.perf_counter()

@@ -30,6 +30,35 @@ class NotDownloadable(Exception):
     """The job has no checkpoint to download (not succeeded, or its files are gone)."""
 
 
+class DamagedCheckpoint(NotDownloadable):
+    """A stored file no longer matches the sha256 in the manifest (bit rot, a bad disk, tampering)."""
+
+
+# Files found intact, by (path, size, mtime, ctime): a file is hashed again once anything wrote to it, so
+# repeated and ranged downloads of a large shard do not re-read it each time.
+_INTACT: dict[tuple[str, int, int, int], str] = {}
+
+
+def ensure_intact(job: Job, root: Path, paths: list[str]) -> None:
+    """Refuse to send files whose sha256 differs from the job's manifest (never serve a damaged file)."""
+    from engine.artifacts import sha256_file
+
+    expected = {entry["path"]: entry["sha256"] for entry in job.manifest.get("files", [])}
+    for path in paths:
+        if path not in expected:
+            continue
+        source = root / path
+        stat = source.stat()
+        key = (str(source), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if _INTACT.get(key) != expected[path]:
+            if sha256_file(source) != expected[path]:
+                raise DamagedCheckpoint(
+                    f"The stored file '{path}' of job {job.pk} is damaged: its sha256 does not match the "
+                    "manifest. It is not sent; the job can be retried to produce a new checkpoint."
+                )
+            _INTACT[key] = expected[path]
+
+
 def checkpoint_dir(job: Job) -> Path:
     if job.status != Job.Status.SUCCEEDED or not job.artifacts_path or not job.manifest:
         raise NotDownloadable(f"Job {job.pk} has no checkpoint to download (it is {job.status}).")
@@ -69,6 +98,7 @@ def archive_response(job: Job, *, kind: str = "zip") -> StreamingHttpResponse:
     if kind not in ARCHIVE_KINDS:
         raise ValueError(f"Unknown archive kind '{kind}'; use zip or tar.")
     root, entries, name = checkpoint_dir(job), _entries(job), archive_name(job)
+    ensure_intact(job, root, [path for path, _size in entries])
     if kind == "zip":
         response = StreamingHttpResponse(_zip_stream(root, entries, name), content_type="application/zip")
     else:
@@ -146,6 +176,7 @@ def file_response(job: Job, *, path: str, range_header: str | None, if_range: st
     entry = next((e for e in job.manifest.get("files", []) if e["path"] == path), None)
     if entry is None and path != MANIFEST_NAME:
         raise FileNotFoundError(path)
+    ensure_intact(job, root, [path])
     source = root / path
     size = source.stat().st_size
     etag = f'"{entry["sha256"]}"' if entry else None

@@ -29,6 +29,8 @@ from django.db.models import BigIntegerField, Q, Sum
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 from django.utils import timezone
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
 from engine.preflight import PreflightReport, preflight
@@ -40,6 +42,8 @@ from jobs.redaction import redact_paths
 logger = logging.getLogger(__name__)
 
 Status = Job.Status
+# What publishing to an unreachable or restarting Redis raises.
+BROKER_ERRORS = (OperationalError, RedisError, OSError)
 
 
 class JobStateError(Exception):
@@ -251,15 +255,38 @@ def broker_priority(priority: int) -> int:
     return 9 - max(0, min(9, int(priority)))
 
 
-def _enqueue(job: Job) -> None:
+QUEUE_UNREACHABLE = "The queue is unreachable right now; the job is kept and will be sent when the queue is back."
+
+
+def _enqueue(job: Job) -> bool:
+    """Send the job's message; False when the broker does not answer.
+
+    The job stays queued in the database either way (the database is the truth): job_sweep_stranded sends
+    it again once the broker answers, so a Redis outage never turns a request into a 500 or loses a job.
+    """
     from jobs.tasks import compress_job
 
-    compress_job.apply_async(
-        args=(job.pk,), task_id=job.celery_task_id, queue=job.queue, priority=broker_priority(job.priority)
-    )
+    try:
+        compress_job.apply_async(
+            args=(job.pk,), task_id=job.celery_task_id, queue=job.queue, priority=broker_priority(job.priority)
+        )
+    except BROKER_ERRORS as exc:
+        logger.warning("Could not send job %s to the queue: %s", job.pk, exc)
+        with transaction.atomic():
+            if Job.objects.filter(pk=job.pk, status=Status.QUEUED).update(message=QUEUE_UNREACHABLE):
+                _append_log(job.pk, [("waiting", QUEUE_UNREACHABLE)])
+        return False
+    return True
 
 
 # --- the worker's side ---------------------------------------------------------------------------------
+#
+# Every write of a run matches the job id, RUNNING and the run's own task id: a stalled run that the reaper
+# has re-queued (new task id) or that was cancelled can never write into, finish or fail the job's next run.
+
+
+def _this_run(job_id: int, task_id: str):
+    return Job.objects.filter(pk=job_id, status=Status.RUNNING, celery_task_id=task_id)
 
 
 def job_start(*, job_id: int, task_id: str, worker: str) -> Job | None:
@@ -286,6 +313,7 @@ def job_start(*, job_id: int, task_id: str, worker: str) -> Job | None:
 def job_record_progress(
     *,
     job_id: int,
+    task_id: str,
     stage: str | None = None,
     step: int | None = None,
     total: int | None = None,
@@ -293,9 +321,9 @@ def job_record_progress(
     message: str | None = None,
     log_lines: list[tuple[str, str]] | None = None,
 ) -> bool:
-    """Store progress, log lines and a heartbeat for a running job; False (and nothing stored) otherwise.
+    """Store progress, log lines and a heartbeat for this run of a job; False (and nothing stored) otherwise.
 
-    False tells the worker to stop: the job was cancelled or ended while it ran.
+    False tells the worker to stop: the job was cancelled, ended, or handed to another run while it ran.
     """
     fields: dict[str, Any] = {"heartbeat_at": timezone.now()}
     if stage is not None:
@@ -306,17 +334,19 @@ def job_record_progress(
         fields["message"] = redact_paths(message)[:500]
     with transaction.atomic():
         # The UPDATE locks the row, so a concurrent cancel lands wholly before or after these lines.
-        if not Job.objects.filter(pk=job_id, status=Status.RUNNING).update(**fields):
+        if not _this_run(job_id, task_id).update(**fields):
             return False
         if log_lines:
             _append_log(job_id, log_lines)
     return True
 
 
-def job_finish(*, job_id: int, results: dict[str, Any], manifest: dict[str, Any], artifacts_path: str) -> bool:
-    """Running -> succeeded with results and the checkpoint; False if the job was cancelled meanwhile."""
+def job_finish(
+    *, job_id: int, task_id: str, results: dict[str, Any], manifest: dict[str, Any], artifacts_path: str
+) -> bool:
+    """Running -> succeeded with results and the checkpoint; False if this run no longer owns the job."""
     with transaction.atomic():
-        done = Job.objects.filter(pk=job_id, status=Status.RUNNING).update(
+        done = _this_run(job_id, task_id).update(
             status=Status.SUCCEEDED,
             finished_at=timezone.now(),
             stage=Job.Stage.DONE,
@@ -331,15 +361,37 @@ def job_finish(*, job_id: int, results: dict[str, Any], manifest: dict[str, Any]
     return bool(done)
 
 
-def job_fail(*, job_id: int, error: str, log_lines: list[tuple[str, str]] | None = None) -> bool:
-    """Running -> failed with the reason in plain words; False if the job had already ended."""
+def job_fail(*, job_id: int, task_id: str, error: str, log_lines: list[tuple[str, str]] | None = None) -> bool:
+    """Running -> failed with the reason in plain words; False if this run no longer owns the job."""
+    return _fail(_this_run(job_id, task_id), job_id=job_id, error=error, log_lines=log_lines)
+
+
+def _fail(rows, *, job_id: int, error: str, log_lines: list[tuple[str, str]] | None = None) -> bool:
     with transaction.atomic():
-        done = Job.objects.filter(pk=job_id, status=Status.RUNNING).update(
-            status=Status.FAILED, finished_at=timezone.now(), error=redact_paths(error), message="Failed"
-        )
+        error = redact_paths(error)
+        done = rows.update(status=Status.FAILED, finished_at=timezone.now(), error=error, message="Failed")
         if done:
             _append_log(job_id, [*(log_lines or []), ("", f"Failed: {error}")])
     return bool(done)
+
+
+def job_discard_run_output(*, job_id: int, task_id: str) -> None:
+    """Remove a run's output unless a newer run of the job owns the folder now (the reaper re-queued it)."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is not None and job.celery_task_id == task_id:
+        job_remove_artifacts(job=job)
+
+
+def time_limit_error(limit_s: float) -> str:
+    return f"The job ran into its time limit of {_duration(limit_s)} and was stopped."
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
 
 
 # --- operators and owners --------------------------------------------------------------------------------
@@ -372,8 +424,12 @@ def _stop_after_cancel(job_id: int, task_id: str) -> None:
     from compressor_app.celery import app
     from jobs.tasks import stop_cancelled_job
 
-    app.control.revoke(task_id)  # a worker that receives the queued message drops it
-    stop_cancelled_job.apply_async(args=(job_id,), countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
+    try:
+        app.control.revoke(task_id)  # a worker that receives the queued message drops it
+        stop_cancelled_job.apply_async(args=(job_id,), countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
+    except BROKER_ERRORS as exc:
+        # The cancel stands (the claim and every heartbeat check the database); only the fallback is lost.
+        logger.warning("Job %s cancelled while the queue is unreachable: %s", job_id, exc)
 
 
 def job_set_priority(*, job: Job, priority: int) -> bool:
@@ -400,14 +456,24 @@ def job_set_priority(*, job: Job, priority: int) -> bool:
 def _requeue(job: Job, old_task_id: str) -> None:
     from compressor_app.celery import app
 
-    app.control.revoke(old_task_id)
+    try:
+        app.control.revoke(old_task_id)
+    except BROKER_ERRORS as exc:
+        logger.warning("Could not revoke the old message of job %s: %s", job.pk, exc)
     _enqueue(job)
+
+
+MAX_REQUEUES = 1  # a job whose worker vanishes is tried this many more times, then failed
 
 
 def job_reap_stale(*, now=None) -> list[tuple[int, str]]:
     """End running jobs whose worker stopped sending heartbeats: re-queue each once, then fail it.
 
-    Returns (job id, "requeued" | "failed") for each job it acted on.
+    A job that ran past the hard time limit was killed by it: it fails with "time limit" and is never
+    re-queued (another run would only hit the same limit). The partial output a lost run leaves is
+    removed by the job's next run or, once the job has ended, by job_remove_stale_partials. Every change
+    is guarded by the heartbeat and the task id the reaper saw, so a run that wakes up and beats meanwhile
+    keeps its job. Returns (job id, "requeued" | "failed") for each job it acted on.
     """
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.COMPRESSOR_HEARTBEAT_TIMEOUT_S)
@@ -416,33 +482,138 @@ def job_reap_stale(*, now=None) -> list[tuple[int, str]]:
     )
     acted: list[tuple[int, str]] = []
     for job in stale:
+        seen = _this_run(job.pk, job.celery_task_id).filter(heartbeat_at=job.heartbeat_at)
         last = job.heartbeat_at or job.started_at
         silence = (
             f"the worker {job.worker or '(unknown)'} stopped answering (last heartbeat {last:%Y-%m-%d %H:%M:%S} UTC)"
         )
-        if job.requeue_count < 1:
-            new_task_id = _new_task_id()
-            with transaction.atomic():
-                done = Job.objects.filter(pk=job.pk, status=Status.RUNNING, heartbeat_at=job.heartbeat_at).update(
-                    status=Status.QUEUED,
-                    requeue_count=job.requeue_count + 1,
-                    celery_task_id=new_task_id,
-                    stage=Job.Stage.WAITING,
-                    message="Re-queued after its worker vanished",
-                    started_at=None,
-                    worker="",
-                    step=None,
-                    total=None,
-                    percent=None,
-                )
-                if done:
-                    job.celery_task_id = new_task_id
-                    _append_log(job.pk, [("waiting", f"Re-queued once: {silence}.")])
-                    transaction.on_commit(lambda job=job: _enqueue(job))
-                    acted.append((job.pk, "requeued"))
-        elif job_fail(job_id=job.pk, error=f"The job was lost: {silence}, and it had already been re-queued once."):
-            acted.append((job.pk, "failed"))
+        ran_s = (now - job.started_at).total_seconds() if job.started_at else 0.0
+        if ran_s >= settings.COMPRESSOR_JOB_HARD_LIMIT_S:
+            if _fail(seen, job_id=job.pk, error=time_limit_error(settings.COMPRESSOR_JOB_HARD_LIMIT_S)):
+                acted.append((job.pk, "failed"))
+        elif action := _end_lost_run(job, seen, silence):
+            acted.append((job.pk, action))
     return acted
+
+
+def job_worker_lost(*, job_id: int, task_id: str, reason: str) -> str | None:
+    """The process running this run died (killed, out of memory): re-queue the job once, else fail it.
+
+    The worker's main process calls this the moment its child dies; the reaper does the same, after the
+    heartbeat timeout, for a worker that died whole. Returns "requeued", "failed" or None (nothing to do).
+    """
+    job = _this_run(job_id, task_id).first()
+    if job is None:
+        return None
+    return _end_lost_run(job, _this_run(job_id, task_id), f"the worker {job.worker or '(unknown)'} {reason}")
+
+
+def _end_lost_run(job: Job, seen, what_happened: str) -> str | None:
+    if job.requeue_count < MAX_REQUEUES:
+        return "requeued" if _requeue_lost(job, seen, what_happened) else None
+    attempts = job.requeue_count + 1
+    error = f"Worker lost: {what_happened}. This was attempt {attempts} of {attempts}, so it is not re-queued."
+    return "failed" if _fail(seen, job_id=job.pk, error=error) else None
+
+
+def _requeue_lost(job: Job, seen, what_happened: str) -> bool:
+    new_task_id = _new_task_id()
+    with transaction.atomic():
+        done = seen.update(
+            status=Status.QUEUED,
+            requeue_count=job.requeue_count + 1,
+            celery_task_id=new_task_id,
+            stage=Job.Stage.WAITING,
+            message="Re-queued after its worker vanished",
+            started_at=None,
+            worker="",
+            step=None,
+            total=None,
+            percent=None,
+        )
+        if done:
+            job.celery_task_id = new_task_id
+            _append_log(job.pk, [("waiting", f"Re-queued for attempt {job.requeue_count + 2}: {what_happened}.")])
+            transaction.on_commit(lambda: _enqueue(job))
+    return bool(done)
+
+
+def job_sweep_stranded(*, older_than_s: float | None = None) -> list[int]:
+    """Send queued jobs again whose broker message is gone; return their ids.
+
+    A message is lost when publishing failed after the commit (Redis down) or when Redis lost its data
+    (flushed, restarted without persistence). The database is the truth: a queued job whose task id is in
+    none of its queue's lists and not among the delivered-but-unacknowledged messages gets a new task id
+    and a new message. A job runs at most once even if the old message turns up after all: the claim
+    (job_start) needs the job's current task id. Jobs younger than older_than_s (default
+    COMPRESSOR_SWEEP_GRACE_S) are left alone, their message may still be on its way.
+    """
+    grace = settings.COMPRESSOR_SWEEP_GRACE_S if older_than_s is None else older_than_s
+    cutoff = timezone.now() - timedelta(seconds=grace)
+    waiting = list(
+        Job.objects.filter(status=Status.QUEUED, created_at__lte=cutoff).only(
+            "pk", "celery_task_id", "queue", "priority"
+        )
+    )
+    if not waiting:
+        return []
+    in_broker = broker_task_ids(queues={job.queue for job in waiting})
+    sent: list[int] = []
+    for job in waiting:
+        if job.celery_task_id in in_broker:
+            continue
+        new_task_id = _new_task_id()
+        with transaction.atomic():
+            done = Job.objects.filter(pk=job.pk, status=Status.QUEUED, celery_task_id=job.celery_task_id).update(
+                celery_task_id=new_task_id, message="Waiting in the queue"
+            )
+            if done:
+                job.celery_task_id = new_task_id
+                _append_log(
+                    job.pk, [("waiting", "Its queue message was lost (queue unreachable or reset); sent again.")]
+                )
+                transaction.on_commit(lambda job=job: _enqueue(job))
+                sent.append(job.pk)
+    return sent
+
+
+def broker_task_ids(*, queues: set[str]) -> set[str]:
+    """Task ids of the messages Redis holds for these queues: waiting (every priority level) or delivered
+    to a worker and not yet acknowledged. Raises a broker error when Redis does not answer."""
+    from compressor_app.celery import app
+
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        prefix = getattr(channel, "global_keyprefix", "")  # LRANGE and HVALS are not prefixed by kombu itself
+        client = channel.client
+        raw: list[bytes] = []
+        for queue in queues:
+            for level in sorted({channel._q_for_pri(queue, step) for step in channel.priority_steps}):
+                raw += client.lrange(prefix + level, 0, -1)
+        unacked = [json.loads(value)[0] for value in client.hvals(prefix + channel.unacked_key)]
+    messages = [json.loads(item) for item in raw] + unacked
+    return {message.get("headers", {}).get("id") for message in messages if isinstance(message, dict)} - {None}
+
+
+def job_remove_stale_partials() -> list[Path]:
+    """Remove the temporary checkpoint folders of runs that are over (killed during a save, out of memory,
+    a lost worker); a running job's own folder is left alone. Returns what it removed."""
+    from engine.artifacts import staging_folders
+
+    jobs_root = Path(default_storage.path("jobs"))
+    if not jobs_root.is_dir():
+        return []
+    partials = {path: path.parent.name for path in staging_folders(jobs_root.glob("*"))}
+    running = {
+        str(pk)
+        for pk in Job.objects.filter(
+            pk__in=[int(name) for name in set(partials.values()) if name.isdigit()], status=Status.RUNNING
+        ).values_list("pk", flat=True)
+    }
+    removed = [path for path, owner in partials.items() if owner not in running]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 # --- artifacts and uploads ---------------------------------------------------------------------------------

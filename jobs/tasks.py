@@ -7,22 +7,28 @@ no row (cancelled, claimed elsewhere, or a stale message after a priority change
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery.signals import worker_process_init
+from celery.worker.request import Request
 from django.conf import settings
 from django.core.files.storage import default_storage
+from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
 from jobs import services
@@ -38,15 +44,69 @@ class Queue(StrEnum):
     LIGHT = "light"  # housekeeping: the reaper, stopping cancelled jobs
 
 
+class JobRequest(Request):
+    """The worker's main process side of one job message.
+
+    A job that did not end well (cancelled, time limit, out of memory, crash) may leave things behind in
+    its process that the next job must not inherit: device memory, hooks and half-done llm-compressor
+    state, a heap grown by a failed allocation. Its child process is replaced before the message is
+    acknowledged, so no next job can have reached that child yet. A job that succeeded keeps its child
+    warm (worker_max_memory_per_child recycles one that grew too big).
+    """
+
+    def acknowledge(self) -> None:
+        # Celery acknowledges a job's message (acks_late) from the main process once its run ended.
+        self._retire_child_after_a_bad_end()
+        super().acknowledge()
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrap ExceptionWithTraceback
+        if isinstance(exc, WorkerLostError) and self.args:
+            # The child died (SIGKILL, the kernel's OOM killer): act now rather than after the heartbeat
+            # timeout. Celery gives the message back too; its copy then finds the job re-queued or failed.
+            close_old_connections()
+            action = services.job_worker_lost(job_id=self.args[0], task_id=self.id, reason=f"process died ({exc})")
+            logger.warning("Job %s: its worker process died; %s", self.args[0], action or "nothing to do")
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def _retire_child_after_a_bad_end(self) -> None:
+        pid = self.worker_pid
+        if not pid or pid == os.getpid() or not self.args:
+            return  # solo or threads pool: there is no child of its own to replace
+        close_old_connections()
+        ended_badly = Job.objects.filter(
+            pk=self.args[0],
+            celery_task_id=self.id,
+            started_at__isnull=False,
+            status__in=(Job.Status.FAILED, Job.Status.CANCELLED),
+        ).exists()
+        if ended_badly:
+            logger.info("Replacing worker child %s after job %s ended badly", pid, self.args[0])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
 class JobTask(Task):
-    """Records an unexpected error on the job in plain words (expected ones are handled in the task)."""
+    """Records an unexpected error on the job in plain words (expected ones are handled in the task).
+
+    on_failure also runs in the worker's main process when the hard time limit killed the child.
+    """
+
+    Request = JobRequest
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         job_id = args[0] if args else kwargs.get("job_id")
         if job_id is None:
             return
+        if isinstance(exc, TimeLimitExceeded):
+            limit = exc.args[0] if exc.args else settings.COMPRESSOR_JOB_HARD_LIMIT_S
+            error = services.time_limit_error(float(limit))
+            # The child is being killed right now; housekeeping removes the temporary folder it leaves.
+            services.job_fail(job_id=job_id, task_id=task_id, error=error)
+            return
         services.job_fail(
             job_id=job_id,
+            task_id=task_id,
             error=f"The worker hit an unexpected error and stopped: {type(exc).__name__}: {exc}",
             log_lines=[("", str(einfo))],
         )
@@ -58,54 +118,125 @@ class JobTask(Task):
     name="jobs.compress",  # routed to "gpu" by settings.CELERY_TASK_ROUTES; job_submit picks gpu or cpu
     acks_late=True,
     reject_on_worker_lost=True,
-    # The soft limit raises SoftTimeLimitExceeded in the task: it records "took too long" and cleans up.
-    # The hard limit kills the child if even that hangs. Both are below the Redis visibility timeout
-    # (settings.CELERY_BROKER_TRANSPORT_OPTIONS), or Redis would hand the running job to a second worker.
+    # The soft limit raises SoftTimeLimitExceeded in the task: it records "time limit" and cleans up.
+    # The hard limit kills the child if even that hangs (JobTask.on_failure records it). Both are below the
+    # Redis visibility timeout (settings.CELERY_BROKER_TRANSPORT_OPTIONS), or Redis would hand the running
+    # job to a second worker (the claim would stop that second run, but the limit would be meaningless).
     soft_time_limit=settings.COMPRESSOR_JOB_SOFT_LIMIT_S,
     time_limit=settings.COMPRESSOR_JOB_HARD_LIMIT_S,
     ignore_result=True,
 )
 def compress_job(self, job_id: int) -> None:
-    job = services.job_start(job_id=job_id, task_id=self.request.id, worker=self.request.hostname or "")
+    task_id = self.request.id
+    job = services.job_start(job_id=job_id, task_id=task_id, worker=self.request.hostname or "")
     if job is None:
-        logger.info("Job %s is not waiting for task %s (cancelled or taken); nothing to do", job_id, self.request.id)
+        logger.info("Job %s is not waiting for task %s (cancelled or taken); nothing to do", job_id, task_id)
         return
     services.job_remove_artifacts(job=job)  # leftovers of an earlier run of this job (re-queued)
     relpath = job.artifacts_relpath()
-    out_dir = Path(default_storage.path(relpath))
-    progress = JobProgress(job_id=job.pk, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
+    progress = JobProgress(job_id=job.pk, task_id=task_id, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
     progress.start()
+    error, log_lines = "", []
     try:
-        from engine.runner import compress
+        with _soft_limit_noticed_by(progress):
+            from engine.runner import compress
 
-        device = "cpu" if job.device_class == Job.DeviceClass.CPU else "auto"
-        result = compress(job.to_spec(device=device), out_dir, progress=progress, should_cancel=progress.should_cancel)
-    except CancelledError:
-        progress.close()
-        services.job_remove_artifacts(job=job)
-        # Normally the job is already cancelled; this only acts if it is somehow still running.
-        services.job_fail(job_id=job.pk, error="The job stopped because it was cancelled.")
+            device = "cpu" if job.device_class == Job.DeviceClass.CPU else "auto"
+            spec = job.to_spec(device=device)
+            result = compress(
+                spec, Path(default_storage.path(relpath)), progress=progress, should_cancel=progress.should_cancel
+            )
     except SoftTimeLimitExceeded:
-        progress.close()
-        services.job_remove_artifacts(job=job)
-        limit_h = settings.COMPRESSOR_JOB_SOFT_LIMIT_S / 3600
-        services.job_fail(job_id=job.pk, error=f"The job ran longer than its time limit of {limit_h:g} h.")
+        error = services.time_limit_error(_soft_limit_s(self.request))
+    except CancelledError:
+        # Normally the job is already cancelled and job_fail changes nothing; out of time, it records that.
+        error = "The job stopped because it was cancelled."
+        if progress.out_of_time:
+            error = services.time_limit_error(_soft_limit_s(self.request))
     except EngineError as exc:
-        progress.close()
-        services.job_remove_artifacts(job=job)
-        services.job_fail(job_id=job.pk, error=exc.message, log_lines=[("", traceback.format_exc())])
-    except BaseException:
-        progress.close()
-        services.job_remove_artifacts(job=job)
-        raise  # JobTask.on_failure records it
+        error, log_lines = exc.message, [("", traceback.format_exc())]
+    except Exception as exc:
+        error = _resource_failure(exc)
+        if error is None:
+            _end_run(progress, job_id, task_id)
+            raise  # JobTask.on_failure records it
+        log_lines = [("", traceback.format_exc())]
     else:
         progress.close()
         results = result.to_dict()
         results["output_dir"] = relpath
-        if not services.job_finish(job_id=job.pk, results=results, manifest=result.manifest, artifacts_path=relpath):
-            services.job_remove_artifacts(job=job)  # cancelled at the last moment: nobody will download it
-    finally:
+        finished = services.job_finish(
+            job_id=job.pk, task_id=task_id, results=results, manifest=result.manifest, artifacts_path=relpath
+        )
+        if not finished:  # cancelled at the last moment, or no longer this run's job: nobody will download it
+            services.job_discard_run_output(job_id=job.pk, task_id=task_id)
         _free_device_memory()
+        return
+    _end_run(progress, job_id, task_id)
+    services.job_fail(job_id=job.pk, task_id=task_id, error=error, log_lines=log_lines)
+
+
+def _soft_limit_s(request) -> float:
+    """The soft limit this run had (a message may carry its own), for the error message."""
+    _hard, soft = request.timelimit or (None, None)
+    return float(soft or settings.COMPRESSOR_JOB_SOFT_LIMIT_S)
+
+
+def _end_run(progress: JobProgress, job_id: int, task_id: str) -> None:
+    """After a run that did not succeed: stop the heartbeat, remove its output, give memory back."""
+    progress.close()
+    services.job_discard_run_output(job_id=job_id, task_id=task_id)
+    _free_device_memory()
+
+
+@contextlib.contextmanager
+def _soft_limit_noticed_by(progress: JobProgress) -> Iterator[None]:
+    """Tell the progress recorder when the soft time limit fires, then let Celery raise as usual.
+
+    Celery raises SoftTimeLimitExceeded wherever the task happens to be; a library's broad
+    `except Exception` (lm-eval tasks, datasets) may swallow it. The recorder then stops the engine at its
+    next step, and the job still ends "failed: time limit" instead of running on to the hard limit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers live on the main thread (the prefork and solo pools run tasks there)
+        return
+    previous = signal.getsignal(signal.SIGUSR1)
+
+    def on_soft_limit(signum, frame) -> None:
+        progress.time_is_up()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGUSR1, on_soft_limit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "cannot allocate memory")
+_DISK_FULL = ("no space left on device", "os error 28", "code: 28")
+
+
+def _resource_failure(exc: BaseException) -> str | None:
+    """A plain-words reason for running out of memory or disk (anywhere in the exception's chain)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(e).lower() for e in chain)
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain) or any(m in text for m in _DISK_FULL):
+        return (
+            "No space left on device while writing the checkpoint. Free some space where checkpoints are "
+            "stored (or remove old jobs), then retry."
+        )
+    if any(isinstance(e, MemoryError) for e in chain) or any(m in text for m in _OUT_OF_MEMORY):
+        return (
+            f"The job ran out of memory ({type(chain[0]).__name__}: {str(chain[0])[:200]}). Try fewer "
+            "calibration samples or a shorter maximum sequence length, a smaller model, or a worker with more "
+            "memory."
+        )
+    return None
 
 
 @shared_task(name="jobs.stop_cancelled", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
@@ -128,6 +259,18 @@ def stop_cancelled_job(job_id: int) -> None:
 def reap_stale_jobs() -> None:
     for job_id, action in services.job_reap_stale():
         logger.warning("Reaper: job %s %s (no heartbeat)", job_id, action)
+
+
+@shared_task(name="jobs.housekeeping", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
+def housekeeping() -> None:
+    """Send queued jobs whose message was lost again, and remove temporary folders of runs that are over."""
+    try:
+        for job_id in services.job_sweep_stranded():
+            logger.warning("Sweeper: job %s had lost its queue message; sent again", job_id)
+    except services.BROKER_ERRORS as exc:
+        logger.warning("Sweeper: the queue does not answer (%s); trying again next time", exc)
+    for path in services.job_remove_stale_partials():
+        logger.warning("Housekeeping: removed the temporary folder %s of a run that is over", path)
 
 
 def _free_device_memory() -> None:

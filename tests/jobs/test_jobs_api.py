@@ -111,7 +111,9 @@ def test_logs_are_fetched_incrementally_by_cursor(api, user, make_job):
     job = make_job(user)
     services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w")
     first = api.get(f"/api/v1/jobs/{job.pk}/logs/").json()
-    services.job_record_progress(job_id=job.pk, log_lines=[("calibrating", "layer 1"), ("calibrating", "layer 2")])
+    services.job_record_progress(
+        job_id=job.pk, task_id=job.celery_task_id, log_lines=[("calibrating", "layer 1"), ("calibrating", "layer 2")]
+    )
 
     new = api.get(f"/api/v1/jobs/{job.pk}/logs/", {"after": first["cursor"]}).json()
 

@@ -90,17 +90,20 @@ def test_a_late_progress_message_after_cancel_changes_nothing(user, make_job):
     # Given a running job that is then cancelled
     job = make_job(user)
     services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w1")
-    assert services.job_record_progress(job_id=job.pk, stage="calibrating", step=3, total=30, percent=12.0)
+    run = job.celery_task_id
+    assert services.job_record_progress(job_id=job.pk, task_id=run, stage="calibrating", step=3, total=30, percent=12.0)
     services.job_cancel(job=job, by=user)
     before = Job.objects.get(pk=job.pk)
     lines_before = JobLogLine.objects.filter(job=job).count()
 
     # When the killed worker's late messages arrive
     recorded = services.job_record_progress(
-        job_id=job.pk, stage="saving", step=1, total=1, percent=90.0, log_lines=[("saving", "late line")]
+        job_id=job.pk, task_id=run, stage="saving", step=1, total=1, percent=90.0, log_lines=[("saving", "late line")]
     )
-    finished = services.job_finish(job_id=job.pk, results={"x": 1}, manifest={"files": []}, artifacts_path="x")
-    failed = services.job_fail(job_id=job.pk, error="late failure")
+    finished = services.job_finish(
+        job_id=job.pk, task_id=run, results={"x": 1}, manifest={"files": []}, artifacts_path="x"
+    )
+    failed = services.job_fail(job_id=job.pk, task_id=run, error="late failure")
 
     # Then the job stays cancelled exactly as it was
     after = Job.objects.get(pk=job.pk)
@@ -175,6 +178,8 @@ def test_the_log_keeps_only_the_newest_lines(user, make_job, settings):
     settings.COMPRESSOR_JOB_LOG_MAX_LINES = 5
     job = make_job(user, status=Job.Status.RUNNING)
     for i in range(12):
-        services.job_record_progress(job_id=job.pk, log_lines=[("calibrating", f"line {i}")])
+        services.job_record_progress(
+            job_id=job.pk, task_id=job.celery_task_id, log_lines=[("calibrating", f"line {i}")]
+        )
     texts = list(JobLogLine.objects.filter(job=job).values_list("text", flat=True))
     assert texts == [f"line {i}" for i in range(7, 12)]

@@ -1,0 +1,187 @@
+"""Fixtures for the fault tests: real worker processes with short heartbeats on a queue of their own,
+jobs on the tiny model, and what lets a test kill, limit or starve those processes for real.
+
+The fault workers consume only the "faults" queue, so the session's ordinary live worker (tests/jobs)
+never takes their jobs. Nothing is mocked: the faults are signals, limits, mounts and Redis itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.jobs.conftest import LiveWorker, api_for, checkpoint  # noqa: F401 - fixtures shared with tests/jobs
+from tests.support import REPO, database_url, wait_until
+
+FAULT_QUEUE = "faults"
+HEARTBEAT_S = 0.5
+HEARTBEAT_TIMEOUT_S = 6  # what the tests' reaper calls use: a silent job is reaped after this
+
+
+class FaultWorker(LiveWorker):
+    """A LiveWorker that also knows its processes: the main one and its pool child."""
+
+    def child_pids(self) -> list[int]:
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+    def child_pid(self) -> int:
+        return wait_until(lambda: (self.child_pids() or [None])[0], timeout=60, what=f"a pool child of {self.name}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: the main process and its child, with no chance to clean up."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def start_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Iterator[Callable[..., FaultWorker]]:
+    """start_worker(queue=..., broker_url=..., **env): a `celery worker` process; all are stopped at the end."""
+    from django.db import connection
+
+    started: list[FaultWorker] = []
+
+    def start(*, queue: str = FAULT_QUEUE, broker_url: str | None = None, wait: bool = True, **env: str) -> FaultWorker:
+
+        name = f"fault-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        log_path = tmp_path_factory.mktemp("fault-worker") / "worker.log"
+        environment = {
+            **os.environ,
+            "DATABASE_URL": database_url(connection.settings_dict),
+            "CELERY_BROKER_URL": broker_url or broker["url"],
+            "CELERY_KEY_PREFIX": broker["prefix"],
+            "COMPRESSOR_MEDIA_ROOT": str(media_root),
+            "COMPRESSOR_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
+            "COMPRESSOR_CANCEL_GRACE_S": "5",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        command = [
+            sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", queue, "-c", "1",
+            "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        worker = FaultWorker(name=name, process=process, log_path=log_path)
+        started.append(worker)
+        if wait:
+            wait_until_ready(worker, broker_url)
+        return worker
+
+    def wait_until_ready(worker: FaultWorker, broker_url: str | None) -> None:
+        from compressor_app.celery import app
+
+        def ready() -> bool:
+            if not worker.alive():
+                raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
+            if broker_url:  # a private Redis: the test process's app talks to the session's one
+                return f"{worker.name} ready" in worker.log_path.read_text(errors="replace")
+            return bool(app.control.ping(destination=[worker.name], timeout=1))
+
+        wait_until(ready, timeout=120, what=f"the worker {worker.name} to answer")
+
+    start.wait_until_ready = wait_until_ready
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_worker_process(start_worker) -> FaultWorker:
+    """The fault tests' shared worker (short heartbeat, normal limits), started once."""
+    return start_worker()
+
+
+@pytest.fixture(scope="session")
+def light_worker(start_worker) -> FaultWorker:
+    """A light worker (housekeeping queue): it runs the cancel fallback that terminates a run."""
+    return start_worker(queue="light", COMPRESSOR_WORKER_PRELOAD="false")
+
+
+@pytest.fixture
+def fault_worker(start_worker, fault_worker_process, transactional_db) -> Iterator[FaultWorker]:
+    """The shared fault worker, alive (a test that killed it gets a new one), idle afterwards."""
+    worker = fault_worker_process
+    if not worker.alive():
+        worker = start_worker()
+    yield worker
+    if worker.alive():
+        wait_until(lambda: not worker.active(), timeout=120, what="the fault worker to finish its task")
+    from compressor_app.celery import app
+
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(FAULT_QUEUE)
+
+
+@pytest.fixture
+def owner(make_user):
+    return make_user()
+
+
+@pytest.fixture
+def queue_job(make_job, tiny_model_dir) -> Callable[..., object]:
+    """queue_job(owner, **fields, limits=...): a queued job (tiny model, fp8-dynamic) and its message.
+
+    `soft_time_limit` / `time_limit` go on the message, as Celery allows per message.
+    """
+    from jobs.tasks import compress_job
+
+    def queue(owner, *, soft_time_limit: float | None = None, time_limit: float | None = None, **fields):
+        defaults = {"model_source": str(tiny_model_dir), "queue": FAULT_QUEUE, "device_class": "cpu"}
+        job = make_job(owner, **{**defaults, **fields})
+        limits = {"soft_time_limit": soft_time_limit, "time_limit": time_limit}
+        compress_job.apply_async(
+            args=(job.pk,),
+            task_id=job.celery_task_id,
+            queue=job.queue,
+            **{key: value for key, value in limits.items() if value is not None},
+        )
+        return job
+
+    return queue
+
+
+@pytest.fixture
+def reap():
+    """Run the reaper as the light worker's beat would, with the fault tests' short heartbeat timeout."""
+    from django.test import override_settings
+
+    from jobs import services
+
+    def run() -> list[tuple[int, str]]:
+        with override_settings(COMPRESSOR_HEARTBEAT_TIMEOUT_S=HEARTBEAT_TIMEOUT_S):
+            return services.job_reap_stale()
+
+    return run
+
+
+def job_dir(media_root: Path, job) -> Path:
+    return Path(media_root) / "jobs" / str(job.pk)
+
+
+def leftovers(media_root: Path, job) -> list[str]:
+    """Whatever a job left in its folder (temporary checkpoint folders included)."""
+    folder = job_dir(media_root, job)
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
