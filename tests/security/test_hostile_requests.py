@@ -246,10 +246,15 @@ def test_logs_and_errors_shown_to_users_name_no_server_folders(api, user, make_j
     output = media_root / "jobs" / str(job.pk) / "output"
     services.job_record_progress(
         job_id=job.pk,
+        task_id=job.celery_task_id,
         message=f"Checkpoint ready in {output}",
         log_lines=[("saving", f"Wrote {output}/model.safetensors"), ("", f'File "{settings.BASE_DIR}/engine/x.py"')],
     )
-    services.job_fail(job_id=job.pk, error=f"'{settings.MODEL_STORE_DIR}/m' has no config.json; see /srv/secret/x")
+    services.job_fail(
+        job_id=job.pk,
+        task_id=job.celery_task_id,
+        error=f"'{settings.MODEL_STORE_DIR}/m' has no config.json; see /srv/secret/x",
+    )
 
     shown = (
         api.get(f"/api/v1/jobs/{job.pk}/logs/").content.decode() + api.get(f"/api/v1/jobs/{job.pk}/").content.decode()
