@@ -218,7 +218,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 25,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "jobs.api.schema.ErrorAnswersSchema",
     # Refused requests answer in JSON, also a body over DATA_UPLOAD_MAX_MEMORY_SIZE (Django's page is HTML).
     "EXCEPTION_HANDLER": "jobs.api.exceptions.exception_handler",
 }

@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 from engine.errors import EngineError
 from engine.presets import PRESETS
 from jobs import downloads, logtext, selectors, services
-from jobs.api.schema import ErrorAnswersSchema, ErrorSerializer
+from jobs.api.schema import ErrorSerializer
 from jobs.api.serializers import (
     CalibrationDatasetSerializer,
     JobCreateSerializer,
@@ -63,7 +63,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 
     serializer_class = JobSerializer
     queryset = Job.objects.none()  # for the schema (ids are integers); get_queryset picks the user's jobs
-    schema = ErrorAnswersSchema()
 
     def get_content_negotiator(self):
         if getattr(self, "action", None) == "file":  # routed in urls.py (a file path needs no trailing slash)
@@ -238,8 +237,6 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 class PresetListView(APIView):
     """The compression presets, with what each does."""
 
-    schema = ErrorAnswersSchema()
-
     @extend_schema(responses=PresetSerializer(many=True))
     def get(self, request: Request) -> Response:
         presets = [
@@ -284,7 +281,6 @@ class CalibrationDatasetViewSet(
     serializer_class = CalibrationDatasetSerializer
     parser_classes = [MultiPartParser, FormParser]
     queryset = CalibrationDataset.objects.none()  # for the schema; get_queryset picks the user's files
-    schema = ErrorAnswersSchema()
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):  # the schema generator: no user, but the id's type

@@ -154,6 +154,7 @@ CASES: dict[str, Case] = {
     # The API: alice's jobs and datasets do not exist for bob.
     "api:job-detail": not_found("get", lambda w: f"/api/v1/jobs/{w.succeeded.pk}/"),
     "api:job-logs": not_found("get", lambda w: f"/api/v1/jobs/{w.failed.pk}/logs/"),
+    "api:job-log": not_found("get", lambda w: f"/api/v1/jobs/{w.failed.pk}/log/"),
     "api:job-results": not_found("get", lambda w: f"/api/v1/jobs/{w.succeeded.pk}/results/"),
     "api:job-archive": not_found("get", lambda w: f"/api/v1/jobs/{w.succeeded.pk}/archive/"),
     "api:job-manifest": not_found("get", lambda w: f"/api/v1/jobs/{w.succeeded.pk}/manifest/"),
@@ -173,6 +174,8 @@ CASES: dict[str, Case] = {
     # The pages.
     "frontend:job-detail": not_found("get", lambda w: f"/jobs/{w.succeeded.pk}/", api=False),
     "frontend:job-live": not_found("get", lambda w: f"/jobs/{w.queued.pk}/live/", api=False),
+    "frontend:job-log": not_found("get", lambda w: f"/jobs/{w.failed.pk}/log.txt", api=False),
+    "frontend:job-checksums": not_found("get", lambda w: f"/jobs/{w.succeeded.pk}/SHA256SUMS", api=False),
     "frontend:job-cancel": not_found("post", lambda w: f"/jobs/{w.queued.pk}/cancel/", api=False),
     "frontend:job-retry": not_found("post", lambda w: f"/jobs/{w.failed.pk}/retry/", api=False),
     "frontend:job-new": not_found("get", lambda w: f"/jobs/new/?from={w.succeeded.pk}", api=False),
