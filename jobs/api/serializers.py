@@ -44,7 +44,7 @@ class EvaluationInputSerializer(serializers.Serializer):
         max_length=50,
         help_text="lm-eval task names; unknown names are refused.",
     )
-    limit = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
+    limit = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False, allow_null=True, default=None)
     backend = serializers.ChoiceField(choices=["hf", "vllm"], default="hf")
 
 
