@@ -26,8 +26,8 @@ class CalibrationInputSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         default="",
-        max_length=96,
-        help_text="kind 'hub': a dataset id, namespace/name.",
+        max_length=200,
+        help_text="kind 'hub': a Hugging Face dataset id, namespace/name (never a path).",
     )
     split = serializers.CharField(required=False, default="train", max_length=100)
     column = serializers.CharField(required=False, default="text", max_length=100)
