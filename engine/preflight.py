@@ -228,11 +228,10 @@ def _check_calibration(spec: CompressionSpec, needs_calibration: bool) -> int:
 
 
 def _check_hub_calibration(cal: CalibrationSpec) -> int:
-    """The id's form and the hub's reachability only: the worker loads the data when the job runs.
+    """The hub's reachability only (the id was checked first): the worker loads the data when the job runs.
 
     Preflight also runs in the web process, which must never read a dataset (nor write the datasets cache).
     """
-    calib.check_hub_dataset_id(cal.dataset)
     if not hub_reachable():
         raise PreflightError(
             f"The Hugging Face hub cannot be reached from this machine, so the dataset '{cal.dataset}' cannot be "

@@ -35,9 +35,8 @@ class Preset:
     def recipe_yaml(self, extra_ignore: list[str] | None = None) -> str:
         """The llm-compressor recipe for this preset, with extra layers left unquantized."""
         ignore = list(_IGNORE_DEFAULT) + sorted(set(extra_ignore or []) - set(_IGNORE_DEFAULT))
-        modifiers = {
-            name: {**args, "ignore": list(ignore)} for name, args in self.modifiers
-        }  # no shared list: no alias
+        # A list of its own per modifier: a shared one would be dumped as a YAML alias, which recipes may not have.
+        modifiers = {name: {**args, "ignore": list(ignore)} for name, args in self.modifiers}
         return yaml.safe_dump({"compression_stage": {"compression_modifiers": modifiers}}, sort_keys=False)
 
 

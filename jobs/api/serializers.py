@@ -25,8 +25,8 @@ class CalibrationInputSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         default="",
-        max_length=96,
-        help_text="kind 'hub': a dataset id, namespace/name.",
+        max_length=200,
+        help_text="kind 'hub': a Hugging Face dataset id, namespace/name (never a path).",
     )
     split = serializers.CharField(required=False, default="train", max_length=100)
     column = serializers.CharField(required=False, default="text", max_length=100)
@@ -43,7 +43,7 @@ class EvaluationInputSerializer(serializers.Serializer):
         max_length=50,
         help_text="lm-eval task names; unknown names are refused.",
     )
-    limit = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
+    limit = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False, allow_null=True, default=None)
     backend = serializers.ChoiceField(choices=["hf", "vllm"], default="hf")
 
 

@@ -13,6 +13,12 @@ def no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def no_creation_throttle(settings):
+    """These tests send many refused submissions as the same few users; the throttle has its own tests."""
+    settings.COMPRESSOR_JOB_CREATE_RATE = "100000/hour"
+
+
 @pytest.fixture
 def canary(tmp_path):
     """A file that hostile input tries to create; a test fails if it ever exists."""

@@ -49,6 +49,7 @@ def test_a_hub_dataset_naming_another_users_upload_folder_is_refused_and_nothing
         "../media/calibration",
         "~/x",
         "x" * 97,
+        "ns/" + "y" * 97,
     ]:
         body = {"preset": "int8-w8a8-gptq", "calibration": {"kind": "hub", "hub_dataset": attempt}}
         response = api.post("/api/v1/jobs/", body, format="json")
