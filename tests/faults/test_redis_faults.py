@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,3 +161,35 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
             assert _runs(job) == 1, f"job {job.pk} ran {_runs(job)} times"
         assert services.job_sweep_stranded(older_than_s=0) == []
         worker.stop()
+
+
+def test_a_job_delivered_twice_runs_once_and_leaves_one_checkpoint(
+    fault_worker, start_worker, owner, queue_job, media_root, builtin_model
+):
+    # Given a job that has run on one worker for longer than a second worker's visibility timeout (2 s)
+    job = queue_job(owner, model_source="smollm2-135m-instruct")
+    _wait_running(job, fault_worker)
+    time.sleep(3)
+
+    # When that second worker starts, Redis hands it the message again (it looks abandoned)
+    impatient = start_worker(
+        COMPRESSOR_VISIBILITY_TIMEOUT_S="2",
+        COMPRESSOR_JOB_SOFT_LIMIT_S="1",  # its settings insist on limits below the visibility timeout
+        COMPRESSOR_JOB_HARD_LIMIT_S="1",
+        COMPRESSOR_WORKER_PRELOAD="false",
+    )
+    received = f"jobs.compress[{job.celery_task_id}] received"
+    wait_until(
+        lambda: received in impatient.log_path.read_text(errors="replace"),
+        timeout=60,
+        what="the second worker to receive the same message",
+    )
+
+    # Then the job runs to success exactly once, with exactly one checkpoint
+    done = _wait_status(job, "succeeded", "failed")
+    assert done.status == "succeeded" and done.worker == fault_worker.name, done.error
+    assert _runs(job) == 1
+    folder = Path(media_root) / "jobs" / str(job.pk)
+    assert [p.name for p in folder.iterdir()] == ["checkpoint"]
+    assert received in fault_worker.log_path.read_text(errors="replace"), "the first delivery"
+    impatient.stop()
