@@ -272,6 +272,7 @@ def _enqueue(job: Job) -> bool:
         )
     except BROKER_ERRORS as exc:
         logger.warning("Could not send job %s to the queue: %s", job.pk, exc)
+        job.message = QUEUE_UNREACHABLE
         with transaction.atomic():
             if Job.objects.filter(pk=job.pk, status=Status.QUEUED).update(message=QUEUE_UNREACHABLE):
                 _append_log(job.pk, [("waiting", QUEUE_UNREACHABLE)])

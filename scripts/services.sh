@@ -10,9 +10,11 @@
 #
 # Workers: one per GPU, pinned with CUDA_VISIBLE_DEVICES, on the "gpu" queue, plus one CPU worker on
 # the "cpu" queue. Without a GPU, one worker takes both queues and runs everything on the CPU.
-# Each takes one job at a time (-c 1, prefetch 1) and keeps its child warm between jobs: GPU memory is
-# given back explicitly after each job (gc + torch.cuda.empty_cache) instead of re-importing torch.
-# Set WORKER_MAX_TASKS_PER_CHILD=1 for a fresh child per job (memory back for sure, slower start).
+# Each takes one job at a time (-c 1, prefetch 1) and keeps its child warm between a job that succeeded
+# and the next (GPU memory is given back explicitly: gc + torch.cuda.empty_cache). The child is replaced
+# after a job that did not succeed (cancelled, time limit, out of memory, crash) and after a job during
+# which it held more than COMPRESSOR_WORKER_MAX_MEMORY_MB (default 4096; --max-memory-per-child, set in
+# the Celery config). Set WORKER_MAX_TASKS_PER_CHILD=1 for a fresh child after every job instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -175,6 +177,37 @@ def reap():
             return services.job_reap_stale()
 
     return run
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP a worker child, as if it hung, at a moment it holds no SQLite write lock.
+
+    A process stopped inside a write transaction would lock every other writer out of SQLite (on
+    PostgreSQL it would lock only its row): stop, check that a write can begin, else let it go on a little.
+    """
+    from django.db import connection
+
+    def write_locked() -> bool:
+        if connection.vendor != "sqlite":
+            return False
+        probe = sqlite3.connect(connection.settings_dict["NAME"], timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            probe.close()
+
+    for _attempt in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)
+        if not write_locked():
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} kept holding the database's write lock")
 
 
 def job_dir(media_root: Path, job) -> Path:

@@ -11,15 +11,13 @@ replaced and no temporary output is left.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
 
 from jobs import services
 from jobs.models import Job
-from tests.faults.conftest import leftovers
+from tests.faults.conftest import freeze, leftovers
 from tests.faults.test_worker_faults import _wait_running, _wait_status
 from tests.support import wait_until
 
@@ -82,7 +80,7 @@ def test_soft_and_hard_time_limits_fail_the_job_for_good_and_the_worker_goes_on(
     # Given a job whose process hangs (SIGSTOP: it cannot even handle its soft limit of 4 s)
     hard = queue_job(owner, soft_time_limit=4, time_limit=8, **slow)
     _wait_running(hard, fault_worker)
-    os.kill(fault_worker.child_pid(), signal.SIGSTOP)
+    freeze(fault_worker.child_pid())
     # Then the hard limit kills it, and the worker's main process records "time limit"
     hard = _wait_status(hard, "failed", "succeeded", timeout=60)
     assert hard.status == "failed" and "time limit of 8 s" in hard.error, hard.error

@@ -150,7 +150,7 @@ def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -
                 raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
             return bool(app.control.ping(destination=[worker.name], timeout=1))
 
-        wait_until(ready, timeout=90, what="the Celery worker to answer")
+        wait_until(ready, timeout=180, what="the Celery worker to answer")
         yield worker
     finally:
         process.send_signal(signal.SIGTERM)
@@ -167,7 +167,7 @@ def live_worker(live_worker_process, transactional_db) -> Iterator[LiveWorker]:
     live_worker_process.resume()
     yield live_worker_process
     live_worker_process.resume()
-    wait_until(lambda: not live_worker_process.active(), timeout=120, what="the worker to finish its task")
+    wait_until(lambda: not live_worker_process.active(), timeout=300, what="the worker to finish its task")
     from compressor_app.celery import app
 
     with app.connection_for_write() as conn:
@@ -185,7 +185,8 @@ def wait_for():
 def wait_job():
     from jobs.models import Job
 
-    def wait(job_id: int, *statuses: str, timeout: float = 180) -> Job:
+    # Deadlines that hold on a loaded machine (load 6+ on two cores): a wait ends as soon as the job does.
+    def wait(job_id: int, *statuses: str, timeout: float = 600) -> Job:
         def reached():
             job = Job.objects.get(pk=job_id)
             return job if job.status in statuses else None
