@@ -433,7 +433,9 @@ def _generation(generation: dict) -> str:
 
 
 def _quote(text: str) -> str:
-    lines = str(text).strip().splitlines() or [""]
+    lines = str(text).strip().splitlines()
+    if not lines:
+        return "> *(no text)*"
     return "\n".join(f"> {_md(line)}" if line.strip() else ">" for line in lines)
 
 

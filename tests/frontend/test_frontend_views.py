@@ -351,6 +351,7 @@ def test_a_succeeded_job_page_shows_results_charts_card_and_downloads(client_for
     assert 'id="recovery-definition">Recovery is the compressed model' in html
     # The device that ran it and its memory plan
     assert "Compressed on <strong>cpu</strong>: the whole model in host memory" in html
+    assert '<span class="stat-label">Compress</span>' in html  # fp8-dynamic is data-free: no calibration
     # Sizes in one convention (decimal), the files' too; charts (inline SVG, no script), generations side by side
     assert "269.1 MB" in html and "164.0 MB" in html and ">50.0 kB</td>" in html and "KB" not in html
     assert html.count('<svg class="chart') == 2 and "model.layers.29.mlp.down_proj" in html
