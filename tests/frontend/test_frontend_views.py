@@ -442,7 +442,7 @@ def test_the_model_card_on_the_page_keeps_user_strings_as_text(client_for, alice
     assert '<a href="https://github.com/vllm-project/llm-compressor">' in card
     assert "evil.example" in card and 'href="https://evil.example' not in card
     assert "<img" not in card and "&lt;img src=x onerror=alert(1)&gt;" in card
-    assert "<blockquote>\n<p>line one\nline two</p>" in card  # the generation's own lines, no literal \\n
+    assert "<blockquote>\n<p>line one<br />\nline two</p>" in card  # the generation's own lines, no literal \\n
     assert "<strong>Compressed on:</strong> cpu" in card
 
 
