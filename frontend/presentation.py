@@ -271,13 +271,13 @@ def timeline(job, stage_started: dict[str, datetime]) -> list[TimelineStep]:
 
 
 def stage_detail(job) -> str:
-    """Where the current stage stands: "layer 6 of 30" while compressing, "40 % of it" while evaluating."""
+    """Where the current stage stands: "layer 6 of 30" while compressing, "40 % done" while evaluating."""
     if not job.step or not job.total:
         return ""
     if job.stage in (Job.Stage.CALIBRATING, Job.Stage.COMPRESSING):
         return f"layer {job.step} of {job.total}"
     if job.stage == Job.Stage.EVALUATING:
-        return f"{100 * job.step // job.total} % of it"
+        return f"{100 * job.step // job.total} % done"
     return f"step {job.step} of {job.total}"
 
 

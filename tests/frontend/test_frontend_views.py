@@ -311,8 +311,8 @@ def test_an_evaluating_job_says_how_far_the_evaluation_is(client_for, alice, mak
     )  # fmt: skip
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
     rows = _html(client_for(alice).get("/jobs/rows/"))
-    assert "<strong>Evaluating</strong> · 40 % of it" in html and "400 of 1000" not in html
-    assert "Evaluating · 40 % of it" in rows
+    assert "<strong>Evaluating</strong> · 40 % done" in html and "400 of 1000" not in html
+    assert "Evaluating · 40 % done" in rows
 
 
 def test_a_finished_data_free_job_lists_only_the_stages_that_ran(client_for, alice, succeeded_job):
