@@ -433,8 +433,14 @@ def _generation(generation: dict) -> str:
 
 
 def _quote(text: str) -> str:
-    lines = str(text).strip().splitlines() or [""]
-    return "\n".join(f"> {_md(line)}" if line.strip() else ">" for line in lines)
+    """Text as a block quote that keeps its line breaks (a trailing backslash is Markdown's hard break)."""
+    lines = [_md(line) for line in str(text).strip().splitlines()]
+    if not lines:
+        return "> *(no text)*"
+    quoted = []
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        quoted.append(f"> {line}\\" if line and following else f"> {line}".rstrip())
+    return "\n".join(quoted)
 
 
 def _lm_eval_commands(tasks: list[dict], model_name: str) -> str:

@@ -91,12 +91,6 @@ class ProgressEvent:
     metrics: dict[str, Any] | None = None
     fraction: float | None = None
 
-    @property
-    def percent(self) -> float | None:
-        if self.step is None or not self.total:
-            return None
-        return round(100.0 * self.step / self.total, 1)
-
 
 @dataclass
 class CompressionResult:

@@ -188,12 +188,13 @@ def run_settings(results: Any) -> RunSettings | None:
     )
 
 
-def timings(results: Any) -> list[tuple[str, float]]:
+def timings(job) -> list[tuple[str, float]]:
+    results = job.results
     if not isinstance(results, dict) or not isinstance(results.get("timings"), dict):
         return []
     names = {
         "load_s": "Load",
-        "compress_s": "Calibrate and compress" if results.get("calibration") else "Compress",
+        "compress_s": "Calibrate and compress" if calibrates(job) else "Compress",
         "save_s": "Save",
         "hash_s": "Card and hashes",
         "evaluate_s": "Evaluate",
@@ -225,13 +226,17 @@ class TimelineStep:
         return max(0.0, (end - self.started).total_seconds())
 
 
+def calibrates(job) -> bool:
+    """Whether the job's recipe runs on calibration data (and so calibrates and compresses in one stage)."""
+    preset = PRESETS.get(job.preset)
+    return preset.needs_calibration if preset else job.calibration_kind != Job.CalibrationKind.NONE
+
+
 def _expected_stages(job) -> set[str]:
     """The stages this job's run goes through: calibration (which compresses too) or compression alone,
     evaluation only when asked for."""
-    preset = PRESETS.get(job.preset)
-    calibrates = preset.needs_calibration if preset else job.calibration_kind != Job.CalibrationKind.NONE
     stages = {Job.Stage.WAITING, Job.Stage.LOADING, Job.Stage.SAVING, Job.Stage.HASHING}
-    stages.add(Job.Stage.CALIBRATING if calibrates else Job.Stage.COMPRESSING)
+    stages.add(Job.Stage.CALIBRATING if calibrates(job) else Job.Stage.COMPRESSING)
     if job.evaluation is not None:
         stages.add(Job.Stage.EVALUATING)
     return stages
@@ -257,7 +262,7 @@ def timeline(job, stage_started: dict[str, datetime]) -> list[TimelineStep]:
             state = "pending"
         elif job.is_active and key == current:
             state, ended = "current", None
-        elif job.status in (Job.Status.FAILED, Job.Status.CANCELLED) and key == last_started:
+        elif job.is_terminal and job.status != Job.Status.SUCCEEDED and key == last_started:
             state = "failed"
         else:
             state = "done"
@@ -266,13 +271,13 @@ def timeline(job, stage_started: dict[str, datetime]) -> list[TimelineStep]:
 
 
 def stage_detail(job) -> str:
-    """Where the current stage stands: "layer 6 of 30" while compressing, "40 % of it" while evaluating."""
+    """Where the current stage stands: "layer 6 of 30" while compressing, "40 % done" while evaluating."""
     if not job.step or not job.total:
         return ""
     if job.stage in (Job.Stage.CALIBRATING, Job.Stage.COMPRESSING):
         return f"layer {job.step} of {job.total}"
     if job.stage == Job.Stage.EVALUATING:
-        return f"{100 * job.step // job.total} % of it"
+        return f"{100 * job.step // job.total} % done"
     return f"step {job.step} of {job.total}"
 
 

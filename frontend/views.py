@@ -241,7 +241,7 @@ def _results_context(job: Job) -> dict[str, Any]:
         "metric_rows": rows,
         "metric_chart": charts.metric_chart(rows),
         "sizes": presentation.sizes(results),
-        "timings": presentation.timings(results),
+        "timings": presentation.timings(job),
         "layer_chart": charts.layer_error_chart(errors),
         "worst_layers": worst,
         "generations": presentation.generations(results),

@@ -77,7 +77,7 @@ def test_card_has_every_section_with_the_numbers(tmp_path):
     assert "--tasks arc_challenge --num_fewshot 25 --batch_size auto" in card
     assert "--tasks compressor_arithmetic --num_fewshot 3 --include_path lm_tasks" in card
     # Generations keep their own lines (no literal \\n); the device that ran the job is named
-    assert "This model:\n\n> Hello there.\n> How can I help?" in card and "\\n" not in card
+    assert "This model:\n\n> Hello there.\\\n> How can I help?" in card and "\\n" not in card
     assert "**Compressed on:** cpu" in card and "It ran on cpu: the whole model in host memory" in card
 
 
@@ -119,4 +119,4 @@ def test_a_custom_recipes_names_and_generated_text_stay_text(tmp_path):
     assert "` [click](https://evil.example) `" in card and "` <img src=x onerror=alert(1)> `" in card
     assert "`` a`b ``" in card
     assert "**Prompt:** \\[p\\](https://evil.example)" in card and "> \\<b\\>hi\\</b\\>" in card
-    assert "> \\# not a heading\n> \\!\\[x\\](https://evil.example/x.png)" in card
+    assert "> \\# not a heading\\\n> \\!\\[x\\](https://evil.example/x.png)" in card

@@ -317,8 +317,8 @@ def test_an_evaluating_job_says_how_far_the_evaluation_is(client_for, alice, mak
     )  # fmt: skip
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
     rows = _html(client_for(alice).get("/jobs/rows/"))
-    assert "<strong>Evaluating</strong> · 40 % of it" in html and "400 of 1000" not in html
-    assert "Evaluating · 40 % of it" in rows
+    assert "<strong>Evaluating</strong> · 40 % done" in html and "400 of 1000" not in html
+    assert "Evaluating · 40 % done" in rows
 
 
 def test_a_finished_data_free_job_lists_only_the_stages_that_ran(client_for, alice, succeeded_job):
@@ -357,6 +357,7 @@ def test_a_succeeded_job_page_shows_results_charts_card_and_downloads(client_for
     assert 'id="recovery-definition">Recovery is the compressed model' in html
     # The device that ran it and its memory plan
     assert "Compressed on <strong>cpu</strong>: the whole model in host memory" in html
+    assert '<span class="stat-label">Compress</span>' in html  # fp8-dynamic is data-free: no calibration
     # Sizes in one convention (decimal), the files' too; charts (inline SVG, no script), generations side by side
     assert "269.1 MB" in html and "164.0 MB" in html and ">50.0 kB</td>" in html and "KB" not in html
     assert html.count('<svg class="chart') == 2 and "model.layers.29.mlp.down_proj" in html
@@ -447,7 +448,7 @@ def test_the_model_card_on_the_page_keeps_user_strings_as_text(client_for, alice
     assert '<a href="https://github.com/vllm-project/llm-compressor">' in card
     assert "evil.example" in card and 'href="https://evil.example' not in card
     assert "<img" not in card and "&lt;img src=x onerror=alert(1)&gt;" in card
-    assert "<blockquote>\n<p>line one\nline two</p>" in card  # the generation's own lines, no literal \\n
+    assert "<blockquote>\n<p>line one<br />\nline two</p>" in card  # the generation's own lines, no literal \\n
     assert "<strong>Compressed on:</strong> cpu" in card
 
 
