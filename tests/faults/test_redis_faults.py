@@ -112,9 +112,10 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
     with broker_of_this_process(private_redis.url):
         worker = start_worker(broker_url=private_redis.url)
 
-        # Given one running job (held mid-run) and two queued behind it
+        # Given one running job (held mid-run) and three queued behind it
         running = queue_job(owner)
         queued = [queue_job(owner) for _ in range(2)]
+        doomed = queue_job(owner)
         _wait_running(running, worker)
         held = _hold(worker)
 
@@ -131,6 +132,8 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
         page = client.get(f"/jobs/{kept['id']}/")
         assert page.status_code == 200 and "queue is unreachable" in page.content.decode()
         assert api.get(f"/api/v1/jobs/{running.pk}/").json()["status"] == "running"
+        # ...and a queued job can still be cancelled
+        assert api.post(f"/api/v1/jobs/{doomed.pk}/cancel/").json()["status"] == "cancelled"
 
         # When Redis is back (from its append-only file) and the held job goes on
         private_redis.start()
@@ -159,6 +162,8 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
             assert _wait_status(job, "succeeded", "failed").status == "succeeded"
         for job in [running, *queued, running2, *queued2]:
             assert _runs(job) == 1, f"job {job.pk} ran {_runs(job)} times"
+        doomed.refresh_from_db()
+        assert doomed.status == "cancelled" and doomed.started_at is None
         assert services.job_sweep_stranded(older_than_s=0) == []
         worker.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from django.utils import timezone
 
 from jobs import services
@@ -86,3 +87,19 @@ def test_housekeeping_removes_temporary_folders_of_runs_that_are_over_only(owner
     removed = services.job_remove_stale_partials()
     assert folders[failed.pk] in removed and folders[running.pk] not in removed
     assert folders[running.pk].is_dir() and not folders[failed.pk].exists()
+
+
+def test_evaluation_progress_stops_the_engine_once_the_soft_limit_has_passed():
+    # Evaluation reports only through this callback, and lm-eval's broad `except Exception` may have
+    # swallowed Celery's SoftTimeLimitExceeded: the next report stops the run all the same.
+    from engine.errors import CancelledError
+    from engine.spec import ProgressEvent
+    from jobs.progress import JobProgress
+
+    progress = JobProgress(job_id=1, task_id="run-1", interval_s=1.0)
+    progress(ProgressEvent(stage="evaluating", step=1, total=2, message="baseline"))
+    progress.time_is_up()
+    progress(ProgressEvent(stage="evaluating", log_line="a log line still passes"))
+    with pytest.raises(CancelledError):
+        progress(ProgressEvent(stage="evaluating", step=2, total=2, message="compressed"))
+    assert progress.out_of_time and progress.should_cancel()

@@ -186,7 +186,7 @@ def wait_job():
     from jobs.models import Job
 
     # Deadlines that hold on a loaded machine (load 6+ on two cores): a wait ends as soon as the job does.
-    def wait(job_id: int, *statuses: str, timeout: float = 600) -> Job:
+    def wait(job_id: int, *statuses: str, timeout: float = 900) -> Job:
         def reached():
             job = Job.objects.get(pk=job_id)
             return job if job.status in statuses else None

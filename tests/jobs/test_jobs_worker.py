@@ -114,7 +114,7 @@ def test_a_failed_job_is_retried_as_a_new_linked_job(live_worker, api, wait_job,
 
     # Then a new job, linked to the failed one, runs the GPTQ recipe to success
     assert retry["id"] != failed.pk and retry["retry_of"] == failed.pk and retry["attempt"] == 2
-    done = wait_job(retry["id"], "succeeded", "failed")
+    done = wait_job(retry["id"], "succeeded", "failed", timeout=1800)  # GPTQ took 15 min at load 8 on 2 cores
     assert done.status == "succeeded", done.error
     assert done.results["layer_errors"], "GPTQ reports an error per layer"
 
