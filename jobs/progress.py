@@ -28,8 +28,8 @@ class JobProgress:
         self._fields: dict[str, Any] = {}
         self._lines: list[tuple[str, str]] = []
         self._stage = "loading"
-        self._percent = 0.0
         self._message = ""
+        self._percent = 0.0
         self._cancelled = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id}-progress", daemon=True)
