@@ -118,8 +118,8 @@ def compress(
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
     reporter.emit("loading", "Checking the job")
     report = report or preflight(spec, store=store)
-    reporter.plan(spec, report)
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
+        reporter.plan(spec, report)
         started = time.perf_counter()
         model, tokenizer = _load(report, spec)
         timings["load_s"] = time.perf_counter() - started
