@@ -18,14 +18,14 @@ from engine.spec import CalibrationSpec
 
 # Standard-library modules whose docstrings make the built-in calibration set: real English prose that
 # ships with every CPython. pydoc_data.topics is kept out: evaluation uses it as held-out text.
-BUILTIN_SOURCES = (
+_BUILTIN_SOURCES = (
     "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal",
     "difflib", "email.message", "enum", "fractions", "functools", "heapq", "http.client", "inspect",
     "ipaddress", "itertools", "json", "logging", "os", "pathlib", "pickle", "queue", "random", "re",
     "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile",
     "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
-MIN_DOC_CHARS = 300
+_MIN_DOC_CHARS = 300
 # One calibration row never needs more: 32768 tokens (the longest max_seq_len) are far fewer characters.
 MAX_LINE_CHARS = 4 * 2**20
 
@@ -33,11 +33,11 @@ MAX_LINE_CHARS = 4 * 2**20
 def builtin_records(limit: int | None = None) -> list[dict[str, Any]]:
     """Chat rows generated from standard-library documentation: a question and its documented answer."""
     records: list[dict[str, Any]] = []
-    for module_name in BUILTIN_SOURCES:
+    for module_name in _BUILTIN_SOURCES:
         module = importlib.import_module(module_name)
         for name, obj in [(module_name, module), *_public_members(module)]:
             doc = inspect.getdoc(obj) or ""
-            if len(doc) >= MIN_DOC_CHARS:
+            if len(doc) >= _MIN_DOC_CHARS:
                 records.append(_qa_record(name, doc))
                 if limit is not None and len(records) >= limit:
                     return records
@@ -216,3 +216,28 @@ def _encode(record: dict[str, Any], tokenizer: Any, max_len: int) -> dict[str, l
     else:
         text = record["text"]
     return tokenizer(text, truncation=True, max_length=max_len)
+
+
+def builtin_records_code() -> str:
+    """Python that makes the rows builtin_records() makes, without this package (for the model card)."""
+    sources = ", ".join(repr(name) for name in _BUILTIN_SOURCES)
+    return (
+        "import importlib, inspect\n\n"
+        "def builtin_rows():  # the service's built-in set, from the standard library's documentation\n"
+        "    rows = []\n"
+        f"    for module_name in [{sources}]:\n"
+        "        module = importlib.import_module(module_name)\n"
+        "        members = [(module_name, module)] + [\n"
+        '            (f"{module_name}.{attr}", obj) for attr, obj in sorted(vars(module).items())\n'
+        '            if not attr.startswith("_") and getattr(obj, "__module__", None) == module_name\n'
+        "            and (inspect.isclass(obj) or inspect.isfunction(obj))\n"
+        "        ]\n"
+        "        for name, obj in members:\n"
+        '            doc = inspect.getdoc(obj) or ""\n'
+        f"            if len(doc) >= {_MIN_DOC_CHARS}:\n"
+        '                question = f"Explain what `{name}` in Python\'s standard library does."\n'
+        '                messages = [{"role": "user", "content": question}, {"role": "assistant", "content": doc}]\n'
+        '                rows.append({"messages": messages})\n'
+        "    return rows\n\n"
+        "rows = builtin_rows()\n"
+    )

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from engine.calibration import BUILTIN_SOURCES, MIN_DOC_CHARS
+from engine.calibration import builtin_records_code
 from engine.lm_tasks import LOCAL_TASKS
 from engine.presets import Preset
 from engine.spec import BUILTIN_HUB_ID, BUILTIN_MODEL, CalibrationSpec
@@ -308,31 +308,6 @@ def _describe_calibration(calibration: CalibrationSpec) -> str:
     return f"the uploaded file {_code(Path(calibration.path or '').name)}"
 
 
-def _builtin_rows_snippet() -> str:
-    """The built-in calibration set, generated the way engine.calibration.builtin_records does it."""
-    sources = ", ".join(repr(name) for name in BUILTIN_SOURCES)
-    return (
-        "import importlib, inspect\n\n"
-        "def builtin_rows():  # the service's built-in set, from the standard library's documentation\n"
-        "    rows = []\n"
-        f"    for module_name in [{sources}]:\n"
-        "        module = importlib.import_module(module_name)\n"
-        "        members = [(module_name, module)] + [\n"
-        '            (f"{module_name}.{attr}", obj) for attr, obj in sorted(vars(module).items())\n'
-        '            if not attr.startswith("_") and getattr(obj, "__module__", None) == module_name\n'
-        "            and (inspect.isclass(obj) or inspect.isfunction(obj))\n"
-        "        ]\n"
-        "        for name, obj in members:\n"
-        '            doc = inspect.getdoc(obj) or ""\n'
-        f"            if len(doc) >= {MIN_DOC_CHARS}:\n"
-        '                question = f"Explain what `{name}` in Python\'s standard library does."\n'
-        '                messages = [{"role": "user", "content": question}, {"role": "assistant", "content": doc}]\n'
-        '                rows.append({"messages": messages})\n'
-        "    return rows\n\n"
-        "rows = builtin_rows()\n"
-    )
-
-
 def _dataset_snippet(calibration: CalibrationSpec) -> str:
     if calibration.kind == "hub":
         rows = (
@@ -341,7 +316,7 @@ def _dataset_snippet(calibration: CalibrationSpec) -> str:
             "rows = [{'messages': r} if isinstance(r, list) else {'text': r} for r in raw]\n"
         )
     elif calibration.kind == "builtin":
-        rows = _builtin_rows_snippet()
+        rows = builtin_records_code()
     else:
         name = Path(calibration.path or "").name
         rows = f"import json\nrows = [json.loads(line) for line in open({name!r}) if line.strip()]\n"

@@ -32,8 +32,8 @@ class JobProgress:
         self._fields: dict[str, Any] = {}
         self._lines: list[tuple[str, str]] = []
         self._stage = "loading"
-        self._percent = 0.0
         self._message = ""
+        self._percent = 0.0
         self._cancelled = threading.Event()
         self._time_is_up = threading.Event()
         self._stop = threading.Event()

@@ -57,3 +57,12 @@ def test_chat_rows_use_the_chat_template_without_a_double_bos(tmp_path, builtin_
     assert tokenizer.decode(chat_ids).startswith("<|im_start|>system")
     assert chat_ids[1] != chat_ids[0] or chat_ids[0] != tokenizer.bos_token_id
     assert all(len(ids) <= 16 for ids in dataset["input_ids"])
+
+
+def test_the_model_cards_code_makes_the_built_in_rows_without_the_service():
+    from engine.calibration import builtin_records, builtin_records_code
+
+    code = builtin_records_code()
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - our own generated code, as a reader of the card would run it
+    assert "engine" not in code and namespace["rows"] == builtin_records()

@@ -116,7 +116,8 @@ def test_a_failed_job_is_retried_as_a_new_linked_job(live_worker, api, wait_job,
     assert retry["id"] != failed.pk and retry["retry_of"] == failed.pk and retry["attempt"] == 2
     done = wait_job(retry["id"], "succeeded", "failed", timeout=1800)  # GPTQ took 15 min at load 8 on 2 cores
     assert done.status == "succeeded", done.error
-    assert done.results["layer_errors"], "GPTQ reports an error per layer"
+    modules = [entry["module"] for entry in done.results["layer_errors"]]  # GPTQ's error per module, by name
+    assert len(modules) == 210 and "model.layers.29.mlp.down_proj" in modules, modules[:3]
 
 
 def test_a_cancelled_queued_job_never_starts(live_worker, api, wait_job):
