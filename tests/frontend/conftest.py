@@ -236,7 +236,8 @@ def new_page(browser, live_server):
         context = browser.new_context(
             viewport={"width": width, "height": height}, accept_downloads=True, base_url=live_server.url
         )
-        context.set_default_timeout(20_000)
+        # Generous: a form post runs preflight, whose first run imports the engine (30 s on a loaded 2-core machine)
+        context.set_default_timeout(90_000)
         contexts.append(context)
         return context.new_page()
 
