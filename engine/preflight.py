@@ -127,6 +127,10 @@ def _skeleton(model: ResolvedModel):
         return AutoModelForCausalLM.from_config(config)
 
 
+# The words of the option that leaves such layers unquantized, as the form's checkbox shows them.
+IGNORE_INDIVISIBLE_LABEL = "Leave layers a grouped scheme cannot divide unquantized"
+
+
 def _check_group_sizes(skeleton, group_sizes: set[int], ignore_indivisible: bool) -> list[str]:
     """Grouped schemes need each quantized layer's input columns divisible by the group size."""
     if not group_sizes:
@@ -145,10 +149,13 @@ def _check_group_sizes(skeleton, group_sizes: set[int], ignore_indivisible: bool
     if ignore_indivisible:
         return _compact_ignore(skeleton, bad)
     shown = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", name) for name in bad}))
+    modules = dict(skeleton.named_modules())
+    widths = ", ".join(str(width) for width in sorted({modules[name].in_features for name in bad}))
     raise PreflightError(
-        f"Group size {', '.join(map(str, sorted(group_sizes)))} does not divide the input width of "
-        f"{len(bad)} layers: {shown}. Choose another preset, or allow leaving these layers unquantized "
-        "(ignore_indivisible).",
+        f"Group size {', '.join(map(str, sorted(group_sizes)))} does not divide the input width ({widths}) of "
+        f"{len(bad)} layers: {shown}. Choose another preset, or leave these layers unquantized: tick "
+        f"“{IGNORE_INDIVISIBLE_LABEL}” on the form (ignore_indivisible in the API, --ignore-indivisible "
+        "on the command line).",
         field="preset",
     )
 

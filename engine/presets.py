@@ -32,6 +32,29 @@ class Preset:
     group_size: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    def needs(self) -> list[str]:
+        """What a job with this preset needs, in words (the form and the API say the same)."""
+        needs = ["calibration data" if self.needs_calibration else "no calibration data (data-free)"]
+        if self.group_size:
+            needs.append(f"layer input widths divisible by {self.group_size}")
+        return needs
+
+    def summary(self) -> dict[str, Any]:
+        """The preset as plain data, the one description the form, the pages and the API show."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "needs": self.needs(),
+            "needs_calibration": self.needs_calibration,
+            "weight_quantization": self.weight_quantization,
+            "activation_quantization": self.activation_quantization,
+            "sparsity": self.sparsity,
+            "method": self.method,
+            "group_size": self.group_size,
+            "seed_card": self.seed_card,
+            "notes": list(self.notes),
+        }
+
     def recipe_yaml(self, extra_ignore: list[str] | None = None) -> str:
         """The llm-compressor recipe for this preset, with extra layers left unquantized."""
         ignore = list(_IGNORE_DEFAULT) + sorted(set(extra_ignore or []) - set(_IGNORE_DEFAULT))

@@ -9,9 +9,11 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
+from engine.preflight import IGNORE_INDIVISIBLE_LABEL
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
 from jobs.auth import login_wait_s
+from jobs.inputs import request_field
 from jobs.models import Job
 from jobs.services import JobInput, max_priority_for
 
@@ -32,24 +34,7 @@ BUILTIN_MODELS = [(BUILTIN_MODEL, "SmolLM2-135M-Instruct: 135 M parameters, ship
 
 def preset_infos() -> list[dict[str, Any]]:
     """Each preset with what it needs, for the form's descriptions."""
-    infos = []
-    for preset in PRESETS.values():
-        needs = ["calibration data" if preset.needs_calibration else "no calibration data (data-free)"]
-        if preset.group_size:
-            needs.append(f"layer input widths divisible by {preset.group_size}")
-        infos.append(
-            {
-                "name": preset.name,
-                "description": preset.description,
-                "needs": needs,
-                "needs_calibration": preset.needs_calibration,
-                "seed_card": preset.seed_card,
-                "weights": preset.weight_quantization,
-                "activations": preset.activation_quantization,
-                "sparsity": preset.sparsity,
-            }
-        )
-    return infos
+    return [preset.summary() for preset in PRESETS.values()]
 
 
 class JobForm(forms.Form):
@@ -86,7 +71,7 @@ class JobForm(forms.Form):
         help_text="Used when the preset is “Custom recipe”.",
     )
     ignore_indivisible = forms.BooleanField(
-        label="Leave layers a grouped scheme cannot divide unquantized",
+        label=IGNORE_INDIVISIBLE_LABEL,
         required=False,
         help_text="Otherwise a preset with a group size refuses such a model.",
     )
@@ -247,7 +232,6 @@ class JobForm(forms.Form):
             "model": {self.SOURCE_HUB: "hub_id", self.SOURCE_LOCAL: "local_path"}.get(source, "builtin_model"),
             "revision": "revision",
             "preset": "preset",
-            "recipe": "recipe_yaml",
             "recipe_yaml": "recipe_yaml",
             "calibration": {
                 Job.CalibrationKind.UPLOAD: "calibration_upload",
@@ -255,11 +239,10 @@ class JobForm(forms.Form):
             }.get(kind, "calibration_kind"),
             "file": "calibration_upload",
             "evaluation": "evaluation_tasks",
-            "device": "device_class",
             "device_class": "device_class",
             "priority": "priority",
         }
-        name = mapping.get(engine_field or "")
+        name = mapping.get(request_field(engine_field) or "")
         return name if name in self.fields else None
 
     def apply_aria(self) -> None:

@@ -21,6 +21,16 @@ PRIORITY_NORMAL = 5
 # Job model field for each input field whose name differs (the others have the same name on both).
 _JOB_FIELD = {"model": "model_source", "revision": "model_revision"}
 
+# The engine names the part of a request a problem concerns (EngineError.field); where the request calls it
+# differently. The API answers under the request's name; the form maps the request's names onto its inputs.
+_REQUEST_FIELD = {"recipe": "recipe_yaml", "device": "device_class"}
+
+
+def request_field(engine_field: str | None) -> str | None:
+    """The request field an engine error concerns, by the API's name; None for the request as a whole."""
+    return _REQUEST_FIELD.get(engine_field, engine_field) if engine_field else None
+
+
 # The API nests the calibration fields: {"calibration": {"kind": ..., "dataset_id": ..., "samples": ...}}.
 API_CALIBRATION_FIELDS = {
     "calibration_kind": "kind",

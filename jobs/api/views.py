@@ -26,15 +26,13 @@ from jobs.api.serializers import (
     JobSummarySerializer,
     PresetSerializer,
 )
+from jobs.inputs import request_field
 from jobs.models import CalibrationDataset, Job
 from jobs.ratelimit import RateLimited
 
-# The engine names the part of a request a problem concerns; these are the API's names for them.
-_FIELD_NAMES = {"recipe": "recipe_yaml", "device": "device_class", None: "non_field_errors"}
-
 
 def _field_error(exc: EngineError) -> ValidationError:
-    return ValidationError({_FIELD_NAMES.get(exc.field, exc.field): [exc.message]})
+    return ValidationError({request_field(exc.field) or "non_field_errors": [exc.message]})
 
 
 def _too_many(exc: RateLimited) -> Throttled:
@@ -239,20 +237,7 @@ class PresetListView(APIView):
 
     @extend_schema(responses=PresetSerializer(many=True))
     def get(self, request: Request) -> Response:
-        presets = [
-            {
-                "name": p.name,
-                "description": p.description,
-                "needs_calibration": p.needs_calibration,
-                "weight_quantization": p.weight_quantization,
-                "activation_quantization": p.activation_quantization,
-                "sparsity": p.sparsity,
-                "method": p.method,
-                "group_size": p.group_size,
-                "notes": list(p.notes),
-            }
-            for p in PRESETS.values()
-        ]
+        presets = [preset.summary() for preset in PRESETS.values()]
         return Response(PresetSerializer(presets, many=True).data)
 
 

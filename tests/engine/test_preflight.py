@@ -51,6 +51,9 @@ def test_non_divisible_group_size_names_the_layers(builtin_dir):
         preflight(CompressionSpec(preset="w4a16-gptq"))
     message = str(info.value)
     assert "Group size 128" in message and "180 layers" in message
+    # ...with the width 128 does not divide, and the option in the words the form shows
+    assert "input width (576)" in message
+    assert "“Leave layers a grouped scheme cannot divide unquantized”" in message
     assert "model.layers.*.self_attn.q_proj" in message and "down_proj" not in message
     assert info.value.field == "preset"
 

@@ -162,7 +162,10 @@ def test_a_preflight_error_appears_beside_its_field_and_nothing_is_queued(client
     html = _html(response)
     assert response.status_code == 400
     error = re.search(r'<p class="field-error" id="preset-error">(.*?)</p>', html, re.S)
-    assert error and "Group size 128" in error.group(1)
+    assert error and "Group size 128" in error.group(1) and "(576)" in error.group(1)
+    # ...naming the checkbox that lets it through by its label on this form
+    label = re.search(r'<label for="id_ignore_indivisible"[^>]*>(.*?)</label>', html, re.S)
+    assert label and f"“{label.group(1).strip()}”" in error.group(1)
     assert re.search(r'<input type="radio" name="preset" value="w4a16-gptq"[^>]*aria-describedby="preset-error"', html)
     assert 'aria-invalid="true"' in html and "The job was not queued" in html
     # ...her choices are kept, and no job exists
