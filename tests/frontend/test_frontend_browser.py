@@ -339,7 +339,6 @@ def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, mak
 def test_cancel_asks_first_and_a_stale_flash_leaves(
     browser, live_server, new_page, sign_in, make_user, make_job, builtin_model
 ):
-    from django.utils import timezone
 
     from jobs.models import Job
 
@@ -348,11 +347,34 @@ def test_cancel_asks_first_and_a_stale_flash_leaves(
     page = new_page()
     sign_in(page, "alice")
 
-    # Given a retry just queued, with its flash "... it is queued."
+    # Given a retry just queued, with its flash "... it is queued." (the workers that earlier tests started stop
+    # taking compression jobs meanwhile, so that this one stays where the test puts it)
     page.goto(f"/jobs/{failed.pk}/")
-    with page.expect_navigation(timeout=120_000):  # preflight runs first (its first run imports the engine)
-        page.get_by_role("button", name="Retry").click(no_wait_after=True)
-    retry = Job.objects.get(retry_of=failed)
+    _workers_take_jobs(False)
+    try:
+        with page.expect_navigation(timeout=120_000):  # preflight runs first (its first run imports the engine)
+            page.get_by_role("button", name="Retry").click(no_wait_after=True)
+        retry = Job.objects.get(retry_of=failed)
+        _cancel_confirmation_steps(page, browser, live_server, sign_in, make_job, alice, retry)
+    finally:
+        _workers_take_jobs(True)
+
+
+def _workers_take_jobs(take: bool) -> None:
+    """Every worker of this test session starts or stops consuming the compression queues."""
+    from compressor_app.celery import app
+
+    for queue in ("gpu", "cpu"):
+        app.control.broadcast(
+            "add_consumer" if take else "cancel_consumer", arguments={"queue": queue}, reply=True, timeout=5
+        )
+
+
+def _cancel_confirmation_steps(page, browser, live_server, sign_in, make_job, alice, retry) -> None:
+    from django.utils import timezone
+
+    from jobs.models import Job
+
     flash = page.locator(".message.job-state")
     assert "it is queued" in flash.inner_text()
 
