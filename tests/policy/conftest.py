@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-
-@pytest.fixture
-def api_for():
-    """An API client authenticated as the user with a real token (TokenAuthentication)."""
-    from rest_framework.authtoken.models import Token
-    from rest_framework.test import APIClient
-
-    def client(user) -> APIClient:
-        api = APIClient()
-        token, _ = Token.objects.get_or_create(user=user)
-        api.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-        return api
-
-    return client
+from tests.jobs.conftest import api_for  # noqa: F401 - the API client fixture, shared with tests/jobs
 
 
 @pytest.fixture
