@@ -242,14 +242,24 @@ def load_recipe_yaml(text: str) -> Any:
         raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
 
 
-def validate_recipe_yaml(text: str) -> str:
-    """Parse a custom recipe and check that llm-compressor accepts it; return it unchanged."""
+def check_recipe_text(text: str) -> str:
+    """What a custom recipe's text alone decides, without llm-compressor (no torch): return it unchanged.
+
+    Safe YAML, a mapping with at most MAX_RECIPE_MODIFIERS modifiers and no code in it. Whether
+    llm-compressor accepts its modifiers and arguments is validate_recipe_yaml's part, in the worker.
+    """
     data = load_recipe_yaml(text)
     if not isinstance(data, dict) or not data:
         raise EngineError("The recipe must be a YAML mapping of stages to modifiers.", field="recipe")
     _refuse_code(data)
     if len(_modifier_args(data)) > MAX_RECIPE_MODIFIERS:
         raise EngineError(f"The recipe has more than {MAX_RECIPE_MODIFIERS} modifiers.", field="recipe")
+    return text
+
+
+def validate_recipe_yaml(text: str) -> str:
+    """Check a custom recipe's text, then that llm-compressor accepts it; return it unchanged."""
+    data = load_recipe_yaml(check_recipe_text(text))
     from llmcompressor.recipe import Recipe
 
     try:
@@ -297,6 +307,11 @@ def recipe_group_sizes(text: str) -> set[int]:
             if size:
                 sizes.add(int(size))
     return sizes
+
+
+def recipe_ignore(text: str) -> set[str]:
+    """Every layer name or 're:' pattern the recipe's modifiers leave alone."""
+    return {name for args in _modifier_args(load_recipe_yaml(text)) for name in args.get("ignore") or []}
 
 
 def recipe_needs_calibration(text: str) -> bool:
