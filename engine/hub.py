@@ -146,8 +146,20 @@ class _ByteCounter:
             self.progress(min(self.before + self.current, self.total), self.total, self.file)
 
 
-def hub_error(exc: Exception, repo_id: str, revision: str | None) -> EngineError:
-    """A hub failure in words that say what to do, on the field the user can change."""
+def check_dataset(dataset_id: str) -> None:
+    """A hub calibration dataset exists and can be read (its metadata only: the worker loads the rows)."""
+    from huggingface_hub import HfApi
+
+    if offline():
+        raise _unreachable(dataset_id, field="calibration")
+    try:
+        HfApi(endpoint=endpoint()).dataset_info(dataset_id, timeout=_METADATA_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001
+        raise hub_error(exc, dataset_id, None, field="calibration") from None
+
+
+def hub_error(exc: Exception, repo_id: str, revision: str | None, *, field: str = "model") -> EngineError:
+    """A hub failure in words that say what to do, on the field the user can change (a model or a dataset)."""
     import httpx
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -157,23 +169,24 @@ def hub_error(exc: Exception, repo_id: str, revision: str | None) -> EngineError
         RevisionNotFoundError,
     )
 
+    noun = "model" if field == "model" else "dataset"
     if isinstance(exc, GatedRepoError):
         return EngineError(
-            f"'{repo_id}' is a gated model on the hub: its owners must grant access first. Accept its terms on "
+            f"'{repo_id}' is a gated {noun} on the hub: its owners must grant access first. Accept its terms on "
             "the hub with your account, and give this service a token (HF_TOKEN) of an account that has access.",
-            field="model",
+            field=field,
         )
     if isinstance(exc, RevisionNotFoundError):
-        return EngineError(f"The model '{repo_id}' has no revision '{revision}' on the hub.", field="revision")
+        return EngineError(f"The {noun} '{repo_id}' has no revision '{revision}' on the hub.", field="revision")
     if isinstance(exc, RepositoryNotFoundError):
         return EngineError(
-            f"The model '{repo_id}' was not found on the hub (check the name; a private model needs a token "
+            f"The {noun} '{repo_id}' was not found on the hub (check the name; a private {noun} needs a token "
             "with access).",
-            field="model",
+            field=field,
         )
     if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx.TransportError)):
-        return _unreachable(repo_id)
-    return EngineError(f"The hub could not give the model '{repo_id}': {exc}", field="model")
+        return _unreachable(repo_id, field=field)
+    return EngineError(f"The hub could not give the {noun} '{repo_id}': {exc}", field=field)
 
 
 def _refuse_offline(repo_id: str) -> None:
@@ -181,11 +194,15 @@ def _refuse_offline(repo_id: str) -> None:
         raise _unreachable(repo_id)
 
 
-def _unreachable(repo_id: str) -> EngineError:
+def _unreachable(repo_id: str, *, field: str = "model") -> EngineError:
+    instead = (
+        f"Use a local model folder or the built-in model '{BUILTIN_MODEL}'."
+        if field == "model"
+        else "Upload a JSONL file or use the built-in calibration set."
+    )
     return EngineError(
-        f"The Hugging Face hub cannot be reached from this machine, so '{repo_id}' cannot be used. "
-        f"Use a local model folder or the built-in model '{BUILTIN_MODEL}'.",
-        field="model",
+        f"The Hugging Face hub cannot be reached from this machine, so '{repo_id}' cannot be used. {instead}",
+        field=field,
     )
 
 

@@ -6,7 +6,12 @@ handed to oneshot, and written beside the checkpoint as recipe.yaml.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,7 +259,76 @@ def check_recipe_text(text: str) -> str:
     _refuse_code(data)
     if len(_modifier_args(data)) > MAX_RECIPE_MODIFIERS:
         raise EngineError(f"The recipe has more than {MAX_RECIPE_MODIFIERS} modifiers.", field="recipe")
+    _check_modifier_names(data)
     return text
+
+
+def _check_modifier_names(data: dict) -> None:
+    """Each modifier is one llm-compressor has, given only arguments it takes (their values: the worker)."""
+    known = modifier_arguments()
+    if known is None:
+        return  # llm-compressor is not installed here: the worker's validate_recipe_yaml judges it all
+    for stage_key, stage in data.items():
+        groups = stage.items() if str(stage_key).endswith("_stage") and isinstance(stage, dict) else ()
+        for group_key, group in groups:
+            modifiers = group.items() if str(group_key).endswith("_modifiers") and isinstance(group, dict) else ()
+            for name, args in modifiers:
+                if name not in known:
+                    raise EngineError(
+                        f"llm-compressor has no modifier '{str(name)[:100]}'; it has {', '.join(sorted(known))}.",
+                        field="recipe",
+                    )
+                allowed = known[name]
+                given = args if isinstance(args, dict) else {}
+                unknown = sorted(set(given) - set(allowed)) if allowed is not None else []
+                if unknown:
+                    raise EngineError(
+                        f"llm-compressor's {name} takes no argument {', '.join(repr(str(a)[:100]) for a in unknown)}; "
+                        f"it takes {', '.join(allowed)}.",
+                        field="recipe",
+                    )
+
+
+# Run in a child process: llm-compressor's modifiers, each with its arguments (None: any are accepted). The
+# registries are what Recipe.from_dict itself looks modifiers up in (ModifierFactory.create).
+_LIST_MODIFIERS = """
+import json, sys
+from llmcompressor.modifiers import ModifierFactory
+ModifierFactory.refresh()
+registry = {**ModifierFactory._experimental_registry, **ModifierFactory._main_registry}
+print(json.dumps({
+    name: sorted(f.alias or field for field, f in cls.model_fields.items() if not field.endswith("_"))
+    if cls.model_config.get("extra") == "forbid" else None
+    for name, cls in registry.items() if name != "Modifier"
+}))
+"""
+
+
+@functools.cache
+def modifier_arguments() -> dict[str, list[str] | None] | None:
+    """llm-compressor's modifiers and the arguments each takes; None when llm-compressor is not installed.
+
+    Importing llm-compressor imports torch, which the web process never does: a child process reads them
+    once per llm-compressor version (a few seconds), and a file beside the model store keeps them.
+    """
+    from engine.lm_tasks import write_if_changed
+    from engine.models import default_store
+
+    try:
+        version = importlib.metadata.version("llmcompressor")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    cache = default_store().parent / f"llmcompressor-modifiers-{version}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    listed = subprocess.run(
+        [sys.executable, "-c", _LIST_MODIFIERS], capture_output=True, text=True, check=True, timeout=300
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_if_changed(cache, listed.stdout.strip().splitlines()[-1])
+    return json.loads(cache.read_text())
 
 
 def validate_recipe_yaml(text: str) -> str:

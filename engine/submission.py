@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import calibration as calib
+from engine import hub
 from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ModelFacts, Tensors, model_facts
@@ -174,7 +175,8 @@ def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, l
     if cal.samples < 1 or cal.max_seq_len < 8:
         raise PreflightError("Use at least 1 sample of at least 8 tokens.", field="calibration")
     if cal.kind == "hub" and not load_hub:
-        return []  # the worker loads it: the web process never reads a dataset (nor writes its cache)
+        hub.check_dataset(cal.dataset)  # metadata only: the web process never reads a dataset (nor its cache)
+        return []
     records = calib.load_records(cal)
     if len(records) < cal.samples:
         raise PreflightError(
