@@ -22,7 +22,7 @@ def test_tiny_model_compresses_into_a_verified_checkpoint(tiny_model_dir, tmp_pa
     assert {"model.safetensors", "config.json", "recipe.yaml", "results.json"} <= {f["path"] for f in manifest["files"]}
     assert result.size_after_bytes < result.size_before_bytes
     stages = [e.stage for e in events if e.log_line is None]
-    assert stages[0] == "loading" and "saving" in stages and stages[-1] == "done"
+    assert stages[0] == "preparing" and "loading" in stages and "saving" in stages and stages[-1] == "done"
     assert any(e.log_line for e in events)  # llm-compressor's own log lines reach the callback
 
 
