@@ -69,9 +69,7 @@ def model_metadata(repo_id: str, revision: str | None) -> HubModel:
             }
         except NotASafetensorsRepoError:
             tensors = {}  # pickle weights only: judged by the file list, shapes checked by the worker
-    except EngineError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the hub's errors come in many types; each gets its words
+    except _failures() as exc:
         raise hub_error(exc, repo_id, revision) from None
     return HubModel(commit=commit, files=files, config=_json(Path(config_path)), tensors=tensors)
 
@@ -99,9 +97,7 @@ def download(repo_id: str, commit: str, *, allow_pickle: bool, progress: Downloa
             path = hf_hub_download(repo_id, name, revision=commit, endpoint=endpoint(), tqdm_class=counter.bar_class())
             folder = Path(path).parent if "/" not in name else folder
             counter.file_done(wanted[name])
-    except EngineError:
-        raise
-    except Exception as exc:  # noqa: BLE001
+    except _failures() as exc:
         raise hub_error(exc, repo_id, commit) from None
     return folder or Path(_cached_snapshot(repo_id, commit, patterns))
 
@@ -154,8 +150,24 @@ def check_dataset(dataset_id: str) -> None:
         raise _unreachable(dataset_id, field="calibration")
     try:
         HfApi(endpoint=endpoint()).dataset_info(dataset_id, timeout=_METADATA_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001
+    except _failures() as exc:
         raise hub_error(exc, dataset_id, None, field="calibration") from None
+
+
+def _failures() -> tuple[type[Exception], ...]:
+    """What talking to the hub raises: its HTTP answers, a network that fails, offline mode, an empty cache.
+
+    Nothing broader: a cancel, Celery's soft time limit or a full disk must reach the task as they are.
+    """
+    import httpx
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        SafetensorsParsingError,
+    )
+
+    return (HfHubHTTPError, httpx.HTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError, SafetensorsParsingError)
 
 
 def hub_error(exc: Exception, repo_id: str, revision: str | None, *, field: str = "model") -> EngineError:

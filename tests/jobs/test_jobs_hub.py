@@ -43,6 +43,7 @@ def test_a_1b_hub_model_is_recorded_in_under_a_second_with_its_commit_pinned(api
     assert elapsed < 1.0, f"the submission took {elapsed:.2f} s"
     job = Job.objects.get(pk=response.json()["id"])
     assert job.status == "queued" and job.model_commit == repo.branches["main"]
+    assert response.json()["model_commit"] == job.model_commit and response.json()["revision"] == ""
     assert job.model_facts["num_parameters"] == 1_235_814_400 and job.model_facts["dtypes"] == {"BF16": 1_235_814_400}
     assert job.to_spec().revision == job.model_commit and job.to_spec().resolved_recipe == job.resolved_recipe
 
