@@ -63,7 +63,7 @@ def test_stages_follow_what_ran_and_progress_moves_through_the_evaluation(gptq_r
     result, events = gptq_run
     stages = [stage for i, stage in enumerate(e.stage for e in events) if i == 0 or events[i - 1].stage != stage]
     # GPTQ calibrates and compresses in one stage; the card and the hashes come after the evaluation
-    assert stages == ["loading", "calibrating", "saving", "evaluating", "hashing", "done"]
+    assert stages == ["preparing", "loading", "calibrating", "saving", "evaluating", "hashing", "done"]
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1
     evaluating = [e.fraction for e in events if e.stage == "evaluating"]
