@@ -8,6 +8,7 @@ is read at each call, not when huggingface_hub is first imported.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -48,30 +49,42 @@ class HubModel:
 
 def model_metadata(repo_id: str, revision: str | None) -> HubModel:
     """The model's file list, config.json and safetensors header at `revision`, pinned to its commit sha."""
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import NotASafetensorsRepoError
+    from huggingface_hub import HfApi
 
     _refuse_offline(repo_id)
-    api = HfApi(endpoint=endpoint())
     try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_METADATA_TIMEOUT_S)
-        commit = info.sha
+        info = HfApi(endpoint=endpoint()).model_info(
+            repo_id, revision=revision, files_metadata=True, timeout=_METADATA_TIMEOUT_S
+        )
         files = {sibling.rfilename: int(sibling.size or 0) for sibling in info.siblings or []}
         if "config.json" not in files:
             raise EngineError(f"'{repo_id}' is not a Hugging Face model: it has no config.json.", field="model")
-        config_path = hf_hub_download(repo_id, "config.json", revision=commit, endpoint=endpoint())
-        try:
-            header = api.get_safetensors_metadata(repo_id, revision=commit, timeout=_METADATA_TIMEOUT_S)
-            tensors = {
-                name: (tensor.dtype, tuple(tensor.shape))
-                for file in header.files_metadata.values()
-                for name, tensor in file.tensors.items()
-            }
-        except NotASafetensorsRepoError:
-            tensors = {}  # pickle weights only: judged by the file list, shapes checked by the worker
+        config, tensors = _commit_contents(endpoint(), repo_id, info.sha)
     except _failures() as exc:
         raise hub_error(exc, repo_id, revision) from None
-    return HubModel(commit=commit, files=files, config=_json(Path(config_path)), tensors=tensors)
+    return HubModel(commit=info.sha, files=files, config=config, tensors=tensors)
+
+
+@functools.lru_cache(maxsize=256)
+def _commit_contents(hub_endpoint: str, repo_id: str, commit: str) -> tuple[dict, dict]:
+    """config.json and the safetensors header of one commit: a commit never changes, so they are kept, and
+    the next submission of the same model costs one request (the revision's commit) instead of four."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    config_path = hf_hub_download(repo_id, "config.json", revision=commit, endpoint=hub_endpoint)
+    try:
+        header = HfApi(endpoint=hub_endpoint).get_safetensors_metadata(
+            repo_id, revision=commit, timeout=_METADATA_TIMEOUT_S
+        )
+    except NotASafetensorsRepoError:
+        return _json(Path(config_path)), {}  # pickle weights only: judged by the file list, shapes by the worker
+    tensors = {
+        name: (tensor.dtype, tuple(tensor.shape))
+        for file in header.files_metadata.values()
+        for name, tensor in file.tensors.items()
+    }
+    return _json(Path(config_path)), tensors
 
 
 def download(repo_id: str, commit: str, *, allow_pickle: bool, progress: DownloadProgress | None = None) -> Path:

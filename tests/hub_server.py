@@ -221,6 +221,9 @@ class _Refusal(Exception):
 def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects of the hub
+        # Headers and body go out in separate writes: without this, Nagle's algorithm and the client's delayed
+        # ACK hold each answer back 40 ms.
+        disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
             self._answer(body=True)
