@@ -18,9 +18,9 @@ import psutil
 from engine.errors import EngineError, PreflightError
 from engine.hub import DownloadProgress
 from engine.models import ResolvedModel, resolve_model
-from engine.presets import recipe_group_sizes, recipe_ignore, recipe_needs_calibration, validate_recipe_yaml
+from engine.presets import recipe_needs_calibration, validate_recipe_yaml
 from engine.spec import CompressionSpec
-from engine.submission import check_calibration, check_group_sizes, check_submission, not_a_causal_lm
+from engine.submission import check_calibration, check_recipe_divides, check_submission, not_a_causal_lm
 
 # Bytes of host memory a run needs per parameter: the bf16 weights (2) plus the compressed copy,
 # the calibration activations and the Hessians kept during GPTQ/SparseGPT.
@@ -77,7 +77,9 @@ def _preflight(spec: CompressionSpec, store: Path | None, progress: DownloadProg
     )
     _check_architecture(model)
     skeleton = _skeleton(model)
-    extra_ignore = _check_recipe_divides(recipe_yaml, skeleton, spec.ignore_indivisible)
+    # The recorded recipe against the real modules: the header's shapes were judged at submission, but a
+    # model without a header (pickle weights only) is first judged here.
+    extra_ignore = check_recipe_divides(recipe_yaml, _linear_widths(skeleton), spec.ignore_indivisible)
     num_parameters = sum(p.numel() for p in skeleton.parameters())
     report = PreflightReport(
         model=model,
@@ -113,25 +115,10 @@ def _skeleton(model: ResolvedModel):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _check_recipe_divides(recipe_yaml: str, skeleton, ignore_indivisible: bool) -> list[str]:
-    """The recorded recipe's group sizes against the model's real Linear modules.
-
-    Submission judged a preset from the safetensors header; a custom recipe's scheme, or a model without
-    a header, is first judged here. Returns the layers left unquantized; refuses layers the recipe would
-    quantize that its group size cannot divide.
-    """
+def _linear_widths(skeleton) -> dict[str, int]:
     import torch
 
-    widths = {name: m.in_features for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
-    extra_ignore = check_group_sizes(widths, recipe_group_sizes(recipe_yaml), ignore_indivisible)
-    missing = sorted(set(extra_ignore) - recipe_ignore(recipe_yaml))
-    if missing:
-        raise PreflightError(
-            "Leaving indivisible layers unquantized is only automatic for presets; add them to your recipe's "
-            f"ignore list: {', '.join(missing)}.",
-            field="recipe",
-        )
-    return extra_ignore
+    return {name: m.in_features for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def _check_memory(report: PreflightReport, skeleton, device: str) -> None:

@@ -265,9 +265,10 @@ def check_recipe_text(text: str) -> str:
 
 def _check_modifier_names(data: dict) -> None:
     """Each modifier is one llm-compressor has, given only arguments it takes (their values: the worker)."""
-    known = modifier_arguments()
-    if known is None:
+    facts = library_facts()
+    if facts is None:
         return  # llm-compressor is not installed here: the worker's validate_recipe_yaml judges it all
+    known = facts["modifiers"]
     for stage_key, stage in data.items():
         groups = stage.items() if str(stage_key).endswith("_stage") and isinstance(stage, dict) else ()
         for group_key, group in groups:
@@ -289,24 +290,31 @@ def _check_modifier_names(data: dict) -> None:
                     )
 
 
-# Run in a child process: llm-compressor's modifiers, each with its arguments (None: any are accepted). The
-# registries are what Recipe.from_dict itself looks modifiers up in (ModifierFactory.create).
-_LIST_MODIFIERS = """
-import json, sys
+# Run in a child process: llm-compressor's modifiers, each with its arguments (None: any are accepted), and
+# compressed-tensors' named schemes with their weights' group size. The registries are what Recipe.from_dict
+# itself looks modifiers up in (ModifierFactory.create).
+_LIBRARY_FACTS = """
+import json
+from compressed_tensors.quantization import preset_name_to_scheme
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor.modifiers import ModifierFactory
 ModifierFactory.refresh()
 registry = {**ModifierFactory._experimental_registry, **ModifierFactory._main_registry}
-print(json.dumps({
+modifiers = {
     name: sorted(f.alias or field for field, f in cls.model_fields.items() if not field.endswith("_"))
     if cls.model_config.get("extra") == "forbid" else None
     for name, cls in registry.items() if name != "Modifier"
-}))
+}
+weights = {name: preset_name_to_scheme(name, ["Linear"]).weights for name in PRESET_SCHEMES}
+groups = {name: w.group_size if w is not None else None for name, w in weights.items()}
+print(json.dumps({"modifiers": modifiers, "scheme_group_sizes": groups}))
 """
 
 
 @functools.cache
-def modifier_arguments() -> dict[str, list[str] | None] | None:
-    """llm-compressor's modifiers and the arguments each takes; None when llm-compressor is not installed.
+def library_facts() -> dict[str, Any] | None:
+    """llm-compressor's modifiers and the arguments each takes, and each named scheme's group size; None
+    when llm-compressor is not installed.
 
     Importing llm-compressor imports torch, which the web process never does: a child process reads them
     once per llm-compressor version (a few seconds), and a file beside the model store keeps them.
@@ -318,13 +326,13 @@ def modifier_arguments() -> dict[str, list[str] | None] | None:
         version = importlib.metadata.version("llmcompressor")
     except importlib.metadata.PackageNotFoundError:
         return None
-    cache = default_store().parent / f"llmcompressor-modifiers-{version}.json"
+    cache = default_store().parent / f"llmcompressor-facts-{version}.json"
     try:
         return json.loads(cache.read_text())
     except (OSError, ValueError):
         pass
     listed = subprocess.run(
-        [sys.executable, "-c", _LIST_MODIFIERS], capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", _LIBRARY_FACTS], capture_output=True, text=True, check=True, timeout=300
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_if_changed(cache, listed.stdout.strip().splitlines()[-1])
@@ -366,18 +374,16 @@ def _refuse_code(node: Any, where: str = "") -> None:
 
 
 def recipe_group_sizes(text: str) -> set[int]:
-    """Group sizes used by the recipe's weight quantization (for the divisibility preflight)."""
-    from compressed_tensors.quantization import preset_name_to_scheme
-
+    """Group sizes used by the recipe's weight quantization (for the divisibility checks); no torch needed."""
+    facts = library_facts()
+    named = facts["scheme_group_sizes"] if facts else {}
     sizes: set[int] = set()
     for args in _modifier_args(load_recipe_yaml(text)):
         scheme = args.get("scheme")
-        if isinstance(scheme, str):
-            weights = preset_name_to_scheme(scheme, ["Linear"]).weights
-            if weights is not None and weights.group_size:
-                sizes.add(int(weights.group_size))
+        if isinstance(scheme, str) and named.get(scheme):
+            sizes.add(int(named[scheme]))
         for group in (args.get("config_groups") or {}).values():
-            size = (group.get("weights") or {}).get("group_size")
+            size = (group.get("weights") or {}).get("group_size") if isinstance(group, dict) else None
             if size:
                 sizes.add(int(size))
     return sizes

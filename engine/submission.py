@@ -18,7 +18,7 @@ from engine import hub
 from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ModelFacts, Tensors, model_facts
-from engine.presets import Preset, check_recipe_text, get_preset
+from engine.presets import check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 
 # The words of the option that leaves such layers unquantized, as the form's checkbox shows them.
@@ -66,9 +66,15 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
     )
     _check_architecture_name(model)
     preset = get_preset(spec.preset) if spec.preset else None
-    extra_ignore = _check_preset_group_size(preset, model.tensors, spec.ignore_indivisible)
-    if preset and extra_ignore:
-        recipe_yaml = preset.recipe_yaml(extra_ignore)
+    extra_ignore: list[str] = []
+    if model.tensors:  # without a header (pickle weights only) the worker checks the shapes
+        widths = header_linear_widths(model.tensors)
+        if preset:
+            sizes = {preset.group_size} if preset.group_size else set()
+            extra_ignore = check_group_sizes(widths, sizes, spec.ignore_indivisible)
+            recipe_yaml = preset.recipe_yaml(extra_ignore) if extra_ignore else recipe_yaml
+        else:
+            extra_ignore = check_recipe_divides(recipe_yaml, widths, spec.ignore_indivisible)
     needs_calibration = preset.needs_calibration if preset else None
     check_calibration(spec.calibration, needs_calibration)
     return SubmissionCheck(model, recipe_yaml, extra_ignore, needs_calibration)
@@ -109,14 +115,6 @@ def header_linear_widths(tensors: Tensors) -> dict[str, int]:
     }
 
 
-def _check_preset_group_size(preset: Preset | None, tensors: Tensors, ignore_indivisible: bool) -> list[str]:
-    # A custom recipe's group sizes take compressed-tensors (torch) to read: the worker checks those, as it
-    # does a model with pickle weights only (no header).
-    if preset is None or not preset.group_size or not tensors:
-        return []
-    return check_group_sizes(header_linear_widths(tensors), {preset.group_size}, ignore_indivisible)
-
-
 def check_group_sizes(widths: dict[str, int], group_sizes: set[int], ignore_indivisible: bool) -> list[str]:
     """Grouped schemes need each quantized layer's input columns divisible by the group size.
 
@@ -143,6 +141,23 @@ def check_group_sizes(widths: dict[str, int], group_sizes: set[int], ignore_indi
         "on the command line).",
         field="preset",
     )
+
+
+def check_recipe_divides(recipe_yaml: str, widths: dict[str, int], ignore_indivisible: bool) -> list[str]:
+    """A recipe's group sizes against the layers' input widths (from the header, or the worker's modules).
+
+    Returns the layers it leaves unquantized; refuses layers the recipe would quantize that its group size
+    cannot divide (leaving them out is automatic for presets only, whose recipe is made with them ignored).
+    """
+    extra_ignore = check_group_sizes(widths, recipe_group_sizes(recipe_yaml), ignore_indivisible)
+    missing = sorted(set(extra_ignore) - recipe_ignore(recipe_yaml))
+    if missing:
+        raise PreflightError(
+            "Leaving indivisible layers unquantized is only automatic for presets; add them to your recipe's "
+            f"ignore list: {', '.join(missing)}.",
+            field="recipe",
+        )
+    return extra_ignore
 
 
 def _compact_ignore(widths: dict[str, int], bad: list[str]) -> list[str]:

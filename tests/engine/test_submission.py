@@ -97,3 +97,12 @@ def test_the_download_reports_bytes_and_fetches_the_pinned_commit(hub, hub_repo_
     assert (folder / "model.safetensors").stat().st_size == (tiny_model_dir / "model.safetensors").stat().st_size
     assert seen[-1][:2] == (expected, expected)
     assert [done for done, _total, _file in seen] == sorted(done for done, _total, _file in seen)
+
+
+def test_a_custom_grouped_recipe_is_judged_from_the_header_as_a_preset_is(builtin_model):
+    # Given a custom GPTQ W4A16 recipe (groups of 128) for the built-in model (hidden size 576)
+    recipe = "quant_stage:\n  quant_modifiers:\n    GPTQModifier: {scheme: W4A16, targets: [Linear]}\n"
+
+    # When it is checked, then the header's shapes refuse it before any worker would load the model
+    with pytest.raises(PreflightError, match=r"Group size 128 does not divide the input width \(576\) of 180 layers"):
+        check_submission(CompressionSpec(recipe_yaml=recipe, calibration=CalibrationSpec(samples=8)))
