@@ -297,21 +297,24 @@ def _this_run(job_id: int, task_id: str):
 def job_start(*, job_id: int, task_id: str, worker: str) -> Job | None:
     """Claim a queued job for this task. None: cancelled, claimed by someone else, or a stale message."""
     now = timezone.now()
-    claimed = Job.objects.filter(pk=job_id, status=Status.QUEUED, celery_task_id=task_id).update(
-        status=Status.RUNNING,
-        started_at=now,
-        heartbeat_at=now,
-        worker=worker,
-        stage=Job.Stage.PREPARING,
-        message="Starting",
-        step=None,
-        total=None,
-        percent=0.0,
-        error="",
-    )
-    if not claimed:
-        return None
-    _append_log(job_id, [(Job.Stage.PREPARING, f"Started on {worker}.")])
+    # The claim and its "Started on" line commit together: every run that started says so in its log, even
+    # one whose process is frozen or killed right after the claim.
+    with transaction.atomic():
+        claimed = Job.objects.filter(pk=job_id, status=Status.QUEUED, celery_task_id=task_id).update(
+            status=Status.RUNNING,
+            started_at=now,
+            heartbeat_at=now,
+            worker=worker,
+            stage=Job.Stage.PREPARING,
+            message="Starting",
+            step=None,
+            total=None,
+            percent=0.0,
+            error="",
+        )
+        if not claimed:
+            return None
+        _append_log(job_id, [(Job.Stage.PREPARING, f"Started on {worker}.")])
     return Job.objects.select_related("calibration_file").get(pk=job_id)
 
 

@@ -17,20 +17,13 @@ import pytest
 
 from jobs import services
 from jobs.models import Job
-from tests.faults.conftest import freeze, leftovers
+from tests.faults.conftest import BUILTIN, GPTQ, freeze, leftovers
 from tests.faults.test_worker_faults import _wait_running, _wait_status
 from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
 CANCEL_BOUND_S = 60
-BUILTIN = "smollm2-135m-instruct"
-GPTQ = {
-    "preset": "int8-w8a8-gptq",
-    "calibration_kind": "builtin",
-    "calibration_samples": 8,
-    "calibration_max_seq_len": 128,
-}
 STAGE_JOBS = {
     "loading": {"model_source": BUILTIN},
     "calibrating": {"model_source": BUILTIN, **GPTQ},
