@@ -67,7 +67,9 @@ class FaultWorker(LiveWorker):
 
 
 @pytest.fixture(scope="session")
-def launch_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Iterator[Callable[..., FaultWorker]]:
+def launch_worker(
+    django_db_setup, broker, media_root, hub_server, tmp_path_factory
+) -> Iterator[Callable[..., FaultWorker]]:
     """launch_worker(queue=..., broker_url=..., **env): a `celery worker` process; all are stopped at the end
     of the session. Tests use start_worker, whose workers end with the test."""
     from django.db import connection
@@ -88,6 +90,7 @@ def launch_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Iter
             # The fault jobs run the tiny model from a server folder, as an operator who allows them would.
             "COMPRESSOR_ALLOW_LOCAL_PATHS": "True",
             "PYTHONUNBUFFERED": "1",
+            **hub_server.env,  # the session's local hub (tests/hub_server.py) is the workers' Hugging Face hub
             **env,
         }
         command = [
