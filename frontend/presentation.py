@@ -235,7 +235,7 @@ def calibrates(job) -> bool:
 def _expected_stages(job) -> set[str]:
     """The stages this job's run goes through: calibration (which compresses too) or compression alone,
     evaluation only when asked for."""
-    stages = {Job.Stage.WAITING, Job.Stage.LOADING, Job.Stage.SAVING, Job.Stage.HASHING}
+    stages = {Job.Stage.WAITING, Job.Stage.PREPARING, Job.Stage.LOADING, Job.Stage.SAVING, Job.Stage.HASHING}
     stages.add(Job.Stage.CALIBRATING if calibrates(job) else Job.Stage.COMPRESSING)
     if job.evaluation is not None:
         stages.add(Job.Stage.EVALUATING)
@@ -247,8 +247,8 @@ def timeline(job, stage_started: dict[str, datetime]) -> list[TimelineStep]:
     while the job is active, the stages still to come. A stage that does not run is not listed."""
     starts = dict(stage_started)
     starts[Job.Stage.WAITING] = job.created_at
-    if job.started_at:
-        starts[Job.Stage.LOADING] = min(job.started_at, starts.get(Job.Stage.LOADING, job.started_at))
+    if job.started_at:  # a run begins by preparing (job_start claims it in that stage)
+        starts[Job.Stage.PREPARING] = min(job.started_at, starts.get(Job.Stage.PREPARING, job.started_at))
     current = job.stage if job.stage in STAGE_ORDER else None
     expected = _expected_stages(job) if job.is_active else set()
     shown = [key for key in STAGE_ORDER if key in starts or key in expected]

@@ -195,28 +195,33 @@ def offscreen(page, selector: str, *, inside_scrollers: bool = True) -> list[str
 def _staged_jobs(alice, make_job, succeeded_job):
     from django.utils import timezone
 
-    from jobs.models import JobLogLine
+    from jobs.models import Job, JobLogLine
 
     full = succeeded_job(alice, preset="int8-w8a8-gptq", after=164_000_000, quality=0.991)
     succeeded_job(alice, preset="fp8-dynamic", after=170_500_000, quality=0.997)
+    # A run as a worker leaves it: submitted a minute ago, started 50 s ago, one log line per stage so far.
+    now = timezone.now()
     running = make_job(
         alice,
         preset="w8a16-gptq",
+        calibration_kind="builtin",
         status="running",
         stage="calibrating",
         step=12,
         total=30,
         percent=41.0,
-        started_at=timezone.now() - timezone.timedelta(seconds=50),
+        started_at=now - timezone.timedelta(seconds=50),
+        worker="gpu-worker-1@node1",
     )
-    JobLogLine.objects.bulk_create(
-        JobLogLine(job=running, stage=stage, text=text)
-        for stage, text in (
-            ("loading", "Loading smollm2-135m-instruct (bf16, 134.5 M parameters)"),
-            ("calibrating", "Calibrating with 32 samples of 256 tokens"),
-            ("calibrating", "GPTQ model.layers.11.mlp.down_proj error 12.42"),
-        )
-    )
+    Job.objects.filter(pk=running.pk).update(created_at=now - timezone.timedelta(seconds=60))
+    for seconds_ago, stage, text in (
+        (50, "preparing", "Started on gpu-worker-1@node1."),
+        (48, "loading", "Loading smollm2-135m-instruct (bf16, 134.5 M parameters)"),
+        (45, "calibrating", "Calibrating with 32 samples of 256 tokens"),
+        (2, "calibrating", "GPTQ model.layers.11.mlp.down_proj error 12.42"),
+    ):
+        line = JobLogLine.objects.create(job=running, stage=stage, text=text)
+        JobLogLine.objects.filter(pk=line.pk).update(created_at=now - timezone.timedelta(seconds=seconds_ago))
     make_job(alice, preset="nvfp4")
     failed = make_job(
         alice, preset="fp8-static", status="failed", error="Calibration needs at least 1 row; the file has none."

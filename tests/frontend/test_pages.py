@@ -183,3 +183,31 @@ def test_the_checksums_download_passes_sha256sum_check(client_for, alice, bob, s
 
     assert client_for(bob).get(f"/jobs/{job.pk}/SHA256SUMS").status_code == 404
     assert client_for(alice).get(f"/jobs/{make_job(alice).pk}/SHA256SUMS").status_code == 409
+
+
+def test_the_timeline_starts_a_run_with_preparing_and_times_each_stage_from_its_first_line(alice, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from frontend.presentation import timeline
+    from jobs.selectors import job_stage_started
+
+    # Given a run that was submitted, prepared for 4 s, loaded for 6 s and is calibrating now
+    now = timezone.now()
+    job = make_job(
+        alice, preset="int8-w8a8-gptq", calibration_kind="builtin", status=Job.Status.RUNNING, stage="calibrating"
+    )
+    Job.objects.filter(pk=job.pk).update(created_at=now - timedelta(seconds=30), started_at=now - timedelta(seconds=20))
+    for seconds_ago, stage in ((20, "preparing"), (16, "loading"), (10, "calibrating")):
+        line = JobLogLine.objects.create(job=job, stage=stage, text=f"{stage} begins")
+        JobLogLine.objects.filter(pk=line.pk).update(created_at=now - timedelta(seconds=seconds_ago))
+    job.refresh_from_db()
+
+    # When its timeline is drawn
+    steps = {step.key: step for step in timeline(job, job_stage_started(job=job))}
+
+    # Then it shows the wait, then preparing from the claim, loading and the current stage, in that order
+    assert list(steps)[:4] == ["waiting", "preparing", "loading", "calibrating"]
+    assert round(steps["waiting"].seconds) == 10 and round(steps["preparing"].seconds) == 4
+    assert round(steps["loading"].seconds) == 6 and steps["calibrating"].state == "current"
