@@ -1,0 +1,121 @@
+"""vLLM's work in a child process: another Python (COMPRESSOR_VLLM_PYTHON), a process group of its own.
+
+vLLM and llm-compressor pin different torch builds, and vLLM holds the GPUs until its process exits, so
+the worker never imports it: it runs engine/vllm_child.py in the configured interpreter and waits, calling
+`on_wait` between polls (the job's progress callback, which raises CancelledError on cancel). Any exception
+while waiting (a cancel, Celery's soft time limit) kills the child's whole group before it propagates, so
+no vLLM engine process outlives its job or keeps GPU memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.vllm_child import NOT_INSTALLED_EXIT
+
+VLLM_PYTHON_ENV = "COMPRESSOR_VLLM_PYTHON"
+CHILD_SCRIPT = Path(__file__).with_name("vllm_child.py")
+_POLL_S = 0.5
+_STOP_GRACE_S = 10
+
+
+def vllm_python() -> str:
+    """The interpreter of the vLLM environment (COMPRESSOR_VLLM_PYTHON), else this one."""
+    return os.environ.get(VLLM_PYTHON_ENV) or sys.executable
+
+
+def vllm_installed(python: str | None = None) -> bool:
+    """Whether the vLLM environment can import vllm (asked of that interpreter, never imported here)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        return subprocess.run([python or vllm_python(), "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run_child(
+    request: dict,
+    *,
+    python: str | None = None,
+    gpus: list[int] | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> dict:
+    """Run one request of engine/vllm_child.py in `python` and return its result.
+
+    gpus: the CUDA devices the child may use (CUDA_VISIBLE_DEVICES); None leaves the worker's own setting.
+    Raises EngineError (field "evaluation") when the child cannot run or fails, with the end of its output.
+    """
+    python = python or vllm_python()
+    env = dict(os.environ)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+    with tempfile.TemporaryDirectory(prefix="vllm-child-") as folder:
+        request_path, result_path, log_path = (Path(folder) / name for name in ("request.json", "result.json", "log"))
+        request_path.write_text(json.dumps(request))
+        with log_path.open("wb") as log:
+            try:
+                process = subprocess.Popen(
+                    [python, str(CHILD_SCRIPT), str(request_path), str(result_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # its own process group: vLLM's engine processes go with it
+                )
+            except OSError as exc:
+                raise EngineError(
+                    f"The vLLM environment's Python '{python}' cannot be started: {exc}.", field="evaluation"
+                ) from None
+            _wait(process, on_wait)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        if process.returncode == NOT_INSTALLED_EXIT:
+            raise EngineError(
+                f"vLLM is not installed in {python}; set {VLLM_PYTHON_ENV} to the Python of a vLLM environment "
+                "(make vllm-env), or use the hf backend.",
+                field="evaluation",
+            )
+        if process.returncode != 0:
+            raise EngineError(
+                f"The vLLM process failed (exit {process.returncode}): {tail.strip()}", field="evaluation"
+            )
+        return json.loads(result_path.read_text())
+
+
+def _wait(process: subprocess.Popen, on_wait: Callable[[], None] | None) -> None:
+    try:
+        while True:
+            try:
+                process.wait(timeout=_POLL_S)
+                return
+            except subprocess.TimeoutExpired:
+                if on_wait:
+                    on_wait()
+    except BaseException:
+        stop_group(process)
+        raise
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the child's process group, then SIGKILL whatever of the group is left after a grace period
+    (vLLM's engine processes may outlive the leader)."""
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,93 @@
+"""vLLM's side of a job in a child process (engine.isolated + engine/vllm_child.py), without Django.
+
+vLLM cannot be installed on these CPU machines, so the child's lm-eval request runs here with lm-eval's hf
+backend: the same script, interpreter setting, process group, result file and cancel as the vllm backend.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+import pytest
+
+from engine.errors import CancelledError, EngineError
+from engine.isolated import run_child, vllm_installed
+from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
+
+TASK = LOCAL_TASKS[0]
+
+
+def _children_running_the_script() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any("vllm_child.py" in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+def _request(model_dir, tasks_dir, limit=4) -> dict:
+    return {
+        "action": "lm_eval",
+        "model": "hf",
+        "model_args": f"pretrained={model_dir},dtype=bfloat16",
+        "device": "cpu",
+        "task": TASK,
+        "num_fewshot": None,
+        "limit": limit,
+        "include_path": str(write_local_tasks(tasks_dir)),
+    }
+
+
+def test_an_lm_eval_task_runs_in_the_configured_python_and_returns_its_scores(tiny_model_dir, tmp_path, monkeypatch):
+    # Given the vLLM environment's Python named by the setting (here: this one, which has lm-eval)
+    monkeypatch.setenv("COMPRESSOR_VLLM_PYTHON", sys.executable)
+    waits = []
+
+    # When a task runs in the child
+    result = run_child(_request(tiny_model_dir, tmp_path / "tasks"), on_wait=lambda: waits.append(1))
+
+    # Then lm-eval's scores for that task come back, and the parent kept polling (its cancel point) meanwhile
+    assert TASK in result["results"] and any("," in key for key in result["results"][TASK])
+    assert waits, "the parent called on_wait while the child ran"
+    assert _children_running_the_script() == []
+
+
+def test_a_cancel_while_the_child_runs_kills_its_whole_process_group(tiny_model_dir, tmp_path):
+    # Given a child that is running (a task on the whole data set: far longer than the test waits)
+    started = time.monotonic()
+    seen: list[int] = []
+
+    def cancel_after_start() -> None:
+        seen.extend(p.pid for p in _children_running_the_script())
+        if seen and time.monotonic() - started > 3:
+            raise CancelledError("The job was cancelled.")
+
+    # When the job is cancelled (the progress callback raises), the wait ends with the cancel
+    with pytest.raises(CancelledError):
+        run_child(_request(tiny_model_dir, tmp_path / "tasks", limit=None), on_wait=cancel_after_start)
+
+    # Then no process of the child's group is left
+    assert seen, "the child was running when the job was cancelled"
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in seen)
+    assert _children_running_the_script() == []
+
+
+def test_a_python_without_vllm_is_refused_in_words_that_name_the_setting(tmp_path):
+    # Given this worker's Python, which has no vLLM (the GPU workers' own environment has it)
+    assert not vllm_installed(sys.executable)
+
+    # When the vLLM check runs there, it fails in words that say what to set
+    with pytest.raises(EngineError) as refused:
+        run_child({"action": "check", "model": str(tmp_path), "prompts": ["Hi"]}, python=sys.executable)
+    assert "vLLM is not installed" in refused.value.message and "COMPRESSOR_VLLM_PYTHON" in refused.value.message
+    assert refused.value.field == "evaluation"
+
+
+def test_an_interpreter_that_does_not_exist_is_named_in_the_error(tmp_path):
+    missing = os.path.join(tmp_path, "no-such-python")
+    with pytest.raises(EngineError) as refused:
+        run_child({"action": "check", "model": str(tmp_path), "prompts": []}, python=missing)
+    assert missing in refused.value.message and not vllm_installed(missing)
