@@ -11,19 +11,19 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from engine import calibration as calib
 from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ResolvedModel, hub_reachable, resolve_model
-from engine.presets import get_preset, recipe_group_sizes, recipe_needs_calibration, validate_recipe_yaml
+from engine.plan import ModelFootprint, model_footprint
+from engine.presets import (
+    get_preset,
+    recipe_group_sizes,
+    recipe_needs_calibration,
+    recipe_uses_hessians,
+    validate_recipe_yaml,
+)
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
-
-# Bytes of host memory a run needs per parameter: the bf16 weights (2) plus the compressed copy,
-# the calibration activations and the Hessians kept during GPTQ/SparseGPT.
-_HOST_BYTES_PER_PARAM = 4.0
-_BYTES_PER_PARAM_BF16 = 2
 
 
 @dataclass
@@ -36,7 +36,7 @@ class PreflightReport:
     num_parameters: int = 0
     needs_calibration: bool = False
     calibration_rows: int = 0
-    estimated_host_bytes: int = 0
+    footprint: ModelFootprint | None = None  # the memory plan's input; the worker plans before loading
     warnings: list[str] = field(default_factory=list)
 
 
@@ -69,16 +69,21 @@ def _preflight(spec: CompressionSpec, store: Path | None) -> PreflightReport:
     extra_ignore = _check_group_sizes(skeleton, recipe_group_sizes(recipe_yaml), spec.ignore_indivisible)
     if extra_ignore:
         recipe_yaml = _recipe_with_ignore(spec, extra_ignore)
-    num_parameters = sum(p.numel() for p in skeleton.parameters())
+    needs_calibration = recipe_needs_calibration(recipe_yaml)
+    footprint = model_footprint(
+        skeleton,
+        hessians=recipe_uses_hessians(recipe_yaml),
+        samples=spec.calibration.samples if needs_calibration else 0,
+        max_seq_len=spec.calibration.max_seq_len,
+    )
     report = PreflightReport(
         model=model,
         recipe_yaml=recipe_yaml,
         extra_ignore=extra_ignore,
-        num_parameters=num_parameters,
-        needs_calibration=recipe_needs_calibration(recipe_yaml),
-        estimated_host_bytes=int(num_parameters * _HOST_BYTES_PER_PARAM),
+        num_parameters=footprint.num_parameters,
+        needs_calibration=needs_calibration,
+        footprint=footprint,
     )
-    _check_memory(report, skeleton, spec.device)
     report.calibration_rows = _check_calibration(spec, report.needs_calibration)
     return report
 
@@ -175,40 +180,6 @@ def _compact_ignore(skeleton, bad: list[str]) -> list[str]:
 def _layer_pattern(name: str) -> str:
     """model.layers.3.mlp.up_proj -> model\\.layers\\.\\d+\\.mlp\\.up_proj (numbered parts become \\d+)."""
     return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
-
-
-def _check_memory(report: PreflightReport, skeleton, device: str) -> None:
-    available = psutil.virtual_memory().available
-    if report.estimated_host_bytes > available:
-        raise PreflightError(
-            f"The model has {report.num_parameters / 1e9:.2f} B parameters and needs about "
-            f"{report.estimated_host_bytes / 2**30:.1f} GiB of host memory; this worker has "
-            f"{available / 2**30:.1f} GiB free.",
-            field="model",
-        )
-    if device != "cpu":
-        _check_gpu_memory(report, skeleton, device)
-
-
-def _check_gpu_memory(report: PreflightReport, skeleton, device: str) -> None:
-    """The sequential pipeline brings one decoder layer at a time to the GPU (two for Hessians)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        if device.startswith("cuda"):
-            raise PreflightError("A GPU was requested but this worker has none.", field="device")
-        return
-    layers = getattr(getattr(skeleton, "model", skeleton), "layers", None)
-    if not layers:
-        return
-    layer_bytes = sum(p.numel() for p in layers[0].parameters()) * _BYTES_PER_PARAM_BF16
-    free, _total = torch.cuda.mem_get_info()
-    if 2 * layer_bytes > free:
-        raise PreflightError(
-            f"One decoder layer needs about {2 * layer_bytes / 2**30:.1f} GiB of GPU memory; "
-            f"the GPU has {free / 2**30:.1f} GiB free.",
-            field="device",
-        )
 
 
 def _check_calibration(spec: CompressionSpec, needs_calibration: bool) -> int:
