@@ -32,7 +32,14 @@ from engine.resources import Gpu, WorkerResources
 from engine.units import size_text
 
 GPU, SEQUENTIAL, DISK_OFFLOAD = "gpu", "sequential", "disk_offload"
-MODES = (GPU, SEQUENTIAL, DISK_OFFLOAD)
+# Each way's name as the job page and the model card show it.
+MODE_LABELS = {
+    GPU: "whole model on one GPU",
+    SEQUENTIAL: "sequential (one decoder layer at a time)",
+    DISK_OFFLOAD: "disk offload",
+}
+# The resources a plan weighs (the keys of MemoryPlan.to_dict()["figures"]), as the pages name them.
+FIGURE_LABELS = {"host_ram": "Host memory", "gpu": "GPU memory", "disk": "Disk"}
 
 _LOAD_BYTES_PER_PARAM = 2  # the runner loads every model in bfloat16, whatever its files hold
 _GPU_RESERVE_BYTES = 1_000_000_000  # the CUDA context and the allocator's fragmentation
@@ -110,8 +117,8 @@ class Need:
     def fits(self) -> bool:
         return self.needed <= self.available
 
-    def to_dict(self) -> dict[str, int]:
-        return {"needed": self.needed, "available": self.available}
+    def to_dict(self, *, capped: bool) -> dict[str, Any]:
+        return {"needed": self.needed, "available": self.available, "capped": capped}
 
 
 @dataclass(frozen=True)
@@ -170,9 +177,13 @@ class MemoryPlan:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        figures = {"host_ram": self.host.to_dict(), "disk": self.disk.to_dict()}
+        # capped: the operator's cap (engine.resources) lowered the available figure.
+        figures = {
+            "host_ram": self.host.to_dict(capped="host_ram" in self.capped),
+            "disk": self.disk.to_dict(capped="disk" in self.capped),
+        }
         if self.gpu:
-            figures["gpu"] = {**self.gpu.to_dict(), "name": self.gpu_name}
+            figures["gpu"] = {**self.gpu.to_dict(capped="gpu_memory" in self.capped), "name": self.gpu_name}
         return {
             "mode": self.mode,
             "device": self.device,
@@ -238,7 +249,7 @@ def _host_field(fp: ModelFootprint, offload: Need) -> str:
 
 def _host_refusal(fp: ModelFootprint, sequential: Need, offload: Need, gpu: Need | None) -> str:
     parts = [
-        f"This model does not fit on this worker: it has {fp.num_parameters / 1e9:.2f} B parameters "
+        f"This model does not fit on this worker: it has {_count_text(fp.num_parameters)} parameters "
         f"({size_text(fp.weights_bytes)} in bfloat16).",
         f"Host memory: {size_text(sequential.needed)} needed to hold the whole model, at least "
         f"{size_text(offload.needed)} with disk offload; {size_text(offload.available)} available.",
@@ -252,6 +263,10 @@ def _host_refusal(fp: ModelFootprint, sequential: Need, offload: Need, gpu: Need
         )
     parts.append("Run it on a worker with more memory.")
     return " ".join(parts)
+
+
+def _count_text(count: int) -> str:
+    return f"{count / 1e9:.2f} B" if count >= 10**9 else f"{count / 1e6:.1f} M"
 
 
 def _layer_refusal(fp: ModelFootprint, layer: Need, gpu: Gpu) -> str:
