@@ -311,7 +311,7 @@ def _plan_figures(plan: dict) -> str:
             )
     if not parts:
         return ""
-    return f" Memory plan ({MODE_LABELS.get(plan.get('mode'), plan.get('mode'))}): {'; '.join(parts)}."
+    return f" Memory plan, {MODE_LABELS.get(plan.get('mode'), plan.get('mode'))}: {'; '.join(parts)}."
 
 
 def _describe_calibration(calibration: CalibrationSpec) -> str:

@@ -35,7 +35,7 @@ GPU, SEQUENTIAL, DISK_OFFLOAD = "gpu", "sequential", "disk_offload"
 # Each way's name as the job page and the model card show it.
 MODE_LABELS = {
     GPU: "whole model on one GPU",
-    SEQUENTIAL: "sequential (one decoder layer at a time)",
+    SEQUENTIAL: "sequential (the model in host memory, one decoder layer at a time)",
     DISK_OFFLOAD: "disk offload",
 }
 # The resources a plan weighs (the keys of MemoryPlan.to_dict()["figures"]), as the pages name them.
