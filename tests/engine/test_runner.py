@@ -174,7 +174,7 @@ def test_a_worker_short_of_host_memory_compresses_with_disk_offload_to_a_complet
     assert plan["figures"]["host_ram"]["capped"] is True and 0 < plan["host_weights_bytes"] < 269_000_000
     assert plan["offloaded_bytes"] + plan["host_weights_bytes"] > 268_000_000
     card = (out / "README.md").read_text()
-    assert "Memory plan (disk offload): host memory" in card and "600.0 MB available (capped)" in card
+    assert "Memory plan, disk offload: host memory" in card and "600.0 MB available (capped)" in card
     # A complete checkpoint, its offload folder gone
     assert verify_manifest(out) == []
     assert not [p for p in out.parent.rglob("*") if ".offload-" in p.name]
