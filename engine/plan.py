@@ -129,6 +129,7 @@ class Placement:
     device: str = "cpu"  # where the layers compute
     gpu_bytes: int = 0  # sequential on a GPU: how much of the model may stay on the GPU while evaluating
     host_weights_bytes: int = 0  # disk_offload: the weights kept in host memory, the rest waits on disk
+    host_share: float = 1.0  # disk_offload: that share of the weights (for a checkpoint stored smaller)
     scratch: Path | None = None  # disk_offload: where offload folders are made (the job's staging folder)
 
 
@@ -151,6 +152,7 @@ class MemoryPlan:
             device=self.device,
             gpu_bytes=self.gpu.available if self.gpu else 0,
             host_weights_bytes=self.host_weights_bytes,
+            host_share=self.host_weights_bytes / ((self.host_weights_bytes + self.offloaded_bytes) or 1),
             scratch=scratch,
         )
 
@@ -307,6 +309,10 @@ def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> It
         return
     from compressed_tensors.offload import load_offloaded_model
 
+    # The budget is counted in the files' sizes: a compressed checkpoint (fp8, int4) is dequantized after
+    # loading, so it keeps the planned share of its files in host memory, which then grows to the plan's bytes.
+    files = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    budget = min(placement.host_weights_bytes, int(placement.host_share * files))
     folder = Path(tempfile.mkdtemp(prefix=".offload-", dir=placement.scratch))
     try:
         # Patched from_pretrained only while loading: a later load (the other model) chooses its own way.
@@ -314,7 +320,7 @@ def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> It
             model = AutoModelForCausalLM.from_pretrained(
                 path,
                 device_map="auto_offload",
-                max_memory={"cpu": max(placement.host_weights_bytes, 1)},
+                max_memory={"cpu": max(budget, 1)},
                 offload_folder=str(folder),
                 **kwargs,
             )

