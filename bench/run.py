@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py                      # every part (what `make bench` runs)
     .venv/bin/python bench/run.py --part downloads     # one part (repeat --part for several)
 
-Parts: job_time (with memory), throughput, dashboard, downloads, gpu. The bench starts its own web server
+Parts: job_time (with memory), throughput, dashboard, downloads, gpu, memory_1b. The bench starts its own web server
 and Celery worker against its own PostgreSQL database (bench_compressor) and data folder (var/bench/data),
 and stops them at the end. It reports; it never fails the build (exit status 0 unless it cannot start).
 The table is also written to bench/results/latest.md with the machine and the date.
@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import RESULTS_DIR, Figure, error_figure, machine_info  # noqa: E402
 
-PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu")
+PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu", "memory_1b")
 
 
 def run_part(name: str, stack, args) -> list[Figure]:
@@ -46,6 +46,10 @@ def run_part(name: str, stack, args) -> list[Figure]:
         from bench import part_gpu
 
         return part_gpu.run(stack)
+    if name == "memory_1b":
+        from bench import part_memory_1b
+
+        return part_memory_1b.run(stack)
     raise ValueError(name)
 
 
