@@ -232,7 +232,9 @@ def plan_memory(footprint: ModelFootprint, resources: WorkerResources, *, device
     offload = Need(host_work + 2 * fp.layer_bytes + shard, host_ram)
     if not offload.fits:
         raise PreflightError(_host_refusal(fp, sequential, offload, common.get("gpu")), field=_host_field(fp, offload))
-    kept = min(fp.weights_bytes, host_ram - host_work - fp.layer_bytes - shard)
+    # What is left keeps weights, with room for their compressed copies at saving (always short of all of them,
+    # or the sequential plan would have fitted).
+    kept = int((host_ram - host_work - fp.layer_bytes - shard) / (1 + _SAVE_COPY_SHARE))
     offloaded = fp.weights_bytes - kept
     common["disk"] = Need(disk.needed + offloaded, disk.available)  # updated weights are written there
     if not common["disk"].fits:

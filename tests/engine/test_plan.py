@@ -94,7 +94,7 @@ def test_405b_on_one_gpu_with_enough_host_memory_is_sequential(llama_405b):
 def test_405b_with_short_host_memory_offloads_what_does_not_fit_to_disk(llama_405b):
     plan = plan_memory(gptq(llama_405b), worker(host_gb=256, disk_gb=4000, gpus=[H100]))
     assert plan.mode == DISK_OFFLOAD and plan.device == "cuda:0"
-    assert 150 * GB < plan.host_weights_bytes < 256 * GB
+    assert 100 * GB < plan.host_weights_bytes < 256 * GB and plan.offloaded_bytes > 500 * GB
     assert plan.host_weights_bytes + plan.offloaded_bytes == gptq(llama_405b).weights_bytes
     # the disk holds the checkpoint and the offloaded weights; a checkpoint shard stays small in memory
     assert plan.disk.needed > 811 * GB + plan.offloaded_bytes and plan.shard_bytes <= 5 * GB
