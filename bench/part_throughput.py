@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from bench.common import Figure, median, percentile, verdict
 from bench.stack import Stack, purge_redis
@@ -19,57 +20,19 @@ PAYLOAD = {"preset": "fp8-dynamic", "force": True}
 
 
 def run(stack: Stack, *, total: int = 200, concurrency: int = 20) -> list[Figure]:
-    from jobs.models import Job
-
     stack.stop_worker()
-    # One submission first: the web process imports torch/transformers for preflight on its first job.
-    t0 = time.perf_counter()
-    first = stack.api.submit(PAYLOAD)
-    first_s = time.perf_counter() - t0
-    marker = first["id"]
-
-    local = threading.local()
-
-    def submit(index: int) -> tuple[int, int, float, int | None, str]:
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = stack.api.new_session()
-        started = time.perf_counter()
-        try:
-            response = session.post(stack.api.url("/api/v1/jobs/"), json=PAYLOAD, timeout=120)
-        except Exception as exc:  # noqa: BLE001 - counted as a failure
-            return index, 0, time.perf_counter() - started, None, str(exc)[:200]
-        elapsed = time.perf_counter() - started
-        job_id = response.json().get("id") if response.status_code in (200, 201) else None
-        return index, response.status_code, elapsed, job_id, "" if job_id else response.text[:200]
-
-    wall0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(submit, range(total), timeout=900))
-    wall = time.perf_counter() - wall0
-
-    latencies = [r[2] for r in results]
-    statuses: dict[int, int] = {}
-    for r in results:
-        statuses[r[1]] = statuses.get(r[1], 0) + 1
-    ids = [r[3] for r in results if r[3] is not None]
-    db_ids = set(Job.objects.filter(pk__gt=marker).values_list("pk", flat=True))
+    burst = submit_burst(stack, PAYLOAD, total=total, concurrency=concurrency)
+    latencies, statuses, ids, db_ids = burst.latencies, burst.statuses, burst.ids, burst.db_ids
+    first_s, wall, errors, purged = burst.first_s, burst.wall_s, burst.errors, burst.purged
     duplicates = len(ids) - len(set(ids))
     lost = set(ids) - db_ids
     extra = db_ids - set(ids)
-    errors = [r[4] for r in results if r[4]][:3]
     ok = statuses.get(201, 0) == total and duplicates == 0 and not lost and not extra and len(db_ids) == total
-
-    # Clean up: the jobs were only for the API; no worker will ever run them.
-    Job.objects.filter(pk__gte=marker, status=Job.Status.QUEUED).update(
-        status=Job.Status.CANCELLED, message="bench: cancelled after the throughput run"
-    )
-    purged = purge_redis()
 
     med, p95 = median(latencies), percentile(latencies, 95)
     details = [
         f"{total} POST /api/v1/jobs/ from {concurrency} threads in {wall:.1f} s = {total / wall:.1f} submissions/s "
-        f"(each runs preflight in the web process); first submission after start {first_s:.2f} s (imports)",
+        f"(each runs the submission check in the web process); first submission after start {first_s:.2f} s",
         f"status codes: {statuses}; ids returned {len(ids)}, distinct {len(set(ids))}; new DB rows {len(db_ids)}; "
         f"lost {len(lost)}, duplicated {duplicates}, unexpected rows {len(extra)}",
         f"latency min {min(latencies) * 1000:.0f} ms, median {med * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
@@ -96,3 +59,64 @@ def run(stack: Stack, *, total: int = 200, concurrency: int = 20) -> list[Figure
             "info",
         ),
     ]
+
+
+@dataclass
+class Burst:
+    """What a burst of submissions got back, and the rows it left (cancelled and purged afterwards)."""
+
+    latencies: list[float]
+    statuses: dict[int, int]
+    ids: list[int]
+    db_ids: set[int]
+    errors: list[str]
+    first_s: float
+    wall_s: float
+    purged: int
+
+
+def submit_burst(stack: Stack, payload: dict, *, total: int, concurrency: int) -> Burst:
+    """One submission first (the web process's first request imports what requests need), then `total`
+    submissions of `payload` from `concurrency` threads; the jobs are cancelled and Redis purged after."""
+    from jobs.models import Job
+
+    t0 = time.perf_counter()
+    marker = stack.api.submit(payload)["id"]
+    first_s = time.perf_counter() - t0
+    local = threading.local()
+
+    def submit(index: int) -> tuple[int, float, int | None, str]:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = stack.api.new_session()
+        started = time.perf_counter()
+        try:
+            response = session.post(stack.api.url("/api/v1/jobs/"), json=payload, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - counted as a failure
+            return 0, time.perf_counter() - started, None, str(exc)[:200]
+        elapsed = time.perf_counter() - started
+        job_id = response.json().get("id") if response.status_code in (200, 201) else None
+        return response.status_code, elapsed, job_id, "" if job_id else response.text[:200]
+
+    wall0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(submit, range(total), timeout=900))
+    wall = time.perf_counter() - wall0
+    statuses: dict[int, int] = {}
+    for status, *_rest in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    db_ids = set(Job.objects.filter(pk__gt=marker).values_list("pk", flat=True))
+    # Clean up: the jobs were only for the API; no worker will ever run them.
+    Job.objects.filter(pk__gte=marker, status=Job.Status.QUEUED).update(
+        status=Job.Status.CANCELLED, message="bench: cancelled after a submission burst"
+    )
+    return Burst(
+        latencies=[r[1] for r in results],
+        statuses=statuses,
+        ids=[r[2] for r in results if r[2] is not None],
+        db_ids=db_ids,
+        errors=[r[3] for r in results if r[3]][:3],
+        first_s=first_s,
+        wall_s=wall,
+        purged=purge_redis(),
+    )

@@ -3,10 +3,11 @@
     .venv/bin/python bench/run.py                      # every part (what `make bench` runs)
     .venv/bin/python bench/run.py --part downloads     # one part (repeat --part for several)
 
-Parts: job_time (with memory), throughput, dashboard, downloads, gpu, memory_1b. The bench starts its own web server
-and Celery worker against its own PostgreSQL database (bench_compressor) and data folder (var/bench/data),
-and stops them at the end. It reports; it never fails the build (exit status 0 unless it cannot start).
-The table is also written to bench/results/latest.md with the machine and the date.
+Parts: job_time (with memory), throughput, dashboard, downloads, gpu, hub_submission, memory_1b. The bench
+starts its own web server and Celery worker against its own PostgreSQL database (bench_compressor) and data
+folder (var/bench/data), and a local hub for hub_submission, and stops them at the end. It reports; it never
+fails the build (exit status 0 unless it cannot start). The table is also written to bench/results/latest.md
+with the machine and the date.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import RESULTS_DIR, Figure, error_figure, machine_info  # noqa: E402
 
-PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu", "memory_1b")
+PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu", "hub_submission", "memory_1b")
 
 
-def run_part(name: str, stack, args) -> list[Figure]:
+def run_part(name: str, stack, args, hub) -> list[Figure]:
     if name == "job_time":
         from bench import part_job_time
 
@@ -46,6 +47,10 @@ def run_part(name: str, stack, args) -> list[Figure]:
         from bench import part_gpu
 
         return part_gpu.run(stack)
+    if name == "hub_submission":
+        from bench import part_hub_submission
+
+        return part_hub_submission.run(stack, hub, total=args.submissions, concurrency=args.concurrency)
     if name == "memory_1b":
         from bench import part_memory_1b
 
@@ -120,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     stack_mod.reset_data_dir()
 
     figures: list[Figure] = []
+    hub = None
+    if "hub_submission" in parts:  # before the web server, which reads HF_ENDPOINT when it starts
+        from bench.part_hub_submission import start_hub
+
+        hub = start_hub()
     with stack_mod.Stack() as stack:
         try:
             stack.start_web()
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             part_started = time.monotonic()
             print(f"\n== {name} ==", flush=True)
             try:
-                new = run_part(name, stack, args)
+                new = run_part(name, stack, args, hub)
             except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others
                 traceback.print_exc()
                 new = [error_figure(name, exc)]
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  ({time.monotonic() - part_started:.0f} s)", flush=True)
             figures.extend(new)
 
+    if hub is not None:
+        hub.stop()
     elapsed = time.monotonic() - started
     print()
     print(plain_table(figures))

@@ -6,6 +6,7 @@ column without one), and every sample is tokenized with truncation to max_seq_le
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -32,6 +33,12 @@ MAX_LINE_CHARS = 4 * 2**20
 
 def builtin_records(limit: int | None = None) -> list[dict[str, Any]]:
     """Chat rows generated from standard-library documentation: a question and its documented answer."""
+    return list(_builtin_records()[:limit])
+
+
+@functools.cache
+def _builtin_records() -> tuple[dict[str, Any], ...]:
+    # The same rows for the life of the process (this Python's own docs): made once, not on every submission.
     records: list[dict[str, Any]] = []
     for module_name in _BUILTIN_SOURCES:
         module = importlib.import_module(module_name)
@@ -39,9 +46,7 @@ def builtin_records(limit: int | None = None) -> list[dict[str, Any]]:
             doc = inspect.getdoc(obj) or ""
             if len(doc) >= _MIN_DOC_CHARS:
                 records.append(_qa_record(name, doc))
-                if limit is not None and len(records) >= limit:
-                    return records
-    return records
+    return tuple(records)
 
 
 def _public_members(module: Any) -> list[tuple[str, Any]]:

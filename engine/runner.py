@@ -37,11 +37,21 @@ ProgressCallback = Callable[[ProgressEvent], None]
 # offline suite (16 windows, 3 generations), which takes about 10 s a model. Calibration scales with the
 # calibration tokens, but for a share that does not (GPTQ's per-module solve: 8 x 128 tokens took 0.26 of
 # the time of 32 x 256); the offline suite scales with its windows, a task with its items; both models count.
-_STAGE_COST_S = {"loading": 1.0, "calibrating": 38.0, "compressing": 0.5, "saving": 0.6, "hashing": 0.2}
+# Preparing a local model (its checks and calibration rows) costs about what loading does; a download's
+# share is not known ahead, and its message says bytes i of N.
+_STAGE_COST_S = {
+    "preparing": 1.0,
+    "loading": 1.0,
+    "calibrating": 38.0,
+    "compressing": 0.5,
+    "saving": 0.6,
+    "hashing": 0.2,
+}
 _CALIBRATION_TOKENS = 32 * 256
 _CALIBRATION_FIXED_SHARE = 0.15
 _EVAL_OFFLINE_S = 10.0  # one model, 16 windows and 3 generations
 _EVAL_TASK_S = 22.0  # one model, one task of 100 items
+_DOWNLOAD_STEP = 0.02  # a download's progress is reported (and logged) every 2 % of its bytes
 
 
 class _Reporter:
@@ -50,19 +60,20 @@ class _Reporter:
     def __init__(self, callback: ProgressCallback | None, should_cancel: Callable[[], bool] | None) -> None:
         self.callback = callback
         self.should_cancel = should_cancel
-        self.stage = "loading"
+        self.stage = "preparing"
         self.layer_errors: list[dict[str, Any]] = []
-        self.costs: dict[str, float] = {"loading": _STAGE_COST_S["loading"]}
+        self.costs: dict[str, float] = {}
+        self._downloaded = -1.0
 
-    def plan(self, spec: CompressionSpec, report: PreflightReport) -> None:
+    def plan(self, spec: CompressionSpec, needs_calibration: bool) -> None:
         """Weigh the stages this run will go through (see _STAGE_COST_S)."""
-        if report.needs_calibration:
+        first = {stage: _STAGE_COST_S[stage] for stage in ("preparing", "loading")}
+        if needs_calibration:
             tokens = spec.calibration.samples * spec.calibration.max_seq_len
             share = _CALIBRATION_FIXED_SHARE + (1 - _CALIBRATION_FIXED_SHARE) * tokens / _CALIBRATION_TOKENS
-            compress = _STAGE_COST_S["calibrating"] * share
-            self.costs = {"loading": _STAGE_COST_S["loading"], "calibrating": compress}
+            self.costs = {**first, "calibrating": _STAGE_COST_S["calibrating"] * share}
         else:
-            self.costs = {"loading": _STAGE_COST_S["loading"], "compressing": _STAGE_COST_S["compressing"]}
+            self.costs = {**first, "compressing": _STAGE_COST_S["compressing"]}
         self.costs["saving"] = _STAGE_COST_S["saving"]
         evaluation = spec.evaluation
         if evaluation is not None:
@@ -96,6 +107,15 @@ class _Reporter:
         within = event.step / event.total if event.step is not None and event.total else 0.0
         self.emit(event.stage, event.message, within=within, step=event.step, total=event.total)
 
+    def download(self, done: int, total: int, file: str) -> None:
+        """A hub model's download, as bytes i of N (throttled: every _DOWNLOAD_STEP of it, and at the end)."""
+        within = done / total if total else 1.0
+        if within - self._downloaded < _DOWNLOAD_STEP and done < total:
+            self.check_cancel()
+            return
+        self._downloaded = within
+        self.emit("preparing", f"Downloading bytes {done:,} of {total:,} ({file})", within=within)
+
     def log(self, line: str) -> None:
         if self.callback:
             self.callback(ProgressEvent(stage=self.stage, log_line=line))
@@ -124,13 +144,15 @@ def compress(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
-    reporter.emit("loading", "Checking the job")
-    report = report or preflight(spec, store=store)
+    reporter.plan(spec, spec.calibration.kind != "none")  # refined once preflight knows the recipe
+    reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
+    report = report or preflight(spec, store=store, progress=reporter.download)
     resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
     plan = plan_memory(report.footprint, resources, device=spec.device)
+    reporter.emit("preparing", f"Memory plan: {plan.summary}")
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
-        reporter.plan(spec, report)
-        reporter.emit("loading", f"Memory plan: {plan.summary}")
+        reporter.plan(spec, report.needs_calibration)
+        reporter.emit("loading", "Loading the model")
         # Offload folders live in the staging folder: removed after use, and with it if the run dies.
         placement = plan.placement(scratch=staging)
         _compress_and_save(spec, report, plan, placement, staging, reporter, timings)
@@ -205,9 +227,8 @@ def _compress_and_save(
 def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: _Reporter):
     if not report.needs_calibration:
         return None
-    reporter.emit("calibrating", "Preparing calibration data (llm-compressor calibrates and compresses each layer)")
-    records = calib.load_records(spec.calibration)
-    return calib.tokenize_records(records, tokenizer, spec.calibration)
+    reporter.emit("calibrating", "Tokenizing calibration data (llm-compressor calibrates and compresses each layer)")
+    return calib.tokenize_records(report.calibration_records, tokenizer, spec.calibration)
 
 
 def _oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, dataset, reporter: _Reporter):

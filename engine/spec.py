@@ -9,10 +9,11 @@ from typing import Any
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in model's original on the hub
 BUILTIN_CALIBRATION = "builtin"
-# The stages a run goes through, in order (jobs.models.Job.Stage gives each its label). "calibrating"
+# The stages a run goes through, in order (jobs.models.Job.Stage gives each its label). "preparing" downloads
+# a hub model and the calibration data and runs the checks that need the weights (engine.preflight); "calibrating"
 # runs llm-compressor with calibration data, which calibrates and compresses each layer in one pass;
 # "compressing" runs a data-free recipe; "hashing" writes the card and the sha256 manifest.
-STAGES = ("loading", "calibrating", "compressing", "saving", "evaluating", "hashing", "done")
+STAGES = ("preparing", "loading", "calibrating", "compressing", "saving", "evaluating", "hashing", "done")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class CompressionSpec:
     trust_remote_code: bool = False
     # False on the web service: the model is the built-in name or a hub id, never a folder on the server.
     allow_local_paths: bool = True
+    # The recipe recorded at submission (preset or custom, with any layers left unquantized): the worker runs
+    # it as is. None: not checked yet (the engine's own CLI), so preflight runs the submission check first.
+    resolved_recipe: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,9 +9,9 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
-from engine.preflight import IGNORE_INDIVISIBLE_LABEL
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
+from engine.submission import IGNORE_INDIVISIBLE_LABEL
 from jobs.auth import login_wait_s
 from jobs.inputs import request_field
 from jobs.models import Job

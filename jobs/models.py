@@ -6,6 +6,7 @@ late message from a killed or cancelled task changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import PurePosixPath
 
@@ -57,6 +58,7 @@ class Job(models.Model):
         each layer in one pass, so that stage says both; a data-free recipe only compresses."""
 
         WAITING = "waiting", "Waiting in the queue"
+        PREPARING = "preparing", "Preparing"
         LOADING = "loading", "Loading"
         CALIBRATING = "calibrating", "Calibrating and compressing"
         COMPRESSING = "compressing", "Compressing"
@@ -85,7 +87,7 @@ class Job(models.Model):
     model_revision = models.CharField(max_length=200, blank=True)
     preset = models.CharField(max_length=64, blank=True, db_index=True)
     recipe_yaml = models.TextField(blank=True, help_text="A custom llm-compressor recipe (instead of a preset).")
-    resolved_recipe = models.TextField(blank=True, help_text="The recipe preflight resolved; what actually runs.")
+    resolved_recipe = models.TextField(blank=True, help_text="The recipe recorded at submission; what the worker runs.")
     calibration_kind = models.CharField(max_length=16, choices=CalibrationKind.choices, default=CalibrationKind.BUILTIN)
     calibration_file = models.ForeignKey(
         CalibrationDataset, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
@@ -102,6 +104,10 @@ class Job(models.Model):
     )
     device_class = models.CharField(max_length=8, choices=DeviceClass.choices, default=DeviceClass.GPU)
     spec_fingerprint = models.CharField(max_length=64, blank=True, db_index=True)
+    # A hub model's revision as the commit it named at submission: the worker downloads exactly that one.
+    model_commit = models.CharField(max_length=40, blank=True)
+    # The model's metadata seen at submission (engine.models.ModelFacts.summary): parameters, dtypes, bytes.
+    model_facts = models.JSONField(null=True, blank=True)
 
     # Where it stands.
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
@@ -170,8 +176,12 @@ class Job(models.Model):
         return str(PurePosixPath("jobs") / str(self.pk) / "checkpoint")
 
     def to_spec(self, *, device: str = "auto") -> CompressionSpec:
-        """The engine's view of this job (plain data, no Django)."""
-        return JobInput.from_job(self).to_spec(device=device)
+        """The engine's view of this job (plain data, no Django): once submitted, with the recorded recipe and
+        the pinned commit, so the worker runs what the submission check saw."""
+        spec = JobInput.from_job(self).to_spec(device=device)
+        return dataclasses.replace(
+            spec, revision=self.model_commit or spec.revision, resolved_recipe=self.resolved_recipe or None
+        )
 
 
 class JobLogLine(models.Model):

@@ -31,7 +31,7 @@ class JobProgress:
         self._lock = threading.Lock()
         self._fields: dict[str, Any] = {}
         self._lines: list[tuple[str, str]] = []
-        self._stage = "loading"
+        self._stage = "preparing"
         self._message = ""
         self._percent = 0.0
         self._cancelled = threading.Event()

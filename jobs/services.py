@@ -33,7 +33,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
-from engine.preflight import PreflightReport, preflight
+from engine.submission import SubmissionCheck, check_submission
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine
 from jobs.ratelimit import RateLimited, Window
@@ -72,7 +72,10 @@ def job_submit(
     retry_of: Job | None = None,
     attempt: int = 1,
 ) -> Submission:
-    """Check the job (policy, then preflight), then queue it once the transaction commits.
+    """Check the job (policy, then the submission check), record it, then queue it once the transaction commits.
+
+    The submission check is cheap and certain (engine.submission: no torch, no download); the recipe it
+    resolves and a hub model's commit are recorded on the job, and the worker runs exactly those.
 
     Raises PreflightError (with .field) when the job cannot succeed, and RateLimited when the owner is over
     the creation rate or a quota (active jobs, stored bytes); it never takes a queue place then, and only
@@ -82,13 +85,15 @@ def job_submit(
     """
     _check_policy(owner=owner, data=data)
     rate = creation_window(owner.pk)
-    # Refused before the (slow) preflight when already over; both are checked again where they are taken.
+    # Refused before the submission check when already over; both are checked again where they are taken.
     if rate.count() >= rate.limit:
         raise _creation_rate_error(rate)
     _check_active_jobs(owner)
     job = _job_from_input(owner=owner, data=data)
-    report = preflight(job.to_spec(device=_engine_device(job.device_class)))
+    report = check_submission(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
+    job.model_commit = report.model.commit or ""
+    job.model_facts = report.model.summary()
     job.spec_fingerprint = _fingerprint(job, report)
     if not force:
         existing = (
@@ -222,13 +227,12 @@ def _job_from_input(*, owner: AbstractBaseUser, data: JobInput) -> Job:
     return Job(owner=owner, **data.job_fields())
 
 
-def _fingerprint(job: Job, report: PreflightReport) -> str:
+def _fingerprint(job: Job, report: SubmissionCheck) -> str:
     """Identical work has the same fingerprint: model revision, resolved recipe, calibration data, evaluation."""
-    path = Path(report.model.path)
-    # A hub snapshot folder is named after its commit: the exact revision even when none was given.
-    revision = path.name if "snapshots" in path.parts else (job.model_revision or "")
+    # A hub model by its commit: the exact revision even when a branch (or none) was given.
+    revision = report.model.commit or job.model_revision or ""
     calibration: dict[str, Any] | None = None
-    if report.needs_calibration:
+    if report.needs_calibration is not False:  # a custom recipe may calibrate: its data counts
         # The uploaded file by its content, not its id: the same data uploaded twice is the same work.
         calibration = {key: value for key, value in api_calibration(job).items() if key != "dataset_id"}
         calibration["file_sha256"] = job.calibration_file.sha256 if job.calibration_file else None
@@ -293,21 +297,24 @@ def _this_run(job_id: int, task_id: str):
 def job_start(*, job_id: int, task_id: str, worker: str) -> Job | None:
     """Claim a queued job for this task. None: cancelled, claimed by someone else, or a stale message."""
     now = timezone.now()
-    claimed = Job.objects.filter(pk=job_id, status=Status.QUEUED, celery_task_id=task_id).update(
-        status=Status.RUNNING,
-        started_at=now,
-        heartbeat_at=now,
-        worker=worker,
-        stage=Job.Stage.LOADING,
-        message="Starting",
-        step=None,
-        total=None,
-        percent=0.0,
-        error="",
-    )
-    if not claimed:
-        return None
-    _append_log(job_id, [("loading", f"Started on {worker}.")])
+    # The claim and its "Started on" line commit together: every run that started says so in its log, even
+    # one whose process is frozen or killed right after the claim.
+    with transaction.atomic():
+        claimed = Job.objects.filter(pk=job_id, status=Status.QUEUED, celery_task_id=task_id).update(
+            status=Status.RUNNING,
+            started_at=now,
+            heartbeat_at=now,
+            worker=worker,
+            stage=Job.Stage.PREPARING,
+            message="Starting",
+            step=None,
+            total=None,
+            percent=0.0,
+            error="",
+        )
+        if not claimed:
+            return None
+        _append_log(job_id, [(Job.Stage.PREPARING, f"Started on {worker}.")])
     return Job.objects.select_related("calibration_file").get(pk=job_id)
 
 

@@ -134,6 +134,7 @@ def compress_job(self, job_id: int) -> None:
         logger.info("Job %s is not waiting for task %s (cancelled or taken); nothing to do", job_id, task_id)
         return
     services.job_remove_artifacts(job=job)  # leftovers of an earlier run of this job (re-queued)
+    _wait_for_preload()
     relpath = job.artifacts_relpath()
     progress = JobProgress(job_id=job.pk, task_id=task_id, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
     progress.start()
@@ -306,6 +307,16 @@ def _trim_host_heap() -> None:
         pass
 
 
+_preloading: list[threading.Thread] = []  # the preload thread of this worker child, while it runs
+
+
+def _wait_for_preload() -> None:
+    """A job that arrives while the child still preloads waits for it: importing llm-compressor on two threads
+    at once fails ("partially initialized module", its packages import each other)."""
+    while _preloading:
+        _preloading.pop().join()
+
+
 @worker_process_init.connect
 def _preload_engine(**_kwargs) -> None:
     """Import torch, transformers and llm-compressor in each new worker child, in the background.
@@ -324,7 +335,9 @@ def _preload_engine(**_kwargs) -> None:
         except Exception:  # noqa: BLE001 - the first job will report the real import error
             logger.exception("Preloading the engine failed")
 
-    threading.Thread(target=preload, name="preload-engine", daemon=True).start()
+    thread = threading.Thread(target=preload, name="preload-engine", daemon=True)
+    _preloading.append(thread)
+    thread.start()
 
 
 @shared_task(name="jobs.expire_artifacts", ignore_result=True)  # the "light" queue, hourly (CELERY_BEAT_SCHEDULE)

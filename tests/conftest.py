@@ -145,3 +145,38 @@ def fresh_shared_cache() -> Iterator[None]:
     client = redis.Redis.from_url(cache["LOCATION"])
     for key in client.scan_iter(match=f"{cache['KEY_PREFIX']}:*", count=500):
         client.delete(key)
+
+
+# --- a hub without the internet -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory) -> Iterator:
+    """A local server speaking the hub's HTTP API (tests/hub_server.py), with this session's own hub cache.
+
+    The worker processes the tests start get both as environment (HubServer.env);
+    the test process gets them per test through the `hub` fixture.
+    """
+    from tests.hub_server import HubServer
+
+    server = HubServer(tmp_path_factory.mktemp("hf-hub-cache")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch):
+    """The local hub for this test: the engine reads HF_ENDPOINT at each call; huggingface_hub read its cache
+    folder when it was first imported, so that constant is pointed at the session's cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_server.cache))
+    return hub_server
+
+
+@pytest.fixture
+def hub_repo_id():
+    """A fresh repository name: repositories live as long as the session's hub."""
+    return lambda name="model": f"test-org/{name}-{uuid.uuid4().hex[:8]}"

@@ -110,7 +110,8 @@ class JobSerializer(serializers.ModelSerializer):
         model = Job
         fields = [
             "id", "owner", "status", "stage", "message", "step", "total", "percent", "error",
-            "model", "revision", "preset", "recipe_yaml", "resolved_recipe", "calibration", "evaluation",
+            "model", "revision", "model_commit", "model_facts", "preset", "recipe_yaml", "resolved_recipe",
+            "calibration", "evaluation",
             "ignore_indivisible", "priority", "device_class", "queue", "queue_position", "worker",
             "attempt", "requeue_count", "retry_of", "created_at", "started_at", "finished_at",
             "heartbeat_at", "duration_s", "results", "manifest", "links", "duplicate",

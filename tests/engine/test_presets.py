@@ -58,7 +58,7 @@ def test_unknown_preset_names_the_known_ones():
         ("quant_stage:\n  modifiers:\n    QuantizationModifier: {scheme: FP8}\n", "names no modifiers"),
         (
             "quant_stage:\n  quant_modifiers:\n    NoSuchModifier: {scheme: FP8}\n",
-            "llm-compressor rejected the recipe",
+            "llm-compressor has no modifier 'NoSuchModifier'",
         ),
     ],
 )

@@ -24,7 +24,7 @@ def test_tiny_model_compresses_into_a_verified_checkpoint(tiny_model_dir, tmp_pa
     assert {"model.safetensors", "config.json", "recipe.yaml", "results.json"} <= {f["path"] for f in manifest["files"]}
     assert result.size_after_bytes < result.size_before_bytes
     stages = [e.stage for e in events if e.log_line is None]
-    assert stages[0] == "loading" and "saving" in stages and stages[-1] == "done"
+    assert stages[0] == "preparing" and "loading" in stages and "saving" in stages and stages[-1] == "done"
     assert any(e.log_line for e in events)  # llm-compressor's own log lines reach the callback
 
 
@@ -65,7 +65,7 @@ def test_stages_follow_what_ran_and_progress_moves_through_the_evaluation(gptq_r
     result, events = gptq_run
     stages = [stage for i, stage in enumerate(e.stage for e in events) if i == 0 or events[i - 1].stage != stage]
     # GPTQ calibrates and compresses in one stage; the card and the hashes come after the evaluation
-    assert stages == ["loading", "calibrating", "saving", "evaluating", "hashing", "done"]
+    assert stages == ["preparing", "loading", "calibrating", "saving", "evaluating", "hashing", "done"]
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1
     evaluating = [e.fraction for e in events if e.stage == "evaluating"]

@@ -27,6 +27,16 @@ from tests.support import REPO, database_url, wait_until
 FAULT_QUEUE = "faults"
 HEARTBEAT_S = 0.5
 HEARTBEAT_TIMEOUT_S = 6  # what the tests' reaper calls use: a silent job is reaped after this
+BUILTIN = "smollm2-135m-instruct"
+# A GPTQ job on the built-in model: its calibrating stage lasts tens of seconds (minutes on a loaded machine).
+GPTQ = {
+    "preset": "int8-w8a8-gptq",
+    "calibration_kind": "builtin",
+    "calibration_samples": 8,
+    "calibration_max_seq_len": 128,
+}
+# A static FP8 job on the built-in model: a calibrating stage of a few seconds (observers only, no Hessians).
+STATIC_FP8 = {**GPTQ, "preset": "fp8-static"}
 
 
 class FaultWorker(LiveWorker):
@@ -57,14 +67,16 @@ class FaultWorker(LiveWorker):
 
 
 @pytest.fixture(scope="session")
-def start_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Iterator[Callable[..., FaultWorker]]:
-    """start_worker(queue=..., broker_url=..., **env): a `celery worker` process; all are stopped at the end."""
+def launch_worker(
+    django_db_setup, broker, media_root, hub_server, tmp_path_factory
+) -> Iterator[Callable[..., FaultWorker]]:
+    """launch_worker(queue=..., broker_url=..., **env): a `celery worker` process; all are stopped at the end
+    of the session. Tests use start_worker, whose workers end with the test."""
     from django.db import connection
 
     started: list[FaultWorker] = []
 
-    def start(*, queue: str = FAULT_QUEUE, broker_url: str | None = None, wait: bool = True, **env: str) -> FaultWorker:
-
+    def start(*, queue: str = FAULT_QUEUE, broker_url: str | None = None, **env: str) -> FaultWorker:
         name = f"fault-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         log_path = tmp_path_factory.mktemp("fault-worker") / "worker.log"
         environment = {
@@ -78,6 +90,7 @@ def start_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Itera
             # The fault jobs run the tiny model from a server folder, as an operator who allows them would.
             "COMPRESSOR_ALLOW_LOCAL_PATHS": "True",
             "PYTHONUNBUFFERED": "1",
+            **hub_server.env,  # the session's local hub (tests/hub_server.py) is the workers' Hugging Face hub
             **env,
         }
         command = [
@@ -90,8 +103,7 @@ def start_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Itera
             )
         worker = FaultWorker(name=name, process=process, log_path=log_path)
         started.append(worker)
-        if wait:
-            wait_until_ready(worker, broker_url)
+        wait_until_ready(worker, broker_url)
         return worker
 
     def wait_until_ready(worker: FaultWorker, broker_url: str | None) -> None:
@@ -106,30 +118,46 @@ def start_worker(django_db_setup, broker, media_root, tmp_path_factory) -> Itera
 
         wait_until(ready, timeout=120, what=f"the worker {worker.name} to answer")
 
-    start.wait_until_ready = wait_until_ready
     yield start
     for worker in started:
         worker.stop()
 
 
-@pytest.fixture(scope="session")
-def fault_worker_process(start_worker) -> FaultWorker:
-    """The fault tests' shared worker (short heartbeat, normal limits), started once."""
-    return start_worker()
+@pytest.fixture
+def start_worker(launch_worker) -> Iterator[Callable[..., FaultWorker]]:
+    """start_worker(**like launch_worker): a worker of this test's own, stopped when the test ends (failed
+    or not), so that it never takes the jobs of a later test."""
+    started: list[FaultWorker] = []
+
+    def start(**options) -> FaultWorker:
+        worker = launch_worker(**options)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in reversed(started):
+        worker.stop()
 
 
 @pytest.fixture(scope="session")
-def light_worker(start_worker) -> FaultWorker:
+def shared_fault_worker() -> dict[str, FaultWorker | None]:
+    """The fault tests' shared worker (short heartbeat, normal limits), kept from test to test."""
+    return {"worker": None}
+
+
+@pytest.fixture(scope="session")
+def light_worker(launch_worker) -> FaultWorker:
     """A light worker (housekeeping queue): it runs the cancel fallback that terminates a run."""
-    return start_worker(queue="light", COMPRESSOR_WORKER_PRELOAD="false")
+    return launch_worker(queue="light", COMPRESSOR_WORKER_PRELOAD="false")
 
 
 @pytest.fixture
-def fault_worker(start_worker, fault_worker_process, transactional_db) -> Iterator[FaultWorker]:
-    """The shared fault worker, alive (a test that killed it gets a new one), idle afterwards."""
-    worker = fault_worker_process
-    if not worker.alive():
-        worker = start_worker()
+def fault_worker(launch_worker, shared_fault_worker, transactional_db) -> Iterator[FaultWorker]:
+    """The shared fault worker, alive (a test that killed it gets a new one for itself and the next tests),
+    the only consumer of the fault queue while the test runs, idle afterwards."""
+    worker = shared_fault_worker["worker"]
+    if worker is None or not worker.alive():
+        worker = shared_fault_worker["worker"] = launch_worker()
     yield worker
     if worker.alive():
         wait_until(lambda: not worker.active(), timeout=120, what="the fault worker to finish its task")

@@ -17,21 +17,17 @@ import pytest
 
 from jobs import services
 from jobs.models import Job
-from tests.faults.conftest import freeze, leftovers
+from tests.faults.conftest import BUILTIN, GPTQ, freeze, leftovers
 from tests.faults.test_worker_faults import _wait_running, _wait_status
+from tests.hub_server import llama_1b_files
 from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
 CANCEL_BOUND_S = 60
-BUILTIN = "smollm2-135m-instruct"
-GPTQ = {
-    "preset": "int8-w8a8-gptq",
-    "calibration_kind": "builtin",
-    "calibration_samples": 8,
-    "calibration_max_seq_len": 128,
-}
+HUB_1B = "test-org/llama-1b-to-cancel"  # served by the local hub: 2.5 GB to download, so preparing lasts
 STAGE_JOBS = {
+    "preparing": {"model_source": HUB_1B},
     "loading": {"model_source": BUILTIN},
     "calibrating": {"model_source": BUILTIN, **GPTQ},
     "saving": {"model_source": BUILTIN},
@@ -41,9 +37,11 @@ STAGE_JOBS = {
 
 @pytest.mark.parametrize("stage", list(STAGE_JOBS))
 def test_a_job_cancelled_in_each_stage_stops_and_leaves_nothing(
-    stage, fault_worker, light_worker, owner, queue_job, media_root, builtin_model, settings
+    stage, fault_worker, light_worker, owner, queue_job, media_root, builtin_model, settings, hub
 ):
     settings.COMPRESSOR_CANCEL_GRACE_S = 5
+    if HUB_1B not in hub.repos:
+        hub.add_repo(HUB_1B, llama_1b_files())
     # Given a job running in that stage
     job = queue_job(owner, **STAGE_JOBS[stage])
     _wait_running(job, fault_worker, stage=stage)
@@ -66,6 +64,31 @@ def test_a_job_cancelled_in_each_stage_stops_and_leaves_nothing(
     assert job.status == "cancelled" and job.results is None and not job.artifacts_path
     assert leftovers(media_root, job) == [], f"output left after a cancel in {stage}"
     assert elapsed < CANCEL_BOUND_S
+
+
+def test_a_job_cancelled_while_queued_stays_cancelled_across_worker_restarts(
+    start_worker, owner, queue_job, transactional_db
+):
+    # Given a queued job whose message waits on a queue no worker serves yet
+    held_queue = "faults-held"
+    job = queue_job(owner, queue=held_queue)
+
+    # When its owner cancels it (the revoke reaches no worker: none is running on that queue)
+    assert services.job_cancel(job=job, by=owner).status == "cancelled"
+
+    # Then a worker that starts on that queue takes the message and drops it, and after it restarts
+    # (twice) nothing of the job is left to run: it never starts and stays cancelled
+    for _restart in range(3):
+        worker = start_worker(queue=held_queue)
+        wait_until(
+            lambda: job.celery_task_id not in services.broker_task_ids(queues={held_queue}),
+            timeout=60,
+            what=f"the worker on {held_queue} to take the cancelled job's message",
+        )
+        worker.stop()
+    job.refresh_from_db()
+    assert job.status == "cancelled" and job.started_at is None
+    assert not job.log_lines.filter(text__startswith="Started on").exists()
 
 
 def test_soft_and_hard_time_limits_fail_the_job_for_good_and_the_worker_goes_on(

@@ -171,12 +171,15 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
 def test_a_job_delivered_twice_runs_once_and_leaves_one_checkpoint(
     fault_worker, start_worker, owner, queue_job, media_root, builtin_model
 ):
-    # Given a job that has run on one worker for longer than a second worker's visibility timeout (2 s)
+    # Given a job that has run on one worker for longer than a second worker's visibility timeout (2 s),
+    # held mid-run (SIGSTOP) so that it cannot end, and acknowledge its message, before that worker is up
     job = queue_job(owner, model_source="smollm2-135m-instruct")
     _wait_running(job, fault_worker)
+    held = _hold(fault_worker)
     time.sleep(3)
 
-    # When that second worker starts, Redis hands it the message again (it looks abandoned)
+    # When that second worker starts, Redis hands it the message again (it looks abandoned: the worker
+    # restores unacknowledged messages older than its visibility timeout as it starts polling)
     impatient = start_worker(
         COMPRESSOR_VISIBILITY_TIMEOUT_S="2",
         COMPRESSOR_JOB_SOFT_LIMIT_S="1",  # its settings insist on limits below the visibility timeout
@@ -184,11 +187,14 @@ def test_a_job_delivered_twice_runs_once_and_leaves_one_checkpoint(
         COMPRESSOR_WORKER_PRELOAD="false",
     )
     received = f"jobs.compress[{job.celery_task_id}] received"
-    wait_until(
-        lambda: received in impatient.log_path.read_text(errors="replace"),
-        timeout=60,
-        what="the second worker to receive the same message",
-    )
+    try:
+        wait_until(
+            lambda: received in impatient.log_path.read_text(errors="replace"),
+            timeout=60,
+            what="the second worker to receive the same message",
+        )
+    finally:
+        os.kill(held, signal.SIGCONT)
 
     # Then the job runs to success exactly once, with exactly one checkpoint
     done = _wait_status(job, "succeeded", "failed")
@@ -197,4 +203,3 @@ def test_a_job_delivered_twice_runs_once_and_leaves_one_checkpoint(
     folder = Path(media_root) / "jobs" / str(job.pk)
     assert [p.name for p in folder.iterdir()] == ["checkpoint"]
     assert received in fault_worker.log_path.read_text(errors="replace"), "the first delivery"
-    impatient.stop()

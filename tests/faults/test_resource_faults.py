@@ -14,13 +14,12 @@ import psutil
 import pytest
 
 from engine.artifacts import verify_manifest
-from tests.faults.conftest import leftovers
+from tests.faults.conftest import BUILTIN, STATIC_FP8, leftovers
 from tests.faults.test_worker_faults import _wait_running, _wait_status
 from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
-BUILTIN = "smollm2-135m-instruct"
 MiB = 1024 * 1024
 
 
@@ -75,9 +74,9 @@ def test_a_full_disk_fails_the_job_cleanly_and_a_job_that_cannot_fit_is_refused(
     earlier = make_job(owner)
     earlier_folder = checkpoint(earlier)
 
-    # When the disk fills up while a job (the built-in model) is compressing, before it writes
-    job = queue_job(owner, model_source=BUILTIN)
-    _wait_running(job, fault_worker, stage="compressing")
+    # When the disk fills up while a job (static FP8 on the built-in model) is calibrating, before it writes
+    job = queue_job(owner, model_source=BUILTIN, **STATIC_FP8)
+    _wait_running(job, fault_worker, stage="calibrating")
     filler = _fill(small_disk, leave_bytes=8 * MiB)
 
     # Then the job fails with "no space left", its temporary files are removed, the earlier checkpoint

@@ -31,7 +31,7 @@ def test_a_stale_run_cannot_write_into_finish_or_fail_the_next_run(owner, make_j
     # Then none of it lands: the next run owns the job, and its own writes still work
     assert (wrote, finished, failed) == (False, False, False)
     current = Job.objects.get(pk=job.pk)
-    assert current.status == "running" and current.worker == "w2" and current.stage == "loading"
+    assert current.status == "running" and current.worker == "w2" and current.stage == "preparing"
     assert services.job_record_progress(job_id=job.pk, task_id=next_run, stage="calibrating")
 
 

@@ -114,8 +114,9 @@ class LiveWorker:
 
 
 @pytest.fixture(scope="session")
-def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -> Iterator[LiveWorker]:
-    """`celery worker` as its own process on this session's queues and test database (started once)."""
+def live_worker_process(django_db_setup, broker, media_root, hub_server, tmp_path_factory) -> Iterator[LiveWorker]:
+    """`celery worker` as its own process on this session's queues and test database (started once), with the
+    session's local hub as its Hugging Face hub."""
     from django.db import connection
 
     from compressor_app.celery import app
@@ -131,6 +132,7 @@ def live_worker_process(django_db_setup, broker, media_root, tmp_path_factory) -
         "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
         "COMPRESSOR_CANCEL_GRACE_S": "5",
         "PYTHONUNBUFFERED": "1",
+        **hub_server.env,
     }
     command = [
         sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),

@@ -86,6 +86,20 @@ def test_a_job_runs_to_success_and_its_archive_matches_the_manifest(live_worker,
     assert again["id"] == job.pk and again["duplicate"] is True
 
 
+def test_a_refusal_only_the_worker_can_make_fails_the_job_in_the_same_words(live_worker, api, wait_job):
+    # Given a custom recipe whose modifier and arguments exist but whose scheme only llm-compressor can judge
+    # (importing it imports torch, which the web process never does)
+    recipe = "quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {scheme: NO_SUCH_SCHEME, targets: [Linear]}\n"
+    created = _create(api, {"recipe_yaml": recipe, "calibration": {"kind": "none"}})
+
+    # When the worker prepares it
+    failed = wait_job(created["id"], "failed", "succeeded")
+
+    # Then the job failed in its preparing stage with llm-compressor's reason, as a 400 would have said it
+    assert failed.status == "failed" and failed.stage == "preparing", (failed.status, failed.stage, failed.error)
+    assert "llm-compressor rejected the recipe" in failed.error and "preset scheme name" in failed.error
+
+
 def test_a_failed_job_is_retried_as_a_new_linked_job(live_worker, api, wait_job, media_root):
     # Given an uploaded calibration file and a GPTQ job using it, whose file vanishes before it runs
     upload = io.BytesIO(

@@ -1,0 +1,58 @@
+"""Part 7, hub submission: the API's submission latency for a hub model at concurrency C (target p95 < 200 ms).
+
+The model is a Llama-3.2-1B-shaped repository (its real config, a real safetensors header over 2.5 GB of
+generated zeros) on a local server that speaks the hub's HTTP API (tests/hub_server.py), started before the
+web server so that the web server's HF_ENDPOINT names it. Each submission reads the model's metadata from it
+(file list and commit, config.json, the safetensors header), checks W4A16's group size against the header's
+shapes and records the commit; nothing is downloaded. No worker runs: the jobs are cancelled afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+from bench.common import DATA_DIR, Figure, median, percentile, verdict
+from bench.part_throughput import submit_burst
+from bench.stack import Stack
+
+REPO_ID = "bench-org/llama-3.2-1b-shaped"
+TARGET_P95_S = 0.200
+
+
+def start_hub():
+    """The local hub, its repository made, and this process's environment (inherited by the web server) on it."""
+    from tests.hub_server import HubServer, llama_1b_files
+
+    hub = HubServer(DATA_DIR / "hf-hub-cache").start()
+    hub.add_repo(REPO_ID, llama_1b_files())
+    os.environ.update(hub.env)
+    return hub
+
+
+def run(stack: Stack, hub, *, total: int = 200, concurrency: int = 20) -> list[Figure]:
+    stack.stop_worker()
+    payload = {"model": REPO_ID, "preset": "w4a16-gptq", "calibration": {"kind": "builtin"}, "force": True}
+    burst = submit_burst(stack, payload, total=total, concurrency=concurrency)
+    accepted = burst.statuses.get(201, 0)
+    med, p95 = median(burst.latencies), percentile(burst.latencies, 95)
+    details = [
+        f"{total} POST /api/v1/jobs/ of {REPO_ID} (1.24 B parameters) from {concurrency} threads in "
+        f"{burst.wall_s:.1f} s = {total / burst.wall_s:.1f} submissions/s; first submission {burst.first_s:.2f} s",
+        f"status codes: {burst.statuses}; latency min {min(burst.latencies) * 1000:.0f} ms, median "
+        f"{med * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(burst.latencies) * 1000:.0f} ms",
+        f"the local hub answered {len(hub.requests)} requests (metadata only: model info, config.json, "
+        "the header's first 100 kB)",
+    ]
+    if burst.errors:
+        details.append(f"first errors: {burst.errors}")
+    return [
+        Figure(
+            "hub_submission",
+            f"API: hub-model submission p95 at concurrency {concurrency}",
+            f"< {TARGET_P95_S * 1000:.0f} ms",
+            f"{p95 * 1000:.0f} ms (median {med * 1000:.0f} ms, {accepted}/{total} accepted)",
+            p95 / TARGET_P95_S,
+            verdict(p95 < TARGET_P95_S and accepted == total),
+            details,
+        )
+    ]

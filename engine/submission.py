@@ -1,0 +1,222 @@
+"""The submission check: what is cheap and certain, whatever the model's size, before a job takes a place in
+the queue. It never imports torch, transformers or llm-compressor and never downloads weights, because it
+runs in the web process: the request's fields, the recipe without a model, lm-eval task names, a hub
+dataset's id, and the model's metadata (config.json, file sizes, the safetensors header), with a hub
+model's revision pinned to its commit sha. What needs the weights or the data runs in the worker's first
+stage, "preparing" (engine.preflight), and fails the job with the same field-named words.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import calibration as calib
+from engine import hub
+from engine.errors import EngineError, PreflightError
+from engine.lm_tasks import LOCAL_TASKS, known_task_names
+from engine.models import ModelFacts, Tensors, model_facts
+from engine.presets import check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
+
+# The words of the option that leaves such layers unquantized, as the form's checkbox shows them.
+IGNORE_INDIVISIBLE_LABEL = "Leave layers a grouped scheme cannot divide unquantized"
+
+# Embedding tables are 2-D weights that no Linear target covers (Llama's embed_tokens, GPT-2's wte and wpe).
+_EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe)$")
+
+
+@dataclass
+class SubmissionCheck:
+    """What the submission check learned: the recipe to record (what the worker runs) and the model's facts."""
+
+    model: ModelFacts
+    recipe_yaml: str
+    extra_ignore: list[str] = field(default_factory=list)
+    # None for a custom recipe: only llm-compressor (in the worker) can tell whether it calibrates.
+    needs_calibration: bool | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_submission(spec: CompressionSpec, *, store: Path | None = None) -> SubmissionCheck:
+    """Check a job without its weights; raise PreflightError (with .field) when it cannot succeed."""
+    try:
+        return _check(spec, store)
+    except PreflightError:
+        raise
+    except EngineError as exc:
+        raise PreflightError(exc.message, field=exc.field) from None
+
+
+def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
+    recipe_yaml = base_recipe(spec)
+    # What the request's text alone decides comes first: it costs nothing and needs no model.
+    if spec.calibration.kind == "hub":
+        calib.check_hub_dataset_id(spec.calibration.dataset)
+    check_tasks(spec.evaluation)
+    model = model_facts(
+        spec.model,
+        spec.revision,
+        allow_pickle=spec.allow_pickle,
+        trust_remote_code=spec.trust_remote_code,
+        allow_local=spec.allow_local_paths,
+        store=store,
+    )
+    _check_architecture_name(model)
+    preset = get_preset(spec.preset) if spec.preset else None
+    extra_ignore: list[str] = []
+    if model.tensors:  # without a header (pickle weights only) the worker checks the shapes
+        widths = header_linear_widths(model.tensors)
+        if preset:
+            sizes = {preset.group_size} if preset.group_size else set()
+            extra_ignore = check_group_sizes(widths, sizes, spec.ignore_indivisible)
+            recipe_yaml = preset.recipe_yaml(extra_ignore) if extra_ignore else recipe_yaml
+        else:
+            extra_ignore = check_recipe_divides(recipe_yaml, widths, spec.ignore_indivisible)
+    needs_calibration = preset.needs_calibration if preset else None
+    check_calibration(spec.calibration, needs_calibration)
+    return SubmissionCheck(model, recipe_yaml, extra_ignore, needs_calibration)
+
+
+def base_recipe(spec: CompressionSpec) -> str:
+    """The recipe the request names: a preset's, or the custom text checked without llm-compressor."""
+    if spec.preset and spec.recipe_yaml:
+        raise PreflightError("Give either a preset or a custom recipe, not both.", field="recipe")
+    if spec.preset:
+        return get_preset(spec.preset).recipe_yaml()
+    if spec.recipe_yaml:
+        return check_recipe_text(spec.recipe_yaml)
+    raise PreflightError("Choose a preset or give a custom recipe.", field="preset")
+
+
+def not_a_causal_lm(name: str, config: dict) -> PreflightError:
+    return PreflightError(
+        f"'{name}' is not a causal language model this service supports "
+        f"(model_type={config.get('model_type')!r}, architectures={config.get('architectures') or []}).",
+        field="model",
+    )
+
+
+def _check_architecture_name(model: ModelFacts) -> None:
+    """By the class names transformers uses for causal LMs; the worker checks against transformers itself."""
+    architectures = model.config.get("architectures") or []
+    if not model.config.get("model_type") or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise not_a_causal_lm(model.name, model.config)
+
+
+def header_linear_widths(tensors: Tensors) -> dict[str, int]:
+    """The input width of each layer a Linear target covers, from its weight's (out, in) shape in the header."""
+    return {
+        name.removesuffix(".weight"): shape[1]
+        for name, (_dtype, shape) in tensors.items()
+        if name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.search(name.removesuffix(".weight"))
+    }
+
+
+def check_group_sizes(widths: dict[str, int], group_sizes: set[int], ignore_indivisible: bool) -> list[str]:
+    """Grouped schemes need each quantized layer's input columns divisible by the group size.
+
+    widths: layer name -> input width. Returns the layers to leave unquantized (ignore_indivisible), or
+    raises naming them.
+    """
+    if not group_sizes:
+        return []
+    bad = sorted(
+        name
+        for name, width in widths.items()
+        if not name.endswith("lm_head") and any(width % size for size in group_sizes)
+    )
+    if not bad:
+        return []
+    if ignore_indivisible:
+        return _compact_ignore(widths, bad)
+    shown = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", name) for name in bad}))
+    shown_widths = ", ".join(str(width) for width in sorted({widths[name] for name in bad}))
+    raise PreflightError(
+        f"Group size {', '.join(map(str, sorted(group_sizes)))} does not divide the input width ({shown_widths}) "
+        f"of {len(bad)} layers: {shown}. Choose another preset, or leave these layers unquantized: tick "
+        f"“{IGNORE_INDIVISIBLE_LABEL}” on the form (ignore_indivisible in the API, --ignore-indivisible "
+        "on the command line).",
+        field="preset",
+    )
+
+
+def check_recipe_divides(recipe_yaml: str, widths: dict[str, int], ignore_indivisible: bool) -> list[str]:
+    """A recipe's group sizes against the layers' input widths (from the header, or the worker's modules).
+
+    Returns the layers it leaves unquantized; refuses layers the recipe would quantize that its group size
+    cannot divide (leaving them out is automatic for presets only, whose recipe is made with them ignored).
+    """
+    extra_ignore = check_group_sizes(widths, recipe_group_sizes(recipe_yaml), ignore_indivisible)
+    missing = sorted(set(extra_ignore) - recipe_ignore(recipe_yaml))
+    if missing:
+        raise PreflightError(
+            "Leaving indivisible layers unquantized is only automatic for presets; add them to your recipe's "
+            f"ignore list: {', '.join(missing)}.",
+            field="recipe",
+        )
+    return extra_ignore
+
+
+def _compact_ignore(widths: dict[str, int], bad: list[str]) -> list[str]:
+    """Collapse per-layer names into llm-compressor 're:' patterns where a pattern matches only bad layers."""
+    bad_set, compact = set(bad), []
+    for pattern in sorted({_layer_pattern(name) for name in bad}):
+        matches = {n for n in widths if re.fullmatch(pattern, n)}
+        compact.extend([f"re:^{pattern}$"] if matches <= bad_set else sorted(matches & bad_set))
+    return compact
+
+
+def _layer_pattern(name: str) -> str:
+    """model.layers.3.mlp.up_proj -> model\\.layers\\.\\d+\\.mlp\\.up_proj (numbered parts become \\d+)."""
+    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+
+
+def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, load_hub: bool = False) -> list[dict]:
+    """Refuse calibration settings that cannot work; return the rows read (a hub set only with load_hub).
+
+    needs_calibration None (a custom recipe not yet judged by llm-compressor): "none" is left to the worker.
+    """
+    if needs_calibration is False or (needs_calibration is None and cal.kind == "none"):
+        return []
+    if cal.kind == "none":
+        raise PreflightError(
+            "This recipe needs calibration data (its scales or Hessians come from sample activations); "
+            "choose the built-in set, upload a JSONL file or name a hub dataset.",
+            field="calibration",
+        )
+    if cal.samples < 1 or cal.max_seq_len < 8:
+        raise PreflightError("Use at least 1 sample of at least 8 tokens.", field="calibration")
+    if cal.kind == "hub" and not load_hub:
+        hub.check_dataset(cal.dataset)  # metadata only: the web process never reads a dataset (nor its cache)
+        return []
+    records = calib.load_records(cal)
+    if len(records) < cal.samples:
+        raise PreflightError(
+            f"The calibration data has {len(records)} usable rows but {cal.samples} samples were requested.",
+            field="calibration",
+        )
+    return records
+
+
+def check_tasks(evaluation: EvaluationSpec | None) -> None:
+    """Unknown lm-eval task names are refused now, not after the whole compression has run."""
+    wanted = set(evaluation.tasks) - set(LOCAL_TASKS) if evaluation else set()
+    if not wanted:
+        return
+    from engine.evaluation import _tasks_dir
+
+    unknown = sorted(wanted - _known_tasks(_tasks_dir()))
+    if unknown:
+        shown = ", ".join(f"'{name[:100]}'" for name in unknown[:5])
+        raise PreflightError(
+            f"lm-eval has no task named {shown}; the tasks shipped with the service are {', '.join(LOCAL_TASKS)}.",
+            field="evaluation",
+        )
+
+
+@functools.cache
+def _known_tasks(folder: Path) -> frozenset[str]:
+    return known_task_names(folder)
