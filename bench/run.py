@@ -3,10 +3,10 @@
     .venv/bin/python bench/run.py                      # every part (what `make bench` runs)
     .venv/bin/python bench/run.py --part downloads     # one part (repeat --part for several)
 
-Parts: job_time (with memory), throughput, dashboard, downloads, gpu, hub_submission. The bench starts its own
-web server and Celery worker against its own PostgreSQL database (bench_compressor) and data folder
-(var/bench/data), and a local hub for hub_submission, and stops them at the end. It reports; it never fails
-the build (exit status 0 unless it cannot start). The table is also written to bench/results/latest.md
+Parts: job_time (with memory), throughput, dashboard, downloads, gpu, hub_submission, memory_1b. The bench
+starts its own web server and Celery worker against its own PostgreSQL database (bench_compressor) and data
+folder (var/bench/data), and a local hub for hub_submission, and stops them at the end. It reports; it never
+fails the build (exit status 0 unless it cannot start). The table is also written to bench/results/latest.md
 with the machine and the date.
 """
 
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import RESULTS_DIR, Figure, error_figure, machine_info  # noqa: E402
 
-PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu", "hub_submission")
+PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu", "hub_submission", "memory_1b")
 
 
 def run_part(name: str, stack, args, hub) -> list[Figure]:
@@ -51,6 +51,10 @@ def run_part(name: str, stack, args, hub) -> list[Figure]:
         from bench import part_hub_submission
 
         return part_hub_submission.run(stack, hub, total=args.submissions, concurrency=args.concurrency)
+    if name == "memory_1b":
+        from bench import part_memory_1b
+
+        return part_memory_1b.run(stack)
     raise ValueError(name)
 
 

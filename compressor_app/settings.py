@@ -209,6 +209,13 @@ FILE_UPLOAD_HANDLERS = [
 ]
 # Warm GPU workers: import torch and llm-compressor in each worker child before its first job.
 COMPRESSOR_WORKER_PRELOAD = env.bool("COMPRESSOR_WORKER_PRELOAD", default=True)
+# The memory plan (engine.plan) weighs what the worker measures: host memory available, each GPU's free
+# memory, the GPUs, the disk free where checkpoints go. These caps lower those figures (decimal MB; unset:
+# as measured): a worker that shares its machine, or a test that makes a small worker of a big one.
+COMPRESSOR_WORKER_HOST_RAM_MB = env.int("COMPRESSOR_WORKER_HOST_RAM_MB", default=None)
+COMPRESSOR_WORKER_GPU_MEMORY_MB = env.int("COMPRESSOR_WORKER_GPU_MEMORY_MB", default=None)
+COMPRESSOR_WORKER_GPUS = env.int("COMPRESSOR_WORKER_GPUS", default=None)
+COMPRESSOR_WORKER_DISK_MB = env.int("COMPRESSOR_WORKER_DISK_MB", default=None)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

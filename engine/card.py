@@ -16,6 +16,7 @@ import yaml
 
 from engine.calibration import builtin_records_code
 from engine.lm_tasks import LOCAL_TASKS
+from engine.plan import FIGURE_LABELS, MODE_LABELS
 from engine.presets import Preset
 from engine.spec import BUILTIN_HUB_ID, BUILTIN_MODEL, CalibrationSpec
 from engine.units import RECOVERY_DEFINITION, percent_text, size_text
@@ -271,8 +272,10 @@ def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | 
         )
     ran_on = ""
     if settings.get("device"):
-        plan = f": {_md(settings['memory_plan'])}" if settings.get("memory_plan") else ""
-        ran_on = f" It ran on {_md(settings['device'])}{plan}."
+        plan = settings.get("memory_plan") or {}
+        plan = plan if isinstance(plan, dict) else {"summary": plan}  # results from before the plan had figures
+        summary = f": {_md(plan['summary'])}" if plan.get("summary") else ""
+        ran_on = f" It ran on {_md(settings['device'])}{summary}.{_plan_figures(plan)}"
     model_id = repr(hub_id(base_model))
     snippet = (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -293,6 +296,22 @@ def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | 
         f"To reproduce it with llm-compressor (nothing else from the service is needed):\n\n"
         f"{_fenced(snippet, 'python')}"
     )
+
+
+def _plan_figures(plan: dict) -> str:
+    """ " Memory plan (disk offload): host memory 528.3 MB needed, 600.0 MB available (capped); ..." or ""."""
+    figures = plan.get("figures") or {}
+    parts = []
+    for key, label in FIGURE_LABELS.items():
+        figure = figures.get(key)
+        if figure:
+            cap = " (capped)" if figure.get("capped") else ""
+            parts.append(
+                f"{label.lower()} {size_text(figure['needed'])} needed, {size_text(figure['available'])} available{cap}"
+            )
+    if not parts:
+        return ""
+    return f" Memory plan, {MODE_LABELS.get(plan.get('mode'), plan.get('mode'))}: {'; '.join(parts)}."
 
 
 def _describe_calibration(calibration: CalibrationSpec) -> str:

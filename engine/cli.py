@@ -11,6 +11,7 @@ from tqdm import tqdm
 from engine.errors import EngineError
 from engine.models import download_builtin_gguf, ensure_builtin_model
 from engine.presets import PRESETS
+from engine.resources import WorkerCaps
 from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, ProgressEvent
 from engine.units import size_text
 
@@ -40,6 +41,11 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true", help="evaluate baseline and compressed model")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (implies --eval)")
     parser.add_argument("--eval-limit", type=int, help="limit lm-eval examples per task")
+    caps = parser.add_argument_group("caps on this machine's resources, for the memory plan (decimal MB)")
+    caps.add_argument("--host-ram-mb", type=int, help="host memory the plan may count on")
+    caps.add_argument("--gpu-memory-mb", type=int, help="free memory of each GPU the plan may count on")
+    caps.add_argument("--gpus", type=int, help="GPUs the plan may use (0: plan as on a CPU-only machine)")
+    caps.add_argument("--disk-mb", type=int, help="free disk the plan may count on where the checkpoint goes")
     return parser
 
 
@@ -106,7 +112,7 @@ def run(argv: list[str] | None = None, prog: str = "python -m engine") -> int:
 
         bar = _ProgressBar()
         try:
-            result = compress(spec, args.out, progress=bar)
+            result = compress(spec, args.out, progress=bar, caps=_caps_from_args(args))
         finally:
             bar.close()
     except (EngineError, FileExistsError) as exc:
@@ -118,12 +124,19 @@ def run(argv: list[str] | None = None, prog: str = "python -m engine") -> int:
         print(results_table(result.evaluation, baseline_name=spec.model, compressed_name=args.out.name))
         for failed in result.evaluation["tasks_failed"]:
             print(f"{failed['task']}: not run ({failed['reason']})")
+    print(f"Memory plan: {result.settings['memory_plan']['summary']}")
     print(f"Checkpoint: {result.output_dir}")
     print(
         f"Size: {size_text(result.size_before_bytes)} -> {size_text(result.size_after_bytes)} "
         f"(compression ratio {result.compression_ratio:.2f}x)"
     )
     return 0
+
+
+def _caps_from_args(args: argparse.Namespace) -> WorkerCaps:
+    return WorkerCaps(
+        host_ram_mb=args.host_ram_mb, gpu_memory_mb=args.gpu_memory_mb, gpus=args.gpus, disk_mb=args.disk_mb
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

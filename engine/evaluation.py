@@ -35,11 +35,13 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from engine.errors import CancelledError, EngineError
 from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
+from engine.plan import Placement, placed_model, ready_for_inference
 from engine.spec import EvaluationSpec, ProgressEvent
 from engine.units import recovery_percent
 
@@ -74,25 +76,28 @@ def evaluate(
     compressed_dir: Path,
     baseline_key: str,
     cache_dir: Path,
-    device: str = "cpu",
+    placement: Placement | None = None,
     progress: ProgressCallback | None = None,
     windows: int = WINDOWS,
     window_tokens: int = WINDOW_TOKENS,
 ) -> dict[str, Any]:
     """Evaluate both models; return metrics with recovery, generations and failed tasks (JSON-ready).
 
-    windows x window_tokens tokens of held-out text are scored (spec.limit caps the windows); the
-    defaults take about 20 s for a 135M model on two CPU cores, baseline included.
+    placement: where the job's memory plan put the model (engine.plan); both models are loaded the same way.
+    By default, the whole model in host memory on the CPU. windows x window_tokens tokens of held-out text
+    are scored (spec.limit caps the windows); the defaults take about 20 s for a 135M model on two CPU
+    cores, baseline included.
     """
-    settings = _settings(spec, device, min(spec.limit or windows, windows), window_tokens)
+    placement = placement or Placement()
+    settings = _settings(spec, placement.device, min(spec.limit or windows, windows), window_tokens)
     tasks, failed = _runnable_tasks(spec)
     parts = ([OFFLINE] if spec.offline else []) + tasks
     step = _Progress(progress, parts=2 * len(parts))
     cache = _BaselineCache(Path(cache_dir), baseline_key, settings)
-    baseline, missing = _baseline(Path(baseline_dir), parts, cache, spec, settings, device, step)
+    baseline, missing = _baseline(Path(baseline_dir), parts, cache, spec, settings, placement, step)
     runnable = [part for part in parts if "error" not in baseline[part]]
     reference = baseline.get(OFFLINE)
-    compressed = _measure(Path(compressed_dir), runnable, spec, settings, device, step, "compressed", reference)
+    compressed = _measure(Path(compressed_dir), runnable, spec, settings, placement, step, "compressed", reference)
     failed += _failures(tasks, baseline, compressed)
     offline = _offline_results(baseline[OFFLINE], compressed[OFFLINE]) if spec.offline else {}
     metrics = offline.get("metrics", []) + _task_metrics(tasks, baseline, compressed)
@@ -116,13 +121,13 @@ def default_cache_dir() -> Path:
 # --- measuring one model -----------------------------------------------------------------------
 
 
-def _baseline(path: Path, parts: list[str], cache: _BaselineCache, spec, settings, device, step):
+def _baseline(path: Path, parts: list[str], cache: _BaselineCache, spec, settings, placement, step):
     """The baseline's measurements per part, from the cache where present; also the parts measured now."""
     baseline = {part: value for part in parts if (value := cache.load(part)) is not None}
     for part in baseline:
         step.part(f"baseline, {_describe(part, settings)} (cached)")
     missing = [part for part in parts if part not in baseline]
-    for part, value in _measure(path, missing, spec, settings, device, step, "baseline").items():
+    for part, value in _measure(path, missing, spec, settings, placement, step, "baseline").items():
         baseline[part] = value
         if "error" not in value:  # a failure may be transient (hub, memory): try again next time
             cache.store(part, value)
@@ -132,12 +137,14 @@ def _baseline(path: Path, parts: list[str], cache: _BaselineCache, spec, setting
 class _Model:
     """One folder's model and tokenizer, loaded on first use; released before vLLM loads its own copy."""
 
-    def __init__(self, path: Path, device: str) -> None:
-        self.path, self.device, self._loaded = path, device, None
+    def __init__(self, path: Path, placement: Placement) -> None:
+        self.path, self.placement, self._loaded = path, placement, None
+        self.device = placement.device
+        self._stack = ExitStack()  # the loaded model's offload folder, if the plan offloads to disk
 
     def get(self):
         if self._loaded is None:
-            self._loaded = _load(self.path, self.device)
+            self._loaded = _load(self.path, self.placement, self._stack)
         return self._loaded
 
     def release(self) -> None:
@@ -145,13 +152,16 @@ class _Model:
 
         self._loaded = None
         gc.collect()
+        self._stack.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _measure(path: Path, parts: list[str], spec, settings, device, step, side: str, reference=None) -> dict[str, dict]:
+def _measure(
+    path: Path, parts: list[str], spec, settings, placement, step, side: str, reference=None
+) -> dict[str, dict]:
     """Run the given parts on one model: {part: measurements, or {"error": reason} for a failed task}."""
-    model = _Model(path, device)
+    model = _Model(path, placement)
     results: dict[str, dict] = {}
     for part in parts:
         step.part(f"{side}, {_describe(part, settings)}")
@@ -161,7 +171,7 @@ def _measure(path: Path, parts: list[str], spec, settings, device, step, side: s
         if spec.backend == "vllm":
             model.release()
         try:
-            results[part] = _run_task(path, model, part, spec, device, step.within)
+            results[part] = _run_task(path, model, part, spec, step.within)
         except CancelledError:  # raised by the progress callback: the job stops, the task did not fail
             raise
         except Exception as exc:  # lm-eval and datasets raise many kinds; the reason goes in the report
@@ -170,11 +180,11 @@ def _measure(path: Path, parts: list[str], spec, settings, device, step, side: s
     return results
 
 
-def _load(path: Path, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(path: Path, placement: Placement, stack: ExitStack):
+    """The model placed as the job's plan says (never moved whole to a GPU it does not fit), and its tokenizer."""
+    from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    kwargs: dict[str, Any] = {}
     config = json.loads((path / "config.json").read_text())
     if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
         from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -184,8 +194,8 @@ def _load(path: Path, device: str):
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the point
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+        model = stack.enter_context(placed_model(path, placement, **kwargs))
+    return ready_for_inference(model.eval(), placement), AutoTokenizer.from_pretrained(path)
 
 
 def _offline(model, tokenizer, spec: EvaluationSpec, settings: dict, reference: dict | None, within) -> dict:
@@ -327,7 +337,7 @@ def _task_manager(include_path: str):
     return TaskManager(include_path=str(write_local_tasks(Path(include_path))))
 
 
-def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, device: str, within) -> dict:
+def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, within) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -341,7 +351,7 @@ def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, device
         )
     else:
         hf_model, tokenizer = model.get()
-        lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=device, batch_size=8)
+        lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=model.device, batch_size=8)
         lm.report, model_args = within, None
     output = lm_eval.simple_evaluate(
         model=lm,

@@ -13,19 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from engine.errors import EngineError, PreflightError
 from engine.hub import DownloadProgress
 from engine.models import ResolvedModel, resolve_model
-from engine.presets import recipe_needs_calibration, validate_recipe_yaml
+from engine.plan import ModelFootprint, model_footprint
+from engine.presets import recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
 from engine.spec import CompressionSpec
 from engine.submission import check_calibration, check_recipe_divides, check_submission, not_a_causal_lm
-
-# Bytes of host memory a run needs per parameter: the bf16 weights (2) plus the compressed copy,
-# the calibration activations and the Hessians kept during GPTQ/SparseGPT.
-_HOST_BYTES_PER_PARAM = 4.0
-_BYTES_PER_PARAM_BF16 = 2
 
 
 @dataclass
@@ -39,7 +33,7 @@ class PreflightReport:
     needs_calibration: bool = False
     calibration_rows: int = 0
     calibration_records: list[dict[str, Any]] = field(default_factory=list)
-    estimated_host_bytes: int = 0
+    footprint: ModelFootprint | None = None  # the memory plan's input (engine.plan): the runner plans before loading
     warnings: list[str] = field(default_factory=list)
 
 
@@ -80,16 +74,21 @@ def _preflight(spec: CompressionSpec, store: Path | None, progress: DownloadProg
     # The recorded recipe against the real modules: the header's shapes were judged at submission, but a
     # model without a header (pickle weights only) is first judged here.
     extra_ignore = check_recipe_divides(recipe_yaml, _linear_widths(skeleton), spec.ignore_indivisible)
-    num_parameters = sum(p.numel() for p in skeleton.parameters())
+    needs_calibration = recipe_needs_calibration(recipe_yaml)
+    footprint = model_footprint(
+        skeleton,
+        hessians=recipe_uses_hessians(recipe_yaml),
+        samples=spec.calibration.samples if needs_calibration else 0,
+        max_seq_len=spec.calibration.max_seq_len,
+    )
     report = PreflightReport(
         model=model,
         recipe_yaml=recipe_yaml,
         extra_ignore=extra_ignore,
-        num_parameters=num_parameters,
-        needs_calibration=recipe_needs_calibration(recipe_yaml),
-        estimated_host_bytes=int(num_parameters * _HOST_BYTES_PER_PARAM),
+        num_parameters=footprint.num_parameters,
+        needs_calibration=needs_calibration,
+        footprint=footprint,
     )
-    _check_memory(report, skeleton, spec.device)
     report.calibration_records = check_calibration(spec.calibration, report.needs_calibration, load_hub=True)
     report.calibration_rows = len(report.calibration_records)
     return report
@@ -119,37 +118,3 @@ def _linear_widths(skeleton) -> dict[str, int]:
     import torch
 
     return {name: m.in_features for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def _check_memory(report: PreflightReport, skeleton, device: str) -> None:
-    available = psutil.virtual_memory().available
-    if report.estimated_host_bytes > available:
-        raise PreflightError(
-            f"The model has {report.num_parameters / 1e9:.2f} B parameters and needs about "
-            f"{report.estimated_host_bytes / 2**30:.1f} GiB of host memory; this worker has "
-            f"{available / 2**30:.1f} GiB free.",
-            field="model",
-        )
-    if device != "cpu":
-        _check_gpu_memory(report, skeleton, device)
-
-
-def _check_gpu_memory(report: PreflightReport, skeleton, device: str) -> None:
-    """The sequential pipeline brings one decoder layer at a time to the GPU (two for Hessians)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        if device.startswith("cuda"):
-            raise PreflightError("A GPU was requested but this worker has none.", field="device")
-        return
-    layers = getattr(getattr(skeleton, "model", skeleton), "layers", None)
-    if not layers:
-        return
-    layer_bytes = sum(p.numel() for p in layers[0].parameters()) * _BYTES_PER_PARAM_BF16
-    free, _total = torch.cuda.mem_get_info()
-    if 2 * layer_bytes > free:
-        raise PreflightError(
-            f"One decoder layer needs about {2 * layer_bytes / 2**30:.1f} GiB of GPU memory; "
-            f"the GPU has {free / 2**30:.1f} GiB free.",
-            field="device",
-        )

@@ -401,6 +401,14 @@ def recipe_needs_calibration(text: str) -> bool:
     return any(m.requires_calibration_data for m in Recipe.from_dict(load_recipe_yaml(text)).modifiers)
 
 
+def recipe_uses_hessians(text: str) -> bool:
+    """Whether the recipe runs GPTQ or SparseGPT, which keep a Hessian for each Linear of the layer at work."""
+    from llmcompressor.recipe import Recipe
+
+    modifiers = Recipe.from_dict(load_recipe_yaml(text)).modifiers
+    return any(type(m).__name__ in ("GPTQModifier", "SparseGPTModifier") for m in modifiers)
+
+
 def _modifier_args(node: Any) -> list[dict[str, Any]]:
     """All modifier argument mappings found anywhere in a parsed recipe."""
     found: list[dict[str, Any]] = []

@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from engine import calibration as calib
-from engine.artifacts import check_free_space, staging_folder, weights_bytes, write_manifest
+from engine.artifacts import staging_folder, weights_bytes, write_manifest
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS, default_cache_dir, evaluate
+from engine.plan import MemoryPlan, Placement, placed_model, plan_memory
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS
+from engine.resources import WorkerCaps, detect_resources
 from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
-from engine.units import size_text
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -132,8 +133,12 @@ def compress(
     should_cancel: Callable[[], bool] | None = None,
     store: Path | None = None,
     report: PreflightReport | None = None,
+    caps: WorkerCaps | None = None,
 ) -> CompressionResult:
-    """Compress spec.model into out_dir (which must not exist yet); return what was produced."""
+    """Compress spec.model into out_dir (which must not exist yet); return what was produced.
+
+    caps: the operator's limits on this worker's resources (COMPRESSOR_WORKER_*), which the memory plan obeys.
+    """
     reporter = _Reporter(progress, should_cancel)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
@@ -142,36 +147,22 @@ def compress(
     reporter.plan(spec, spec.calibration.kind != "none")  # refined once preflight knows the recipe
     reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
     report = report or preflight(spec, store=store, progress=reporter.download)
-    check_free_space(out_dir.parent, weights_bytes=report.model.weights_bytes)
+    resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
+    plan = plan_memory(report.footprint, resources, device=spec.device)
+    reporter.emit("preparing", f"Memory plan: {plan.summary}")
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
         reporter.plan(spec, report.needs_calibration)
         reporter.emit("loading", "Loading the model")
-        started = time.perf_counter()
-        model, tokenizer = _load(report, spec)
-        timings["load_s"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        dataset = _calibration_dataset(spec, report, tokenizer, reporter)
-        with _layer_progress(model, reporter), _layer_errors(model, reporter):
-            _oneshot(model, tokenizer, report, spec, dataset, reporter)
-        timings["compress_s"] = time.perf_counter() - started
-
-        started = time.perf_counter()
-        reporter.emit("saving", "Writing the compressed checkpoint")
-        model.save_pretrained(staging, save_compressed=True)
-        tokenizer.save_pretrained(staging)
-        (staging / "recipe.yaml").write_text(report.recipe_yaml)
-        timings["save_s"] = time.perf_counter() - started
-        del model
-        gc.collect()
-
+        # Offload folders live in the staging folder: removed after use, and with it if the run dies.
+        placement = plan.placement(scratch=staging)
+        _compress_and_save(spec, report, plan, placement, staging, reporter, timings)
         result = CompressionResult(
             output_dir=out_dir,
             size_before_bytes=report.model.weights_bytes,
             size_after_bytes=weights_bytes(staging),
             timings=timings,
             layer_errors=reporter.layer_errors,
-            settings=_run_settings(report),
+            settings=_run_settings(plan),
         )
         if spec.evaluation is not None:
             started = time.perf_counter()
@@ -182,7 +173,7 @@ def compress(
                 compressed_dir=staging,
                 baseline_key=_baseline_key(report),
                 cache_dir=default_cache_dir(),
-                device=_eval_device(spec.device),
+                placement=placement,
                 progress=reporter.evaluation_progress,
             )
             timings["evaluate_s"] = time.perf_counter() - started
@@ -196,18 +187,41 @@ def compress(
     return result
 
 
-def _load(report: PreflightReport, spec: CompressionSpec):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _compress_and_save(
+    spec: CompressionSpec,
+    report: PreflightReport,
+    plan: MemoryPlan,
+    placement: Placement,
+    staging: Path,
+    reporter: _Reporter,
+    timings: dict[str, float],
+) -> None:
+    """Load the model as the plan says, run llm-compressor on it and write the checkpoint into staging."""
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        report.model.path,
-        dtype=torch.bfloat16,
-        trust_remote_code=spec.trust_remote_code,
-        use_safetensors=not spec.allow_pickle,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(report.model.path, trust_remote_code=spec.trust_remote_code)
-    return model, tokenizer
+    started = time.perf_counter()
+    model_path = report.model.path
+    loading = {"trust_remote_code": spec.trust_remote_code, "use_safetensors": not spec.allow_pickle}
+    with placed_model(model_path, placement, **loading) as model:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code)
+        timings["load_s"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        dataset = _calibration_dataset(spec, report, tokenizer, reporter)
+        with _layer_progress(model, reporter), _layer_errors(model, reporter):
+            _oneshot(model, tokenizer, report, spec, dataset, reporter)
+        timings["compress_s"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        reporter.emit("saving", "Writing the compressed checkpoint")
+        # With disk offload each shard is gathered in host memory before it is written: keep them small.
+        shards = {"max_shard_size": plan.shard_bytes} if plan.shard_bytes else {}
+        model.save_pretrained(staging, save_compressed=True, **shards)
+        tokenizer.save_pretrained(staging)
+        (staging / "recipe.yaml").write_text(report.recipe_yaml)
+        timings["save_s"] = time.perf_counter() - started
+    del model
+    gc.collect()
 
 
 def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: _Reporter):
@@ -308,28 +322,10 @@ def _baseline_key(report: PreflightReport) -> str:
     return json.dumps([report.model.name, report.model.revision, str(report.model.path), files])
 
 
-def _eval_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _run_settings(report: PreflightReport) -> dict[str, Any]:
-    """Where the run happened: the device llm-compressor used, and how the model fitted in memory."""
-    import torch
-
-    host = size_text(report.estimated_host_bytes)
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)})"
-        plan = (
-            f"the model waits in host memory (about {host} planned) and llm-compressor brings one decoder "
-            "layer at a time to the GPU"
-        )
-    else:
-        device, plan = "cpu", f"the whole model in host memory (about {host} planned)"
-    return {"device": device, "memory_plan": plan}
+def _run_settings(plan: MemoryPlan) -> dict[str, Any]:
+    """Where the run happened: the device llm-compressor used, and the memory plan with its figures."""
+    device = f"cuda ({plan.gpu_name})" if plan.gpu else "cpu"
+    return {"device": device, "memory_plan": plan.to_dict()}
 
 
 def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:

@@ -7,12 +7,13 @@ section is simply not shown, never an error page.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
 
+from engine.plan import FIGURE_LABELS, MODE_LABELS
 from engine.presets import PRESETS
 from engine.units import has_recovery, recovery_name
 from jobs.models import Job
@@ -167,25 +168,60 @@ def sizes(results: Any) -> Sizes | None:
 
 
 @dataclass
+class PlanFigure:
+    """One resource of the memory plan: what the job needed of it and what the worker had."""
+
+    label: str
+    needed: int
+    available: int
+    capped: bool  # the operator's cap (COMPRESSOR_WORKER_*) lowered the available figure
+
+
+@dataclass
 class RunSettings:
     device: str
     memory_plan: str
     evaluation_device: str
+    plan_mode: str = ""
+    plan_figures: list[PlanFigure] = field(default_factory=list)
 
 
 def run_settings(results: Any) -> RunSettings | None:
-    """The device that compressed the model (and evaluated it), and the memory plan, when results carry them."""
+    """The device that compressed the model (and evaluated it), and the memory plan, when results carry them.
+
+    The memory plan is a mapping with its figures (engine.plan); results from before the plan had one
+    sentence instead, still shown as it is.
+    """
     settings = results.get("settings") if isinstance(results, dict) else None
     evaluation_device = str(evaluation_of(results).get("settings", {}).get("device") or "")
     if not isinstance(settings, dict) or not settings.get("device"):
         if not evaluation_device:
             return None
         settings = {}
+    plan = settings.get("memory_plan")
+    if not isinstance(plan, dict):
+        plan = {"summary": plan or ""}
     return RunSettings(
         device=str(settings.get("device") or ""),
-        memory_plan=str(settings.get("memory_plan") or ""),
+        memory_plan=str(plan.get("summary") or ""),
         evaluation_device=evaluation_device,
+        plan_mode=MODE_LABELS.get(str(plan.get("mode")), ""),
+        plan_figures=_plan_figures(plan),
     )
+
+
+def _plan_figures(plan: dict[str, Any]) -> list[PlanFigure]:
+    figures = plan.get("figures") if isinstance(plan.get("figures"), dict) else {}
+    rows = []
+    for key, label in FIGURE_LABELS.items():
+        figure = figures.get(key) if isinstance(figures.get(key), dict) else {}
+        needed, available = _number(figure.get("needed")), _number(figure.get("available"))
+        if needed is None or available is None:
+            continue
+        name = f"{label} ({figure['name']})" if figure.get("name") else label
+        capped = bool(figure.get("capped"))
+        rows.append(PlanFigure(label=name, needed=int(needed), available=int(available), capped=capped))
+    return rows
 
 
 def timings(job) -> list[tuple[str, float]]:

@@ -81,6 +81,16 @@ def test_cli_compresses_and_prints_where_and_how_much(builtin_dir, tmp_path):
     assert "compression ratio" in run.stdout and (out / "manifest.json").is_file()
 
 
+def test_cli_obeys_caps_on_the_machine_and_says_why_a_model_does_not_fit(tiny_model_dir, tmp_path):
+    out = tmp_path / "cli-out"
+    command = [sys.executable, "manage.py", "compress", "--model", str(tiny_model_dir), "--preset", "fp8-dynamic"]
+    run = subprocess.run(
+        [*command, "--out", str(out), "--host-ram-mb", "100"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 2 and "This model does not fit on this worker" in run.stderr, run.stderr[-3000:]
+    assert "100.0 MB available" in run.stderr and not out.exists()
+
+
 def test_cli_lists_presets_one_a_line():
     run = subprocess.run(
         [sys.executable, "manage.py", "compress", "--list-presets"],

@@ -42,7 +42,21 @@ def card_for(tmp_path, **overrides):
         "evaluation": EVALUATION,
         "size_before_bytes": 269_000_000,
         "size_after_bytes": 163_000_000,
-        "settings": {"device": "cpu", "memory_plan": "the whole model in host memory (about 540.0 MB planned)"},
+        "settings": {
+            "device": "cpu",
+            "memory_plan": {
+                "mode": "sequential",
+                "device": "cpu",
+                "summary": "the whole model in host memory (1.04 GB of 22.00 GB available)",
+                "figures": {
+                    "host_ram": {"needed": 1040000000, "available": 22000000000, "capped": False},
+                    "disk": {"needed": 333_000_000, "available": 80_000_000_000, "capped": False},
+                },
+                "offloaded_bytes": 0,
+                "host_weights_bytes": 0,
+                "capped": [],
+            },
+        },
         **overrides,
     }
     return write_model_card(tmp_path, **arguments).read_text()
@@ -79,6 +93,10 @@ def test_card_has_every_section_with_the_numbers(tmp_path):
     # Generations keep their own lines (no literal \\n); the device that ran the job is named
     assert "This model:\n\n> Hello there.\\\n> How can I help?" in card and "\\n" not in card
     assert "**Compressed on:** cpu" in card and "It ran on cpu: the whole model in host memory" in card
+    assert (
+        "Memory plan, sequential (the model in host memory, one decoder layer at a time): host memory 1.04 GB "
+        "needed, 22.00 GB available; disk 333.0 MB needed, 80.00 GB available." in card
+    )
 
 
 def test_card_without_evaluation_or_preset_still_reads_well(tmp_path):

@@ -37,9 +37,9 @@ def loads(monkeypatch):
     seen = []
     real_load = evaluation._load
 
-    def load(path, device):
+    def load(path, *args):
         seen.append(path)
-        return real_load(path, device)
+        return real_load(path, *args)
 
     monkeypatch.setattr(evaluation, "_load", load)
     return seen

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+import engine.evaluation as evaluation
 from engine.artifacts import verify_manifest
-from engine.errors import CancelledError, EngineError
+from engine.errors import CancelledError, EngineError, PreflightError
+from engine.resources import WorkerCaps
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 
@@ -72,7 +74,8 @@ def test_stages_follow_what_ran_and_progress_moves_through_the_evaluation(gptq_r
     after = min(e.fraction for e in events if e.stage == "hashing")
     assert before <= min(evaluating) and max(evaluating) <= after
     assert after - before > 0.2  # evaluation is weighed by its cost, not squeezed into the last percent
-    assert result.settings["device"] == "cpu" and "host memory" in result.settings["memory_plan"]
+    plan = result.settings["memory_plan"]
+    assert result.settings["device"] == "cpu" and plan["mode"] == "sequential" and "host memory" in plan["summary"]
     card = (result.output_dir / "README.md").read_text()
     assert "**Compressed on:** cpu" in card
 
@@ -125,3 +128,80 @@ def test_cancel_stops_the_run_and_leaves_no_output(tiny_model_dir, tmp_path):
     with pytest.raises(CancelledError):
         compress(spec, tmp_path / "ckpt", should_cancel=cancel_after_loading)
     assert list(tmp_path.iterdir()) == []
+
+
+# The built-in model (269 MB in bf16) on a worker capped to 700 MB of host memory: holding it whole with the
+# run's own needs does not fit, disk offload does (about a third of the weights wait on disk).
+SHORT_OF_MEMORY = WorkerCaps(host_ram_mb=700)
+
+
+@pytest.fixture(scope="module")
+def offloaded_run(builtin_model, tmp_path_factory):
+    """fp8-dynamic on the built-in model under SHORT_OF_MEMORY, with a short evaluation; also how the
+    evaluation loaded each model (a spy: the loading itself is real)."""
+    loaded = []
+    real_load = evaluation._load
+
+    def load(path, placement, stack):
+        model, tokenizer = real_load(path, placement, stack)
+        on_disk = sum(type(m._parameters).__name__ == "DiskCache" for m in model.modules())
+        loaded.append({"path": path, "mode": placement.mode, "modules_on_disk": on_disk})
+        return model, tokenizer
+
+    spec = CompressionSpec(
+        preset="fp8-dynamic", calibration=CalibrationSpec(kind="none"), evaluation=EvaluationSpec(limit=2)
+    )
+    out = tmp_path_factory.mktemp("offloaded") / "ckpt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPRESSOR_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
+        patch.setattr(evaluation, "_load", load)
+        result = compress(spec, out, caps=SHORT_OF_MEMORY)
+    return result, loaded
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {name: tensor for shard in sorted(folder.glob("*.safetensors")) for name, tensor in load_file(shard).items()}
+
+
+def test_a_worker_short_of_host_memory_compresses_with_disk_offload_to_a_complete_checkpoint(offloaded_run, tmp_path):
+    result, _ = offloaded_run
+    out = result.output_dir
+    # The plan chose disk offload, with its figures, in results.json and on the card
+    plan = json.loads((out / "results.json").read_text())["settings"]["memory_plan"]
+    assert plan["mode"] == "disk_offload" and plan["figures"]["host_ram"]["available"] == 700_000_000
+    assert plan["figures"]["host_ram"]["capped"] is True and 0 < plan["host_weights_bytes"] < 269_000_000
+    assert plan["offloaded_bytes"] + plan["host_weights_bytes"] > 268_000_000
+    card = (out / "README.md").read_text()
+    assert "Memory plan, disk offload: host memory" in card and "700.0 MB available (capped)" in card
+    # A complete checkpoint, its offload folder gone
+    assert verify_manifest(out) == []
+    assert not [p for p in out.parent.rglob("*") if ".offload-" in p.name]
+    # The same weights as a run that holds the whole model in memory
+    plain = compress(CompressionSpec(preset="fp8-dynamic", calibration=CalibrationSpec(kind="none")), tmp_path / "c")
+    assert plain.settings["memory_plan"]["mode"] == "sequential"
+    ours, theirs = _weights(out), _weights(plain.output_dir)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_the_evaluation_follows_the_plan_and_loads_both_models_with_disk_offload(offloaded_run, builtin_model):
+    result, loaded = offloaded_run
+    assert [entry["mode"] for entry in loaded] == ["disk_offload", "disk_offload"]
+    assert loaded[0]["path"] == builtin_model and all(entry["modules_on_disk"] > 0 for entry in loaded)
+    perplexity = next(m for m in result.evaluation["metrics"] if m["name"] == "perplexity")
+    assert 10 < perplexity["baseline"] < 30 and 95 < perplexity["recovery"] <= 100.5
+
+
+def test_a_worker_without_the_memory_or_disk_for_a_job_refuses_it_with_the_figures(tiny_model_dir, tmp_path):
+    spec = CompressionSpec(model=str(tiny_model_dir), preset="fp8-dynamic")
+    with pytest.raises(PreflightError) as refused:
+        compress(spec, tmp_path / "ckpt", caps=WorkerCaps(host_ram_mb=100))
+    assert refused.value.field == "model"
+    message = refused.value.message
+    assert "3.2 M parameters (6.5 MB in bfloat16)" in message and "100.0 MB available" in message
+    assert "Host memory: 508.1 MB needed to hold the whole model, at least 510.2 MB with disk offload" in message
+
+    with pytest.raises(PreflightError, match=r"Not enough free disk space .* 50\.0 MB are free"):
+        compress(spec, tmp_path / "ckpt", caps=WorkerCaps(disk_mb=50))
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

@@ -87,7 +87,21 @@ def sample_results(*, preset: str, after: int, quality: float) -> dict[str, Any]
             {"module": name, "error": 0.4 + 0.37 * (i % 13) + 0.011 * i + (545.98 if i == 209 else 0.0)}
             for i, name in enumerate(layers)
         ],
-        "settings": {"device": "cpu", "memory_plan": "the whole model in host memory (about 538.1 MB planned)"},
+        "settings": {
+            "device": "cpu",
+            "memory_plan": {
+                "mode": "sequential",
+                "device": "cpu",
+                "summary": "the whole model in host memory (1.04 GB of 4.00 GB available)",
+                "figures": {
+                    "host_ram": {"needed": 1_040_000_000, "available": 4_000_000_000, "capped": True},
+                    "disk": {"needed": 333_000_000, "available": 80_000_000_000, "capped": False},
+                },
+                "offloaded_bytes": 0,
+                "host_weights_bytes": 0,
+                "capped": ["host_ram"],
+            },
+        },
         "evaluation": {
             "metrics": [
                 {

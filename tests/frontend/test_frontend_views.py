@@ -360,6 +360,7 @@ def test_a_succeeded_job_page_shows_results_charts_card_and_downloads(client_for
     assert 'id="recovery-definition">Recovery is the compressed model' in html
     # The device that ran it and its memory plan
     assert "Compressed on <strong>cpu</strong>: the whole model in host memory" in html
+    assert 'id="memory-plan"' in html and "(capped by the operator)" in html
     assert '<span class="stat-label">Compress</span>' in html  # fp8-dynamic is data-free: no calibration
     # Sizes in one convention (decimal), the files' too; charts (inline SVG, no script), generations side by side
     assert "269.1 MB" in html and "164.0 MB" in html and ">50.0 kB</td>" in html and "KB" not in html
@@ -370,6 +371,49 @@ def test_a_succeeded_job_page_shows_results_charts_card_and_downloads(client_for
     # Downloads point at the API: archive, manifest and each file
     assert f'href="/api/v1/jobs/{job.pk}/archive/"' in html and f'href="/api/v1/jobs/{job.pk}/manifest/"' in html
     assert f'href="/api/v1/jobs/{job.pk}/files/model.safetensors"' in html
+
+
+def test_the_job_page_shows_the_memory_plan_and_its_figures(client_for, alice, succeeded_job):
+    # Given a job the worker ran with disk offload on a GPU, host memory capped by the operator
+    job = succeeded_job(alice)
+    job.results["settings"] = {
+        "device": "cuda (NVIDIA H100 80GB HBM3)",
+        "memory_plan": {
+            "mode": "disk_offload",
+            "device": "cuda:0",
+            "summary": "disk offload, host memory being short: 174.33 GB of the weights in host memory",
+            "figures": {
+                "host_ram": {"needed": 88_044_033_792, "available": 256_000_000_000, "capped": True},
+                "gpu": {"needed": 33_700_000_000, "available": 79_000_000_000, "capped": False, "name": "H100"},
+                "disk": {"needed": 1_449_149_290_240, "available": 4_000_000_000_000, "capped": False},
+            },
+        },
+    }
+    job.save()
+
+    # When its owner opens the page, then the plan's way and each resource's figures are there
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert "Compressed on <strong>cuda (NVIDIA H100 80GB HBM3)</strong>: disk offload, host memory being short" in html
+    table = re.search(r'<table class="table compact" id="memory-plan">.*?</table>', html, re.S).group(0)
+    assert "Memory plan: disk offload" in table
+    rows = re.findall(r"<tr><th scope=\"row\">(.*?)</th><td>(.*?)</td><td>(.*?)</td></tr>", table)
+    assert rows == [
+        ("Host memory", "88.04 GB", '256.00 GB <span class="muted small">(capped by the operator)</span>'),
+        ("GPU memory (H100)", "33.70 GB", "79.00 GB"),
+        ("Disk", "1449.15 GB", "4000.00 GB"),
+    ]
+
+
+def test_a_job_from_before_the_memory_plan_had_figures_still_shows_its_sentence(client_for, alice, succeeded_job):
+    job = succeeded_job(alice)
+    job.results["settings"] = {
+        "device": "cpu",
+        "memory_plan": "the whole model in host memory (about 538.1 MB planned)",
+    }
+    job.save()
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert "Compressed on <strong>cpu</strong>: the whole model in host memory (about 538.1 MB planned)." in html
+    assert 'id="memory-plan"' not in html
 
 
 def test_a_succeeded_job_without_an_evaluation_still_renders(client_for, alice, succeeded_job):

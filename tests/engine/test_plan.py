@@ -1,0 +1,160 @@
+"""The memory plan on real architectures' shapes (Llama 3.1 8B and 405B, skeletons on the meta device)
+against the workers people run them on; and the worker's resources as measured and capped."""
+
+import pytest
+
+from engine.errors import PreflightError
+from engine.plan import DISK_OFFLOAD, GPU, SEQUENTIAL, model_footprint, plan_memory
+from engine.resources import MB, Gpu, WorkerCaps, WorkerResources, detect_resources
+
+GB = 10**9
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32}
+LLAMA_405B = {"hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128}
+H100 = Gpu(index=0, name="NVIDIA H100 80GB HBM3", free_bytes=79 * GB)
+T4 = Gpu(index=0, name="Tesla T4", free_bytes=15 * GB)
+RTX_4090 = Gpu(index=0, name="NVIDIA GeForce RTX 4090", free_bytes=23 * GB)
+
+
+def _skeleton(shape: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**shape, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def llama_8b():
+    return _skeleton(LLAMA_8B)
+
+
+@pytest.fixture(scope="module")
+def llama_405b():
+    return _skeleton(LLAMA_405B)
+
+
+def gptq(skeleton, samples: int = 512, max_seq_len: int = 2048):
+    """GPTQ with the seed cards' calibration: 512 samples of 2048 tokens."""
+    return model_footprint(skeleton, hessians=True, samples=samples, max_seq_len=max_seq_len)
+
+
+def data_free(skeleton):
+    return model_footprint(skeleton, hessians=False, samples=0, max_seq_len=2048)
+
+
+def worker(host_gb: float, disk_gb: float = 4000, gpus=()) -> WorkerResources:
+    return WorkerResources(host_ram_bytes=int(host_gb * GB), disk_free_bytes=int(disk_gb * GB), gpus=tuple(gpus))
+
+
+def test_the_footprint_counts_the_real_models_parameters(llama_8b, llama_405b):
+    assert round(gptq(llama_8b).num_parameters / GB, 2) == 8.03
+    assert round(gptq(llama_405b).num_parameters / GB, 1) == 405.9
+    # bf16 weights; GPTQ's Hessians of one layer outweigh the layer itself
+    big = gptq(llama_405b)
+    assert round(big.weights_bytes / GB) == 812 and big.layer_work_bytes > 3 * big.layer_bytes
+    assert data_free(llama_405b).layer_work_bytes == 0 and data_free(llama_405b).calibration_cache_bytes == 0
+
+
+def test_an_8b_model_runs_whole_on_an_80_gb_gpu(llama_8b):
+    plan = plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=[H100]))
+    assert plan.mode == GPU and plan.device == "cuda:0"
+    assert 16 * GB < plan.gpu.needed < 25 * GB and plan.gpu.available == 79 * GB
+    assert "the whole model on the GPU" in plan.summary
+
+
+def test_an_8b_model_goes_one_layer_at_a_time_through_a_16_gb_gpu(llama_8b):
+    plan = plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=[T4]))
+    assert plan.mode == SEQUENTIAL and plan.device == "cuda:0"
+    assert plan.gpu.needed < 5 * GB  # one layer, its Hessians and one sample's activations
+    assert 16 * GB < plan.host.needed < 40 * GB  # the whole model and the calibration activations
+    assert "one decoder layer at a time to the GPU" in plan.summary
+
+
+def test_the_gpu_with_most_free_memory_is_chosen(llama_8b):
+    busy = Gpu(index=0, name="NVIDIA H100 80GB HBM3", free_bytes=10 * GB)
+    idle = Gpu(index=1, name="NVIDIA H100 80GB HBM3", free_bytes=79 * GB)
+    plan = plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=[busy, idle]))
+    assert plan.mode == GPU and plan.device == "cuda:1"
+
+
+def test_on_a_cpu_only_worker_the_sequential_plan_is_the_plain_cpu_run(llama_8b):
+    plan = plan_memory(data_free(llama_8b), worker(host_gb=32))
+    assert plan.mode == SEQUENTIAL and plan.device == "cpu" and plan.gpu is None
+    assert plan.summary.startswith("the whole model in host memory")
+    # GPTQ computes its Hessians on the CPU there: they count in host memory
+    assert plan_memory(gptq(llama_8b), worker(host_gb=64)).host.needed > plan.host.needed + 18 * GB
+
+
+def test_405b_on_one_gpu_with_enough_host_memory_is_sequential(llama_405b):
+    plan = plan_memory(gptq(llama_405b), worker(host_gb=2000, gpus=[H100]))
+    assert plan.mode == SEQUENTIAL and plan.gpu.needed < 40 * GB and plan.host.needed > 850 * GB
+
+
+def test_405b_with_short_host_memory_offloads_what_does_not_fit_to_disk(llama_405b):
+    plan = plan_memory(gptq(llama_405b), worker(host_gb=256, disk_gb=4000, gpus=[H100]))
+    assert plan.mode == DISK_OFFLOAD and plan.device == "cuda:0"
+    assert 100 * GB < plan.host_weights_bytes < 256 * GB and plan.offloaded_bytes > 500 * GB
+    assert plan.host_weights_bytes + plan.offloaded_bytes == gptq(llama_405b).weights_bytes
+    # the disk holds the checkpoint and the offloaded weights; a checkpoint shard stays small in memory
+    assert plan.disk.needed > 811 * GB + plan.offloaded_bytes and plan.shard_bytes <= 5 * GB
+    assert plan.host.needed <= plan.host.available == 256 * GB
+    assert "disk offload" in plan.summary and "on the GPU" in plan.summary
+
+
+def test_disk_offload_without_the_disk_for_it_is_refused_with_the_figures(llama_405b):
+    with pytest.raises(PreflightError) as refused:
+        plan_memory(gptq(llama_405b), worker(host_gb=256, disk_gb=1000, gpus=[H100]))
+    message = refused.value.message
+    assert message.startswith("Not enough free disk space") and "1000.00 GB are free" in message
+    assert "offloaded to disk" in message
+
+
+def test_too_little_host_memory_is_refused_with_the_figures_and_the_field_to_change(llama_405b):
+    # Given GPTQ's calibration activations alone do not fit in 64 GB: the calibration is to blame
+    with pytest.raises(PreflightError) as refused:
+        plan_memory(gptq(llama_405b), worker(host_gb=64, gpus=[H100]))
+    assert refused.value.field == "calibration"
+    message = refused.value.message
+    assert "405.85 B parameters (811.71 GB in bfloat16)" in message and "64.00 GB available" in message
+    assert "with disk offload" in message and "GPU: " in message and "fewer samples" in message
+
+    # Given a data-free recipe on a 16 GB worker: the model itself is too big
+    with pytest.raises(PreflightError) as refused:
+        plan_memory(data_free(llama_405b), worker(host_gb=16))
+    assert refused.value.field == "model" and "16.00 GB available" in refused.value.message
+
+
+def test_a_gpu_too_small_for_one_layer_is_refused(llama_405b):
+    with pytest.raises(PreflightError) as refused:
+        plan_memory(gptq(llama_405b), worker(host_gb=2000, gpus=[RTX_4090]))
+    assert refused.value.field == "device"
+    assert "One decoder layer and its Hessians" in refused.value.message
+    assert "NVIDIA GeForce RTX 4090) has 23.00 GB free" in refused.value.message
+
+
+def test_a_gpu_asked_for_on_a_worker_without_one_is_refused(llama_8b):
+    with pytest.raises(PreflightError, match="A GPU was requested") as refused:
+        plan_memory(data_free(llama_8b), worker(host_gb=64), device="cuda")
+    assert refused.value.field == "device"
+
+
+def test_caps_lower_what_the_worker_measures_and_say_so(tmp_path):
+    measured = detect_resources(tmp_path)
+    capped = detect_resources(tmp_path / "not-yet", caps=WorkerCaps(host_ram_mb=100, disk_mb=50, gpus=0))
+    assert capped.host_ram_bytes == 100 * MB and capped.disk_free_bytes == 50 * MB and capped.gpus == ()
+    assert set(capped.capped) == {"host_ram", "disk"}
+    # a cap above what is there changes nothing; a CPU job never counts the GPUs
+    generous = detect_resources(tmp_path, caps=WorkerCaps(host_ram_mb=10**9), device="cpu")
+    assert generous.capped == () and generous.gpus == ()
+    assert abs(generous.host_ram_bytes - measured.host_ram_bytes) < 2 * GB
+
+
+def test_the_plan_records_its_figures_for_the_page_and_the_card(llama_8b):
+    resources = WorkerResources(host_ram_bytes=64 * GB, disk_free_bytes=500 * GB, gpus=(T4,), capped=("gpu_memory",))
+    recorded = plan_memory(gptq(llama_8b), resources).to_dict()
+    assert recorded["mode"] == SEQUENTIAL and recorded["device"] == "cuda:0"
+    assert set(recorded["figures"]) == {"host_ram", "gpu", "disk"}
+    assert recorded["figures"]["gpu"]["name"] == "Tesla T4" and recorded["figures"]["gpu"]["capped"] is True
+    assert recorded["figures"]["host_ram"] == {"needed": recorded["figures"]["host_ram"]["needed"],
+                                               "available": 64 * GB, "capped": False}  # fmt: skip
