@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import CancelledError, EngineError
+from engine.isolated import VLLM_PYTHON_ENV, vllm_installed
 from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
 from engine.plan import Placement, placed_model, ready_for_inference
 from engine.spec import EvaluationSpec, ProgressEvent
@@ -171,7 +171,7 @@ def _measure(
         if spec.backend == "vllm":
             model.release()
         try:
-            results[part] = _run_task(path, model, part, spec, step.within)
+            results[part] = _run_task(path, model, part, spec, step)
         except CancelledError:  # raised by the progress callback: the job stops, the task did not fail
             raise
         except Exception as exc:  # lm-eval and datasets raise many kinds; the reason goes in the report
@@ -296,8 +296,11 @@ def _runnable_tasks(spec: EvaluationSpec) -> tuple[list[str], list[dict]]:
     tasks = list(dict.fromkeys(spec.tasks))
     if not tasks:
         return [], []
-    if spec.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        reason = "vLLM is not installed on this worker (it is the GPU workers' extra); use the hf backend."
+    if spec.backend == "vllm" and not vllm_installed():
+        reason = (
+            f"vLLM is not installed on this worker (set {VLLM_PYTHON_ENV} to the Python of a vLLM environment, "
+            "make vllm-env); use the hf backend."
+        )
         return [], [{"task": task, "reason": reason} for task in tasks]
     from engine.models import hub_reachable
 
@@ -337,33 +340,46 @@ def _task_manager(include_path: str):
     return TaskManager(include_path=str(write_local_tasks(Path(include_path))))
 
 
-def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, within) -> dict:
+def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, step: _Progress) -> dict:
+    if spec.backend == "vllm":
+        return _task_score(task, _run_task_in_vllm(path, task, spec, step))
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    shots = _shots(task)
-    if spec.backend == "vllm":
-        # vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU), as the seed cards did.
-        lm = "vllm"
-        model_args = (
-            f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,"
-            f"max_model_len={_max_model_len(path)},add_bos_token=True"
-        )
-    else:
-        hf_model, tokenizer = model.get()
-        lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=model.device, batch_size=8)
-        lm.report, model_args = within, None
+    hf_model, tokenizer = model.get()
+    lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=model.device, batch_size=8)
+    lm.report = step.within
     output = lm_eval.simple_evaluate(
         model=lm,
-        model_args=model_args,
         tasks=[task],
-        num_fewshot=shots,
+        num_fewshot=_shots(task),
         limit=spec.limit,
         task_manager=_task_manager(str(_tasks_dir())),
         log_samples=False,
         bootstrap_iters=1000,
     )
     return _task_score(task, output)
+
+
+def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progress) -> dict:
+    """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU), as the seed cards did, in the
+    vLLM environment's own process (engine.isolated), which a cancel kills."""
+    from engine.isolated import run_child
+
+    model_args = (
+        f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,"
+        f"max_model_len={_max_model_len(path)},add_bos_token=True"
+    )
+    request = {
+        "action": "lm_eval",
+        "model": "vllm",
+        "model_args": model_args,
+        "task": task,
+        "num_fewshot": _shots(task),
+        "limit": spec.limit,
+        "include_path": str(write_local_tasks(_tasks_dir())),
+    }
+    return run_child(request, on_wait=step.waiting)
 
 
 def _task_score(task: str, output: dict) -> dict:
@@ -522,6 +538,12 @@ class _Progress:
         self.index += 1
         self.message = f"Evaluating {message}"
         self._report(0.0, force=True)
+
+    def waiting(self) -> None:
+        """The part still runs elsewhere (a child process): the callback gets its chance to stop the job."""
+        if self.callback:
+            step = max(self.reported, 0)
+            self.callback(ProgressEvent(stage="evaluating", step=step, total=self.SCALE, message=self.message))
 
     def within(self, done: int, total: int) -> None:
         """done of total units of the current part are finished."""

@@ -75,6 +75,8 @@ class _Reporter:
         else:
             self.costs = {**first, "compressing": _STAGE_COST_S["compressing"]}
         self.costs["saving"] = _STAGE_COST_S["saving"]
+        # The vLLM check runs on GPU workers only and is not measured here: progress holds where saving left it.
+        self.costs["checking"] = 0.0
         evaluation = spec.evaluation
         if evaluation is not None:
             windows = min(evaluation.limit or WINDOWS, WINDOWS)
@@ -164,6 +166,7 @@ def compress(
             layer_errors=reporter.layer_errors,
             settings=_run_settings(plan),
         )
+        result.settings["vllm_check"] = _check_in_vllm(staging, plan, reporter, timings)
         if spec.evaluation is not None:
             started = time.perf_counter()
             reporter.emit("evaluating", "Evaluating baseline and compressed model")
@@ -320,6 +323,29 @@ def _baseline_key(report: PreflightReport) -> str:
     """Identifies the baseline weights: name, revision, and each weight file's size and mtime."""
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in report.model.path.glob("*.safetensors"))
     return json.dumps([report.model.name, report.model.revision, str(report.model.path), files])
+
+
+def _check_in_vllm(staging: Path, plan: MemoryPlan, reporter: _Reporter, timings: dict[str, float]) -> dict:
+    """On a GPU worker with a vLLM environment: load the checkpoint in vLLM and generate, the proof that it
+    serves. A failure is recorded, not fatal: the checkpoint itself is complete and verified."""
+    from engine.isolated import VLLM_PYTHON_ENV, run_child, vllm_installed
+
+    if not plan.gpu:
+        return {"ran": False, "reason": "vLLM needs a GPU; this job ran on the CPU."}
+    if not vllm_installed():
+        return {"ran": False, "reason": f"This worker has no vLLM environment ({VLLM_PYTHON_ENV} is not set to one)."}
+    started = time.perf_counter()
+    reporter.emit("checking", "Loading the checkpoint in vLLM and generating")
+    request = {"action": "check", "model": str(staging), "prompts": list(PROMPTS), "max_tokens": 64}
+    try:
+        outcome = run_child(request, on_wait=reporter.check_cancel)
+    except CancelledError:
+        raise
+    except EngineError as exc:
+        return {"ran": True, "error": exc.message[-1000:]}
+    finally:
+        timings["vllm_check_s"] = time.perf_counter() - started
+    return {"ran": True, "tokens_per_s": outcome.get("tokens_per_s"), "generations": outcome.get("generations")}
 
 
 def _run_settings(plan: MemoryPlan) -> dict[str, Any]:

@@ -13,7 +13,7 @@ BUILTIN_CALIBRATION = "builtin"
 # a hub model and the calibration data and runs the checks that need the weights (engine.preflight); "calibrating"
 # runs llm-compressor with calibration data, which calibrates and compresses each layer in one pass;
 # "compressing" runs a data-free recipe; "hashing" writes the card and the sha256 manifest.
-STAGES = ("preparing", "loading", "calibrating", "compressing", "saving", "evaluating", "hashing", "done")
+STAGES = ("preparing", "loading", "calibrating", "compressing", "saving", "checking", "evaluating", "hashing", "done")
 
 
 @dataclass(frozen=True)

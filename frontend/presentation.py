@@ -184,6 +184,7 @@ class RunSettings:
     evaluation_device: str
     plan_mode: str = ""
     plan_figures: list[PlanFigure] = field(default_factory=list)
+    vllm_check: str = ""  # whether vLLM loaded the checkpoint and generated, in one sentence
 
 
 def run_settings(results: Any) -> RunSettings | None:
@@ -207,7 +208,21 @@ def run_settings(results: Any) -> RunSettings | None:
         evaluation_device=evaluation_device,
         plan_mode=MODE_LABELS.get(str(plan.get("mode")), ""),
         plan_figures=_plan_figures(plan),
+        vllm_check=_vllm_check(settings.get("vllm_check")),
     )
+
+
+def _vllm_check(check: Any) -> str:
+    """engine.runner's vLLM check: loaded and generated (with its throughput), failed (why), or not run (why)."""
+    if not isinstance(check, dict):
+        return ""
+    if not check.get("ran"):
+        return f"Not checked in vLLM: {check.get('reason') or 'no vLLM on the worker'}"
+    if check.get("error"):
+        return f"vLLM could not load or run the checkpoint: {check['error']}"
+    speed = check.get("tokens_per_s")
+    rate = f", {speed:.0f} generated tokens/s" if isinstance(speed, int | float) else ""
+    return f"Checked in vLLM: the checkpoint loads and generates{rate}."
 
 
 def _plan_figures(plan: dict[str, Any]) -> list[PlanFigure]:

@@ -63,6 +63,7 @@ class Job(models.Model):
         CALIBRATING = "calibrating", "Calibrating and compressing"
         COMPRESSING = "compressing", "Compressing"
         SAVING = "saving", "Saving"
+        CHECKING = "checking", "Checking in vLLM"
         EVALUATING = "evaluating", "Evaluating"
         HASHING = "hashing", "Writing the card and hashing the files"
         DONE = "done", "Done"

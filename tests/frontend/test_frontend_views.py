@@ -307,8 +307,8 @@ def test_a_running_job_shows_layer_progress_and_time_left(client_for, alice, mak
     assert "(6/30): Calibrating" in html and "tl-current" in html
     # The stages this GPTQ job goes through, labelled as they are: calibration compresses too
     labels = re.findall(r'<span class="tl-label">(.*?)</span>', html)
-    assert labels == ["Waiting in the queue", "Loading", "Calibrating and compressing", "Saving", "Evaluating",
-                      "Writing the card and hashing the files"]  # fmt: skip
+    assert labels == ["Waiting in the queue", "Preparing", "Loading", "Calibrating and compressing", "Saving",
+                      "Evaluating", "Writing the card and hashing the files"]  # fmt: skip
 
 
 def test_an_evaluating_job_says_how_far_the_evaluation_is(client_for, alice, make_job):
@@ -328,11 +328,12 @@ def test_a_finished_data_free_job_lists_only_the_stages_that_ran(client_for, ali
     from jobs.models import JobLogLine
 
     job = succeeded_job(alice)  # fp8-dynamic: data-free, evaluated
-    for stage in ("loading", "compressing", "saving", "evaluating", "hashing"):
+    for stage in ("preparing", "loading", "compressing", "saving", "evaluating", "hashing"):
         JobLogLine.objects.create(job=job, stage=stage, text=f"{stage} line")
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
     labels = re.findall(r'<span class="tl-label">(.*?)</span>', html)
-    assert labels == ["Waiting in the queue", "Loading", "Compressing", "Saving", "Evaluating",
+    # a CPU run has no "Checking in vLLM" stage: it is listed only where it ran
+    assert labels == ["Waiting in the queue", "Preparing", "Loading", "Compressing", "Saving", "Evaluating",
                       "Writing the card and hashing the files", "Succeeded"]  # fmt: skip
     assert "skipped" not in html and "Calibrating" not in html
 

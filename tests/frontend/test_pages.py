@@ -211,3 +211,20 @@ def test_the_timeline_starts_a_run_with_preparing_and_times_each_stage_from_its_
     assert list(steps)[:4] == ["waiting", "preparing", "loading", "calibrating"]
     assert round(steps["waiting"].seconds) == 10 and round(steps["preparing"].seconds) == 4
     assert round(steps["loading"].seconds) == 6 and steps["calibrating"].state == "current"
+
+
+@pytest.mark.parametrize(
+    ("check", "shown"),
+    [
+        ({"ran": True, "tokens_per_s": 1834.2, "generations": ["Paris."]}, "loads and generates, 1834 generated"),
+        ({"ran": True, "error": "ValueError: unsupported scheme"}, "vLLM could not load or run the checkpoint: Value"),
+        ({"ran": False, "reason": "vLLM needs a GPU; this job ran on the CPU."}, "Not checked in vLLM: vLLM needs"),
+    ],
+)
+def test_the_job_page_says_whether_vllm_loaded_the_checkpoint(client_for, alice, succeeded_job, check, shown):
+    job = succeeded_job(alice)
+    job.results = {**job.results, "settings": {**job.results.get("settings", {}), "device": "cuda (H100)"}}
+    job.results["settings"]["vllm_check"] = check
+    job.save()
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    assert shown in html[html.index('id="vllm-check"') :]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.models import Job
+from jobs.models import CalibrationDataset, Job
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,8 @@ def test_a_failed_job_is_retried_as_a_new_linked_job(live_worker, api, wait_job,
     created = _create(
         api, {**GPTQ_SMALL, "calibration": {**GPTQ_SMALL["calibration"], "kind": "upload", "dataset_id": dataset["id"]}}
     )
-    stored = next(Path(media_root).glob("calibration/*/*.jsonl"))
+    # this upload's own file (earlier tests of the session leave uploads of their own in the media folder)
+    stored = Path(media_root) / CalibrationDataset.objects.get(pk=dataset["id"]).file.name
     content = stored.read_bytes()
     stored.unlink()
 
