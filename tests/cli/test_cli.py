@@ -1,0 +1,175 @@
+"""`compressor` (compressor_cli) as a real process against a live server: submit and follow a real job, download
+and verify checkpoints, and the one-line messages for refusals, a missing token and an unreachable server."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+
+from jobs.models import Job
+from tests.cli.conftest import files_of
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FILES = {
+    "model.safetensors": bytes(range(256)) * 3000,
+    "config.json": b'{"model_type": "llama"}',
+    "sub/tokenizer.json": b"[1, 2, 3]",
+}
+
+
+@pytest.fixture
+def done_job(cli_user, make_job, checkpoint):
+    """A succeeded job of the CLI's user with a small checkpoint (files and a sha256 manifest) on disk."""
+    job = make_job(cli_user)
+    folder = checkpoint(job, FILES)
+    return job, folder
+
+
+@pytest.mark.slow
+def test_a_submitted_job_is_followed_to_success_then_downloaded_and_verified(
+    cli_worker, compressor, hub, hub_repo_id, tiny_model_dir, tmp_path
+):
+    # Given a tiny model on the (local) hub
+    repo_id = hub_repo_id("cli-tiny")
+    hub.add_folder(repo_id, tiny_model_dir)
+
+    # When it is submitted with --follow
+    run = compressor(
+        "submit", repo_id, "--preset", "fp8-dynamic", "--calibration", "none", "--follow",
+        "--interval", "0.5", "--progress", "always", timeout=900,
+    )  # fmt: skip
+
+    # Then the command waited for the real worker to finish the job, with a progress bar, and exited 0
+    assert run.code == 0, run.out + run.err + "\n" + cli_worker.log_tail()
+    job_id = int(re.search(r"Submitted job (\d+)", run.out).group(1))
+    assert f"Job {job_id} succeeded" in run.out and "100%" in run.err
+    job = Job.objects.get(pk=job_id)
+    assert job.status == "succeeded" and job.calibration_kind == "none"
+
+    # When its checkpoint is downloaded
+    download = compressor("download", str(job_id), "--out", "checkpoint", "--progress", "always")
+
+    # Then every file is there with the manifest's sha256, and the manifest beside them
+    assert download.code == 0, download.err
+    assert "every sha256 matches the manifest" in download.out
+    got = files_of(tmp_path / "checkpoint")
+    assert {e["path"]: e["sha256"] for e in job.manifest["files"]} == {
+        path: hashlib.sha256(data).hexdigest() for path, data in got.items() if path != "manifest.json"
+    }
+    assert any(path.endswith(".safetensors") for path in got)
+
+    # ...and status and logs say what happened
+    status = compressor("status", str(job_id))
+    assert status.code == 0 and f"Job {job_id} succeeded" in status.out
+    logs = compressor("logs", str(job_id), "--follow", "--interval", "0.2")
+    assert logs.code == 0 and logs.out.startswith(f"# Log of job {job_id}") and "Started on" in logs.out
+
+
+def test_a_checkpoint_downloads_as_files_and_as_archives_matching_the_manifest(compressor, done_job, tmp_path):
+    job, _folder = done_job
+
+    files = compressor("download", str(job.pk), "--out", "files")
+    again = compressor("download", str(job.pk), "--out", "files")  # what is already there and intact is kept
+    zipped = compressor("download", str(job.pk), "--out", "zip", "--archive", "zip")
+    tarred = compressor("download", str(job.pk), "--out", "tar", "--archive", "tar")
+
+    for run in (files, again, zipped, tarred):
+        assert run.code == 0, run.err
+        assert f"Job {job.pk}: 3 files" in run.out and "every sha256 matches the manifest" in run.out
+    got = files_of(tmp_path / "files")
+    assert {k: v for k, v in got.items() if k != "manifest.json"} == FILES
+    assert b'"sha256"' in got["manifest.json"]
+    assert [p.suffix for p in (tmp_path / "zip").glob("job-*")] == [".zip"]
+    assert [p.suffix for p in (tmp_path / "tar").glob("job-*")] == [".tar"]
+
+
+def test_a_file_damaged_on_the_server_is_refused_by_it_and_named(compressor, done_job, tmp_path):
+    # Given a stored file that no longer matches the manifest (the server checks before it sends)
+    job, folder = done_job
+    (folder / "model.safetensors").write_bytes(b"x" * len(FILES["model.safetensors"]))
+
+    run = compressor("download", str(job.pk))
+
+    assert run.code != 0 and "Traceback" not in run.err
+    assert "model.safetensors" in run.err and "damaged" in run.err and "409" in run.err
+
+
+@pytest.mark.parametrize("archive", [None, "zip"])
+def test_bytes_that_arrive_different_from_the_manifest_fail_the_download_naming_the_file(
+    compressor, done_job, tmp_path, monkeypatch, archive
+):
+    # Given a server that sends a changed file without noticing (its own check is switched off here)
+    from jobs import downloads
+
+    monkeypatch.setattr(downloads, "ensure_intact", lambda *args, **kwargs: None)
+    job, folder = done_job
+    (folder / "sub" / "tokenizer.json").write_bytes(b"[9, 9, 9]")
+
+    # When it is downloaded
+    run = compressor("download", str(job.pk), "--out", "out", *(["--archive", archive] if archive else []))
+
+    # Then the command fails naming the file, and no file that failed is left under its name
+    assert run.code == 1, run.out + run.err
+    assert "MISMATCH sub/tokenizer.json" in run.err and "do not match the manifest: sub/tokenizer.json" in run.err
+    assert "Traceback" not in run.err and "every sha256 matches" not in run.out
+    if archive is None:
+        assert not (tmp_path / "out" / "sub" / "tokenizer.json").exists()
+        assert (tmp_path / "out" / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_refused_submission_is_one_line_naming_the_field(compressor, builtin_model):
+    unknown = compressor("submit", "smollm2-135m-instruct", "--preset", "no-such-preset")
+    too_high = compressor("submit", "smollm2-135m-instruct", "--preset", "fp8-dynamic", "--priority", "99")
+
+    for run, field in ((unknown, "preset"), (too_high, "priority")):
+        assert run.code == 3, run.err
+        assert run.err.startswith(f"compressor: Refused (400): {field}: ") and run.err.count("\n") == 1, run.err
+    assert "no-such-preset" in unknown.err
+    assert not Job.objects.exists()
+
+
+def test_a_quota_refusal_is_a_429_with_its_reason(compressor, cli_user, make_job, settings, builtin_model):
+    settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS = 1
+    make_job(cli_user)  # queued: the one active job allowed
+
+    run = compressor("submit", "smollm2-135m-instruct", "--preset", "fp8-dynamic", "--calibration", "none")
+
+    assert run.code == 3 and run.err.startswith("compressor: Refused (429): "), run.err
+    assert Job.objects.count() == 1
+
+
+def test_no_token_a_wrong_token_and_no_server_are_one_line_messages(compressor, free_port):
+    missing = compressor("status", "1", env={"COMPRESSOR_TOKEN_FILE": None})
+    unreadable = compressor("status", "1", "--token-file", "/no/such/token")
+    wrong = compressor("status", "1", env={"COMPRESSOR_TOKEN_FILE": None, "COMPRESSOR_TOKEN": "not-a-token"})
+    refused = compressor("status", "1", "--server", f"http://127.0.0.1:{free_port}")
+
+    assert missing.code == 2 and "No API token: give --token-file FILE" in missing.err
+    assert unreadable.code == 2 and "Cannot read the token file /no/such/token" in unreadable.err
+    assert wrong.code == 3 and "The server refused the token (401): Invalid token." in wrong.err
+    assert refused.code == 3 and f"Cannot connect to http://127.0.0.1:{free_port}/api/v1/: connection refused" in (
+        refused.err
+    )
+    for run in (missing, unreadable, wrong, refused):
+        assert run.err.count("\n") == 1 and "Traceback" not in run.err, run.err
+
+
+def test_a_queued_job_is_cancelled_and_a_second_cancel_is_refused(compressor, cli_user, make_job, make_user):
+    job = make_job(cli_user)
+    others = make_job(make_user("dave"))
+
+    cancelled = compressor("cancel", str(job.pk))
+    again = compressor("cancel", str(job.pk))
+    status = compressor("status", str(job.pk))
+    not_mine = compressor("cancel", str(others.pk))
+
+    assert cancelled.code == 0 and f"Job {job.pk} cancelled." in cancelled.out, cancelled.err
+    assert Job.objects.get(pk=job.pk).status == "cancelled"
+    assert again.code == 3 and "Refused (409): " in again.err and "already cancelled" in again.err
+    assert status.code == 1 and f"Job {job.pk} cancelled" in status.err
+    assert not_mine.code == 3 and "Refused (404): " in not_mine.err
+    assert Job.objects.get(pk=others.pk).status == "queued"
