@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tarfile
 import time
@@ -134,6 +135,9 @@ class Api:
             raise CliError(f"The request to {self.root} failed: {exc}.") from None
         if response.status_code not in ok:
             message = describe_refusal(response)
+            job = re.match(r"jobs/(\d+)/", path)
+            if response.status_code == 404 and job:  # DRF says "No Job matches the given query."
+                message = f"Refused (404): there is no job {job.group(1)} of yours on {self.root}"
             response.close()
             raise CliError(message)
         return response
@@ -272,7 +276,8 @@ def _outcome(job: dict) -> int:
 def follow_status(api: Api, job_id: int, *, interval: float, progress: str) -> int:
     """A bar of the job's percent, described by its stage and message, until it ends."""
     job = api.job(job_id)
-    with _bar(progress, total=100, unit="%", bar_format="{desc} |{bar}| {n:.0f}% [{elapsed}]") as bar:
+    bar_format = "{desc} |{bar}| {n:.0f}% [{elapsed}]"
+    with _bar(progress, total=100, bar_format=bar_format, desc=f"job {job_id} {_describe(job)}"[:100]) as bar:
         while True:
             bar.set_description_str(f"job {job_id} {_describe(job)}"[:100], refresh=False)
             bar.n = float(job.get("percent") or 0)

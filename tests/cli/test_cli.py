@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import sys
 
 import pytest
 
 from jobs.models import Job
 from tests.cli.conftest import files_of
+from tests.support import REPO
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -121,11 +124,16 @@ def test_bytes_that_arrive_different_from_the_manifest_fail_the_download_naming_
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_a_refused_submission_is_one_line_naming_the_field(compressor, builtin_model):
+def test_a_refused_submission_is_one_line_naming_the_field(compressor, builtin_model, tmp_path):
+    (tmp_path / "recipe.yaml").write_text("stage: !!python/object/apply:os.system ['true']\n")
+
     unknown = compressor("submit", "smollm2-135m-instruct", "--preset", "no-such-preset")
     too_high = compressor("submit", "smollm2-135m-instruct", "--preset", "fp8-dynamic", "--priority", "99")
+    nested = compressor("submit", "smollm2-135m-instruct", "--preset", "fp8-dynamic", "--samples", "0")
+    recipe = compressor("submit", "smollm2-135m-instruct", "--recipe", "recipe.yaml")
 
-    for run, field in ((unknown, "preset"), (too_high, "priority")):
+    cases = ((unknown, "preset"), (too_high, "priority"), (nested, "calibration.samples"), (recipe, "recipe_yaml"))
+    for run, field in cases:
         assert run.code == 3, run.err
         assert run.err.startswith(f"compressor: Refused (400): {field}: ") and run.err.count("\n") == 1, run.err
     assert "no-such-preset" in unknown.err
@@ -171,5 +179,12 @@ def test_a_queued_job_is_cancelled_and_a_second_cancel_is_refused(compressor, cl
     assert Job.objects.get(pk=job.pk).status == "cancelled"
     assert again.code == 3 and "Refused (409): " in again.err and "already cancelled" in again.err
     assert status.code == 1 and f"Job {job.pk} cancelled" in status.err
-    assert not_mine.code == 3 and "Refused (404): " in not_mine.err
+    assert not_mine.code == 3 and f"Refused (404): there is no job {others.pk} of yours" in not_mine.err
     assert Job.objects.get(pk=others.pk).status == "queued"
+
+
+def test_the_client_imports_neither_django_nor_torch():
+    code = "import sys, compressor_cli.main; print(sorted({m.split('.')[0] for m in sys.modules} & FORBIDDEN))"
+    code = code.replace("FORBIDDEN", "{'django', 'torch', 'engine', 'jobs', 'rest_framework'}")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
