@@ -4,8 +4,8 @@ The server comes from --server or COMPRESSOR_URL; the API token from --token-fil
 COMPRESSOR_TOKEN_FILE (never from the command line, where other users of the machine could read it).
 
 Exit status: 0 done (a followed job succeeded, a download matched its manifest); 1 the job failed or was
-cancelled, or a downloaded file does not match the manifest; 2 a usage or configuration error (no token);
-3 the server refused the request or could not be reached.
+cancelled, or a downloaded file does not match the manifest; 2 a usage or configuration error (no token) or
+a local file that cannot be written; 3 the server refused the request, failed or could not be reached.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ EXIT_OK, EXIT_JOB, EXIT_USAGE, EXIT_API = 0, 1, 2, 3
 class CliError(Exception):
     """A failure the user gets as one line on stderr, with an exit status (never a traceback)."""
 
-    def __init__(self, message: str, *, code: int = EXIT_API) -> None:
+    def __init__(self, message: str, *, code: int = EXIT_API, transient: bool = False) -> None:
         super().__init__(message)
-        self.message, self.code = message, code
+        # transient: the server could not be reached or answered 502-504 (a restart): worth asking again
+        self.message, self.code, self.transient = message, code, transient
 
 
 # --- configuration -----------------------------------------------------------------------------------------
@@ -108,6 +109,8 @@ def describe_refusal(response: requests.Response) -> str:
     if status == 429:
         wait = response.headers.get("Retry-After")
         return f"Refused (429): {reason}" + (f" (try again in {wait} s)" if wait and "in " not in reason else "")
+    if status >= 500:
+        return f"The server failed ({status}): {reason}"
     return f"Refused ({status}): {reason}"
 
 
@@ -128,9 +131,9 @@ class Api:
         try:
             response = self.session.request(method, self.url(path), **kwargs)
         except requests.ConnectionError as exc:
-            raise CliError(f"Cannot connect to {self.root}: {_connection_reason(exc)}.") from None
+            raise CliError(f"Cannot connect to {self.root}: {_connection_reason(exc)}.", transient=True) from None
         except requests.Timeout:
-            raise CliError(f"The server at {self.root} did not answer in time.") from None
+            raise CliError(f"The server at {self.root} did not answer in time.", transient=True) from None
         except requests.RequestException as exc:
             raise CliError(f"The request to {self.root} failed: {exc}.") from None
         if response.status_code not in ok:
@@ -139,7 +142,7 @@ class Api:
             if response.status_code == 404 and job:  # DRF says "No Job matches the given query."
                 message = f"Refused (404): there is no job {job.group(1)} of yours on {self.root}"
             response.close()
-            raise CliError(message)
+            raise CliError(message, transient=response.status_code in (502, 503, 504))
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -158,7 +161,7 @@ class Api:
             try:
                 return call()
             except CliError as exc:
-                if not exc.message.startswith(("Cannot connect", "The server at")) or attempt == FOLLOW_RETRIES - 1:
+                if not exc.transient or attempt == FOLLOW_RETRIES - 1:
                     raise
                 time.sleep(2**attempt)
         raise AssertionError("unreachable")
@@ -497,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compressor",
         description="Submit, follow, download and cancel compression jobs through the service's REST API.",
         epilog="Exit status: 0 ok; 1 the job failed or was cancelled, or a download does not match its manifest; "
-        "2 usage or configuration; 3 the server refused or could not be reached.",
+        "2 usage, configuration or a local file; 3 the server refused, failed or could not be reached.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -561,6 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"compressor: {exc.message}", file=sys.stderr)
         return exc.code
+    except requests.RequestException as exc:  # the connection broke while a body streamed in
+        print(f"compressor: The connection to the server broke: {type(exc).__name__}; run it again.", file=sys.stderr)
+        return EXIT_API
+    except OSError as exc:  # writing the download: a full disk, a folder not writable
+        print(f"compressor: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("compressor: interrupted (the job itself goes on; `compressor cancel` stops it).", file=sys.stderr)
         return 130

@@ -89,6 +89,31 @@ def test_a_checkpoint_downloads_as_files_and_as_archives_matching_the_manifest(c
     assert [p.suffix for p in (tmp_path / "tar").glob("job-*")] == [".tar"]
 
 
+def test_a_partial_download_is_resumed_and_a_bad_partial_one_is_named_and_dropped(compressor, done_job, tmp_path):
+    # Given a download interrupted half-way (a .part file with the first half of the weights)
+    job, _folder = done_job
+    weights = FILES["model.safetensors"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.part").write_bytes(weights[: len(weights) // 2])
+
+    # When it is run again, the rest is asked for with Range and the whole file matches
+    resumed = compressor("download", str(job.pk), "--out", "out")
+    assert resumed.code == 0, resumed.err
+    assert (out / "model.safetensors").read_bytes() == weights and not (out / "model.safetensors.part").exists()
+
+    # Given a partial file whose first bytes are wrong (a disk error, another file of the same name)
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.part").write_bytes(b"\0" * 1000)
+
+    # Then the resumed file does not match: it is named, not kept, and the next run fetches it whole
+    bad = compressor("download", str(job.pk), "--out", "out")
+    assert bad.code == 1 and "MISMATCH model.safetensors: sha256" in bad.err, bad.err
+    assert not (out / "model.safetensors").exists() and not (out / "model.safetensors.part").exists()
+    assert compressor("download", str(job.pk), "--out", "out").code == 0
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
 def test_a_file_damaged_on_the_server_is_refused_by_it_and_named(compressor, done_job, tmp_path):
     # Given a stored file that no longer matches the manifest (the server checks before it sends)
     job, folder = done_job
