@@ -19,7 +19,7 @@ import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -314,26 +314,44 @@ def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
 # --- logs ----------------------------------------------------------------------------------------------------
 
 
-def _log_lines(api: Api, job_id: int) -> Iterator[str]:
-    """The whole log from GET jobs/<id>/log/ (text/plain, times in UTC, no server paths), line by line."""
-    response = api.request("GET", f"jobs/{job_id}/log/", stream=True, headers={"Accept": "text/plain"})
+def _log_text(api: Api, job_id: int) -> str:
+    """The whole log from GET jobs/<id>/log/ (text/plain, times in UTC, no server paths)."""
+    response = api.request("GET", f"jobs/{job_id}/log/", headers={"Accept": "text/plain"})
     response.encoding = response.encoding or "utf-8"
-    with response:
-        yield from response.iter_lines(decode_unicode=True)
+    return response.text
 
 
 def cmd_logs(api: Api, args: argparse.Namespace) -> int:
-    printed = 0
+    if not args.follow:  # streamed as it comes, byte for byte
+        response = api.request("GET", f"jobs/{args.job}/log/", headers={"Accept": "text/plain"}, stream=True)
+        with response:
+            for chunk in response.iter_content(64 * 1024):
+                sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        return EXIT_OK
+    seen: list[str] = []
     while True:
         # The status is read before the log, so the log read after a terminal status holds the last lines.
-        status = api.patiently(lambda: api.job(args.job))["status"] if args.follow else None
-        for number, line in enumerate(api.patiently(lambda: list(_log_lines(api, args.job)))):
-            if number >= printed:
-                print(line, flush=True)
-                printed = number + 1
-        if not args.follow or status in TERMINAL:
+        status = api.patiently(lambda: api.job(args.job))["status"]
+        lines = api.patiently(lambda: _log_text(api, args.job)).split("\n")[:-1]  # the log ends with a newline
+        for line in lines[_new_from(seen, lines) :]:
+            print(line, flush=True)
+        seen = lines or seen
+        if status in TERMINAL:
             return EXIT_OK
         time.sleep(args.interval)
+
+
+def _new_from(seen: list[str], lines: list[str]) -> int:
+    """Where the lines not printed yet begin. The server keeps only a job's newest lines
+    (COMPRESSOR_JOB_LOG_MAX_LINES), so a long log loses its head: then the last line printed is looked for."""
+    if not seen:
+        return 0
+    if len(lines) >= len(seen) and lines[len(seen) - 1] == seen[-1]:
+        return len(seen)
+    if seen[-1] in lines:
+        return len(lines) - lines[::-1].index(seen[-1])
+    return 0
 
 
 # --- download and verify -------------------------------------------------------------------------------------

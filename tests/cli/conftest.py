@@ -45,26 +45,38 @@ def cli_user(make_user, tmp_path):
 @pytest.fixture
 def compressor(live_server, cli_user, tmp_path):
     """compressor(*args, env=None, timeout=...): the CLI as its own process against the live server, with the
-    user's token file in COMPRESSOR_TOKEN_FILE (env entries replace or, when None, remove variables)."""
+    user's token file in COMPRESSOR_TOKEN_FILE (env entries replace or, when None, remove variables).
+    compressor.start(*args) starts it without waiting (a subprocess.Popen with text pipes)."""
 
-    def run(*args: str, env: dict[str, str | None] | None = None, timeout: float = 120) -> Run:
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSOR_TOKEN")}
-        environ |= {"COMPRESSOR_URL": live_server.url, "COMPRESSOR_TOKEN_FILE": str(cli_user.token_file)}
+    def environ(env: dict[str, str | None] | None) -> dict[str, str]:
+        result = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSOR_TOKEN")}
+        result |= {"COMPRESSOR_URL": live_server.url, "COMPRESSOR_TOKEN_FILE": str(cli_user.token_file)}
         for key, value in (env or {}).items():
             if value is None:
-                environ.pop(key, None)
+                result.pop(key, None)
             else:
-                environ[key] = value
-        done = subprocess.run(
+                result[key] = value
+        return {**result, "PYTHONPATH": str(REPO)}
+
+    def start(*args: str, env: dict[str, str | None] | None = None) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "compressor_cli.main", *args],
             cwd=tmp_path,
-            env={**environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
+            env=environ(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
         )
-        return Run(done.returncode, done.stdout, done.stderr)
 
+    def run(*args: str, env: dict[str, str | None] | None = None, timeout: float = 120) -> Run:
+        process = start(*args, env=env)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        finally:
+            process.kill()
+        return Run(process.returncode, out, err)
+
+    run.start = start
     return run
 
 

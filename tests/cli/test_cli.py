@@ -7,6 +7,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -71,6 +72,32 @@ def test_a_submitted_job_is_followed_to_success_then_downloaded_and_verified(
     assert logs.code == 0 and logs.out.startswith(f"# Log of job {job_id}") and "Started on" in logs.out
 
 
+def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_once(
+    compressor, cli_user, make_job, settings
+):
+    # Given a running job whose server keeps only its newest 4 log lines
+    from jobs.services import _append_log
+
+    settings.COMPRESSOR_JOB_LOG_MAX_LINES = 4
+    job = make_job(cli_user, status="running")
+    _append_log(job.pk, [("preparing", "line 0")])
+
+    # When its log is followed while lines arrive, until the job ends
+    follower = compressor.start("logs", str(job.pk), "--follow", "--interval", "0.1")
+    for number in range(1, 12):
+        time.sleep(0.25)
+        _append_log(job.pk, [("compressing", f"line {number}")])
+    time.sleep(0.5)
+    Job.objects.filter(pk=job.pk).update(status="succeeded")
+    out, err = follower.communicate(timeout=60)
+
+    # Then every line was printed once, in order, although the server dropped the oldest ones meanwhile
+    assert follower.returncode == 0, err
+    texts = [line.split("] ", 1)[1] for line in out.splitlines()[1:]]
+    assert texts == [f"line {number}" for number in range(12)], out
+    assert out.startswith(f"# Log of job {job.pk}") and job.log_lines.count() == 4
+
+
 def test_a_checkpoint_downloads_as_files_and_as_archives_matching_the_manifest(compressor, done_job, tmp_path):
     job, _folder = done_job
 
@@ -79,6 +106,8 @@ def test_a_checkpoint_downloads_as_files_and_as_archives_matching_the_manifest(c
     zipped = compressor("download", str(job.pk), "--out", "zip", "--archive", "zip")
     tarred = compressor("download", str(job.pk), "--out", "tar", "--archive", "tar")
 
+    log = compressor("logs", str(job.pk))
+    assert log.code == 0 and log.out == f"# Log of job {job.pk} (fp8-dynamic on smollm2-135m-instruct); times in UTC\n"
     for run in (files, again, zipped, tarred):
         assert run.code == 0, run.err
         assert f"Job {job.pk}: 3 files" in run.out and "every sha256 matches the manifest" in run.out
