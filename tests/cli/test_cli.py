@@ -32,46 +32,6 @@ def done_job(cli_user, make_job, checkpoint):
     return job, folder
 
 
-@pytest.mark.slow
-def test_a_submitted_job_is_followed_to_success_then_downloaded_and_verified(
-    cli_worker, compressor, hub, hub_repo_id, tiny_model_dir, tmp_path
-):
-    # Given a tiny model on the (local) hub
-    repo_id = hub_repo_id("cli-tiny")
-    hub.add_folder(repo_id, tiny_model_dir)
-
-    # When it is submitted with --follow
-    run = compressor(
-        "submit", repo_id, "--preset", "fp8-dynamic", "--calibration", "none", "--follow",
-        "--interval", "0.5", "--progress", "always", timeout=900,
-    )  # fmt: skip
-
-    # Then the command waited for the real worker to finish the job, with a progress bar, and exited 0
-    assert run.code == 0, run.out + run.err + "\n" + cli_worker.log_tail()
-    job_id = int(re.search(r"Submitted job (\d+)", run.out).group(1))
-    assert f"Job {job_id} succeeded" in run.out and "100%" in run.err
-    job = Job.objects.get(pk=job_id)
-    assert job.status == "succeeded" and job.calibration_kind == "none"
-
-    # When its checkpoint is downloaded
-    download = compressor("download", str(job_id), "--out", "checkpoint", "--progress", "always")
-
-    # Then every file is there with the manifest's sha256, and the manifest beside them
-    assert download.code == 0, download.err
-    assert "every sha256 matches the manifest" in download.out
-    got = files_of(tmp_path / "checkpoint")
-    assert {e["path"]: e["sha256"] for e in job.manifest["files"]} == {
-        path: hashlib.sha256(data).hexdigest() for path, data in got.items() if path != "manifest.json"
-    }
-    assert any(path.endswith(".safetensors") for path in got)
-
-    # ...and status and logs say what happened
-    status = compressor("status", str(job_id))
-    assert status.code == 0 and f"Job {job_id} succeeded" in status.out
-    logs = compressor("logs", str(job_id), "--follow", "--interval", "0.2")
-    assert logs.code == 0 and logs.out.startswith(f"# Log of job {job_id}") and "Started on" in logs.out
-
-
 def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_once(
     compressor, cli_user, make_job, settings
 ):
@@ -242,3 +202,65 @@ def test_the_client_imports_neither_django_nor_torch():
     code = code.replace("FORBIDDEN", "{'django', 'torch', 'engine', 'jobs', 'rest_framework'}")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_submission_with_an_uploaded_calibration_file_is_recorded_then_cancelled(compressor, builtin_model, tmp_path):
+    # Given a JSONL calibration file on the user's machine
+    rows = (f'{{"text": "The quick brown fox jumps over the lazy dog, time {i}."}}\n' for i in range(16))
+    (tmp_path / "cal.jsonl").write_text("".join(rows))
+
+    # When a GPTQ job is submitted with it (the file is uploaded first), then cancelled before it starts
+    run = compressor(
+        "submit", "smollm2-135m-instruct", "--preset", "int8-w8a8-gptq", "--calibration-file", "cal.jsonl",
+        "--samples", "8", "--max-seq-len", "64", "--priority", "3", "-q",
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    job = Job.objects.get(pk=int(run.out))
+    cancel = compressor("cancel", run.out.strip())
+
+    # Then the job was recorded with the uploaded file and the options given, and is cancelled
+    assert "Uploaded cal.jsonl as calibration dataset" in run.err and "(16 rows)" in run.err
+    assert job.calibration_kind == "upload" and job.calibration_file.rows == 16
+    assert (job.calibration_samples, job.calibration_max_seq_len, job.priority) == (8, 64, 3)
+    assert cancel.code == 0 and Job.objects.get(pk=job.pk).status == "cancelled"
+
+
+# Last in the module: its worker (module-scoped) starts here, after the tests that leave queued messages.
+@pytest.mark.slow
+def test_a_submitted_job_is_followed_to_success_then_downloaded_and_verified(
+    cli_worker, compressor, hub, hub_repo_id, tiny_model_dir, tmp_path
+):
+    # Given a tiny model on the (local) hub
+    repo_id = hub_repo_id("cli-tiny")
+    hub.add_folder(repo_id, tiny_model_dir)
+
+    # When it is submitted with --follow
+    run = compressor(
+        "submit", repo_id, "--preset", "fp8-dynamic", "--calibration", "none", "--follow",
+        "--interval", "0.5", "--progress", "always", timeout=900,
+    )  # fmt: skip
+
+    # Then the command waited for the real worker to finish the job, with a progress bar, and exited 0
+    assert run.code == 0, run.out + run.err + "\n" + cli_worker.log_tail()
+    job_id = int(re.search(r"Submitted job (\d+)", run.out).group(1))
+    assert f"Job {job_id} succeeded" in run.out and "100%" in run.err
+    job = Job.objects.get(pk=job_id)
+    assert job.status == "succeeded" and job.calibration_kind == "none"
+
+    # When its checkpoint is downloaded
+    download = compressor("download", str(job_id), "--out", "checkpoint", "--progress", "always")
+
+    # Then every file is there with the manifest's sha256, and the manifest beside them
+    assert download.code == 0, download.err
+    assert "every sha256 matches the manifest" in download.out
+    got = files_of(tmp_path / "checkpoint")
+    assert {e["path"]: e["sha256"] for e in job.manifest["files"]} == {
+        path: hashlib.sha256(data).hexdigest() for path, data in got.items() if path != "manifest.json"
+    }
+    assert any(path.endswith(".safetensors") for path in got)
+
+    # ...and status and logs say what happened
+    status = compressor("status", str(job_id))
+    assert status.code == 0 and f"Job {job_id} succeeded" in status.out
+    logs = compressor("logs", str(job_id), "--follow", "--interval", "0.2")
+    assert logs.code == 0 and logs.out.startswith(f"# Log of job {job_id}") and "Started on" in logs.out
