@@ -7,13 +7,14 @@ import hashlib
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from jobs.models import Job
 from tests.cli.conftest import files_of
-from tests.support import REPO
+from tests.support import REPO, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,18 +45,47 @@ def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_o
 
     # When its log is followed while lines arrive, until the job ends
     follower = compressor.start("logs", str(job.pk), "--follow", "--interval", "0.1")
-    for number in range(1, 12):
-        time.sleep(0.25)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(follower.stdout), daemon=True)
+    reader.start()
+    for number in range(1, 12):  # each line once the one before is out (lines the server drops unseen are lost)
+        last = f"line {number - 1}\n"
+        wait_until(lambda last=last: last in "".join(printed), timeout=60, what=f"the follower to print {last!r}")
         _append_log(job.pk, [("compressing", f"line {number}")])
-    time.sleep(0.5)
+    time.sleep(0.3)  # a poll or two more, to print nothing twice
     Job.objects.filter(pk=job.pk).update(status="succeeded")
-    out, err = follower.communicate(timeout=60)
+    follower.wait(timeout=60)
+    reader.join(timeout=10)
+    out, err = "".join(printed), follower.stderr.read()
 
     # Then every line was printed once, in order, although the server dropped the oldest ones meanwhile
     assert follower.returncode == 0, err
     texts = [line.split("] ", 1)[1] for line in out.splitlines()[1:]]
     assert texts == [f"line {number}" for number in range(12)], out
     assert out.startswith(f"# Log of job {job.pk}") and job.log_lines.count() == 4
+
+
+def test_status_follows_a_running_job_to_its_failure_and_exits_1_with_the_error(compressor, cli_user, make_job):
+    # Given a running job
+    job = make_job(cli_user, status="running", stage="compressing", message="Layer 1 of 4", percent=25.0)
+
+    # When it is followed while it moves on and then fails
+    follower = compressor.start("status", str(job.pk), "--follow", "--interval", "0.1", "--progress", "always")
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: follower.stderr.read(1), "")), daemon=True)
+    reader.start()
+    wait_until(lambda: "Layer 1 of 4" in "".join(seen), timeout=60, what="the bar to show the first message")
+    Job.objects.filter(pk=job.pk).update(message="Layer 3 of 4", percent=75.0)
+    wait_until(lambda: "Layer 3 of 4" in "".join(seen), timeout=60, what="the bar to show the second message")
+    Job.objects.filter(pk=job.pk).update(status="failed", error="The GPU ran out of memory\nat layer 3.")
+    follower.wait(timeout=60)
+    reader.join(timeout=10)
+    out, err = follower.stdout.read(), "".join(seen)
+
+    # Then the bar showed the stage and message as they came, and the exit status says it failed, with why
+    assert follower.returncode == 1, out + err
+    assert "compressing: Layer 1 of 4" in err and "25%" in err and "compressing: Layer 3 of 4" in err and "75%" in err
+    assert f"Job {job.pk} failed: The GPU ran out of memory at layer 3." in err
 
 
 def test_a_checkpoint_downloads_as_files_and_as_archives_matching_the_manifest(compressor, done_job, tmp_path):
