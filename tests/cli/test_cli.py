@@ -4,6 +4,7 @@ and verify checkpoints, and the one-line messages for refusals, a missing token 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -131,6 +132,19 @@ def test_a_partial_download_is_resumed_and_a_bad_partial_one_is_named_and_droppe
     assert not (out / "model.safetensors").exists() and not (out / "model.safetensors.part").exists()
     assert compressor("download", str(job.pk), "--out", "out").code == 0
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_a_manifest_naming_a_path_outside_the_folder_writes_nothing(compressor, done_job, tmp_path):
+    # Given a manifest.json (as served) that names a file above the download folder
+    job, folder = done_job
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"].append({"path": "../escaped.txt", "size": 1, "sha256": "0" * 64})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    run = compressor("download", str(job.pk), "--out", "out")
+
+    assert run.code == 1 and "The manifest names an unsafe path '../escaped.txt'" in run.err, run.err
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_file_damaged_on_the_server_is_refused_by_it_and_named(compressor, done_job, tmp_path):
