@@ -1,0 +1,144 @@
+"""Fixtures for the command-line client's tests: the live server (pytest-django), a token in a file, the CLI
+run as a real subprocess, and a real Celery worker for this module only.
+
+The worker is module-scoped and stopped at the module's end (not the jobs tests' session worker): a second
+session-scoped worker on the same queues would take the jobs that tests/jobs/ keep queued on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.jobs.conftest import LiveWorker, checkpoint  # noqa: F401  (checkpoint: a fixture used here)
+from tests.support import QUEUES, REPO, database_url, wait_until
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli_user(make_user, tmp_path):
+    """A user with an API token, and the file that holds it."""
+    from rest_framework.authtoken.models import Token
+
+    user = make_user("carol")
+    token_file = tmp_path / "token"
+    token_file.write_text(Token.objects.create(user=user).key + "\n")
+    user.token_file = token_file
+    return user
+
+
+@pytest.fixture
+def compressor(live_server, cli_user, tmp_path):
+    """compressor(*args, env=None, timeout=...): the CLI as its own process against the live server, with the
+    user's token file in COMPRESSOR_TOKEN_FILE (env entries replace or, when None, remove variables).
+    compressor.start(*args) starts it without waiting (a subprocess.Popen with text pipes)."""
+
+    def environ(env: dict[str, str | None] | None) -> dict[str, str]:
+        result = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSOR_TOKEN")}
+        result |= {"COMPRESSOR_URL": live_server.url, "COMPRESSOR_TOKEN_FILE": str(cli_user.token_file)}
+        for key, value in (env or {}).items():
+            if value is None:
+                result.pop(key, None)
+            else:
+                result[key] = value
+        return {**result, "PYTHONPATH": str(REPO)}
+
+    def start(*args: str, env: dict[str, str | None] | None = None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "compressor_cli.main", *args],
+            cwd=tmp_path,
+            env=environ(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(*args: str, env: dict[str, str | None] | None = None, timeout: float = 120) -> Run:
+        process = start(*args, env=env)
+        try:
+            out, err = process.communicate(timeout=timeout)
+        finally:
+            process.kill()
+        return Run(process.returncode, out, err)
+
+    run.start = start
+    return run
+
+
+@pytest.fixture(scope="module")
+def cli_worker(django_db_setup, django_db_blocker, broker, media_root, hub_server, tmp_path_factory):
+    """`celery worker` as its own process on the session's queues and test database, for this module."""
+    from django.db import connection
+
+    from compressor_app.celery import app
+
+    with django_db_blocker.unblock():
+        url = database_url(connection.settings_dict)
+    name = f"test-cli-{uuid.uuid4().hex[:8]}@%h"
+    log_path = tmp_path_factory.mktemp("cli-worker") / "worker.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "CELERY_BROKER_URL": broker["url"],
+        "CELERY_KEY_PREFIX": broker["prefix"],
+        "COMPRESSOR_MEDIA_ROOT": str(media_root),
+        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
+        "PYTHONUNBUFFERED": "1",
+        **hub_server.env,
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),
+        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    worker = LiveWorker(name=name.replace("%h", socket.gethostname()), process=process, log_path=log_path)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
+            return bool(app.control.ping(destination=[worker.name], timeout=1))
+
+        wait_until(ready, timeout=180, what="the Celery worker to answer")
+        yield worker
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        with app.connection_for_write() as conn:
+            for queue in QUEUES:
+                conn.default_channel.queue_purge(queue)
+
+
+@pytest.fixture
+def free_port() -> Iterator[int]:
+    """A local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield port
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
