@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +36,55 @@ def database_url(settings_dict: dict) -> str:
     host = settings_dict.get("HOST") or "127.0.0.1"
     port = settings_dict.get("PORT") or 5432
     return f"postgres://{user}{password}@{host}:{port}/{settings_dict['NAME']}"
+
+
+def worker_env(*, settings_dict: dict, broker: dict[str, str], media_root: Path, **extra: str) -> dict[str, str]:
+    """The environment of a worker process a test starts: this session's test database, its corner of Redis,
+    its media folder, a short heartbeat; `extra` adds or replaces variables."""
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url(settings_dict),
+        "CELERY_BROKER_URL": broker["url"],
+        "CELERY_KEY_PREFIX": broker["prefix"],
+        "COMPRESSOR_MEDIA_ROOT": str(media_root),
+        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def start_worker_process(*, name: str, queues: Iterable[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`celery -A compressor_app worker` as its own process (one job at a time) in a session of its own, its
+    output in log_path."""
+    command = [
+        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(queues),
+        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for_worker(process: subprocess.Popen, name: str, log_path: Path, *, timeout: float = 180) -> None:
+    """Until the worker answers a ping on this session's broker; fails at once, with its log, if it exited."""
+    from compressor_app.celery import app
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"The worker exited:\n{log_path.read_text(errors='replace')[-4000:]}")
+        return bool(app.control.ping(destination=[name], timeout=1))
+
+    wait_until(ready, timeout=timeout, what=f"the Celery worker {name} to answer")
+
+
+def stop_worker_process(process: subprocess.Popen) -> None:
+    """A warm shutdown (SIGTERM), then SIGKILL of its whole session after 30 s."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -8,7 +8,6 @@ session-scoped worker on the same queues would take the jobs that tests/jobs/ ke
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.jobs.conftest import LiveWorker, checkpoint  # noqa: F401  (checkpoint: a fixture used here)
-from tests.support import QUEUES, REPO, database_url, wait_until
+from tests.support import QUEUES, REPO, start_worker_process, stop_worker_process, wait_for_worker, worker_env
 
 
 @dataclass
@@ -81,51 +80,21 @@ def compressor(live_server, cli_user, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cli_worker(django_db_setup, django_db_blocker, broker, media_root, hub_server, tmp_path_factory):
+def cli_worker(django_db_setup, broker, media_root, hub_server, tmp_path_factory):
     """`celery worker` as its own process on the session's queues and test database, for this module."""
     from django.db import connection
 
     from compressor_app.celery import app
 
-    with django_db_blocker.unblock():
-        url = database_url(connection.settings_dict)
-    name = f"test-cli-{uuid.uuid4().hex[:8]}@%h"
+    name = f"test-cli-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("cli-worker") / "worker.log"
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "CELERY_BROKER_URL": broker["url"],
-        "CELERY_KEY_PREFIX": broker["prefix"],
-        "COMPRESSOR_MEDIA_ROOT": str(media_root),
-        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
-        "PYTHONUNBUFFERED": "1",
-        **hub_server.env,
-    }
-    command = [
-        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),
-        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    worker = LiveWorker(name=name.replace("%h", socket.gethostname()), process=process, log_path=log_path)
+    env = worker_env(settings_dict=connection.settings_dict, broker=broker, media_root=media_root, **hub_server.env)
+    process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
     try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
-            return bool(app.control.ping(destination=[worker.name], timeout=1))
-
-        wait_until(ready, timeout=180, what="the Celery worker to answer")
-        yield worker
+        wait_for_worker(process, name, log_path)
+        yield LiveWorker(name=name, process=process, log_path=log_path)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_worker_process(process)
         with app.connection_for_write() as conn:
             for queue in QUEUES:
                 conn.default_channel.queue_purge(queue)

@@ -12,7 +12,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import psutil
 import pytest
 
 from tests.jobs.conftest import LiveWorker, api_for, checkpoint  # noqa: F401 - fixtures shared with tests/jobs
-from tests.support import REPO, database_url, wait_until
+from tests.support import start_worker_process, wait_until, worker_env
 
 FAULT_QUEUE = "faults"
 HEARTBEAT_S = 0.5
@@ -79,28 +78,19 @@ def launch_worker(
     def start(*, queue: str = FAULT_QUEUE, broker_url: str | None = None, **env: str) -> FaultWorker:
         name = f"fault-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         log_path = tmp_path_factory.mktemp("fault-worker") / "worker.log"
-        environment = {
-            **os.environ,
-            "DATABASE_URL": database_url(connection.settings_dict),
-            "CELERY_BROKER_URL": broker_url or broker["url"],
-            "CELERY_KEY_PREFIX": broker["prefix"],
-            "COMPRESSOR_MEDIA_ROOT": str(media_root),
+        settings = {
             "COMPRESSOR_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
             "COMPRESSOR_CANCEL_GRACE_S": "5",
             # The fault jobs run the tiny model from a server folder, as an operator who allows them would.
             "COMPRESSOR_ALLOW_LOCAL_PATHS": "True",
-            "PYTHONUNBUFFERED": "1",
             **hub_server.env,  # the session's local hub (tests/hub_server.py) is the workers' Hugging Face hub
-            **env,
+            **({"CELERY_BROKER_URL": broker_url} if broker_url else {}),
+            **env,  # the test's own settings win
         }
-        command = [
-            sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", queue, "-c", "1",
-            "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
-        ]  # fmt: skip
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        environment = worker_env(
+            settings_dict=connection.settings_dict, broker=broker, media_root=media_root, **settings
+        )
+        process = start_worker_process(name=name, queues=[queue], log_path=log_path, env=environment)
         worker = FaultWorker(name=name, process=process, log_path=log_path)
         started.append(worker)
         wait_until_ready(worker, broker_url)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.support import QUEUES, REPO, database_url, wait_until
+from tests.support import (
+    QUEUES,
+    REPO,
+    start_worker_process,
+    stop_worker_process,
+    wait_for_worker,
+    worker_env,
+)
 
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 CHROMIUM = os.environ.get("COMPRESSOR_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -171,51 +176,21 @@ def succeeded_job(make_job):
 
 
 @pytest.fixture(scope="module")
-def live_worker(django_db_setup, django_db_blocker, broker, tmp_path_factory) -> Iterator[subprocess.Popen]:
+def live_worker(django_db_setup, broker, tmp_path_factory) -> Iterator[subprocess.Popen]:
     """`celery -A compressor_app worker` as its own process on the test database and this module's queues."""
     from django.db import connection
 
-    from compressor_app.celery import app
-
     name = f"frontend-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    with django_db_blocker.unblock():
-        db_url = database_url(connection.settings_dict)
-    env = {
-        **os.environ,
-        "DATABASE_URL": db_url,
-        "CELERY_BROKER_URL": broker["url"],
-        "CELERY_KEY_PREFIX": broker["prefix"],
-        "COMPRESSOR_MEDIA_ROOT": str(current_media_root()),
-        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = worker_env(settings_dict=connection.settings_dict, broker=broker, media_root=current_media_root())
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # set for the browser's thread only
-    command = [
-        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),
-        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
     process.log_path = log_path  # type: ignore[attr-defined]
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"The worker exited:\n{log_path.read_text(errors='replace')[-4000:]}")
-        return bool(app.control.ping(destination=[name], timeout=1))
-
     try:
-        wait_until(ready, timeout=120, what="the Celery worker to answer")
+        wait_for_worker(process, name, log_path, timeout=120)
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_worker_process(process)
 
 
 def worker_log(process) -> str:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
+import socket
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import QUEUES, REPO, database_url, wait_until
+from tests.support import QUEUES, start_worker_process, stop_worker_process, wait_for_worker, wait_until, worker_env
 
 # --- users, API clients and factories ---------------------------------------------------------------------
 
@@ -119,48 +118,21 @@ def live_worker_process(django_db_setup, broker, media_root, hub_server, tmp_pat
     session's local hub as its Hugging Face hub."""
     from django.db import connection
 
-    from compressor_app.celery import app
-
-    name = f"test-{uuid.uuid4().hex[:8]}@%h"
+    name = f"test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(connection.settings_dict),
-        "CELERY_BROKER_URL": broker["url"],
-        "CELERY_KEY_PREFIX": broker["prefix"],
-        "COMPRESSOR_MEDIA_ROOT": str(media_root),
-        "COMPRESSOR_HEARTBEAT_INTERVAL_S": "0.5",
-        "COMPRESSOR_CANCEL_GRACE_S": "5",
-        "PYTHONUNBUFFERED": "1",
+    env = worker_env(
+        settings_dict=connection.settings_dict,
+        broker=broker,
+        media_root=media_root,
+        COMPRESSOR_CANCEL_GRACE_S="5",
         **hub_server.env,
-    }
-    command = [
-        sys.executable, "-m", "celery", "-A", "compressor_app", "worker", "-Q", ",".join(QUEUES),
-        "-c", "1", "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    import socket
-
-    worker = LiveWorker(name=name.replace("%h", socket.gethostname()), process=process, log_path=log_path)
+    )
+    process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
     try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"The worker exited:\n{worker.log_tail()}")
-            return bool(app.control.ping(destination=[worker.name], timeout=1))
-
-        wait_until(ready, timeout=180, what="the Celery worker to answer")
-        yield worker
+        wait_for_worker(process, name, log_path)
+        yield LiveWorker(name=name, process=process, log_path=log_path)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_worker_process(process)
 
 
 @pytest.fixture
