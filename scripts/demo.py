@@ -16,6 +16,7 @@ import requests
 from tqdm import tqdm
 
 from engine.card import results_table
+from engine.units import size_text
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ENGINE_LOG_PREFIXES = ("INFO:", "DEBUG:", "METRIC:", "WARNING:", "SUCCESS:", "TRACE:")
@@ -107,11 +108,11 @@ def follow(api: requests.Session, base: str, job: dict, *, queue_timeout: float)
 
 def report(base: str, job: dict, manifest: dict, downloadable_s: float) -> None:
     results = job["results"] or {}
-    mib = 2**20
     print()
     print(f"Job page:            {base}/jobs/{job['id']}/   (log in as the demo user)")
-    print(f"Size:                {results.get('size_before_bytes', 0) / mib:.1f} MiB -> "
-          f"{results.get('size_after_bytes', 0) / mib:.1f} MiB "
+    # Sizes in the units of the job page and the card (engine.units: decimal MB).
+    print(f"Size:                {size_text(results.get('size_before_bytes'))} -> "
+          f"{size_text(results.get('size_after_bytes'))} "
           f"(compression ratio {results.get('compression_ratio', 0):.2f}x)")  # fmt: skip
     timings = results.get("timings") or {}
     print("Engine timings:      " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
@@ -120,8 +121,8 @@ def report(base: str, job: dict, manifest: dict, downloadable_s: float) -> None:
         print()
         print(results_table(evaluation, baseline_name=job["model"], compressed_name=f"job {job['id']}"))
         print()
-    total_mib = manifest.get("total_bytes", 0) / mib
-    print(f"Files:               {len(manifest['files'])} files, {total_mib:.1f} MiB, sha256 in the manifest")
+    total = size_text(manifest.get("total_bytes"))
+    print(f"Files:               {len(manifest['files'])} files, {total}, sha256 in the manifest")
     print(f"Download (zip):      {base}/api/v1/jobs/{job['id']}/archive/")
     print(f"Manifest:            {base}/api/v1/jobs/{job['id']}/manifest/")
     print(f"Submission to downloadable checkpoint: {downloadable_s:.1f} s")
