@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -342,10 +343,19 @@ def _check_in_vllm(staging: Path, plan: MemoryPlan, reporter: _Reporter, timings
     except CancelledError:
         raise
     except EngineError as exc:
-        return {"ran": True, "error": exc.message[-1000:]}
+        return {"ran": True, "error": vllm_failure_reason(exc.message, staging)}
     finally:
         timings["vllm_check_s"] = time.perf_counter() - started
     return {"ran": True, "tokens_per_s": outcome.get("tokens_per_s"), "generations": outcome.get("generations")}
+
+
+def vllm_failure_reason(message: str, staging: Path) -> str:
+    """The last line of a failed vLLM check (its exception), for results.json and the page: the checkpoint
+    by name, never the server's folders, and not the whole traceback of the child's output."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    last = (lines[-1] if lines else "vLLM stopped without a message").strip()
+    last = last.replace(f"{staging}/", "").replace(str(staging), "the checkpoint")
+    return re.sub(r"(?<![\w.:])/(?:[^\s/'\"]+/)+", "…/", last)[:500]
 
 
 def _run_settings(plan: MemoryPlan) -> dict[str, Any]:

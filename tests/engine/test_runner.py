@@ -207,3 +207,17 @@ def test_a_worker_without_the_memory_or_disk_for_a_job_refuses_it_with_the_figur
     with pytest.raises(PreflightError, match=r"Not enough free disk space .* 50\.0 MB are free"):
         compress(spec, tmp_path / "ckpt", caps=WorkerCaps(disk_mb=50))
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_a_failed_vllm_check_is_reported_by_its_last_line_without_server_folders(tmp_path):
+    from engine.runner import vllm_failure_reason
+
+    staging = tmp_path / "jobs" / "7" / ".checkpoint.partial-x"
+    message = (
+        "The vLLM process failed (exit 1): Traceback (most recent call last):\n"
+        '  File "/opt/vllm/lib/python3.12/site-packages/vllm/config.py", line 12, in load\n'
+        f"ValueError: Unknown quantization scheme in {staging}/config.json (see /opt/vllm/lib/x.py)\n"
+    )
+    reason = vllm_failure_reason(message, staging)
+    assert reason == "ValueError: Unknown quantization scheme in config.json (see …/x.py)"
+    assert str(tmp_path) not in reason and "/opt/" not in reason
