@@ -342,7 +342,7 @@ def _task_manager(include_path: str):
 
 def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, step: _Progress) -> dict:
     if spec.backend == "vllm":
-        return _task_score(task, _run_task_in_vllm(path, task, spec, step))
+        return _task_score(task, _run_task_in_vllm(path, task, spec, step, model.placement))
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -361,13 +361,15 @@ def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, step: 
     return _task_score(task, output)
 
 
-def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progress) -> dict:
+def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progress, placement: Placement) -> dict:
     """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU), as the seed cards did, in the
-    vLLM environment's own process (engine.isolated), which a cancel kills."""
+    vLLM environment's own process (engine.isolated), which a cancel kills; with tensor parallelism over the
+    job's GPUs when it has several."""
     from engine.isolated import run_child
 
+    gpus = [index for index, _free in placement.gpus]
     model_args = (
-        f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,"
+        f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,tensor_parallel_size={max(len(gpus), 1)},"
         f"max_model_len={_max_model_len(path)},add_bos_token=True"
     )
     request = {
@@ -379,7 +381,7 @@ def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progre
         "limit": spec.limit,
         "include_path": str(write_local_tasks(_tasks_dir())),
     }
-    return run_child(request, on_wait=step.waiting)
+    return run_child(request, gpus=gpus or None, on_wait=step.waiting)
 
 
 def _task_score(task: str, output: dict) -> dict:

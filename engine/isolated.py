@@ -50,13 +50,14 @@ def run_child(
 ) -> dict:
     """Run one request of engine/vllm_child.py in `python` and return its result.
 
-    gpus: the CUDA devices the child may use (CUDA_VISIBLE_DEVICES); None leaves the worker's own setting.
+    gpus: the CUDA devices the child may use, as this process numbers them; None leaves the worker's own
+    setting.
     Raises EngineError (field "evaluation") when the child cannot run or fails, with the end of its output.
     """
     python = python or vllm_python()
     env = dict(os.environ)
     if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in gpus)
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus, env.get("CUDA_VISIBLE_DEVICES"))
     with tempfile.TemporaryDirectory(prefix="vllm-child-") as folder:
         request_path, result_path, log_path = (Path(folder) / name for name in ("request.json", "result.json", "log"))
         request_path.write_text(json.dumps(request))
@@ -86,6 +87,13 @@ def run_child(
                 f"The vLLM process failed (exit {process.returncode}): {tail.strip()}", field="evaluation"
             )
         return json.loads(result_path.read_text())
+
+
+def visible_devices(gpus: list[int], parent_visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a child using `gpus` as this process numbers them: a worker that owns GPUs
+    "2,3" sees them as 0 and 1, so its GPU 1 is the machine's GPU 3."""
+    owned = [device.strip() for device in parent_visible.split(",")] if parent_visible else None
+    return ",".join(owned[gpu] if owned and gpu < len(owned) else str(gpu) for gpu in gpus)
 
 
 def _wait(process: subprocess.Popen, on_wait: Callable[[], None] | None) -> None:

@@ -9,6 +9,12 @@ The ways a job can run, tried in this order:
   removed when the job ends; each layer is read from disk when it computes.
 - refused: nothing fits. The PreflightError gives needed and available for host memory, GPU and disk.
 
+A job runs on a set of the worker's GPUs: the number it asks for, or as many as the plan needs (the fewest
+whose free memory holds the whole model for evaluation). llm-compressor computes on one of them (its
+sequential pipeline brings each layer to one execution device); evaluation spreads a model that does not
+fit on one GPU over the set, and vLLM uses tensor parallelism over it, which splits the attention heads
+evenly between the GPUs.
+
 The figures are estimates from the model's shapes (a skeleton on the meta device, see model_footprint):
 the runner loads every model in bfloat16 (2 bytes a parameter); GPTQ and SparseGPT keep a float32 Hessian
 of in_features x in_features for each Linear of the layer they work on; the sequential pipeline holds
@@ -61,6 +67,7 @@ class ModelFootprint:
     num_parameters: int
     num_layers: int
     layer_parameters: int  # the largest decoder layer
+    attention_heads: int = 0  # vLLM's tensor parallelism needs them divisible by the number of GPUs
     layer_work_bytes: int = 0  # GPTQ/SparseGPT: the Hessians of one layer and a float32 copy of its largest Linear
     activation_bytes: int = 0  # one calibration sample through one layer, and its logits at the end
     calibration_cache_bytes: int = 0  # every sample's activations between two layers (host memory)
@@ -103,6 +110,7 @@ def model_footprint(skeleton, *, hessians: bool, samples: int, max_seq_len: int)
         num_parameters=sum(p.numel() for p in skeleton.parameters()),
         num_layers=len(layers),
         layer_parameters=layer_params,
+        attention_heads=int(getattr(config, "num_attention_heads", 0) or 0),
         layer_work_bytes=work,
         activation_bytes=activation,
         calibration_cache_bytes=cache,
@@ -131,6 +139,9 @@ class Placement:
     mode: str = SEQUENTIAL
     device: str = "cpu"  # where the layers compute
     gpu_bytes: int = 0  # sequential on a GPU: how much of the model may stay on the GPU while evaluating
+    # The job's GPUs (index, bytes evaluation may fill), the computing one first: evaluation spreads the model
+    # over them and vLLM runs with tensor parallelism over them.
+    gpus: tuple[tuple[int, int], ...] = ()
     host_weights_bytes: int = 0  # disk_offload: the weights kept in host memory, the rest waits on disk
     host_share: float = 1.0  # disk_offload: that share of the weights (for a checkpoint stored smaller)
     scratch: Path | None = None  # disk_offload: where offload folders are made (the job's staging folder)
@@ -147,13 +158,19 @@ class MemoryPlan:
     offloaded_bytes: int = 0  # disk_offload: the weights that wait on disk
     host_weights_bytes: int = 0  # disk_offload: the weights kept in host memory
     shard_bytes: int | None = None  # disk_offload: the largest checkpoint shard gathered in memory at once
+    gpus: tuple[Gpu, ...] = ()  # the job's GPUs, the one llm-compressor computes on first
     capped: tuple[str, ...] = field(default=())
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return len(self.gpus)
 
     def placement(self, scratch: Path | None = None) -> Placement:
         return Placement(
             mode=self.mode,
             device=self.device,
             gpu_bytes=self.gpu.available if self.gpu else 0,
+            gpus=tuple((gpu.index, _usable(gpu)) for gpu in self.gpus),
             host_weights_bytes=self.host_weights_bytes,
             host_share=self.host_weights_bytes / ((self.host_weights_bytes + self.offloaded_bytes) or 1),
             scratch=scratch,
@@ -162,6 +179,16 @@ class MemoryPlan:
     @property
     def summary(self) -> str:
         """The plan in one sentence, as the job page and the model card show it."""
+        if len(self.gpus) > 1:
+            indices = ", ".join(f"cuda:{gpu.index}" for gpu in self.gpus)
+            return (
+                f"{self._placement_summary}; evaluation and the vLLM check over {len(self.gpus)} GPUs ({indices}, "
+                f"tensor parallel {len(self.gpus)})"
+            )
+        return self._placement_summary
+
+    @property
+    def _placement_summary(self) -> str:
         host = f"{size_text(self.host.needed)} of {size_text(self.host.available)} available"
         gpu = f"{size_text(self.gpu.needed)} of {size_text(self.gpu.available)} free" if self.gpu else ""
         if self.mode == GPU:
@@ -196,18 +223,26 @@ class MemoryPlan:
             "figures": figures,
             "offloaded_bytes": self.offloaded_bytes,
             "host_weights_bytes": self.host_weights_bytes,
+            "gpus": [{"index": gpu.index, "name": gpu.name, "free": gpu.free_bytes} for gpu in self.gpus],
+            "tensor_parallel_size": self.tensor_parallel_size,
             "capped": list(self.capped),
         }
 
 
-def plan_memory(footprint: ModelFootprint, resources: WorkerResources, *, device: str = "auto") -> MemoryPlan:
-    """Choose how the job runs here (see the module's docstring); raise PreflightError when nothing fits."""
+def plan_memory(
+    footprint: ModelFootprint, resources: WorkerResources, *, device: str = "auto", gpus: int | None = None
+) -> MemoryPlan:
+    """Choose how the job runs here (see the module's docstring); raise PreflightError when nothing fits.
+
+    gpus: how many GPUs the job asks for; None: as many as the plan needs.
+    """
     if device.startswith("cuda") and not resources.gpus:
         raise PreflightError("A GPU was requested but this worker has none.", field="device")
-    gpu = max(resources.gpus, key=lambda g: g.free_bytes) if resources.gpus else None
+    job_gpus = job_gpu_set(footprint, resources.gpus, gpus)
+    gpu = job_gpus[0] if job_gpus else None
     fp, host_ram = footprint, resources.host_ram_bytes
     disk = Need(checkpoint_space_bytes(fp.weights_bytes), resources.disk_free_bytes)
-    common = {"disk": disk, "capped": resources.capped}
+    common = {"disk": disk, "capped": resources.capped, "gpus": job_gpus}
     # The layer's work (Hessians, activations) is done where it computes: on the GPU, or in host memory.
     host_work = fp.calibration_cache_bytes + _HOST_RESERVE_BYTES
     if gpu is not None:
@@ -247,6 +282,51 @@ def plan_memory(footprint: ModelFootprint, resources: WorkerResources, *, device
         shard_bytes=shard,
         **common,
     )
+
+
+def job_gpu_set(fp: ModelFootprint, gpus: tuple[Gpu, ...], requested: int | None) -> tuple[Gpu, ...]:
+    """The job's GPUs, those with the most free memory first: `requested` of them, or (None) the fewest that
+    hold the whole model for evaluation, else as many as tensor parallelism can use."""
+    ranked = sorted(gpus, key=lambda gpu: (-gpu.free_bytes, gpu.index))
+    if requested is not None:
+        if requested > len(ranked):
+            have = f"{len(ranked)}" if ranked else "none"
+            raise PreflightError(
+                f"This job asks for {requested} GPU{'s' if requested > 1 else ''}; this worker has {have}. "
+                "Ask for fewer, or for as many as the plan needs.",
+                field="gpus",
+            )
+        problem = tensor_parallel_problem(fp.attention_heads, requested)
+        if problem:
+            raise PreflightError(problem, field="gpus")
+        return tuple(ranked[:requested])
+    counts = [n for n in range(1, len(ranked) + 1) if tensor_parallel_problem(fp.attention_heads, n) is None]
+    for count in counts:
+        if _spread_need(fp, ranked[:count]).fits:
+            return tuple(ranked[:count])
+    return tuple(ranked[: counts[-1]]) if counts else ()
+
+
+def tensor_parallel_problem(attention_heads: int, gpus: int) -> str | None:
+    """Why vLLM cannot split the model over `gpus` GPUs (its attention heads unevenly divided), else None."""
+    if gpus <= 1 or not attention_heads or attention_heads % gpus == 0:
+        return None
+    valid = [str(n) for n in range(1, min(attention_heads, 8) + 1) if attention_heads % n == 0]
+    return (
+        f"vLLM's tensor parallelism splits the model's {attention_heads} attention heads evenly between the GPUs: "
+        f"{gpus} GPUs cannot share them. Ask for {', '.join(valid)} GPU(s), or for as many as the plan needs."
+    )
+
+
+def _spread_need(fp: ModelFootprint, gpus: list[Gpu]) -> Need:
+    """Evaluation with the whole model spread over `gpus`: each one's share of the weights, per GPU."""
+    share = -(-fp.weights_bytes // len(gpus))
+    return Need(share + fp.activation_bytes + _GPU_RESERVE_BYTES, min(gpu.free_bytes for gpu in gpus))
+
+
+def _usable(gpu: Gpu) -> int:
+    """What evaluation may place on a GPU: its free memory less the CUDA context's reserve."""
+    return max(gpu.free_bytes - _GPU_RESERVE_BYTES, 0)
 
 
 def _held(fp: ModelFootprint) -> int:
@@ -341,13 +421,15 @@ def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> It
 
 def ready_for_inference(model, placement: Placement):
     """Evaluation's placement on a GPU worker when the model does not fit on the GPU (never a whole-model
-    .to(device)): sequential dispatches what fits of it onto the GPU and onloads the rest module by module;
+    .to(device)): sequential dispatches what fits of it onto the job's GPUs and onloads the rest module by module;
     disk offload onloads each module from disk to the GPU. On the CPU, and on the GPU plan, nothing moves."""
     if placement.device == "cpu" or placement.mode == GPU:
         return model
     import torch
     from compressed_tensors.offload import dispatch_model, set_onload_device
 
-    if placement.mode == SEQUENTIAL:
-        return dispatch_model(model, device_memory={torch.device(placement.device): placement.gpu_bytes})
+    if placement.mode != DISK_OFFLOAD:
+        memory = {torch.device(f"cuda:{index}"): free for index, free in placement.gpus[1:]}
+        memory = {torch.device(placement.device): placement.gpu_bytes, **memory}
+        return dispatch_model(model, device_memory=memory)
     return set_onload_device(model, placement.device)

@@ -151,7 +151,7 @@ def compress(
     reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
     report = report or preflight(spec, store=store, progress=reporter.download)
     resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
-    plan = plan_memory(report.footprint, resources, device=spec.device)
+    plan = plan_memory(report.footprint, resources, device=spec.device, gpus=spec.gpus)
     reporter.emit("preparing", f"Memory plan: {plan.summary}")
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
         reporter.plan(spec, report.needs_calibration)
@@ -337,9 +337,15 @@ def _check_in_vllm(staging: Path, plan: MemoryPlan, reporter: _Reporter, timings
         return {"ran": False, "reason": f"This worker has no vLLM environment ({VLLM_PYTHON_ENV} is not set to one)."}
     started = time.perf_counter()
     reporter.emit("checking", "Loading the checkpoint in vLLM and generating")
-    request = {"action": "check", "model": str(staging), "prompts": list(PROMPTS), "max_tokens": 64}
+    request = {
+        "action": "check",
+        "model": str(staging),
+        "tensor_parallel_size": plan.tensor_parallel_size,
+        "prompts": list(PROMPTS),
+        "max_tokens": 64,
+    }
     try:
-        outcome = run_child(request, on_wait=reporter.check_cancel)
+        outcome = run_child(request, gpus=[gpu.index for gpu in plan.gpus], on_wait=reporter.check_cancel)
     except CancelledError:
         raise
     except EngineError as exc:

@@ -55,6 +55,9 @@ class CompressionSpec:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec | None = None
     device: str = "auto"
+    # The GPUs the job asks for (evaluation and the vLLM check use them with tensor parallelism); None: as many
+    # as the memory plan needs.
+    gpus: int | None = None
     ignore_indivisible: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False

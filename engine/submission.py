@@ -18,6 +18,7 @@ from engine import hub
 from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ModelFacts, Tensors, model_facts
+from engine.plan import tensor_parallel_problem
 from engine.presets import check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 
@@ -65,6 +66,7 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
         store=store,
     )
     _check_architecture_name(model)
+    _check_gpus(spec.gpus, model.config)
     preset = get_preset(spec.preset) if spec.preset else None
     extra_ignore: list[str] = []
     if model.tensors:  # without a header (pickle weights only) the worker checks the shapes
@@ -104,6 +106,16 @@ def _check_architecture_name(model: ModelFacts) -> None:
     architectures = model.config.get("architectures") or []
     if not model.config.get("model_type") or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise not_a_causal_lm(model.name, model.config)
+
+
+def _check_gpus(gpus: int | None, config: dict) -> None:
+    """A GPU count that vLLM's tensor parallelism cannot use for this model is refused before it queues."""
+    if gpus is None:
+        return
+    heads = config.get("num_attention_heads") or (config.get("text_config") or {}).get("num_attention_heads") or 0
+    problem = tensor_parallel_problem(int(heads), gpus)
+    if problem:
+        raise PreflightError(problem, field="gpus")
 
 
 def header_linear_widths(tensors: Tensors) -> dict[str, int]:

@@ -28,6 +28,7 @@ _SAME_NAMES = (
     "ignore_indivisible",
     "priority",
     "device_class",
+    "gpus",
 )
 BUILTIN_MODELS = [(BUILTIN_MODEL, "SmolLM2-135M-Instruct: 135 M parameters, ships with the service")]
 
@@ -117,6 +118,14 @@ class JobForm(forms.Form):
 
     priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0, max_value=9)
     device_class = forms.ChoiceField(label="Worker", choices=Job.DeviceClass.choices)
+    gpus = forms.TypedChoiceField(
+        label="GPUs",
+        required=False,
+        coerce=int,
+        empty_value=None,
+        choices=[("", "As many as the memory plan needs"), *((n, str(n)) for n in (1, 2, 4, 8))],
+        help_text="GPU jobs: evaluation and the vLLM check use them with tensor parallelism.",
+    )
     force = forms.BooleanField(
         label="Run even if an identical job of mine already succeeded", required=False, initial=False
     )
@@ -240,6 +249,7 @@ class JobForm(forms.Form):
             "file": "calibration_upload",
             "evaluation": "evaluation_tasks",
             "device_class": "device_class",
+            "gpus": "gpus",
             "priority": "priority",
         }
         name = mapping.get(request_field(engine_field) or "")

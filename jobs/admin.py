@@ -58,7 +58,7 @@ class JobAdmin(admin.ModelAdmin):
             "owner", "model_source", "model_revision", "preset", "recipe_yaml", "resolved_recipe",
             "calibration_kind", "calibration_file", "calibration_hub_dataset", "calibration_split",
             "calibration_column", "calibration_samples", "calibration_max_seq_len", "evaluation",
-            "ignore_indivisible", "priority", "device_class", "spec_fingerprint", "retry_of", "attempt",
+            "ignore_indivisible", "priority", "device_class", "gpus", "spec_fingerprint", "retry_of", "attempt",
         ]}),
         ("State", {"fields": [
             "status", "stage", "message", "step", "total", "percent", "error", "created_at", "started_at",

@@ -61,6 +61,7 @@ class JobInput:
     ignore_indivisible: bool = False
     priority: int = PRIORITY_NORMAL
     device_class: str = ""
+    gpus: int | None = None  # None: as many as the memory plan needs
 
     def __post_init__(self) -> None:
         # One shape for the evaluation, whoever built the request: every EvaluationSpec field, defaults filled
@@ -121,6 +122,7 @@ class JobInput:
             calibration=calibration,
             evaluation=evaluation,
             device=device,
+            gpus=self.gpus,
             ignore_indivisible=self.ignore_indivisible,
             allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
             trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,

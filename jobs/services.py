@@ -221,6 +221,17 @@ def _check_policy(*, owner: AbstractBaseUser, data: JobInput) -> None:
         raise PreflightError(f"At most {cap}; operators can raise it in the admin.", field="priority")
     if data.device_class and data.device_class not in Job.DeviceClass.values:
         raise PreflightError(f"Unknown device class '{data.device_class}'.", field="device_class")
+    _check_gpus(data)
+
+
+def _check_gpus(data: JobInput) -> None:
+    if data.gpus is None:
+        return
+    if (data.device_class or settings.COMPRESSOR_DEFAULT_DEVICE_CLASS) == Job.DeviceClass.CPU:
+        raise PreflightError("A CPU job uses no GPU: leave the number of GPUs empty.", field="gpus")
+    cap = settings.COMPRESSOR_MAX_GPUS_PER_JOB
+    if not 1 <= data.gpus <= cap:
+        raise PreflightError(f"Ask for 1 to {cap} GPUs, or for as many as the plan needs.", field="gpus")
 
 
 def _job_from_input(*, owner: AbstractBaseUser, data: JobInput) -> Job:

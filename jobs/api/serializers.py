@@ -72,6 +72,13 @@ class JobCreateSerializer(serializers.Serializer):
     ignore_indivisible = serializers.BooleanField(default=False)
     priority = serializers.IntegerField(min_value=0, max_value=9, default=Job.PRIORITY_NORMAL, help_text="9 first.")
     device_class = serializers.ChoiceField(choices=Job.DeviceClass.choices, required=False)
+    gpus = serializers.IntegerField(
+        min_value=1,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="GPUs for a GPU job (tensor parallel evaluation); null: as many as the memory plan needs.",
+    )
     force = serializers.BooleanField(
         default=False, help_text="Run even when an identical job of yours already succeeded."
     )
@@ -112,7 +119,7 @@ class JobSerializer(serializers.ModelSerializer):
             "id", "owner", "status", "stage", "message", "step", "total", "percent", "error",
             "model", "revision", "model_commit", "model_facts", "preset", "recipe_yaml", "resolved_recipe",
             "calibration", "evaluation",
-            "ignore_indivisible", "priority", "device_class", "queue", "queue_position", "worker",
+            "ignore_indivisible", "priority", "device_class", "gpus", "queue", "queue_position", "worker",
             "attempt", "requeue_count", "retry_of", "created_at", "started_at", "finished_at",
             "heartbeat_at", "duration_s", "results", "manifest", "links", "duplicate",
         ]  # fmt: skip

@@ -158,3 +158,63 @@ def test_the_plan_records_its_figures_for_the_page_and_the_card(llama_8b):
     assert recorded["figures"]["gpu"]["name"] == "Tesla T4" and recorded["figures"]["gpu"]["capped"] is True
     assert recorded["figures"]["host_ram"] == {"needed": recorded["figures"]["host_ram"]["needed"],
                                                "available": 64 * GB, "capped": False}  # fmt: skip
+
+
+# --- a job's GPUs ----------------------------------------------------------------------------------
+
+
+def h100s(count: int, free_gb: float = 79) -> list[Gpu]:
+    return [Gpu(index=i, name="NVIDIA H100 80GB HBM3", free_bytes=int(free_gb * GB)) for i in range(count)]
+
+
+def test_405b_on_eight_gpus_uses_all_of_them_for_tensor_parallel_evaluation(llama_405b):
+    # Seed 002's node: 8 x 80 GB hold no whole 405B model, so the plan takes every GPU tensor parallelism can use
+    plan = plan_memory(gptq(llama_405b), worker(host_gb=2000, gpus=h100s(8)))
+    assert plan.mode == SEQUENTIAL and plan.device == "cuda:0"
+    assert plan.tensor_parallel_size == 8 and [gpu.index for gpu in plan.gpus] == list(range(8))
+    assert "over 8 GPUs" in plan.summary and "tensor parallel 8" in plan.summary
+    assert plan.to_dict()["tensor_parallel_size"] == 8 and len(plan.to_dict()["gpus"]) == 8
+    # evaluation spreads the model over the eight (the computing GPU first), each less the CUDA context
+    placement = plan.placement()
+    assert [index for index, _free in placement.gpus] == list(range(8))
+    assert all(78 * GB <= free < 79 * GB for _index, free in placement.gpus)
+
+
+def test_as_many_as_the_plan_needs_is_the_fewest_gpus_that_hold_the_whole_model(llama_8b):
+    # 16 GB of bf16 weights: more than one 15 GB T4 holds, half of it fits on each of two
+    t4s = [Gpu(index=i, name="Tesla T4", free_bytes=15 * GB) for i in range(4)]
+    plan = plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=t4s))
+    assert plan.tensor_parallel_size == 2 and plan.mode == SEQUENTIAL  # compressing: one layer at a time on one
+    assert "evaluation and the vLLM check over 2 GPUs (cuda:0, cuda:1, tensor parallel 2)" in plan.summary
+    # a model that fits on one GPU keeps to one: nothing to split
+    assert plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(4))).tensor_parallel_size == 1
+
+
+def test_a_job_gets_the_number_of_gpus_it_asks_for_the_least_busy_first(llama_8b):
+    gpus = [Gpu(index=0, name="H100", free_bytes=20 * GB), *h100s(4)[1:]]
+    plan = plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=gpus), gpus=2)
+    assert [gpu.index for gpu in plan.gpus] == [1, 2] and plan.device == "cuda:1"
+
+
+def test_more_gpus_than_the_worker_has_are_refused_with_both_counts(llama_8b):
+    with pytest.raises(PreflightError) as refused:
+        plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(4)), gpus=8)
+    assert refused.value.field == "gpus"
+    assert "asks for 8 GPUs; this worker has 4" in refused.value.message
+    with pytest.raises(PreflightError, match="asks for 1 GPU; this worker has none"):
+        plan_memory(gptq(llama_8b), worker(host_gb=64), gpus=1)
+
+
+def test_a_gpu_count_that_does_not_divide_the_attention_heads_is_refused(llama_8b):
+    with pytest.raises(PreflightError) as refused:
+        plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(4)), gpus=3)
+    assert refused.value.field == "gpus"
+    assert "32 attention heads" in refused.value.message and "Ask for 1, 2, 4, 8 GPU(s)" in refused.value.message
+
+
+def test_the_vllm_child_sees_the_jobs_gpus_as_the_machine_numbers_them():
+    from engine.isolated import visible_devices
+
+    # a worker that owns the machine's GPUs 4-7 sees them as 0-3
+    assert visible_devices([1, 2], "4,5,6,7") == "5,6"
+    assert visible_devices([0, 1], None) == "0,1"

@@ -178,7 +178,9 @@ def test_the_forms_own_checks_point_at_their_fields(client_for, alice):
     hub = _html(as_alice.post("/jobs/new/", {**FORM, "model_source": "hub", "hub_id": ""}))
     custom = _html(as_alice.post("/jobs/new/", {**FORM, "preset": "custom", "recipe_yaml": ""}))
     priority = _html(as_alice.post("/jobs/new/", {**FORM, "priority": "9"}))
+    gpus = _html(as_alice.post("/jobs/new/", {**FORM, "device_class": "gpu", "gpus": "2"}))
     assert 'id="hub_id-error"' in hub and "owner/name" in hub
+    assert 'id="gpus-error"' in gpus and "9 attention heads" in gpus
     assert 'id="recipe_yaml-error"' in custom
     assert 'id="priority-error"' in priority and "At most 5" in priority
     assert not Job.objects.exists()

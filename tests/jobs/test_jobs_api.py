@@ -28,6 +28,11 @@ def test_requests_without_credentials_are_refused(client):
         ({"preset": "fp8-dynamic", "priority": 12}, "priority"),
         ({"preset": "fp8-dynamic", "model": "/etc"}, "model"),
         ({"preset": "int8-w8a8-gptq", "calibration": {"kind": "upload", "dataset_id": 999}}, "calibration"),
+        ({"preset": "fp8-dynamic", "gpus": 0}, "gpus"),
+        ({"preset": "fp8-dynamic", "gpus": 16}, "gpus"),
+        ({"preset": "fp8-dynamic", "gpus": 2, "device_class": "cpu"}, "gpus"),
+        # the built-in model's 9 attention heads cannot be split over 2 GPUs by vLLM's tensor parallelism
+        ({"preset": "fp8-dynamic", "gpus": 2}, "gpus"),
     ],
 )
 def test_a_bad_request_gets_400_naming_the_field(api, body, field):
@@ -36,6 +41,14 @@ def test_a_bad_request_gets_400_naming_the_field(api, body, field):
     assert response.status_code == 400, response.content
     assert field in response.json(), response.json()
     assert not Job.objects.exists()
+
+
+def test_a_job_asks_for_a_number_of_gpus_or_for_as_many_as_the_plan_needs(api):
+    asked = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "gpus": 3}, format="json")
+    assert asked.status_code == 201, asked.content
+    assert asked.json()["gpus"] == 3 and Job.objects.get(pk=asked.json()["id"]).to_spec().gpus == 3
+    planned = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "force": True}, format="json")
+    assert planned.status_code == 201 and planned.json()["gpus"] is None
 
 
 def test_users_cannot_ask_for_more_than_normal_priority_but_staff_can(api, api_for, make_user):
