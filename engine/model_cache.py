@@ -144,7 +144,7 @@ class ModelCache:
             return
         _empty(self.root / ".trash")  # what a worker that died while deleting left
         entries = self.entries()
-        partials = _subfolders(self.root / ".partial")
+        partials = _subfolders(self.root / ".partial")  # disk in use too (a resumed one is counted twice: erring safe)
         excess = sum(e.size_bytes for e in entries) + sum(map(_folder_bytes, partials)) + room_bytes - self.limit_bytes
         for partial in partials:
             if excess > 0 and (freed := self._remove_abandoned(partial)):
@@ -196,6 +196,9 @@ class ModelCache:
                 os.replace(entry.path, trash)
             except FileNotFoundError:
                 return False  # another worker evicted it first
+            except OSError as exc:  # housekeeping: a job that ran must not fail for it
+                self.log(f"Could not evict {entry.name}: {exc}")
+                return False
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
