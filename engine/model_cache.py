@@ -41,6 +41,7 @@ from engine.units import size_text
 Fetch = Callable[..., object]
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+_KEY = re.compile(r"[\w.\-]+--[0-9a-f]{40}")  # an entry's folder name (anything else there is left alone)
 _REPO_ID = re.compile(r"(?!.*--)(?!.*\.\.)[\w.\-]+(/[\w.\-]+)?")
 _WAIT_POLL_S = 0.5
 
@@ -129,7 +130,7 @@ class ModelCache:
         """The complete models in the cache (never a download under way), least recently used first."""
         found = []
         for path in self.root.iterdir() if self.root.is_dir() else ():
-            if path.name.startswith(".") or not path.is_dir():
+            if not _KEY.fullmatch(path.name) or not path.is_dir():
                 continue
             try:
                 found.append(CacheEntry(path.name, path, _folder_bytes(path), path.stat().st_mtime))

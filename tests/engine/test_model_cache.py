@@ -315,3 +315,19 @@ def test_a_job_holds_its_entry_until_its_cache_is_closed(tmp_path):
     # Once the job's cache is closed, it is evictable
     add(ModelCache(tmp_path, limit_mb=1), "org/third")
     assert not held.exists()
+
+
+def test_a_folder_that_is_not_an_entry_is_never_evicted(tmp_path):
+    # Given a cache folder that also holds something else (the model store's built-in model, say)
+    other = tmp_path / "smollm2-135m-instruct"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(bytes(2 * MB))
+    cache = ModelCache(tmp_path, limit_mb=1)
+
+    # When the cache makes room
+    add(cache, "org/a")
+    add(cache, "org/b")
+
+    # Then it counted and removed only its own entries
+    assert [entry.name[:5] for entry in cache.entries()] == ["org/b"]
+    assert (other / "model.safetensors").stat().st_size == 2 * MB

@@ -41,12 +41,13 @@ def second_worker(live_worker, broker, media_root, hub_server, tmp_path) -> Iter
 
 
 def slowed(blob: Blob, fast: threading.Event) -> Blob:
-    """The same file, served a megabyte (the server's chunk) every half second until `fast` is set: slow enough
-    that a second job asks while the first downloads, never so slow that a client's read times out."""
+    """The same file, served a megabyte (the server's chunk) a second until `fast` is set: slow enough that a
+    second job asks while the first downloads (270 MB: 4 1/2 minutes), never so slow that a client's read times
+    out (huggingface_hub's 10 s)."""
 
     def read(start: int, end: int) -> bytes:
         if not fast.is_set():
-            time.sleep(0.5)
+            time.sleep(1.0)
         return blob.read(start, end)
 
     return Blob(blob.size, read, blob.etag)
