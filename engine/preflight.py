@@ -15,6 +15,7 @@ from typing import Any
 
 from engine.errors import EngineError, PreflightError
 from engine.hub import DownloadProgress
+from engine.model_cache import ModelCache
 from engine.models import ResolvedModel, resolve_model
 from engine.plan import ModelFootprint, model_footprint
 from engine.presets import recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
@@ -38,22 +39,29 @@ class PreflightReport:
 
 
 def preflight(
-    spec: CompressionSpec, *, store: Path | None = None, progress: DownloadProgress | None = None
+    spec: CompressionSpec,
+    *,
+    store: Path | None = None,
+    progress: DownloadProgress | None = None,
+    model_cache: ModelCache | None = None,
 ) -> PreflightReport:
     """Prepare a job; raise PreflightError (with .field) when it cannot succeed.
 
     spec.resolved_recipe is the recipe recorded at submission, and spec.revision the commit pinned then; a
-    spec without one (the engine's own CLI) goes through the submission check here first.
+    spec without one (the engine's own CLI) goes through the submission check here first. A hub model comes
+    from the node's model_cache when the worker has one (the caller keeps it open for the whole run).
     """
     try:
-        return _preflight(spec, store, progress)
+        return _preflight(spec, store, progress, model_cache)
     except PreflightError:
         raise
     except EngineError as exc:
         raise PreflightError(exc.message, field=exc.field) from None
 
 
-def _preflight(spec: CompressionSpec, store: Path | None, progress: DownloadProgress | None) -> PreflightReport:
+def _preflight(
+    spec: CompressionSpec, store: Path | None, progress: DownloadProgress | None, model_cache: ModelCache | None
+) -> PreflightReport:
     recipe_yaml, revision = spec.resolved_recipe, spec.revision
     if recipe_yaml is None:
         checked = check_submission(spec, store=store)
@@ -68,6 +76,7 @@ def _preflight(spec: CompressionSpec, store: Path | None, progress: DownloadProg
         allow_local=spec.allow_local_paths,
         store=store,
         progress=progress,
+        model_cache=model_cache,
     )
     _check_architecture(model)
     skeleton = _skeleton(model)

@@ -22,6 +22,7 @@ from engine.artifacts import staging_folder, weights_bytes, write_manifest
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS, default_cache_dir, evaluate
+from engine.model_cache import ModelCache
 from engine.plan import MemoryPlan, Placement, placed_model, plan_memory
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS
@@ -137,10 +138,12 @@ def compress(
     store: Path | None = None,
     report: PreflightReport | None = None,
     caps: WorkerCaps | None = None,
+    model_cache: ModelCache | None = None,
 ) -> CompressionResult:
     """Compress spec.model into out_dir (which must not exist yet); return what was produced.
 
     caps: the operator's limits on this worker's resources (COMPRESSOR_WORKER_*), which the memory plan obeys.
+    model_cache: the node's cache a hub model comes from; the caller keeps it open until the run is over.
     """
     reporter = _Reporter(progress, should_cancel)
     timings: dict[str, float] = {}
@@ -149,7 +152,7 @@ def compress(
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
     reporter.plan(spec, spec.calibration.kind != "none")  # refined once preflight knows the recipe
     reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
-    report = report or preflight(spec, store=store, progress=reporter.download)
+    report = report or preflight(spec, store=store, progress=reporter.download, model_cache=model_cache)
     resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
     plan = plan_memory(report.footprint, resources, device=spec.device, gpus=spec.gpus)
     reporter.emit("preparing", f"Memory plan: {plan.summary}")

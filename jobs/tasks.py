@@ -31,6 +31,7 @@ from django.core.files.storage import default_storage
 from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
+from engine.model_cache import ModelCache
 from engine.resources import WorkerCaps
 from jobs import services
 from jobs.models import Job
@@ -140,7 +141,8 @@ def compress_job(self, job_id: int) -> None:
     progress.start()
     error, log_lines = "", []
     try:
-        with _soft_limit_noticed_by(progress):
+        # The job's hub model stays leased in the node's model cache until the run is over.
+        with _soft_limit_noticed_by(progress), _model_cache(progress) as model_cache:
             from engine.runner import compress
 
             device = "cpu" if job.device_class == Job.DeviceClass.CPU else "auto"
@@ -151,6 +153,7 @@ def compress_job(self, job_id: int) -> None:
                 progress=progress,
                 should_cancel=progress.should_cancel,
                 caps=_worker_caps(),
+                model_cache=model_cache,
             )
     except SoftTimeLimitExceeded:
         error = services.time_limit_error(_soft_limit_s(self.request))
@@ -189,6 +192,16 @@ def _worker_caps() -> WorkerCaps:
         gpu_memory_mb=settings.COMPRESSOR_WORKER_GPU_MEMORY_MB,
         gpus=settings.COMPRESSOR_WORKER_GPUS,
         disk_mb=settings.COMPRESSOR_WORKER_DISK_MB,
+    )
+
+
+def _model_cache(progress: JobProgress) -> ModelCache:
+    """This node's cache of hub models (settings.COMPRESSOR_MODEL_CACHE_*), speaking on the job's log."""
+    return ModelCache(
+        settings.COMPRESSOR_MODEL_CACHE_DIR,
+        limit_mb=settings.COMPRESSOR_MODEL_CACHE_MB,
+        log=progress.log,
+        should_cancel=progress.should_cancel,
     )
 
 

@@ -93,8 +93,13 @@ class HubServer:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment that points a new process (a worker) at this server and its cache."""
-        return {"HF_ENDPOINT": self.endpoint, "HF_HUB_CACHE": str(self.cache)}
+        """The environment that points a new process (a worker) at this server and its caches (the hub's, and
+        the node's model cache that the session's workers share)."""
+        return {
+            "HF_ENDPOINT": self.endpoint,
+            "HF_HUB_CACHE": str(self.cache),
+            "COMPRESSOR_MODEL_CACHE_DIR": str(self.cache / "compressor-model-cache"),
+        }
 
     def start(self) -> HubServer:
         self._thread.start()
