@@ -8,6 +8,8 @@ runs on a real Celery worker (the light queue) and the checkpoint comes from a r
 from __future__ import annotations
 
 import hashlib
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -229,3 +231,31 @@ def test_the_page_offers_the_push_form_to_the_owner_of_a_succeeded_job(api, user
     assert "store your hub token" in without_token and 'id="push-job"' not in without_token
     assert 'id="push-job"' in with_token and "hf_…6789" in with_token
     assert Job.objects.get(pk=job.pk).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_a_hub_that_cannot_be_reached_ends_the_push_failed_saying_so(api, user, make_job, checkpoint, settings):
+    from jobs.hub_push import hub_push_run
+
+    # Given a hub address nothing answers at, and a queued push of a succeeded job
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        settings.COMPRESSOR_HUB_ENDPOINT = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    job = make_job(user)
+    checkpoint(job)
+    token = "hf_alices-token-0123456789"
+    _set_token(api, token)
+    queued = _push(api, job.pk, "alice/model").json()
+
+    # When the push runs (what the light worker's task calls)
+    started = time.perf_counter()
+    push = hub_push_run(push_id=queued["id"])
+
+    # Then it failed at once, naming the hub and what to do, and a second run of the message changes nothing
+    assert time.perf_counter() - started < 10
+    assert push.status == "failed" and push.endpoint == settings.COMPRESSOR_HUB_ENDPOINT
+    assert f"The hub ({settings.COMPRESSOR_HUB_ENDPOINT}) could not be reached" in push.error
+    assert "push again later" in push.error and token not in push.error
+    assert hub_push_run(push_id=queued["id"]) is None
+    log = list(JobLogLine.objects.filter(job=job).values_list("text", flat=True))
+    assert log[-1] == f"Push to alice/model failed: {push.error}"
