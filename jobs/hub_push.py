@@ -101,6 +101,7 @@ def hub_push_run(*, push_id: int) -> HubPush | None:
     except SoftTimeLimitExceeded:
         raise  # the task's failure hook records the time limit
     except Exception as exc:  # noqa: BLE001 - every hub or network failure ends the push in words
+        logger.warning("Push %s to %s failed", push.pk, push.repo_id, exc_info=True)  # the traceback, no token
         return _end(push, Status.RUNNING, error=hub_error(exc, repo_id=push.repo_id, endpoint=endpoint), secret=token)
     return _end(push, Status.RUNNING, pushed=pushed)
 
