@@ -223,6 +223,20 @@ COMPRESSOR_WORKER_DISK_MB = env.int("COMPRESSOR_WORKER_DISK_MB", default=None)
 # The most GPUs one job may ask for (vLLM's tensor parallelism stays within one node).
 COMPRESSOR_MAX_GPUS_PER_JOB = env.int("COMPRESSOR_MAX_GPUS_PER_JOB", default=8)
 
+# Pushing a checkpoint to a hub (jobs.hub_push) with the user's own token, stored encrypted (jobs.hub_tokens).
+# COMPRESSOR_ENCRYPTION_KEY: Fernet keys, comma-separated (the first encrypts, each decrypts: put a new key first
+# to rotate). Unset, the key is derived from SECRET_KEY with HKDF-SHA256, so a new DJANGO_SECRET_KEY makes the
+# stored tokens unreadable: their owners set them again.
+COMPRESSOR_ENCRYPTION_KEY = env.list("COMPRESSOR_ENCRYPTION_KEY", default=[])
+COMPRESSOR_HUB_ENDPOINT = env("COMPRESSOR_HUB_ENDPOINT", default=env("HF_ENDPOINT", default="https://huggingface.co"))
+# The hubs a user may name for their token (the worker sends the checkpoint and the token there).
+COMPRESSOR_HUB_ENDPOINTS = env.list("COMPRESSOR_HUB_ENDPOINTS", default=[COMPRESSOR_HUB_ENDPOINT])
+# One push on the light queue: soft (recorded as "took too long"), then hard, both below the visibility timeout.
+COMPRESSOR_HUB_PUSH_SOFT_LIMIT_S = env.int("COMPRESSOR_HUB_PUSH_SOFT_LIMIT_S", default=6 * 3600)
+COMPRESSOR_HUB_PUSH_HARD_LIMIT_S = env.int(
+    "COMPRESSOR_HUB_PUSH_HARD_LIMIT_S", default=COMPRESSOR_HUB_PUSH_SOFT_LIMIT_S + 600
+)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -247,6 +261,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"HubPushStatusEnum": "jobs.models.HubPush.Status"},
 }
 
 # Operator safety switches for model sources.

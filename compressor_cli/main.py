@@ -311,6 +311,29 @@ def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- push to a hub -------------------------------------------------------------------------------------------
+
+PUSH_ENDED = ("succeeded", "failed")
+
+
+def cmd_push(api: Api, args: argparse.Namespace) -> int:
+    """Queue a push of the job's checkpoint and card with the hub token stored on the server (never given here)."""
+    body = {"repo_id": args.repo, "private": not args.public}
+    push = api.json("POST", f"jobs/{args.job}/push/", json=body, ok=(202,))
+    print(f"Push {push['id']} of job {args.job} to {push['repo_id']} is queued.")
+    if not args.follow:
+        return EXIT_OK
+    while push["status"] not in PUSH_ENDED:
+        time.sleep(args.interval)
+        pushes = api.patiently(lambda: api.json("GET", f"jobs/{args.job}/pushes/"))
+        push = next((item for item in pushes if item["id"] == push["id"]), push)
+    if push["status"] == "succeeded":
+        print(f"Pushed to {push['repo_id']}: {push['commit_url']}")
+        return EXIT_OK
+    print(f"Push to {push['repo_id']} failed: {' '.join(push['error'].split())}", file=sys.stderr)
+    return EXIT_JOB
+
+
 # --- logs ----------------------------------------------------------------------------------------------------
 
 
@@ -516,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="compressor",
-        description="Submit, follow, download and cancel compression jobs through the service's REST API.",
+        description="Submit, follow, download, cancel and push compression jobs through the service's REST API.",
         epilog="Exit status: 0 ok; 1 the job failed or was cancelled, or a download does not match its manifest; "
         "2 usage, configuration or a local file; 3 the server refused, failed or could not be reached.",
     )
@@ -567,6 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--out", metavar="DIR", help="the folder to write (job-<id>)")
     download.add_argument("--archive", choices=["zip", "tar"], help="one archive instead of the files")
     download.set_defaults(handler=cmd_download)
+
+    push = commands.add_parser(
+        "push", parents=[common], help="push a succeeded job's checkpoint and card to a hub (your stored hub token)"
+    )
+    push.add_argument("job", type=int)
+    push.add_argument("repo", help="the hub repository, namespace/name (made when missing)")
+    push.add_argument("--public", action="store_true", help="make a new repository public (default: private)")
+    push.add_argument("--follow", action="store_true", help="wait for the push to end (exit 1 if it fails)")
+    push.set_defaults(handler=cmd_push)
 
     cancel = commands.add_parser("cancel", parents=[common], help="cancel a queued or running job")
     cancel.add_argument("job", type=int)

@@ -256,16 +256,43 @@ class JobForm(forms.Form):
         return name if name in self.fields else None
 
     def apply_aria(self) -> None:
-        """Tie each input to its help text and error message for screen readers (call before rendering)."""
-        for name, field in self.fields.items():
-            described = []
-            if self.is_bound and name in self.errors:
-                described.append(f"{name}-error")
-                field.widget.attrs["aria-invalid"] = "true"
-            if field.help_text:
-                described.append(f"{name}-help")
-            if described:
-                field.widget.attrs["aria-describedby"] = " ".join(described)
+        apply_aria(self)
+
+
+def apply_aria(form: forms.Form) -> None:
+    """Tie each input to its help text and error message for screen readers (call before rendering)."""
+    for name, field in form.fields.items():
+        described = []
+        if form.is_bound and name in form.errors:
+            described.append(f"{name}-error")
+            field.widget.attrs["aria-invalid"] = "true"
+        if field.help_text:
+            described.append(f"{name}-help")
+        if described:
+            field.widget.attrs["aria-describedby"] = " ".join(described)
+
+
+class HubTokenForm(forms.Form):
+    """A hub token to store (encrypted); the input never shows it back."""
+
+    token = forms.CharField(
+        label="Hub token",
+        max_length=500,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off", "spellcheck": "false"}),
+        help_text="A token with write access, from the hub's settings (Access Tokens). Stored encrypted; "
+        "shown again only as its last four characters.",
+    )
+
+
+class HubPushForm(forms.Form):
+    """Where to push a succeeded job's checkpoint and card."""
+
+    repo_id = forms.CharField(
+        label="Repository",
+        max_length=200,
+        help_text="namespace/name, e.g. your-name/my-model-FP8; made when missing, a new commit when it exists.",
+    )
+    private = forms.BooleanField(label="Private (for a new repository)", required=False, initial=True)
 
 
 class SignInForm(AuthenticationForm):

@@ -18,8 +18,8 @@ from engine.errors import EngineError
 from engine.presets import PRESETS
 from engine.units import RECOVERY_DEFINITION
 from frontend import charts, presentation
-from frontend.forms import CUSTOM_RECIPE, JobForm, preset_infos
-from jobs import downloads, logtext, selectors, services
+from frontend.forms import CUSTOM_RECIPE, HubPushForm, HubTokenForm, JobForm, apply_aria, preset_infos
+from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
 from jobs.inputs import JobInput
 from jobs.models import Job
 from jobs.ratelimit import RateLimited
@@ -266,7 +266,21 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         context["failed_log"] = logtext.public_lines(selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES))
     context["preset_info"] = PRESETS.get(job.preset)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
+    context.update(_push_context(request, job))
     return render(request, "frontend/job_detail.html", context)
+
+
+def _push_context(request: HttpRequest, job: Job, form: HubPushForm | None = None) -> dict[str, Any]:
+    """The "Push to a hub" part of a succeeded job's page: its pushes and, for its owner, the form."""
+    if job.status != Job.Status.SUCCEEDED:
+        return {}
+    form = form or HubPushForm()
+    apply_aria(form)
+    return {
+        "pushes": hub_push.hub_pushes_for_job(job=job),
+        "push_form": form if job.owner_id == request.user.pk else None,
+        "hub_token": hub_tokens.hub_token_for(owner=request.user),
+    }
 
 
 @login_required
@@ -325,6 +339,55 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
         messages.success(request, f"Job {new_job.pk} retries job {job.pk}: it is queued.", extra_tags=JOB_STATE_MESSAGE)
         return redirect("frontend:job-detail", pk=new_job.pk)
     return redirect("frontend:job-detail", pk=job.pk)
+
+
+@login_required
+@require_POST
+def job_push(request: HttpRequest, pk: int) -> HttpResponse:
+    """Queue a push of one's own succeeded job to a hub (the same service as POST /api/v1/jobs/<id>/push/)."""
+    job = selectors.job_get_owned(user=request.user, job_id=pk)
+    form = HubPushForm(request.POST)
+    if form.is_valid():
+        try:
+            push = hub_push.hub_push_request(job=job, by=request.user, **form.cleaned_data)
+        except hub_push.PushRefused as exc:
+            form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+        else:
+            messages.success(request, f"The push to {push.repo_id} is queued; reload this page to follow it.")
+            return redirect(reverse("frontend:job-detail", kwargs={"pk": job.pk}) + "#pushes")
+    messages.error(request, " ".join(error for errors in form.errors.values() for error in errors))
+    return redirect(reverse("frontend:job-detail", kwargs={"pk": job.pk}) + "#pushes")
+
+
+# --- the hub token -----------------------------------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def hub_token(request: HttpRequest) -> HttpResponse:
+    """Set, replace or delete one's hub token; the page shows only its hint."""
+    form = HubTokenForm()
+    if request.method == "POST" and request.POST.get("delete"):
+        if hub_tokens.hub_token_delete(owner=request.user):
+            messages.success(request, "Your hub token is deleted.")
+        return redirect("frontend:hub-token")
+    if request.method == "POST":
+        form = HubTokenForm(request.POST)
+        if form.is_valid():
+            try:
+                record = hub_tokens.hub_token_set(owner=request.user, token=form.cleaned_data["token"])
+            except EngineError as exc:
+                form.add_error("token", exc.message)
+            else:
+                messages.success(request, f"Your hub token {record.hint} is stored.")
+                return redirect("frontend:hub-token")
+    apply_aria(form)
+    context = {
+        "form": form,
+        "hub_token": hub_tokens.hub_token_for(owner=request.user),
+        "endpoint": hub_tokens.hub_endpoint(None),
+    }
+    return render(request, "frontend/hub_token.html", context, status=400 if form.errors else 200)
 
 
 # --- compare --------------------------------------------------------------------------------------------

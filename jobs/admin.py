@@ -17,7 +17,7 @@ from django.utils.safestring import SafeString
 
 from engine.errors import EngineError
 from jobs import selectors, services
-from jobs.models import CalibrationDataset, Job
+from jobs.models import CalibrationDataset, HubPush, HubToken, Job
 from jobs.ratelimit import RateLimited
 
 
@@ -246,6 +246,34 @@ class CalibrationDatasetAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     search_fields = ["name", "owner__username", "sha256"]
     readonly_fields = ["owner", "file", "sha256", "size_bytes", "rows", "created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(HubToken)
+class HubTokenAdmin(admin.ModelAdmin):
+    """Operators see whose hub token is stored and may delete one; never the token (only its hint)."""
+
+    list_display = ["owner", "hint", "endpoint", "created_at", "updated_at"]
+    list_select_related = ["owner"]
+    search_fields = ["owner__username"]
+    fields = readonly_fields = ["owner", "hint", "endpoint", "created_at", "updated_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: HubToken | None = None) -> bool:
+        return False
+
+
+@admin.register(HubPush)
+class HubPushAdmin(admin.ModelAdmin):
+    list_display = ["id", "job", "owner", "repo_id", "status", "created_at", "finished_at"]
+    list_filter = ["status", ("owner", admin.RelatedOnlyFieldListFilter)]
+    list_select_related = ["owner", "job"]
+    search_fields = ["repo_id", "owner__username"]
+    readonly_fields = [field.name for field in HubPush._meta.fields]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -202,3 +202,53 @@ class JobLogLine(models.Model):
 
     def __str__(self) -> str:
         return self.text[:80]
+
+
+class HubToken(models.Model):
+    """A user's Hugging Face hub token, encrypted at rest (jobs.hub_tokens); only its hint is ever shown."""
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="hub_token")
+    encrypted_token = models.TextField(help_text="Fernet ciphertext; jobs.hub_tokens reads it.")
+    hint = models.CharField(max_length=16, help_text='What pages show of the token: "hf_…abcd".')
+    endpoint = models.CharField(
+        max_length=200, blank=True, help_text="The hub it is for; empty: COMPRESSOR_HUB_ENDPOINT."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.owner} {self.hint}"
+
+
+class HubPush(models.Model):
+    """One upload of a succeeded job's checkpoint (with its card) to a hub repository (jobs.hub_push)."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Pushing"
+        SUCCEEDED = "succeeded", "Pushed"
+        FAILED = "failed", "Failed"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="hub_pushes")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="hub_pushes")
+    repo_id = models.CharField(max_length=200)
+    private = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    endpoint = models.CharField(max_length=200, blank=True, help_text="The hub it went to (set when it runs).")
+    commit_sha = models.CharField(max_length=64, blank=True)
+    commit_url = models.CharField(max_length=500, blank=True)
+    error = models.TextField(blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Push of job {self.job_id} to {self.repo_id} ({self.status})"
+
+    @property
+    def repo_url(self) -> str:
+        return f"{self.endpoint.rstrip('/')}/{self.repo_id}" if self.endpoint else ""

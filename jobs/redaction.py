@@ -1,4 +1,5 @@
-"""Server paths out of what users see: job logs, errors and messages name files, not the server's folders."""
+"""Server paths and secrets out of what users see: job logs, errors and messages name files, not the server's
+folders, and show a hub token only as its hint ("hf_…abcd")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from django.conf import settings
 
 # An absolute path's folders: a "/" that does not continue a word, URL, label or regex, then name/ parts.
+# A Hugging Face token as the hub issues them (hf_ and 30+ letters and digits), wherever it turns up.
+_HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9_-]{16,}")
 _ABSOLUTE_FOLDERS = re.compile(r"(?<![\w.:/>~*+?$^\\\])\-])/(?:[^\s/'\"`()\[\]{}<>,;:|]+/)+")
 
 
@@ -34,3 +37,21 @@ def redact_paths(text: str) -> str:
         if len(root) > 1:
             text = text.replace(root + "/", label + "/").replace(root, label)
     return _ABSOLUTE_FOLDERS.sub("…/", text)
+
+
+def token_hint(token: str) -> str:
+    """What may be shown of a token: "hf_…abcd" (its last four characters)."""
+    return f"{'hf_' if token.startswith('hf_') else ''}…{token[-4:]}"
+
+
+def redact_tokens(text: str, *secrets: str) -> str:
+    """Each of secrets, and anything shaped like a hub token, becomes its hint."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, token_hint(secret))
+    return _HUB_TOKEN.sub(lambda match: token_hint(match[0]), text)
+
+
+def redact(text: str) -> str:
+    """What a job's log, message or error may say: no server folders, no tokens."""
+    return redact_tokens(redact_paths(text))

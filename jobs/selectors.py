@@ -35,6 +35,16 @@ def job_get_for_user(*, user: AbstractBaseUser, job_id: int) -> Job:
     return get_object_or_404(job_list_for_user(user=user).select_related("calibration_file"), pk=job_id)
 
 
+def job_list_owned_by(*, user: AbstractBaseUser) -> QuerySet[Job]:
+    """The user's own jobs, staff too: what one pushes with one's own hub token."""
+    return Job.objects.filter(owner=user)
+
+
+def job_get_owned(*, user: AbstractBaseUser, job_id: int) -> Job:
+    """One of the user's own jobs, or Http404."""
+    return get_object_or_404(job_list_owned_by(user=user), pk=job_id)
+
+
 def queued_jobs(*, queue: str | None = None) -> QuerySet[Job]:
     """Waiting jobs in the order workers will take them (QUEUE_ORDER)."""
     jobs = Job.objects.filter(status=Job.Status.QUEUED).select_related("owner")

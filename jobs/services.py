@@ -37,7 +37,7 @@ from engine.submission import SubmissionCheck, check_submission
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine
 from jobs.ratelimit import RateLimited, Window
-from jobs.redaction import redact_paths
+from jobs.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def job_record_progress(
     if percent is not None:
         fields["percent"] = percent
     if message is not None:
-        fields["message"] = redact_paths(message)[:500]
+        fields["message"] = redact(message)[:500]
     with transaction.atomic():
         # The UPDATE locks the row, so a concurrent cancel lands wholly before or after these lines.
         if not _this_run(job_id, task_id).update(**fields):
@@ -387,7 +387,7 @@ def job_fail(*, job_id: int, task_id: str, error: str, log_lines: list[tuple[str
 
 def _fail(rows, *, job_id: int, error: str, log_lines: list[tuple[str, str]] | None = None) -> bool:
     with transaction.atomic():
-        error = redact_paths(error)
+        error = redact(error)
         done = rows.update(status=Status.FAILED, finished_at=timezone.now(), error=error, message="Failed")
         if done:
             _append_log(job_id, [*(log_lines or []), ("", f"Failed: {error}")])
@@ -682,10 +682,15 @@ def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: Up
 # --- the log -------------------------------------------------------------------------------------------
 
 
+def job_log_append(*, job_id: int, lines: list[tuple[str, str]]) -> None:
+    """Add (stage, text) lines to a job's log after it ran (a push to a hub): without paths or tokens."""
+    _append_log(job_id, lines)
+
+
 def _append_log(job_id: int, lines: list[tuple[str, str]]) -> None:
     """Append (stage, text) lines and keep only the newest COMPRESSOR_JOB_LOG_MAX_LINES."""
     JobLogLine.objects.bulk_create(
-        [JobLogLine(job_id=job_id, stage=stage or "", text=redact_paths(text)[:4000]) for stage, text in lines]
+        [JobLogLine(job_id=job_id, stage=stage or "", text=redact(text)[:4000]) for stage, text in lines]
     )
     keep = settings.COMPRESSOR_JOB_LOG_MAX_LINES
     oldest_kept = JobLogLine.objects.filter(job_id=job_id).order_by("-id").values_list("id", flat=True)[keep - 1 : keep]

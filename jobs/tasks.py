@@ -358,3 +358,38 @@ def expire_artifacts() -> None:
     expired = services.artifacts_expire()
     if expired.jobs or expired.uploads:
         logger.info("Retention: deleted jobs %s and uploads %s", expired.jobs, expired.uploads)
+
+
+class PushTask(Task):
+    """A push that the time limit or an unexpected error stopped ends failed, with the reason."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        from jobs.hub_push import hub_push_fail
+
+        push_id = args[0] if args else kwargs.get("push_id")
+        if push_id is None:
+            return
+        if isinstance(exc, SoftTimeLimitExceeded | TimeLimitExceeded):
+            error = f"The push ran into its time limit of {settings.COMPRESSOR_HUB_PUSH_SOFT_LIMIT_S} s and stopped."
+        else:
+            error = f"The worker hit an unexpected error and stopped: {type(exc).__name__}: {exc}"
+        hub_push_fail(push_id=push_id, error=error)
+
+
+@shared_task(
+    base=PushTask,
+    name="jobs.push_to_hub",  # the "light" queue (CELERY_TASK_ROUTES; jobs.hub_push sends it there too)
+    # A push is claimed (queued -> running) before it starts, so a redelivered message does nothing.
+    acks_late=True,
+    # The soft limit raises in the task (the failure hook records it); the hard one kills a stuck child.
+    soft_time_limit=settings.COMPRESSOR_HUB_PUSH_SOFT_LIMIT_S,
+    time_limit=settings.COMPRESSOR_HUB_PUSH_HARD_LIMIT_S,
+    ignore_result=True,
+)
+def push_to_hub(push_id: int) -> None:
+    """Upload a succeeded job's checkpoint and card to the hub repository its push names (jobs.hub_push)."""
+    from jobs.hub_push import hub_push_run
+
+    push = hub_push_run(push_id=push_id)
+    if push is None:
+        logger.info("Push %s is not waiting (pushed already or redelivered); nothing to do", push_id)

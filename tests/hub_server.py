@@ -8,6 +8,19 @@ What huggingface_hub (1.x) asks of it, read from its source:
 - get_safetensors_metadata: HEAD as above, then GET with "Range: bytes=0-100000" (206, Content-Range).
 - Errors as the hub words them: X-Error-Code RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo.
 
+Pushes, as HfApi.create_repo and upload_folder send them (the LFS path: HF_HUB_DISABLE_XET=1, this server
+does not speak Xet), each with "Authorization: Bearer <token>" of a user the test added (add_user):
+- POST /api/repos/create {name, organization, visibility} -> {"url"}; 401 for an unknown token, 403 for another
+  user's namespace, 409 when it exists (create_repo(exist_ok=True) then reads /api/models/{repo}).
+- POST /api/validate-yaml (the card's front matter) -> {"errors": [], "warnings": []}.
+- POST /api/models/{repo}/preupload/{rev} {files: [{path, sample, size}]} -> uploadMode "lfs" for binary or
+  large files, else "regular"; 403 unless the token's user owns the repository.
+- POST /{repo}.git/info/lfs/objects/batch -> an upload href (a one-time URL, no Authorization, like S3's) and
+  a verify href per object not stored yet; PUT of the bytes there (sha256 and size checked); POST verify.
+- POST /api/models/{repo}/commit/{rev} (NDJSON: header, file with base64 content, lfsFile by oid,
+  deletedFile) -> {"commitOid", "commitUrl"}: a new commit on the branch, served by the GET endpoints above.
+A private repository is found only with its owner's token (404 RepoNotFound otherwise, as on the hub).
+
 Repositories are made by the tests: from a model folder, or from files given as bytes or generated on the
 fly (a synthetic safetensors file of a 1 B model whose header is real and whose data are zeros). A branch
 can be moved to a new commit, as a push to the hub would.
@@ -15,9 +28,11 @@ can be moved to a new commit, as a push to the hub would.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
+import secrets
 import threading
 import uuid
 from collections.abc import Callable
@@ -59,6 +74,8 @@ class Blob:
 class Repo:
     repo_id: str
     gated: bool = False
+    owner: str | None = None  # the user whose token may push to it (None: made by a test, nobody may)
+    private: bool = False
     commits: dict[str, dict[str, Blob]] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
 
@@ -82,6 +99,10 @@ class HubServer:
         self.cache = cache  # the hub cache folder of the processes that use this server
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of each request, for tests to read
+        self.tokens: dict[str, str] = {}  # accepted Bearer tokens -> the user each one is
+        self.lfs_objects: dict[str, Blob] = {}  # LFS uploads by sha256, shared by every repository
+        self._uploads: dict[str, tuple[str, int]] = {}  # one-time upload id -> (sha256, size) announced
+        self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
@@ -94,10 +115,12 @@ class HubServer:
     @property
     def env(self) -> dict[str, str]:
         """The environment that points a new process (a worker) at this server and its caches (the hub's, and
-        the node's model cache that the session's workers share)."""
+        the node's model cache that the session's workers share); uploads take huggingface_hub's LFS path (this
+        server does not speak Xet)."""
         return {
             "HF_ENDPOINT": self.endpoint,
             "HF_HUB_CACHE": str(self.cache),
+            "HF_HUB_DISABLE_XET": "1",
             "COMPRESSOR_MODEL_CACHE_DIR": str(self.cache / "compressor-model-cache"),
         }
 
@@ -118,6 +141,12 @@ class HubServer:
     def add_folder(self, repo_id: str, folder: Path, *, gated: bool = False) -> Repo:
         """A repository whose main branch holds the files of a model folder."""
         return self.add_repo(repo_id, folder_blobs(folder), gated=gated)
+
+    def add_user(self, name: str) -> str:
+        """A user of this hub; returns the token (hf_...) it accepts for them."""
+        token = f"hf_{secrets.token_urlsafe(27)}"
+        self.tokens[token] = name
+        return token
 
 
 def folder_blobs(folder: Path) -> dict[str, Blob]:
@@ -212,15 +241,27 @@ def llama_1b_files() -> dict[str, Blob]:
 
 # --- the HTTP side --------------------------------------------------------------------------------------
 
-_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?$")
-_RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_REPO = r"(?P<repo>[^/]+/[^/]+)"
+_API = re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?/?$")
+_RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_PREUPLOAD = re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$")
+_COMMIT = re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$")
+_LFS_BATCH = re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$")
+_LFS_VERIFY = re.compile(rf"^/{_REPO}\.git/info/lfs/objects/verify$")
+_LFS_UPLOAD = re.compile(r"^/lfs-upload/(?P<upload>[\w-]+)$")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_BAD_TOKEN = "Invalid credentials in Authorization header"  # the hub's words (huggingface_hub reads them)
 
 
 class _Refusal(Exception):
     def __init__(self, status: int, code: str, message: str, commit: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.commit = status, code, message, commit
+
+
+def _is_lfs(sample: bytes, size: int) -> bool:
+    """As the hub decides for a repository without .gitattributes rules: binary or large files go to LFS."""
+    return size > _LARGE or b"\0" in sample
 
 
 def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
@@ -231,34 +272,94 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True
 
         def do_GET(self) -> None:
-            self._answer(body=True)
+            self._answer(self._read, body=True)
 
         def do_HEAD(self) -> None:
-            self._answer(body=False)
+            self._answer(self._read, body=False)
+
+        def do_POST(self) -> None:
+            self._answer(self._write, body=True)
+
+        def do_PUT(self) -> None:
+            self._answer(self._write, body=True)
 
         def log_message(self, *args) -> None:  # quiet: the tests read server.requests instead
             pass
 
-        def _answer(self, *, body: bool) -> None:
+        def _answer(self, handle: Callable[[str, bool], None], *, body: bool) -> None:
             path = unquote(urlsplit(self.path).path)
             server.requests.append((self.command, path))
+            # The request's body is read before any refusal: left unread, it would garble the next request
+            # on this kept-alive connection.
+            self.request_body = self._read_body() if self.command in ("POST", "PUT") else b""
             try:
-                if match := _API.match(path):
-                    self._model_info(match["repo"], match["rev"] or "main", body)
-                elif match := _RESOLVE.match(path):
-                    self._file(match["repo"], match["rev"], match["file"], body)
-                else:
-                    raise _Refusal(404, "", "Not found")
+                handle(path, body)
             except _Refusal as refusal:
                 headers = {"X-Error-Code": refusal.code, "X-Error-Message": refusal.message}
                 if refusal.commit:
                     headers["X-Repo-Commit"] = refusal.commit
                 self._send(refusal.status, json.dumps({"error": refusal.message}).encode(), headers, body)
 
-        def _repo(self, repo_id: str, revision: str) -> tuple[Repo, str]:
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline().strip():  # trailers, then the blank line
+                    pass
+                return b"".join(chunks)
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _json(self) -> dict:
+            try:
+                return json.loads(self.request_body or b"{}")
+            except ValueError:
+                raise _Refusal(400, "", "The body is not JSON") from None
+
+        # --- who asks ---
+
+        def _user(self) -> str | None:
+            """The user of the Bearer token, None without one; 401 for a token this hub does not know."""
+            scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                return None
+            if token not in server.tokens:
+                raise _Refusal(401, "", _BAD_TOKEN)
+            return server.tokens[token]
+
+        def _signed_in(self) -> str:
+            user = self._user()
+            if user is None:
+                raise _Refusal(401, "", _BAD_TOKEN)
+            return user
+
+        def _writable(self, repo_id: str) -> Repo:
+            """The repository, if the token's user may push to it."""
+            user = self._signed_in()
+            repo = self._visible(repo_id, user)
+            if repo.owner != user:
+                raise _Refusal(403, "", f"You don't have the rights to write to {repo_id}")
+            return repo
+
+        def _visible(self, repo_id: str, user: str | None) -> Repo:
             repo = server.repos.get(repo_id)
-            if repo is None:
+            if repo is None or (repo.private and repo.owner != user):
                 raise _Refusal(404, "RepoNotFound", "Repository not found")
+            return repo
+
+        # --- reads ---
+
+        def _read(self, path: str, body: bool) -> None:
+            if match := _API.match(path):
+                self._model_info(match["repo"], match["rev"] or "main", body)
+            elif match := _RESOLVE.match(path):
+                self._file(match["repo"], match["rev"], match["file"], body)
+            else:
+                raise _Refusal(404, "", "Not found")
+
+        def _repo(self, repo_id: str, revision: str) -> tuple[Repo, str]:
+            repo = self._visible(repo_id, self._user())
             commit = repo.resolve(revision)
             if commit is None:
                 raise _Refusal(404, "RevisionNotFound", f"Invalid rev id: {revision}")
@@ -276,7 +377,7 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 "id": repo_id,
                 "modelId": repo_id,
                 "sha": commit,
-                "private": False,
+                "private": repo.private,
                 "gated": "manual" if repo.gated else False,
                 "disabled": False,
                 "library_name": "transformers",
@@ -304,6 +405,109 @@ def _handler_for(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
             self._send_stream(status, blob, start, end, headers, body)
+
+        # --- pushes ---
+
+        def _write(self, path: str, body: bool) -> None:
+            routes = [
+                (_PREUPLOAD, self._preupload),
+                (_COMMIT, self._commit),
+                (_LFS_BATCH, self._lfs_batch),
+                (_LFS_VERIFY, self._lfs_verify),
+                (_LFS_UPLOAD, self._lfs_upload),
+            ]
+            if path == "/api/repos/create":
+                return self._create_repo()
+            if path == "/api/validate-yaml":
+                return self._send_json(200, {"errors": [], "warnings": []})
+            for pattern, handle in routes:
+                if match := pattern.match(path):
+                    return handle(**match.groupdict())
+            raise _Refusal(404, "", "Not found")
+
+        def _create_repo(self) -> None:
+            user, wanted = self._signed_in(), self._json()
+            namespace = wanted.get("organization") or user
+            repo_id = f"{namespace}/{wanted.get('name')}"
+            if namespace != user:
+                raise _Refusal(403, "", f"You don't have the rights to create a model under the namespace {namespace}")
+            with server._lock:
+                if repo_id in server.repos:
+                    raise _Refusal(409, "", "You already created this model repo")
+                repo = Repo(repo_id, owner=user, private=wanted.get("visibility") == "private")
+                repo.commit({})
+                server.repos[repo_id] = repo
+            self._send_json(200, {"url": f"{server.endpoint}/{repo_id}", "name": repo_id})
+
+        def _preupload(self, repo: str, rev: str) -> None:
+            self._writable(repo)
+            files = [
+                {
+                    "path": item["path"],
+                    "uploadMode": "lfs" if _is_lfs(base64.b64decode(item["sample"]), item["size"]) else "regular",
+                    "shouldIgnore": False,
+                }
+                for item in self._json().get("files", [])
+            ]
+            self._send_json(200, {"files": files, "commitOid": server.repos[repo].resolve(rev)})
+
+        def _lfs_batch(self, repo: str) -> None:
+            self._writable(repo)
+            objects = []
+            for item in self._json().get("objects", []):
+                oid, size = item["oid"], int(item["size"])
+                answer = {"oid": oid, "size": size, "authenticated": True}
+                if oid not in server.lfs_objects:  # a stored object needs no upload: no actions
+                    upload = uuid.uuid4().hex
+                    server._uploads[upload] = (oid, size)
+                    verify = f"{server.endpoint}/{repo}.git/info/lfs/objects/verify"
+                    answer["actions"] = {
+                        "upload": {"href": f"{server.endpoint}/lfs-upload/{upload}"},
+                        "verify": {"href": verify},
+                    }
+                objects.append(answer)
+            self._send_json(200, {"transfer": "basic", "objects": objects})
+
+        def _lfs_upload(self, upload: str) -> None:
+            oid, size = server._uploads.pop(upload, (None, None))
+            if oid is None:
+                raise _Refusal(403, "", "This upload URL is unknown or was used already")
+            data = self.request_body
+            if len(data) != size or hashlib.sha256(data).hexdigest() != oid:
+                raise _Refusal(400, "", f"The uploaded bytes do not match the announced object {oid}")
+            server.lfs_objects[oid] = Blob(len(data), lambda start, end: data[start:end], oid)
+            self._send(200, b"", {}, body=True)
+
+        def _lfs_verify(self, repo: str) -> None:
+            self._writable(repo)
+            wanted = self._json()
+            blob = server.lfs_objects.get(wanted.get("oid"))
+            if blob is None or blob.size != wanted.get("size"):
+                raise _Refusal(404, "", f"Object {wanted.get('oid')} was not uploaded")
+            self._send_json(200, {"success": True})
+
+        def _commit(self, repo: str, rev: str) -> None:
+            target = self._writable(repo)
+            lines = [json.loads(line) for line in self.request_body.splitlines() if line.strip()]
+            files = dict(target.commits[target.resolve(rev)]) if target.resolve(rev) else {}
+            for line in lines:
+                value = line.get("value", {})
+                if line.get("key") == "file":
+                    files[value["path"]] = Blob.of_bytes(base64.b64decode(value["content"]))
+                elif line.get("key") == "lfsFile":
+                    if value["oid"] not in server.lfs_objects:
+                        raise _Refusal(400, "", f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                    files[value["path"]] = server.lfs_objects[value["oid"]]
+                elif line.get("key") == "deletedFile":
+                    files.pop(value["path"], None)
+            with server._lock:
+                sha = target.commit(files, branch=rev)
+            self._send_json(200, {"commitOid": sha, "commitUrl": f"{server.endpoint}/{repo}/commit/{sha}"})
+
+        # --- answers ---
+
+        def _send_json(self, status: int, data: dict) -> None:
+            self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json"}, body=True)
 
         def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
             self.send_response(status)

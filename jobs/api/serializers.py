@@ -13,7 +13,7 @@ from engine.presets import MAX_RECIPE_BYTES, PRESETS
 from engine.spec import BUILTIN_MODEL
 from jobs import selectors
 from jobs.inputs import JobInput, api_calibration
-from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs.models import CalibrationDataset, HubPush, HubToken, Job, JobLogLine
 
 
 class CalibrationInputSerializer(serializers.Serializer):
@@ -191,3 +191,38 @@ class CalibrationDatasetSerializer(serializers.ModelSerializer):
         model = CalibrationDataset
         fields = ["id", "name", "file", "sha256", "size_bytes", "rows", "created_at"]
         read_only_fields = ["sha256", "size_bytes", "rows", "created_at"]
+
+
+class HubTokenInputSerializer(serializers.Serializer):
+    token = serializers.CharField(
+        write_only=True, max_length=500, trim_whitespace=True, help_text="A hub token with write access (hf_...)."
+    )
+    endpoint = serializers.CharField(
+        required=False, allow_blank=True, default="", max_length=200, help_text="Empty: the server's hub."
+    )
+
+
+class HubTokenSerializer(serializers.ModelSerializer):
+    """The stored token as anyone may see it: its hint, never the token."""
+
+    class Meta:
+        model = HubToken
+        fields = ["hint", "endpoint", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class HubPushCreateSerializer(serializers.Serializer):
+    repo_id = serializers.CharField(max_length=200, help_text="namespace/name on the hub; made when missing.")
+    private = serializers.BooleanField(default=True, help_text="A new repository is private unless false.")
+
+
+class HubPushSerializer(serializers.ModelSerializer):
+    repo_url = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = HubPush
+        fields = [
+            "id", "job", "repo_id", "private", "status", "endpoint", "repo_url", "commit_sha", "commit_url",
+            "error", "created_at", "started_at", "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields

@@ -14,6 +14,7 @@ router.register("calibration-datasets", views.CalibrationDatasetViewSet, basenam
 urlpatterns = [
     path("presets/", views.PresetListView.as_view(), name="preset-list"),
     path("token/", views.TokenView.as_view(), name="token"),
+    path("hub-token/", views.HubTokenView.as_view(), name="hub-token"),
     # One checkpoint file by its manifest path, e.g. jobs/7/files/model.safetensors (Range supported).
     path("jobs/<int:pk>/files/<path:path>", views.JobViewSet.as_view({"get": "file"}), name="job-file"),
     path("", include(router.urls)),

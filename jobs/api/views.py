@@ -16,10 +16,14 @@ from rest_framework.views import APIView
 
 from engine.errors import EngineError
 from engine.presets import PRESETS
-from jobs import downloads, logtext, selectors, services
+from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
 from jobs.api.schema import ErrorSerializer
 from jobs.api.serializers import (
     CalibrationDatasetSerializer,
+    HubPushCreateSerializer,
+    HubPushSerializer,
+    HubTokenInputSerializer,
+    HubTokenSerializer,
     JobCreateSerializer,
     JobLogLineSerializer,
     JobSerializer,
@@ -73,6 +77,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         wanted = self.request.query_params.get("status")
         if self.action == "list" and wanted and wanted not in Job.Status.values:
             raise ValidationError({"status": [f"Use one of: {', '.join(Job.Status.values)}."]})
+        if self.action == "push":
+            return selectors.job_list_owned_by(user=self.request.user)
         return selectors.job_list_for_user(user=self.request.user, status=wanted if self.action == "list" else None)
 
     def get_serializer_class(self):
@@ -222,6 +228,33 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             )
         )
 
+    @extend_schema(
+        request=HubPushCreateSerializer,
+        responses={202: HubPushSerializer, 400: OpenApiTypes.OBJECT},
+        description=(
+            "Push the checkpoint of your succeeded job, with its model card, to a hub repository (made when "
+            "missing) with your hub token (PUT /api/v1/hub-token/ first). The push runs on a worker: follow it "
+            "in GET .../pushes/. Another user's job answers 404, a job that has not succeeded 400."
+        ),
+    )
+    @action(detail=True, methods=["post"])
+    def push(self, request: Request, pk: str | None = None) -> Response:
+        job = self.get_object()  # another user's job answers 404 before the body is looked at
+        serializer = HubPushCreateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            push = hub_push.hub_push_request(job=job, by=request.user, **serializer.validated_data)
+        except hub_push.PushRefused as exc:
+            raise _field_error(exc) from None
+        return Response(HubPushSerializer(push).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(responses=HubPushSerializer(many=True))
+    @action(detail=True, methods=["get"], pagination_class=None)  # at most 20, newest first: one page
+    def pushes(self, request: Request, pk: str | None = None) -> Response:
+        """The job's pushes to a hub, newest first, with their status, commit and link or error."""
+        pushes = hub_push.hub_pushes_for_job(job=self.get_object())
+        return Response(HubPushSerializer(pushes, many=True).data)
+
     def _download(self, respond):
         job = self.get_object()
         try:
@@ -255,6 +288,32 @@ class TokenView(APIView):
     @extend_schema(request=None, responses={204: None}, operation_id="token_revoke")
     def delete(self, request: Request) -> Response:
         services.token_revoke(user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class HubTokenView(APIView):
+    """Your hub token, for pushing checkpoints. Write-only: answers show only its hint ("hf_…abcd")."""
+
+    @extend_schema(responses={200: HubTokenSerializer, 404: ErrorSerializer}, operation_id="hub_token_read")
+    def get(self, request: Request) -> Response:
+        record = hub_tokens.hub_token_for(owner=request.user)
+        if record is None:
+            raise Http404("You have no hub token.")
+        return Response(HubTokenSerializer(record).data)
+
+    @extend_schema(request=HubTokenInputSerializer, responses=HubTokenSerializer, operation_id="hub_token_set")
+    def put(self, request: Request) -> Response:
+        serializer = HubTokenInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        try:
+            record = hub_tokens.hub_token_set(owner=request.user, **serializer.validated_data)
+        except EngineError as exc:
+            raise _field_error(exc) from None
+        return Response(HubTokenSerializer(record).data)
+
+    @extend_schema(request=None, responses={204: None}, operation_id="hub_token_delete")
+    def delete(self, request: Request) -> Response:
+        hub_tokens.hub_token_delete(owner=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

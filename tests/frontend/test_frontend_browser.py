@@ -3,7 +3,8 @@ real Redis, a real `celery worker` process and the real engine on the built-in m
 
 Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); each test says what its
 screenshots show. test_every_page_at_desktop_and_phone_width writes <width>-<page>.png for the sign-in page,
-the jobs list, the form, a running and a succeeded job, compare and the admin queue at 1440 and 390 px, and
+the jobs list, the form, a running and a succeeded job (with its pushes to a hub), compare, the hub token page
+and the admin queue at 1440 and 390 px, and
 checks each with axe-core (zero violations) and for what must stay on a phone's screen.
 """
 
@@ -199,6 +200,7 @@ def _staged_jobs(alice, make_job, succeeded_job):
 
     full = succeeded_job(alice, preset="int8-w8a8-gptq", after=164_000_000, quality=0.991)
     succeeded_job(alice, preset="fp8-dynamic", after=170_500_000, quality=0.997)
+    _staged_pushes(alice, full)
     # A run as a worker leaves it: submitted a minute ago, started 50 s ago, one log line per stage so far.
     now = timezone.now()
     running = make_job(
@@ -227,6 +229,25 @@ def _staged_jobs(alice, make_job, succeeded_job):
         alice, preset="fp8-static", status="failed", error="Calibration needs at least 1 row; the file has none."
     )
     return full, running, failed
+
+
+def _staged_pushes(alice, job) -> None:
+    """alice's hub token, and two pushes of the job as the light worker leaves them: one pushed, one refused."""
+    from jobs import hub_tokens
+    from jobs.models import HubPush
+
+    hub_tokens.hub_token_set(owner=alice, token="hf_staged-token-for-the-pages-wxyz")
+    endpoint, sha = "https://huggingface.co", "3f2a9c0e1b7d4a6f8e5c2b1a0d9e8f7c6b5a4d3e"
+    HubPush.objects.create(
+        job=job, owner=alice, repo_id="alice/smollm2-135m-instruct-W8A8", status="succeeded", endpoint=endpoint,
+        commit_sha=sha, commit_url=f"{endpoint}/alice/smollm2-135m-instruct-W8A8/commit/{sha}",
+    )  # fmt: skip
+    HubPush.objects.create(
+        job=job, owner=alice, repo_id="someone/model", status="failed", endpoint=endpoint,
+        error="The hub refused to write to someone/model (403): your token may not write there (a repository "
+        "or namespace of someone else, or a read-only token). Push to your own namespace, or use a token with "
+        "write access to it.",
+    )  # fmt: skip
 
 
 def _no_checks(page, width: int) -> list[str]:
@@ -313,6 +334,7 @@ def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, mak
         "job-failed": f"/jobs/{failed.pk}/",
         "cancel-confirm": f"/jobs/{running.pk}/cancel/",
         "compare": "/compare/",
+        "hub-token": "/hub-token/",
         "not-found": "/jobs/999999/",
     }
     problems: list[str] = []

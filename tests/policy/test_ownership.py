@@ -19,7 +19,8 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs import hub_tokens
+from jobs.models import CalibrationDataset, HubPush, Job, JobLogLine
 
 SECRET = "alice-secret-7f3a"  # in alice's model name, dataset name and log: never in a page bob gets
 
@@ -123,6 +124,29 @@ def own_token_only(w: World) -> None:
     assert alice.get(f"/api/v1/jobs/{w.succeeded.pk}/").status_code == 200
 
 
+def own_hub_token_only(w: World) -> None:
+    """Reading, replacing and deleting a hub token act on bob's own: alice's stays, and is never shown to him."""
+    alice_token = f"hf_{SECRET}-0123456789"
+    hub_tokens.hub_token_set(owner=w.alice, token=alice_token)
+    assert w.bob_api.get("/api/v1/hub-token/").status_code == 404
+    assert w.bob_api.put("/api/v1/hub-token/", {"token": "hf_bobs-own-token-0123"}, format="json").status_code == 200
+    assert w.bob_api.delete("/api/v1/hub-token/").status_code == 204
+    page = w.bob_page.get("/hub-token/")
+    assert page.status_code == 200 and SECRET.encode() not in page.content and b"6789" not in page.content
+    assert hub_tokens.hub_token_reveal(hub_tokens.hub_token_for(owner=w.alice)) == alice_token
+
+
+def no_push(method: str, url: Callable[[World], str], *, api: bool = True) -> Case:
+    """Pushing alice's job or reading its pushes: 404, and nothing is queued."""
+    check_404 = not_found(method, url, api=api)
+
+    def check(w: World) -> None:
+        check_404(w)
+        assert not HubPush.objects.exists()
+
+    return check
+
+
 def staff_only(w: World) -> None:
     """The admin: every page sends a user who is not staff to the admin's sign-in."""
     job, dataset = w.succeeded.pk, w.dataset.pk
@@ -134,6 +158,8 @@ def staff_only(w: World) -> None:
         "/admin/jobs/calibrationdataset/",
         f"/admin/jobs/calibrationdataset/{dataset}/change/",
         "/admin/authtoken/tokenproxy/",
+        "/admin/jobs/hubtoken/",
+        "/admin/jobs/hubpush/",
     ):
         response = w.bob_page.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/admin/login/"), url
@@ -167,6 +193,9 @@ CASES: dict[str, Case] = {
     "api:preset-list": no_user_data("/api/v1/presets/", api=True),
     "api:api-root": no_user_data("/api/v1/", api=True),
     "api:token": own_token_only,
+    "api:hub-token": own_hub_token_only,
+    "api:job-push": no_push("post", lambda w: f"/api/v1/jobs/{w.succeeded.pk}/push/"),
+    "api:job-pushes": no_push("get", lambda w: f"/api/v1/jobs/{w.succeeded.pk}/pushes/"),
     "schema": no_user_data("/api/v1/schema/"),
     "api-docs": no_user_data("/api/v1/docs/"),
     "rest_framework:login": no_user_data("/api/v1/auth/login/"),
@@ -178,6 +207,8 @@ CASES: dict[str, Case] = {
     "frontend:job-checksums": not_found("get", lambda w: f"/jobs/{w.succeeded.pk}/SHA256SUMS", api=False),
     "frontend:job-cancel": not_found("post", lambda w: f"/jobs/{w.queued.pk}/cancel/", api=False),
     "frontend:job-retry": not_found("post", lambda w: f"/jobs/{w.failed.pk}/retry/", api=False),
+    "frontend:job-push": no_push("post", lambda w: f"/jobs/{w.succeeded.pk}/push/", api=False),
+    "frontend:hub-token": own_hub_token_only,
     "frontend:job-new": not_found("get", lambda w: f"/jobs/new/?from={w.succeeded.pk}", api=False),
     "frontend:job-list": never_shows(lambda w: "/"),
     "frontend:job-rows": never_shows(lambda w: "/jobs/rows/?status=queued"),
