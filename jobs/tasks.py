@@ -31,8 +31,7 @@ from django.core.files.storage import default_storage
 from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
-from engine.resources import WorkerCaps
-from jobs import services
+from jobs import nodes, services
 from jobs.models import Job
 from jobs.progress import JobProgress
 
@@ -150,7 +149,7 @@ def compress_job(self, job_id: int) -> None:
                 Path(default_storage.path(relpath)),
                 progress=progress,
                 should_cancel=progress.should_cancel,
-                caps=_worker_caps(),
+                caps=nodes.worker_caps(),
             )
     except SoftTimeLimitExceeded:
         error = services.time_limit_error(_soft_limit_s(self.request))
@@ -180,16 +179,6 @@ def compress_job(self, job_id: int) -> None:
         return
     _end_run(progress, job_id, task_id)
     services.job_fail(job_id=job.pk, task_id=task_id, error=error, log_lines=log_lines)
-
-
-def _worker_caps() -> WorkerCaps:
-    """The operator's caps on this worker's resources, for the engine's memory plan (settings.COMPRESSOR_WORKER_*)."""
-    return WorkerCaps(
-        host_ram_mb=settings.COMPRESSOR_WORKER_HOST_RAM_MB,
-        gpu_memory_mb=settings.COMPRESSOR_WORKER_GPU_MEMORY_MB,
-        gpus=settings.COMPRESSOR_WORKER_GPUS,
-        disk_mb=settings.COMPRESSOR_WORKER_DISK_MB,
-    )
 
 
 def _soft_limit_s(request) -> float:
