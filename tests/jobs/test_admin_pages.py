@@ -88,6 +88,23 @@ def test_the_workers_table_lists_every_registered_node_with_its_resources_and_cu
     assert (waiting, messages) == ("1", "0")
 
 
+def test_an_operator_forgets_a_node_that_is_gone_for_good(operator):
+    from engine.resources import MB, WorkerCaps, WorkerResources
+    from jobs import nodes
+    from jobs.models import WorkerNode
+
+    # Given a registered node, listed with its figures
+    gone = nodes.node_announce(
+        hostname="cpu@old-box", queues=["cpu"], resources=WorkerResources(900 * MB, 2_000 * MB), caps=WorkerCaps()
+    )
+    listing = operator.get("/admin/jobs/workernode/").text
+    assert "cpu@old-box" in listing and "900.0 MB" in listing
+
+    # When the operator deletes it, routing no longer counts it
+    operator.post(f"/admin/jobs/workernode/{gone.pk}/delete/", {"post": "yes"})
+    assert not WorkerNode.objects.exists()
+
+
 def _table_rows(html: str, table_id: str) -> list[list[str]]:
     table = html[html.index(f'id="{table_id}"') :]
     body = table[table.index("<tbody>") : table.index("</tbody>")]
