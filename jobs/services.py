@@ -36,7 +36,7 @@ from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
 from jobs import nodes
 from jobs.inputs import JobInput, api_calibration
-from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
 from jobs.redaction import redact_paths
 
@@ -588,6 +588,29 @@ def job_sweep_stranded(*, older_than_s: float | None = None) -> list[int]:
                 transaction.on_commit(lambda job=job: _enqueue(job))
                 sent.append(job.pk)
     return sent
+
+
+def job_reroute_from_offline_nodes() -> list[int]:
+    """Queued jobs waiting in the own queue of a worker that is offline now: routed again (to another worker
+    that can hold them, or the shared queue), each with a new message; the old one finds a different task id
+    if that worker comes back. A job only that worker can hold keeps waiting for it. Returns the jobs moved."""
+    offline = [nodes.own_queue(node.hostname) for node in WorkerNode.objects.all() if not node.is_online()]
+    moved: list[int] = []
+    for job in Job.objects.filter(status=Status.QUEUED, queue__in=offline):
+        route = nodes.job_reroute(job)
+        if route.queue == job.queue:
+            continue
+        old_task_id, new_task_id = job.celery_task_id, _new_task_id()
+        with transaction.atomic():
+            done = Job.objects.filter(pk=job.pk, status=Status.QUEUED, celery_task_id=old_task_id).update(
+                queue=route.queue, celery_task_id=new_task_id
+            )
+            if done:
+                _append_log(job.pk, [("waiting", f"The worker of '{job.queue}' is offline; sent to '{route.queue}'.")])
+                job.queue, job.celery_task_id = route.queue, new_task_id
+                transaction.on_commit(lambda job=job, old=old_task_id: _requeue(job, old))
+                moved.append(job.pk)
+    return moved
 
 
 def broker_task_ids(*, queues: set[str]) -> set[str]:

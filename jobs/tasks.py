@@ -268,10 +268,13 @@ def reap_stale_jobs() -> None:
 
 @shared_task(name="jobs.housekeeping", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def housekeeping() -> None:
-    """Send queued jobs whose message was lost again, and remove temporary folders of runs that are over."""
+    """Send queued jobs again whose message was lost or whose worker went offline; remove temporary folders
+    of runs that are over."""
     try:
         for job_id in services.job_sweep_stranded():
             logger.warning("Sweeper: job %s had lost its queue message; sent again", job_id)
+        for job_id in services.job_reroute_from_offline_nodes():
+            logger.warning("Sweeper: job %s waited for an offline worker; routed again", job_id)
     except services.BROKER_ERRORS as exc:
         logger.warning("Sweeper: the queue does not answer (%s); trying again next time", exc)
     for path in services.job_remove_stale_partials():

@@ -179,3 +179,25 @@ def test_a_worker_is_online_while_it_beats_and_offline_after_a_clean_shutdown_or
     assert not node.is_online()
     assert nodes.node_beat(hostname="w@x") and WorkerNode.objects.get(hostname="w@x").is_online()
     assert not nodes.node_beat(hostname="gone@x")
+
+
+@pytest.mark.django_db
+def test_jobs_waiting_for_a_worker_that_went_offline_are_routed_again(user, builtin_model):
+    # Given a job waiting in big@y's own queue (small@x cannot hold it)
+    _announce("small@x", 500)
+    _announce("big@y", 900)
+    data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
+    job = services.job_submit(owner=user, data=data).job
+    assert job.queue == "node.big@y"
+
+    # When big@y shuts down: nothing moves while no other worker can hold the job
+    nodes.node_offline(hostname="big@y")
+    assert services.job_reroute_from_offline_nodes() == []
+
+    # ...and once another worker that can hold it is online, the job moves there with a new message
+    _announce("big2@z", 1_000)
+    old_task_id = job.celery_task_id
+    assert services.job_reroute_from_offline_nodes() == [job.pk]
+    job.refresh_from_db()
+    assert job.queue == "node.big2@z" and job.celery_task_id != old_task_id and job.status == Job.Status.QUEUED
+    assert any("The worker of 'node.big@y' is offline" in line.text for line in job.log_lines.all())
