@@ -154,11 +154,11 @@ class Route:
 
 
 def choose_queue(
-    *, device_class: str, footprint: ModelFootprint | None, candidates: list[Candidate], gpus: int = 0
+    *, device_class: str, footprint: ModelFootprint | None, candidates: list[Candidate], gpus: int | None = None
 ) -> Route:
     """The queue for a job (see the module's docstring); PreflightError when no registered worker can hold it.
 
-    gpus: how many GPUs the job asks for (a worker with fewer cannot hold it).
+    gpus: how many GPUs the job asks for (a worker with fewer cannot hold it); None: as many as the plan needs.
     """
     if not candidates or footprint is None:
         return Route(device_class)
@@ -178,9 +178,11 @@ def choose_queue(
     )
 
 
-def _refusal(candidate: Candidate, footprint: ModelFootprint, device_class: str, gpus: int) -> PreflightError | None:
+def _refusal(
+    candidate: Candidate, footprint: ModelFootprint, device_class: str, gpus: int | None
+) -> PreflightError | None:
     """Why this worker cannot hold the job (the memory plan's own refusal), or None when it can."""
-    if gpus > len(candidate.resources.gpus):
+    if gpus is not None and gpus > len(candidate.resources.gpus):
         return PreflightError(
             f"The job asks for {gpus} GPUs; this worker has {len(candidate.resources.gpus)}.", field="gpus"
         )
