@@ -10,7 +10,8 @@ job_route sizes the job with the memory plan's own rules (engine.plan: the model
 safetensors header at submission, the recipe, the calibration settings) against each registered worker
 of the job's device class:
 - no worker of that class ever registered (a fresh install): the shared queue, as before the registry;
-- every online worker of the class can hold it: the shared queue (gpu or cpu), any of them takes it;
+- every online worker of the class can hold it (every registered one, when none is online): the shared
+  queue (gpu or cpu), any of them takes it;
 - some can: the own queue of one that can, online first, fewest active jobs first;
 - none can: refused with the figures (needed, and what the largest worker has).
 A job whose model has no safetensors header (pickle weights only) cannot be sized here: the shared queue.
@@ -166,8 +167,9 @@ def choose_queue(
     able = [c for c in candidates if refusals[c.hostname] is None]
     if not able:
         raise _nobody_can(device_class, candidates, refusals)
-    online = [c for c in candidates if c.online]
-    if online and all(refusals[c.hostname] is None for c in online):
+    # Those that take from the shared queue now: the online ones, or (none online) whoever comes back first.
+    takers = [c for c in candidates if c.online] or candidates
+    if all(refusals[c.hostname] is None for c in takers):
         return Route(device_class)
     chosen = min(able, key=lambda c: (not c.online, c.active_jobs, c.hostname))
     state = "" if chosen.online else " (offline now: the job waits for it)"

@@ -67,6 +67,11 @@ def test_an_offline_worker_that_can_hold_it_is_waited_for_when_no_online_one_can
     assert route.queue == "node.big@x" and "offline now" in route.why
 
 
+def test_while_no_worker_is_online_a_job_all_of_them_can_hold_waits_on_the_shared_queue():
+    workers = [_worker("a@x", 8_000, online=False), _worker("b@y", 4_000, online=False)]
+    assert choose_queue(device_class=CPU, footprint=ONE_B, candidates=workers).queue == "cpu"
+
+
 def test_a_job_no_registered_worker_can_hold_is_refused_with_the_largest_workers_figures():
     workers = [_worker("mid@x", 900), _worker("small@y", 500)]
     with pytest.raises(PreflightError) as refused:
