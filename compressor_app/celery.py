@@ -8,6 +8,9 @@ and one light worker with the embedded beat for housekeeping (the reaper, the sw
 the removal of temporary folders of runs that are over):
     celery -A compressor_app worker -Q light -c 1 -B -n light@%h
 
+Each worker announces itself to the registry (jobs.nodes: its queues, GPUs, host memory, disk, heartbeat); a
+gpu or cpu worker also consumes a queue of its own, node.<its -n name>, for the jobs only it can hold.
+
 Worker children stay warm between jobs; settings.CELERY_WORKER_MAX_MEMORY_PER_CHILD (from
 COMPRESSOR_WORKER_MAX_MEMORY_MB) replaces one that held too much memory during a job, and jobs.tasks
 replaces one whose job did not succeed.

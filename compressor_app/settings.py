@@ -237,6 +237,13 @@ COMPRESSOR_HUB_PUSH_HARD_LIMIT_S = env.int(
     "COMPRESSOR_HUB_PUSH_HARD_LIMIT_S", default=COMPRESSOR_HUB_PUSH_SOFT_LIMIT_S + 600
 )
 
+# The workers' registry (jobs.nodes): each worker announces its resources when it starts and beats every
+# COMPRESSOR_NODE_HEARTBEAT_S; one silent for COMPRESSOR_NODE_OFFLINE_AFTER_S counts as offline.
+COMPRESSOR_NODE_HEARTBEAT_S = env.float("COMPRESSOR_NODE_HEARTBEAT_S", default=15.0)
+COMPRESSOR_NODE_OFFLINE_AFTER_S = env.float("COMPRESSOR_NODE_OFFLINE_AFTER_S", default=60.0)
+if COMPRESSOR_NODE_OFFLINE_AFTER_S <= COMPRESSOR_NODE_HEARTBEAT_S:
+    raise ImproperlyConfigured("COMPRESSOR_NODE_OFFLINE_AFTER_S must be longer than COMPRESSOR_NODE_HEARTBEAT_S.")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",

@@ -15,7 +15,8 @@ sequential pipeline brings each layer to one execution device); evaluation sprea
 fit on one GPU over the set, and vLLM uses tensor parallelism over it, which splits the attention heads
 evenly between the GPUs.
 
-The figures are estimates from the model's shapes (a skeleton on the meta device, see model_footprint):
+The figures are estimates from the model's shapes (ModelShape: a skeleton on the meta device in the worker, the
+safetensors header at submission, where jobs.nodes picks a worker that can hold the job):
 the runner loads every model in bfloat16 (2 bytes a parameter); GPTQ and SparseGPT keep a float32 Hessian
 of in_features x in_features for each Linear of the layer they work on; the sequential pipeline holds
 every calibration sample's activations between two layers in host memory. Evaluation follows the same
@@ -25,6 +26,9 @@ plan (engine.evaluation loads both models with placed_model).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -81,36 +85,119 @@ class ModelFootprint:
         return self.layer_parameters * _LOAD_BYTES_PER_PARAM
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The model's sizes the footprint is made of: from a skeleton on the meta device (the worker) or from the
+    safetensors header and config.json (the submission, in the web process: no torch)."""
+
+    num_parameters: int
+    num_layers: int
+    layer_parameters: int  # the largest decoder layer
+    # (in_features, weight elements) of each Linear of the first decoder layer: what GPTQ/SparseGPT hold
+    first_layer_linears: tuple[tuple[int, int], ...] = ()
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    head_dim: int = 0
+    attention_heads: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "first_layer_linears": [list(pair) for pair in self.first_layer_linears]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelShape:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in names}
+        values["first_layer_linears"] = tuple(tuple(pair) for pair in values.get("first_layer_linears") or ())
+        return cls(**values)
+
+
+# A decoder layer's tensors in a safetensors header: model.layers.<i>.<...> (or any prefix before "layers").
+_LAYER_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def header_shape(config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]]) -> ModelShape | None:
+    """The shape from config.json and a safetensors header (name -> (dtype, shape)), without torch.
+
+    None without a header (pickle weights only): the worker's preflight sizes such a model from its modules.
+    """
+    if not tensors:
+        return None
+    per_layer: dict[int, int] = {}
+    first_linears: list[tuple[int, int]] = []
+    for name, (_dtype, dims) in tensors.items():
+        match = _LAYER_TENSOR.search(name)
+        if match is None:
+            continue
+        index = int(match.group(1))
+        per_layer[index] = per_layer.get(index, 0) + math.prod(dims)
+        if index == 0 and name.endswith(".weight") and len(dims) == 2:
+            first_linears.append((dims[1], dims[0] * dims[1]))  # a Linear's weight is (out, in)
+    text = config.get("text_config") or config
+    return ModelShape(
+        num_parameters=sum(math.prod(dims) for _dtype, dims in tensors.values()),
+        num_layers=len(per_layer),
+        layer_parameters=max(per_layer.values(), default=0),
+        first_layer_linears=tuple(sorted(first_linears)),
+        **_text_sizes(text.get),
+    )
+
+
+def skeleton_shape(skeleton) -> ModelShape:
+    """The shape of a model given as a skeleton on the meta device (shapes without memory)."""
+    import torch
+
+    config = skeleton.config.get_text_config()
+    layers = list(getattr(getattr(skeleton, "model", skeleton), "layers", None) or [])
+    linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)] if layers else []
+    return ModelShape(
+        num_parameters=sum(p.numel() for p in skeleton.parameters()),
+        num_layers=len(layers),
+        layer_parameters=max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0),
+        first_layer_linears=tuple(sorted((m.in_features, m.weight.numel()) for m in linears)),
+        **_text_sizes(lambda name: getattr(config, name, None)),
+    )
+
+
+def _text_sizes(get) -> dict[str, int]:
+    """The text model's widths from its config (an object's attributes or a dict's keys, through `get`)."""
+    hidden = int(get("hidden_size") or 0)
+    heads = int(get("num_attention_heads") or 1)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": int(get("intermediate_size") or 4 * hidden),
+        "vocab_size": int(get("vocab_size") or 0),
+        "head_dim": int(get("head_dim") or hidden // heads),
+        "attention_heads": int(get("num_attention_heads") or 0),
+    }
+
+
 def model_footprint(skeleton, *, hessians: bool, samples: int, max_seq_len: int) -> ModelFootprint:
     """The footprint of a model given as a skeleton on the meta device (shapes without memory).
 
     samples is 0 for a data-free recipe: no calibration forward pass, no activations.
     """
-    import torch
+    return shape_footprint(skeleton_shape(skeleton), hessians=hessians, samples=samples, max_seq_len=max_seq_len)
 
-    config = skeleton.config.get_text_config()
-    layers = list(getattr(getattr(skeleton, "model", skeleton), "layers", None) or [])
-    layer_params = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
+
+def shape_footprint(shape: ModelShape, *, hessians: bool, samples: int, max_seq_len: int) -> ModelFootprint:
+    """The footprint from the model's shape, the recipe (Hessians or not) and the calibration settings."""
     work = 0
-    if hessians and layers:
-        linears = [m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)]
-        work = sum(4 * m.in_features**2 for m in linears) + max((8 * m.weight.numel() for m in linears), default=0)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    heads = int(getattr(config, "num_attention_heads", 0) or 1)
-    head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+    if hessians and shape.first_layer_linears:
+        linears = shape.first_layer_linears
+        work = sum(4 * width**2 for width, _ in linears) + max(8 * elements for _, elements in linears)
+    hidden, head_dim = shape.hidden_size, shape.head_dim
     tokens = max_seq_len if samples else 0
     # bf16 activations of one sample: residual, norms and attention projections, the MLP's gate, up and
     # product, and the logits of the last step; between layers, each sample's hidden states and rotary tables
     # (input and output of the layer at once).
-    activation = 2 * tokens * (6 * hidden + 3 * intermediate + vocab)
+    activation = 2 * tokens * (6 * hidden + 3 * shape.intermediate_size + shape.vocab_size)
     cache = 2 * 2 * samples * tokens * (hidden + 2 * head_dim)
     return ModelFootprint(
-        num_parameters=sum(p.numel() for p in skeleton.parameters()),
-        num_layers=len(layers),
-        layer_parameters=layer_params,
-        attention_heads=int(getattr(config, "num_attention_heads", 0) or 0),
+        num_parameters=shape.num_parameters,
+        num_layers=shape.num_layers,
+        layer_parameters=shape.layer_parameters,
+        attention_heads=shape.attention_heads,
         layer_work_bytes=work,
         activation_bytes=activation,
         calibration_cache_bytes=cache,

@@ -401,12 +401,32 @@ def recipe_needs_calibration(text: str) -> bool:
     return any(m.requires_calibration_data for m in Recipe.from_dict(load_recipe_yaml(text)).modifiers)
 
 
+# The modifiers that keep a Hessian for each Linear of the layer at work (the memory plan counts them).
+HESSIAN_MODIFIERS = ("GPTQModifier", "SparseGPTModifier")
+
+
 def recipe_uses_hessians(text: str) -> bool:
     """Whether the recipe runs GPTQ or SparseGPT, which keep a Hessian for each Linear of the layer at work."""
     from llmcompressor.recipe import Recipe
 
     modifiers = Recipe.from_dict(load_recipe_yaml(text)).modifiers
-    return any(type(m).__name__ in ("GPTQModifier", "SparseGPTModifier") for m in modifiers)
+    return any(type(m).__name__ in HESSIAN_MODIFIERS for m in modifiers)
+
+
+def recipe_names_hessians(text: str) -> bool:
+    """recipe_uses_hessians from the text alone (no llm-compressor, no torch: the web process's estimate)."""
+    return bool(_modifier_names(load_recipe_yaml(text)) & set(HESSIAN_MODIFIERS))
+
+
+def _modifier_names(node: Any) -> set[str]:
+    """The names of the modifiers anywhere in a parsed recipe (the keys that end in "Modifier")."""
+    if isinstance(node, dict):
+        return {key for key in node if str(key).endswith("Modifier")} | {
+            name for value in node.values() for name in _modifier_names(value)
+        }
+    if isinstance(node, list):
+        return {name for item in node for name in _modifier_names(item)}
+    return set()
 
 
 def _modifier_args(node: Any) -> list[dict[str, Any]]:

@@ -7,7 +7,11 @@ with other work, or a test that makes a small machine out of a big one. A cap on
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,16 +47,21 @@ class WorkerResources:
     capped: tuple[str, ...] = field(default=())  # which figures a cap lowered: "host_ram", "gpu_memory", ...
 
 
-def detect_resources(folder: Path, *, device: str = "auto", caps: WorkerCaps | None = None) -> WorkerResources:
+def detect_resources(
+    folder: Path, *, device: str = "auto", caps: WorkerCaps | None = None, gpus_in_child: bool = False
+) -> WorkerResources:
     """Measure this worker's resources; `folder` is where the job writes (its disk is the one measured).
 
     device "cpu" leaves the GPUs out: the job was sent to a CPU worker and must not use one.
+    gpus_in_child: the GPUs are measured by a child Python, so this process never initialises CUDA (a Celery
+    worker's main process announcing itself: its pool children are forked from it, and CUDA does not survive
+    a fork).
     """
     caps = caps or WorkerCaps()
     capped: list[str] = []
     host = _capped(psutil.virtual_memory().available, caps.host_ram_mb, "host_ram", capped)
     disk = _capped(shutil.disk_usage(_existing(folder)).free, caps.disk_mb, "disk", capped)
-    gpus = [] if device == "cpu" else _gpus()
+    gpus = [] if device == "cpu" else _gpus_of_child() if gpus_in_child else _gpus()
     if caps.gpus is not None and caps.gpus < len(gpus):
         gpus = gpus[: caps.gpus]
         capped.append("gpus")
@@ -87,3 +96,30 @@ def _gpus() -> list[Gpu]:
         free, _total = torch.cuda.mem_get_info(index)
         found.append(Gpu(index=index, name=torch.cuda.get_device_name(index), free_bytes=int(free)))
     return found
+
+
+_GPU_PROBE = (
+    "import dataclasses, json; from engine.resources import _gpus; "
+    "print(json.dumps([dataclasses.asdict(g) for g in _gpus()]))"
+)
+_GPU_PROBE_TIMEOUT_S = 300  # importing torch on a loaded machine
+
+
+def _gpus_of_child() -> list[Gpu]:
+    """_gpus() in a child Python (the same code, torch imported there only); RuntimeError when it fails."""
+    package_parent = Path(__file__).resolve().parent.parent
+    python_path = os.pathsep.join(filter(None, [str(package_parent), os.environ.get("PYTHONPATH")]))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _GPU_PROBE],
+            cwd=package_parent,
+            env={**os.environ, "PYTHONPATH": python_path},
+            capture_output=True,
+            text=True,
+            timeout=_GPU_PROBE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"Measuring the GPUs in a child process failed: {exc}") from exc
+    if done.returncode != 0:
+        raise RuntimeError(f"Measuring the GPUs in a child process failed: {done.stderr.strip()[-500:]}")
+    return [Gpu(**found) for found in json.loads(done.stdout.strip().splitlines()[-1])]

@@ -16,8 +16,9 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from engine.errors import EngineError
+from engine.units import size_text
 from jobs import selectors, services
-from jobs.models import CalibrationDataset, HubPush, HubToken, Job
+from jobs.models import CalibrationDataset, HubPush, HubToken, Job, WorkerNode
 from jobs.ratelimit import RateLimited
 
 
@@ -277,3 +278,35 @@ class HubPushAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+
+@admin.register(WorkerNode)
+class WorkerNodeAdmin(admin.ModelAdmin):
+    """The workers' registry, read-only: deleting a node forgets one that is gone for good (routing then no
+    longer waits for it); a running worker announces itself again at its next heartbeat."""
+
+    list_display = ["hostname", "node", "online", "gpu_count", "host_ram", "disk", "queues", "heartbeat_at"]
+    search_fields = ["hostname", "node"]
+    readonly_fields = [f.name for f in WorkerNode._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # workers register themselves
+
+    def has_change_permission(self, request: HttpRequest, obj: WorkerNode | None = None) -> bool:
+        return False
+
+    @admin.display(boolean=True, description="Online")
+    def online(self, node: WorkerNode) -> bool:
+        return node.is_online()
+
+    @admin.display(description="GPUs")
+    def gpu_count(self, node: WorkerNode) -> int:
+        return len(node.gpus)
+
+    @admin.display(description="Host memory")
+    def host_ram(self, node: WorkerNode) -> str:
+        return size_text(node.host_ram_bytes)
+
+    @admin.display(description="Disk free")
+    def disk(self, node: WorkerNode) -> str:
+        return size_text(node.disk_free_bytes)

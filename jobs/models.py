@@ -16,6 +16,7 @@ from django.db import models
 
 from engine.spec import BUILTIN_MODEL, CompressionSpec
 from jobs.inputs import CALIBRATION_BUILTIN, PRIORITY_NORMAL, JobInput
+from jobs.node_model import WorkerNode  # noqa: F401 - the workers' registry is a model of this app
 
 
 def calibration_upload_to(instance: CalibrationDataset, filename: str) -> str:
@@ -128,7 +129,7 @@ class Job(models.Model):
 
     # The queue and the worker.
     celery_task_id = models.CharField(max_length=64, blank=True, db_index=True)
-    queue = models.CharField(max_length=32, blank=True)
+    queue = models.CharField(max_length=200, blank=True)  # a node's own queue is named after its worker
     worker = models.CharField(max_length=200, blank=True)
     attempt = models.PositiveSmallIntegerField(default=1, help_text="1 for a new job, +1 for each retry.")
     requeue_count = models.PositiveSmallIntegerField(default=0, help_text="Times the reaper re-queued it.")

@@ -10,7 +10,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, Q, QuerySet
 from django.shortcuts import get_object_or_404
 
-from jobs.models import CalibrationDataset, Job, JobLogLine
+from engine.units import size_text
+from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +95,42 @@ def calibration_datasets_for_user(*, user: AbstractBaseUser) -> QuerySet[Calibra
 # --- the broker and the workers (the admin's queue page) ---------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Announced:
+    """What a worker announced to the registry (jobs.nodes), as the queue page shows it."""
+
+    machine: str
+    online: bool
+    gpus: str
+    host_ram: str
+    disk: str
+    capped: list[str]
+    started_at: Any
+    heartbeat_at: Any
+
+    @classmethod
+    def of(cls, node: WorkerNode) -> Announced:
+        gpus = ", ".join(
+            f"{g['name'] or 'GPU ' + str(g['index'])} ({size_text(g['memory_bytes'])} free)" for g in node.gpus
+        )
+        return cls(
+            machine=node.node,
+            online=node.is_online(),
+            gpus=f"{len(node.gpus)}: {gpus}" if node.gpus else "none",
+            host_ram=size_text(node.host_ram_bytes),
+            disk=size_text(node.disk_free_bytes),
+            capped=list(node.capped),
+            started_at=node.started_at,
+            heartbeat_at=node.heartbeat_at,
+        )
+
+
 @dataclass
 class WorkerInfo:
     name: str
     queues: list[str] = field(default_factory=list)
     running: list[dict[str, Any]] = field(default_factory=list)  # {"task_id", "name", "job"}
+    announced: Announced | None = None  # None: a worker that never registered (started before the registry)
 
 
 @dataclass
@@ -142,13 +174,13 @@ def active_task_ids(*, timeout: float = 2.0) -> set[str]:
     return {task["id"] for tasks in active.values() for task in tasks}
 
 
-def broker_queue_lengths() -> dict[str, int]:
+def broker_queue_lengths(names: tuple[str, ...] = QUEUE_NAMES) -> dict[str, int]:
     """Messages per queue in the broker (all priority levels); raises when the broker does not answer."""
     from compressor_app.celery import app
 
     with app.pool.acquire(block=True, timeout=2) as conn:  # a pooled connection: a new one costs ~50 ms
         channel = conn.default_channel
-        return {name: channel.queue_declare(queue=name).message_count for name in QUEUE_NAMES}
+        return {name: channel.queue_declare(queue=name).message_count for name in names}
 
 
 def queue_overview(*, waiting_limit: int = 200) -> QueueOverview:
@@ -166,37 +198,56 @@ def queue_overview(*, waiting_limit: int = 200) -> QueueOverview:
     )
     running = list(Job.objects.filter(status=Job.Status.RUNNING).select_related("owner").order_by("started_at"))
     error = ""
+    # The shared queues, then each registered worker's own queue and any other queue a job waits in.
+    own = {node.own_queue for node in WorkerNode.objects.all()}
+    names = list(QUEUE_NAMES) + sorted((set(counts) | own) - set(QUEUE_NAMES))
     try:
-        lengths: dict[str, int | None] = {**broker_queue_lengths()}
+        lengths: dict[str, int | None] = {**broker_queue_lengths(tuple(names))}
     except Exception as exc:  # noqa: BLE001 - the page still shows the database's view
         logger.warning("Broker queue lengths unavailable: %s", exc)
         lengths, error = {}, f"The broker did not answer: {exc}"
-    names = list(QUEUE_NAMES) + sorted(set(counts) - set(QUEUE_NAMES))
     queues = [QueueCount(name=n, waiting_jobs=counts.get(n, 0), messages=lengths.get(n)) for n in names]
     return QueueOverview(queues=queues, waiting=waiting, running=running, error=error)
 
 
 def worker_overview(*, timeout: float = 1.0) -> tuple[list[WorkerInfo], str]:
-    """Workers online and what each runs. It asks every worker and waits `timeout` for the answers, so the
-    queue page loads it separately. Returns (workers, error text)."""
+    """Every registered worker (online or not, with what it announced) and every worker that answers, with what
+    each runs. It asks every worker and waits `timeout` for the answers, so the queue page loads it separately.
+    Returns (workers, error text)."""
     from compressor_app.celery import app
 
-    workers: list[WorkerInfo] = []
+    registry = {node.hostname: node for node in WorkerNode.objects.all()}
+    error = ""
     try:
         inspect = app.control.inspect(timeout=timeout)
         active = inspect.active() or {}
-        queues = inspect.active_queues() or {}
+        queues = {name: [q["name"] for q in found] for name, found in (inspect.active_queues() or {}).items()}
     except Exception as exc:  # noqa: BLE001 - shown on the page instead of an error page
         logger.warning("Worker overview unavailable: %s", exc)
-        return workers, f"The workers did not answer: {exc}"
+        active, queues, error = {}, {}, f"The workers did not answer: {exc}"
     task_ids = {task["id"] for tasks in active.values() for task in tasks}
     jobs_by_task = {j.celery_task_id: j for j in Job.objects.filter(celery_task_id__in=task_ids)}
-    for name in sorted(set(active) | set(queues)):
-        info = WorkerInfo(name=name, queues=sorted(q["name"] for q in queues.get(name, [])))
+    # A worker that does not answer (offline, or busy past the timeout): its running job from the database.
+    running_by_worker: dict[str, list[Job]] = {}
+    for job in Job.objects.filter(status=Job.Status.RUNNING, worker__in=list(registry)):
+        running_by_worker.setdefault(job.worker, []).append(job)
+    workers: list[WorkerInfo] = []
+    for name in sorted(set(active) | set(queues) | set(registry)):
+        node = registry.get(name)
+        info = WorkerInfo(
+            name=name,
+            queues=sorted(queues.get(name) or (node.queues if node else [])),
+            announced=Announced.of(node) if node else None,
+        )
         for task in active.get(name, []):
             info.running.append({"task_id": task["id"], "name": task["name"], "job": jobs_by_task.get(task["id"])})
+        if name not in active:
+            info.running = [
+                {"task_id": j.celery_task_id, "name": "jobs.compress", "job": j}
+                for j in running_by_worker.get(name, [])
+            ]
         workers.append(info)
-    return workers, ""
+    return workers, error
 
 
 # --- used by frontend (the dashboard pages); appended by the frontend work, read-only queries -------------

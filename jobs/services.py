@@ -34,8 +34,9 @@ from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
+from jobs import nodes
 from jobs.inputs import JobInput, api_calibration
-from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
 from jobs.redaction import redact
 
@@ -93,7 +94,7 @@ def job_submit(
     report = check_submission(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
     job.model_commit = report.model.commit or ""
-    job.model_facts = report.model.summary()
+    job.model_facts = nodes.facts_with_shape(report.model)
     job.spec_fingerprint = _fingerprint(job, report)
     if not force:
         existing = (
@@ -105,7 +106,8 @@ def job_submit(
             return Submission(job=existing, created=False)
     job.retry_of = retry_of
     job.attempt = attempt
-    job.queue = job.device_class  # compute queues are named after the device class: "gpu", "cpu"
+    route = nodes.job_route(job)  # a queue whose workers can hold it; refused when no registered worker can
+    job.queue = route.queue
     job.celery_task_id = _new_task_id()
     place = rate.take()
     if place is None:
@@ -117,6 +119,8 @@ def job_submit(
             _check_stored_bytes(owner)
             job.save()
             _append_log(job.pk, [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")])
+            if route.why:
+                _append_log(job.pk, [("waiting", route.why)])
             for warning in report.warnings:
                 _append_log(job.pk, [("waiting", f"Warning: {warning}")])
             transaction.on_commit(lambda: _enqueue(job))
@@ -537,9 +541,11 @@ def _end_lost_run(job: Job, seen, what_happened: str) -> str | None:
 
 def _requeue_lost(job: Job, seen, what_happened: str) -> bool:
     new_task_id = _new_task_id()
+    route = nodes.job_reroute(job)  # its node may be gone
     with transaction.atomic():
         done = seen.update(
             status=Status.QUEUED,
+            queue=route.queue,
             requeue_count=job.requeue_count + 1,
             celery_task_id=new_task_id,
             stage=Job.Stage.WAITING,
@@ -551,8 +557,10 @@ def _requeue_lost(job: Job, seen, what_happened: str) -> bool:
             percent=None,
         )
         if done:
-            job.celery_task_id = new_task_id
+            job.celery_task_id, job.queue = new_task_id, route.queue
             _append_log(job.pk, [("waiting", f"Re-queued for attempt {job.requeue_count + 2}: {what_happened}.")])
+            if route.why:
+                _append_log(job.pk, [("waiting", route.why)])
             transaction.on_commit(lambda: _enqueue(job))
     return bool(done)
 
@@ -569,11 +577,7 @@ def job_sweep_stranded(*, older_than_s: float | None = None) -> list[int]:
     """
     grace = settings.COMPRESSOR_SWEEP_GRACE_S if older_than_s is None else older_than_s
     cutoff = timezone.now() - timedelta(seconds=grace)
-    waiting = list(
-        Job.objects.filter(status=Status.QUEUED, created_at__lte=cutoff).only(
-            "pk", "celery_task_id", "queue", "priority"
-        )
-    )
+    waiting = list(Job.objects.filter(status=Status.QUEUED, created_at__lte=cutoff))
     if not waiting:
         return []
     in_broker = broker_task_ids(queues={job.queue for job in waiting})
@@ -582,18 +586,42 @@ def job_sweep_stranded(*, older_than_s: float | None = None) -> list[int]:
         if job.celery_task_id in in_broker:
             continue
         new_task_id = _new_task_id()
+        route = nodes.job_reroute(job)  # the node whose queue it waited in may be gone
         with transaction.atomic():
             done = Job.objects.filter(pk=job.pk, status=Status.QUEUED, celery_task_id=job.celery_task_id).update(
-                celery_task_id=new_task_id, message="Waiting in the queue"
+                celery_task_id=new_task_id, queue=route.queue, message="Waiting in the queue"
             )
             if done:
-                job.celery_task_id = new_task_id
+                job.celery_task_id, job.queue = new_task_id, route.queue
                 _append_log(
                     job.pk, [("waiting", "Its queue message was lost (queue unreachable or reset); sent again.")]
                 )
                 transaction.on_commit(lambda job=job: _enqueue(job))
                 sent.append(job.pk)
     return sent
+
+
+def job_reroute_from_offline_nodes() -> list[int]:
+    """Queued jobs waiting in the own queue of a worker that is offline now: routed again (to another worker
+    that can hold them, or the shared queue), each with a new message; the old one finds a different task id
+    if that worker comes back. A job only that worker can hold keeps waiting for it. Returns the jobs moved."""
+    offline = [nodes.own_queue(node.hostname) for node in WorkerNode.objects.all() if not node.is_online()]
+    moved: list[int] = []
+    for job in Job.objects.filter(status=Status.QUEUED, queue__in=offline):
+        route = nodes.job_reroute(job)
+        if route.queue == job.queue:
+            continue
+        old_task_id, new_task_id = job.celery_task_id, _new_task_id()
+        with transaction.atomic():
+            done = Job.objects.filter(pk=job.pk, status=Status.QUEUED, celery_task_id=old_task_id).update(
+                queue=route.queue, celery_task_id=new_task_id
+            )
+            if done:
+                _append_log(job.pk, [("waiting", f"The worker of '{job.queue}' is offline; sent to '{route.queue}'.")])
+                job.queue, job.celery_task_id = route.queue, new_task_id
+                transaction.on_commit(lambda job=job, old=old_task_id: _requeue(job, old))
+                moved.append(job.pk)
+    return moved
 
 
 def broker_task_ids(*, queues: set[str]) -> set[str]:

@@ -32,8 +32,7 @@ from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
 from engine.model_cache import ModelCache
-from engine.resources import WorkerCaps
-from jobs import services
+from jobs import nodes, services
 from jobs.models import Job
 from jobs.progress import JobProgress
 
@@ -152,7 +151,7 @@ def compress_job(self, job_id: int) -> None:
                 Path(default_storage.path(relpath)),
                 progress=progress,
                 should_cancel=progress.should_cancel,
-                caps=_worker_caps(),
+                caps=nodes.worker_caps(),
                 model_cache=model_cache,
             )
     except SoftTimeLimitExceeded:
@@ -183,16 +182,6 @@ def compress_job(self, job_id: int) -> None:
         return
     _end_run(progress, job_id, task_id)
     services.job_fail(job_id=job.pk, task_id=task_id, error=error, log_lines=log_lines)
-
-
-def _worker_caps() -> WorkerCaps:
-    """The operator's caps on this worker's resources, for the engine's memory plan (settings.COMPRESSOR_WORKER_*)."""
-    return WorkerCaps(
-        host_ram_mb=settings.COMPRESSOR_WORKER_HOST_RAM_MB,
-        gpu_memory_mb=settings.COMPRESSOR_WORKER_GPU_MEMORY_MB,
-        gpus=settings.COMPRESSOR_WORKER_GPUS,
-        disk_mb=settings.COMPRESSOR_WORKER_DISK_MB,
-    )
 
 
 def _model_cache(progress: JobProgress) -> ModelCache:
@@ -292,10 +281,13 @@ def reap_stale_jobs() -> None:
 
 @shared_task(name="jobs.housekeeping", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def housekeeping() -> None:
-    """Send queued jobs whose message was lost again, and remove temporary folders of runs that are over."""
+    """Send queued jobs again whose message was lost or whose worker went offline; remove temporary folders
+    of runs that are over."""
     try:
         for job_id in services.job_sweep_stranded():
             logger.warning("Sweeper: job %s had lost its queue message; sent again", job_id)
+        for job_id in services.job_reroute_from_offline_nodes():
+            logger.warning("Sweeper: job %s waited for an offline worker; routed again", job_id)
     except services.BROKER_ERRORS as exc:
         logger.warning("Sweeper: the queue does not answer (%s); trying again next time", exc)
     for path in services.job_remove_stale_partials():

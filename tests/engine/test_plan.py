@@ -4,7 +4,17 @@ against the workers people run them on; and the worker's resources as measured a
 import pytest
 
 from engine.errors import PreflightError
-from engine.plan import DISK_OFFLOAD, GPU, SEQUENTIAL, model_footprint, plan_memory
+from engine.plan import (
+    DISK_OFFLOAD,
+    GPU,
+    SEQUENTIAL,
+    ModelShape,
+    header_shape,
+    model_footprint,
+    plan_memory,
+    shape_footprint,
+    skeleton_shape,
+)
 from engine.resources import MB, Gpu, WorkerCaps, WorkerResources, detect_resources
 
 GB = 10**9
@@ -218,3 +228,23 @@ def test_the_vllm_child_sees_the_jobs_gpus_as_the_machine_numbers_them():
     # a worker that owns the machine's GPUs 4-7 sees them as 0-3
     assert visible_devices([1, 2], "4,5,6,7") == "5,6"
     assert visible_devices([0, 1], None) == "0,1"
+
+
+def test_the_header_gives_the_skeletons_shape_so_submission_sizes_a_job_as_the_worker_does(llama_8b):
+    # Given Llama 3.1 8B as its safetensors header names its tensors, and as a skeleton on the meta device
+    tensors = {name: ("BF16", tuple(p.shape)) for name, p in llama_8b.named_parameters()}
+    config = {**LLAMA_8B, "num_key_value_heads": 8, "vocab_size": 128256, "head_dim": 128}
+
+    # Then both give the same shape, and the same footprint for a GPTQ job
+    shape = header_shape(config, tensors)
+    assert shape == skeleton_shape(llama_8b) and ModelShape.from_dict(shape.to_dict()) == shape
+    assert shape_footprint(shape, hessians=True, samples=512, max_seq_len=2048) == gptq(llama_8b)
+    # ...and a model without a header (pickle weights only) is not sized at submission
+    assert header_shape(config, {}) is None
+
+
+def test_the_gpus_can_be_measured_by_a_child_python(tmp_path):
+    # The worker's main process announces itself this way (CUDA must not start there before the pool forks)
+    in_child = detect_resources(tmp_path, gpus_in_child=True)
+    here = detect_resources(tmp_path)
+    assert [(g.index, g.name) for g in in_child.gpus] == [(g.index, g.name) for g in here.gpus]

@@ -173,6 +173,28 @@ def test_a_preflight_error_appears_beside_its_field_and_nothing_is_queued(client
     assert not Job.objects.exists()
 
 
+def test_a_job_no_registered_worker_can_hold_is_refused_beside_the_model_with_the_figures(
+    client_for, alice, builtin_model
+):
+    from engine.resources import MB, WorkerCaps, WorkerResources
+    from jobs import nodes
+
+    # Given one registered cpu worker with 500 MB of host memory (the built-in model needs 836 MB to hold it)
+    small = WorkerResources(host_ram_bytes=500 * MB, disk_free_bytes=50_000 * MB)
+    nodes.node_announce(hostname="cpu@small", queues=["cpu", "node.cpu@small"], resources=small, caps=WorkerCaps())
+
+    # When alice submits a cpu job on the built-in model through the form
+    response = client_for(alice).post("/jobs/new/", FORM)
+
+    # Then the form comes back with the refusal beside the model, with what it needs and what the worker has
+    html = _html(response)
+    assert response.status_code == 400
+    error = re.search(r'<p class="field-error" id="builtin_model-error">(.*?)</p>', html, re.S)
+    assert error and "No cpu worker here can hold this job. The largest, cpu@small" in error.group(1)
+    assert "836.3 MB needed to hold the whole model" in error.group(1) and "500.0 MB available" in error.group(1)
+    assert not Job.objects.exists()
+
+
 def test_the_forms_own_checks_point_at_their_fields(client_for, alice):
     as_alice = client_for(alice)
     hub = _html(as_alice.post("/jobs/new/", {**FORM, "model_source": "hub", "hub_id": ""}))

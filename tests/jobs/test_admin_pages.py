@@ -60,6 +60,60 @@ def test_queue_page_answers_without_waiting_for_workers(operator, user, make_job
     assert "<html" in full.text and 'id="workers-table"' in full.text
 
 
+def test_the_workers_table_lists_every_registered_node_with_its_resources_and_current_job(operator, user, make_job):
+    from engine.resources import MB, Gpu, WorkerCaps, WorkerResources
+    from jobs import nodes
+
+    # Given a GPU node that is online and runs a job, and a CPU node that shut down (its own queue has a job)
+    gpu = WorkerResources(80_000 * MB, 500_000 * MB, gpus=(Gpu(0, "NVIDIA H100 80GB HBM3", 79_000 * MB),))
+    nodes.node_announce(hostname="gpu0@node-a", queues=["gpu", "node.gpu0@node-a"], resources=gpu, caps=WorkerCaps())
+    small = WorkerResources(900 * MB, 2_000 * MB, capped=("host_ram",))
+    nodes.node_announce(hostname="cpu@node-b", queues=["cpu"], resources=small, caps=WorkerCaps(host_ram_mb=900))
+    nodes.node_offline(hostname="cpu@node-b")
+    running = make_job(user, status=Job.Status.RUNNING, worker="gpu0@node-a", stage="calibrating", queue="gpu")
+    make_job(user, queue="node.cpu@node-b")
+
+    # When an operator opens the workers table (no worker answers the broker's question here)
+    html = operator.get("/admin/jobs/job/queue/workers/", HTTP_X_REQUESTED_WITH="fetch").text
+    rows = {cells[0]: cells for cells in _table_rows(html, "workers-table")}
+
+    # Then both nodes are there with what they announced, their state and what they run
+    machine, state, gpus, ram, disk, queues, runs = rows["gpu0@node-a"][1:]
+    assert state.startswith("online") and gpus == "1: NVIDIA H100 80GB HBM3 (79.00 GB free)"
+    assert (ram, disk, queues) == ("80.00 GB", "500.00 GB", "gpu, node.gpu0@node-a") and f"Job {running.pk}" in runs
+    machine, state, gpus, ram, disk, queues, runs = rows["cpu@node-b"][1:]
+    assert state.startswith("offline") and (gpus, ram, runs) == ("none", "900.0 MB (capped)", "idle")
+    # ...and the queue counts include the node's own queue
+    waiting, messages, _note = _queue_row(operator.get("/admin/jobs/job/queue/").text, "node.cpu@node-b")
+    assert (waiting, messages) == ("1", "0")
+
+
+def test_an_operator_forgets_a_node_that_is_gone_for_good(operator):
+    from engine.resources import MB, WorkerCaps, WorkerResources
+    from jobs import nodes
+    from jobs.models import WorkerNode
+
+    # Given a registered node, listed with its figures
+    gone = nodes.node_announce(
+        hostname="cpu@old-box", queues=["cpu"], resources=WorkerResources(900 * MB, 2_000 * MB), caps=WorkerCaps()
+    )
+    listing = operator.get("/admin/jobs/workernode/").text
+    assert "cpu@old-box" in listing and "900.0 MB" in listing
+
+    # When the operator deletes it, routing no longer counts it
+    operator.post(f"/admin/jobs/workernode/{gone.pk}/delete/", {"post": "yes"})
+    assert not WorkerNode.objects.exists()
+
+
+def _table_rows(html: str, table_id: str) -> list[list[str]]:
+    table = html[html.index(f'id="{table_id}"') :]
+    body = table[table.index("<tbody>") : table.index("</tbody>")]
+    return [
+        [" ".join(re.sub(r"<[^>]+>", "", cell).split()) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)
+    ]
+
+
 def test_job_change_page_shows_results_and_manifest_as_tables(operator, user, make_job):
     job = make_job(
         user,
