@@ -221,6 +221,9 @@ COMPRESSOR_WORKER_GPU_MEMORY_MB = env.int("COMPRESSOR_WORKER_GPU_MEMORY_MB", def
 COMPRESSOR_WORKER_GPUS = env.int("COMPRESSOR_WORKER_GPUS", default=None)
 COMPRESSOR_WORKER_DISK_MB = env.int("COMPRESSOR_WORKER_DISK_MB", default=None)
 # The most GPUs one job may ask for (vLLM's tensor parallelism stays within one node).
+# Data-parallel calibration (llm-compressor's distributed GPTQ/SparseGPT under torchrun): unset, the memory plan
+# uses one rank per GPU of a job with several; 1 turns it off; N > 1 asks for N ranks (gloo on a CPU worker).
+COMPRESSOR_WORKER_DATA_PARALLEL = env.int("COMPRESSOR_WORKER_DATA_PARALLEL", default=None)
 COMPRESSOR_MAX_GPUS_PER_JOB = env.int("COMPRESSOR_MAX_GPUS_PER_JOB", default=8)
 
 # Pushing a checkpoint to a hub (jobs.hub_push) with the user's own token, stored encrypted (jobs.hub_tokens).

@@ -74,7 +74,7 @@ def run_child(
                 raise EngineError(
                     f"The vLLM environment's Python '{python}' cannot be started: {exc}.", field="evaluation"
                 ) from None
-            _wait(process, on_wait)
+            wait_in_group(process, on_wait)
         tail = log_path.read_text(errors="replace")[-2000:]
         if process.returncode == NOT_INSTALLED_EXIT:
             raise EngineError(
@@ -96,7 +96,9 @@ def visible_devices(gpus: list[int], parent_visible: str | None) -> str:
     return ",".join(owned[gpu] if owned and gpu < len(owned) else str(gpu) for gpu in gpus)
 
 
-def _wait(process: subprocess.Popen, on_wait: Callable[[], None] | None) -> None:
+def wait_in_group(process: subprocess.Popen, on_wait: Callable[[], None] | None) -> None:
+    """Wait for a child started in its own process group, calling on_wait between polls; any exception
+    meanwhile (a cancel, a time limit) stops the whole group before it propagates."""
     try:
         while True:
             try:

@@ -246,6 +246,7 @@ class MemoryPlan:
     host_weights_bytes: int = 0  # disk_offload: the weights kept in host memory
     shard_bytes: int | None = None  # disk_offload: the largest checkpoint shard gathered in memory at once
     gpus: tuple[Gpu, ...] = ()  # the job's GPUs, the one llm-compressor computes on first
+    data_parallel: int = 1  # calibration ranks (engine.data_parallel); 1: in the worker's own process
     capped: tuple[str, ...] = field(default=())
 
     @property
@@ -266,13 +267,15 @@ class MemoryPlan:
     @property
     def summary(self) -> str:
         """The plan in one sentence, as the job page and the model card show it."""
-        if len(self.gpus) > 1:
+        parts = [self._placement_summary]
+        if self.data_parallel > 1:
+            between = "one rank per GPU" if self.gpu else "gloo between CPU processes"
+            parts.append(f"calibration data-parallel over {self.data_parallel} ranks ({between})")
+        count = len(self.gpus)
+        if count > 1:
             indices = ", ".join(f"cuda:{gpu.index}" for gpu in self.gpus)
-            return (
-                f"{self._placement_summary}; evaluation and the vLLM check over {len(self.gpus)} GPUs ({indices}, "
-                f"tensor parallel {len(self.gpus)})"
-            )
-        return self._placement_summary
+            parts.append(f"evaluation and the vLLM check over {count} GPUs ({indices}, tensor parallel {count})")
+        return "; ".join(parts)
 
     @property
     def _placement_summary(self) -> str:
@@ -312,16 +315,24 @@ class MemoryPlan:
             "host_weights_bytes": self.host_weights_bytes,
             "gpus": [{"index": gpu.index, "name": gpu.name, "free": gpu.free_bytes} for gpu in self.gpus],
             "tensor_parallel_size": self.tensor_parallel_size,
+            "data_parallel": self.data_parallel,
             "capped": list(self.capped),
         }
 
 
 def plan_memory(
-    footprint: ModelFootprint, resources: WorkerResources, *, device: str = "auto", gpus: int | None = None
+    footprint: ModelFootprint,
+    resources: WorkerResources,
+    *,
+    device: str = "auto",
+    gpus: int | None = None,
+    data_parallel: int | None = None,
 ) -> MemoryPlan:
     """Choose how the job runs here (see the module's docstring); raise PreflightError when nothing fits.
 
     gpus: how many GPUs the job asks for; None: as many as the plan needs.
+    data_parallel: the operator's calibration ranks (None: one per GPU of a job with several; see
+    data_parallel_ranks).
     """
     if device.startswith("cuda") and not resources.gpus:
         raise PreflightError("A GPU was requested but this worker has none.", field="device")
@@ -336,7 +347,8 @@ def plan_memory(
         common.update(device=f"cuda:{gpu.index}", gpu_name=gpu.name)
         whole = Need(_held(fp) + fp.layer_work_bytes + fp.activation_bytes + _GPU_RESERVE_BYTES, gpu.free_bytes)
         if whole.fits and host_work <= host_ram and disk.fits:
-            return MemoryPlan(mode=GPU, host=Need(host_work, host_ram), gpu=whole, **common)
+            ranks = data_parallel_ranks(fp, job_gpus, data_parallel)
+            return MemoryPlan(mode=GPU, host=Need(host_work, host_ram), gpu=whole, data_parallel=ranks, **common)
         layer = Need(fp.layer_bytes + fp.layer_work_bytes + fp.activation_bytes + _GPU_RESERVE_BYTES, gpu.free_bytes)
         if not layer.fits:
             raise PreflightError(_layer_refusal(fp, layer, gpu), field="device")
@@ -348,7 +360,11 @@ def plan_memory(
         raise PreflightError(_disk_refusal(disk, offloaded=0))
     sequential = Need(_held(fp) + host_work, host_ram)
     if sequential.fits:
-        return MemoryPlan(mode=SEQUENTIAL, host=sequential, **common)
+        ranks = data_parallel_ranks(fp, job_gpus, data_parallel)
+        if not job_gpus and ranks > 1:  # CPU processes: each rank holds its own copy of the model
+            with_ranks = Need(_held(fp) * ranks + host_work, host_ram)
+            sequential, ranks = (with_ranks, ranks) if with_ranks.fits else (sequential, 1)
+        return MemoryPlan(mode=SEQUENTIAL, host=sequential, data_parallel=ranks, **common)
     shard = min(max(2 * fp.layer_bytes, _MIN_OFFLOAD_SHARD_BYTES), _MAX_OFFLOAD_SHARD_BYTES)
     # In host memory besides the weights it keeps: the layer read from disk, the next one, a checkpoint shard.
     offload = Need(host_work + 2 * fp.layer_bytes + shard, host_ram)
@@ -392,6 +408,17 @@ def job_gpu_set(fp: ModelFootprint, gpus: tuple[Gpu, ...], requested: int | None
         if _spread_need(fp, ranked[:count]).fits:
             return tuple(ranked[:count])
     return tuple(ranked[: counts[-1]]) if counts else ()
+
+
+def data_parallel_ranks(fp: ModelFootprint, job_gpus: tuple[Gpu, ...], asked: int | None) -> int:
+    """How many ranks calibrate: data parallelism pays where GPTQ or SparseGPT pushes calibration data through
+    the model (Hessians to reduce, modules to split); one rank per GPU of a job with several, unless the
+    operator chose (asked: 1 off, N ranks, on a GPU worker at most one per GPU)."""
+    if not (fp.layer_work_bytes and fp.calibration_cache_bytes) or asked == 1:
+        return 1
+    if asked:
+        return min(asked, len(job_gpus)) if job_gpus else asked
+    return len(job_gpus) if len(job_gpus) > 1 else 1
 
 
 def tensor_parallel_problem(attention_heads: int, gpus: int) -> str | None:

@@ -28,6 +28,9 @@ class WorkerCaps:
     gpu_memory_mb: int | None = None  # per GPU
     gpus: int | None = None  # 0 makes a GPU worker plan like a CPU-only one
     disk_mb: int | None = None
+    # Not a cap: the operator's choice of data-parallel calibration ranks (engine.data_parallel); None lets
+    # the memory plan decide, 1 turns it off, N > 1 asks for N ranks (gloo processes on a CPU worker).
+    data_parallel: int | None = None
 
 
 @dataclass(frozen=True)

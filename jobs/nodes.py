@@ -56,6 +56,7 @@ def worker_caps() -> WorkerCaps:
         gpu_memory_mb=settings.COMPRESSOR_WORKER_GPU_MEMORY_MB,
         gpus=settings.COMPRESSOR_WORKER_GPUS,
         disk_mb=settings.COMPRESSOR_WORKER_DISK_MB,
+        data_parallel=settings.COMPRESSOR_WORKER_DATA_PARALLEL,
     )
 
 

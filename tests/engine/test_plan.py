@@ -248,3 +248,27 @@ def test_the_gpus_can_be_measured_by_a_child_python(tmp_path):
     in_child = detect_resources(tmp_path, gpus_in_child=True)
     here = detect_resources(tmp_path)
     assert [(g.index, g.name) for g in in_child.gpus] == [(g.index, g.name) for g in here.gpus]
+
+
+# --- data-parallel calibration -----------------------------------------------------------------------
+
+
+def test_gptq_on_a_job_with_several_gpus_calibrates_with_one_rank_per_gpu(llama_405b, llama_8b):
+    plan = plan_memory(gptq(llama_405b), worker(host_gb=2000, gpus=h100s(8)))
+    assert plan.data_parallel == 8 and plan.to_dict()["data_parallel"] == 8
+    assert "calibration data-parallel over 8 ranks (one rank per GPU)" in plan.summary
+    # a data-free recipe has nothing to calibrate; a job on one GPU has nothing to share
+    assert plan_memory(data_free(llama_405b), worker(host_gb=2000, gpus=h100s(8))).data_parallel == 1
+    assert plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(4))).data_parallel == 1
+    assert plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(4)), gpus=4).data_parallel == 4
+
+
+def test_the_operator_chooses_the_ranks_and_cpu_ranks_each_need_their_copy(llama_8b):
+    assert plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(4)), gpus=4, data_parallel=1).data_parallel == 1
+    assert plan_memory(gptq(llama_8b), worker(host_gb=64, gpus=h100s(2)), gpus=2, data_parallel=8).data_parallel == 2
+    one = plan_memory(gptq(llama_8b), worker(host_gb=128))
+    two = plan_memory(gptq(llama_8b), worker(host_gb=128), data_parallel=2)
+    assert two.data_parallel == 2 and "gloo between CPU processes" in two.summary
+    assert two.host.needed > one.host.needed + 16 * GB  # a second copy of the 16 GB of weights
+    # without the memory for a second copy, one process calibrates
+    assert plan_memory(gptq(llama_8b), worker(host_gb=40), data_parallel=2).data_parallel == 1

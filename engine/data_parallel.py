@@ -1,0 +1,100 @@
+"""Data-parallel calibration: llm-compressor's distributed oneshot over several ranks (engine/dp_rank.py under
+torchrun), one per GPU of the job, or processes talking over gloo on a CPU worker.
+
+The memory plan decides when it pays (engine.plan: a GPTQ or SparseGPT recipe with calibration data and a job
+with several GPUs, or the operator's COMPRESSOR_WORKER_DATA_PARALLEL). The ranks run in a process group of
+their own, which a cancel or a time limit kills whole (engine.isolated); their output becomes the job's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+from engine.isolated import visible_devices, wait_in_group
+from engine.spec import CalibrationSpec
+
+
+def calibrate_data_parallel(
+    *,
+    model_path: Path,
+    recipe_yaml: str,
+    records: list[dict[str, Any]],
+    calibration: CalibrationSpec,
+    out_dir: Path,
+    ranks: int,
+    device: str,
+    gpus: list[int],
+    trust_remote_code: bool = False,
+    on_line: Callable[[str], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> None:
+    """Compress model_path with the recipe over `ranks` ranks and write the checkpoint into out_dir.
+
+    device "cpu": gloo between CPU processes; else one rank per GPU in `gpus` (as this process numbers them).
+    Raises EngineError with the end of the ranks' output when they fail.
+    """
+    env = dict(os.environ)
+    if device != "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus[:ranks], env.get("CUDA_VISIBLE_DEVICES"))
+    request = {
+        "model": str(model_path),
+        "recipe": recipe_yaml,
+        "records": records,
+        "calibration": asdict(calibration),
+        "out": str(out_dir),
+        "device": device,
+        "trust_remote_code": trust_remote_code,
+    }
+    with tempfile.TemporaryDirectory(prefix="data-parallel-") as folder:
+        request_path = Path(folder) / "request.json"
+        request_path.write_text(json.dumps(request))
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        process = subprocess.Popen(
+            [*argv, "-m", "engine.dp_rank", str(request_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: every rank goes with it on cancel
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=_read_lines, args=(process, lines), daemon=True)
+        reader.start()
+        tail: list[str] = []
+
+        def relay_then_wait() -> None:
+            # The job's log is written from this thread only (the reader thread just queues lines).
+            while not lines.empty():
+                line = lines.get()
+                tail[:] = [*tail[-199:], line]
+                if on_line:
+                    on_line(line)
+            if on_wait:
+                on_wait()
+
+        wait_in_group(process, relay_then_wait)
+        reader.join(timeout=10)
+        relay_then_wait()
+    if process.returncode != 0:
+        raise EngineError(
+            f"Data-parallel calibration over {ranks} ranks failed (exit {process.returncode}): "
+            + "\n".join(tail[-20:]).strip(),
+            field="recipe",
+        )
+
+
+def _read_lines(process: subprocess.Popen, lines: queue.Queue) -> None:
+    for raw in process.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            lines.put(line)

@@ -1,0 +1,69 @@
+"""One rank of a data-parallel calibration, run by torchrun (engine.data_parallel starts it).
+
+llm-compressor's distributed oneshot: each rank pushes its share of the calibration samples through the
+model, the Hessians are reduced across ranks, and GPTQ's work is split between them module by module. On
+GPUs each rank computes on its own device (compressed_tensors' init_dist, NCCL) with the weights offloaded
+once for all ranks (load_offloaded_model); on a CPU worker the ranks talk over gloo. Saving is collective as
+well: every rank calls save_pretrained, rank 0 writes the files.
+
+Usage: python -m torch.distributed.run --standalone --nproc-per-node N -m engine.dp_rank REQUEST.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from engine import calibration as calib
+from engine.spec import CalibrationSpec
+
+
+def main(request_path: str) -> int:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    request = json.loads(Path(request_path).read_text())
+    on_gpu = request["device"] != "cpu"
+    loading = {"dtype": torch.bfloat16, "trust_remote_code": request["trust_remote_code"]}
+    if on_gpu:
+        from compressed_tensors.offload import init_dist, load_offloaded_model
+
+        init_dist()
+        with load_offloaded_model():
+            model = AutoModelForCausalLM.from_pretrained(request["model"], device_map="auto_offload", **loading)
+    else:
+        dist.init_process_group(backend="gloo")
+        model = AutoModelForCausalLM.from_pretrained(request["model"], **loading)
+    try:
+        _calibrate_and_save(model, AutoTokenizer.from_pretrained(request["model"]), request)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _calibrate_and_save(model, tokenizer, request: dict) -> None:
+    import torch.distributed as dist
+    from llmcompressor import oneshot
+
+    spec = CalibrationSpec(**request["calibration"])
+    dataset = calib.tokenize_records(request["records"], tokenizer, spec)
+    # The same samples on every rank: llm-compressor gives each rank its own share of them.
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        recipe=request["recipe"],
+        dataset=dataset,
+        num_calibration_samples=len(dataset),
+        max_seq_length=spec.max_seq_len,
+        shuffle_calibration_samples=False,
+    )
+    if dist.get_rank() == 0:
+        print(f"Calibrated over {dist.get_world_size()} ranks; writing the checkpoint", flush=True)
+    model.save_pretrained(request["out"], save_compressed=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
