@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,8 +78,9 @@ def calibrate_data_parallel(
             while not lines.empty():
                 line = lines.get()
                 tail[:] = [*tail[-199:], line]
-                if on_line:
-                    on_line(line)
+                kept = job_log_line(line)
+                if on_line and kept:
+                    on_line(kept)
             if on_wait:
                 on_wait()
 
@@ -93,8 +95,24 @@ def calibrate_data_parallel(
         )
 
 
+# llm-compressor's log lines name their rank: "[Rank 1] 2026-01-01T00:00:00.0 | function | INFO - message".
+_RANK_LINE = re.compile(r"^\[Rank (\d+)\] \S+ \| \S+ \| (\w+) - (.*)$")
+
+
 def _read_lines(process: subprocess.Popen, lines: queue.Queue) -> None:
     for raw in process.stdout:
         line = raw.decode(errors="replace").rstrip()
         if line:
             lines.put(line)
+
+
+def job_log_line(line: str) -> str | None:
+    """What the job's log keeps of a rank's output line: rank 0's log messages and the ranks' own lines,
+    never the progress bars (tqdm redraws) nor the other ranks' copies of rank 0's messages."""
+    if "%|" in line or "it/s]" in line or "s/it]" in line:
+        return None
+    match = _RANK_LINE.match(line)
+    if match is None:
+        return line
+    rank, level, message = match.groups()
+    return None if rank != "0" else (message if level == "INFO" else f"{level}: {message}")

@@ -48,8 +48,8 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
     from llmcompressor import oneshot
 
     spec = CalibrationSpec(**request["calibration"])
-    dataset = calib.tokenize_records(request["records"], tokenizer, spec)
-    # The same samples on every rank: llm-compressor gives each rank its own share of them.
+    records = request["records"][: spec.samples]
+    dataset = calib.tokenize_records(rank_share(records, dist.get_rank(), dist.get_world_size()), tokenizer, spec)
     oneshot(
         model=model,
         tokenizer=tokenizer,
@@ -63,6 +63,12 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
         print(f"Calibrated over {dist.get_world_size()} ranks; writing the checkpoint", flush=True)
     model.save_pretrained(request["out"], save_compressed=True)
     dist.barrier()
+
+
+def rank_share(records: list, rank: int, ranks: int) -> list:
+    """The rank's own contiguous share of the samples (every sample in exactly one share): each rank calibrates
+    on its share and llm-compressor adds the ranks' Hessians up."""
+    return records[len(records) * rank // ranks : len(records) * (rank + 1) // ranks]
 
 
 if __name__ == "__main__":

@@ -153,8 +153,11 @@ def compress(
     reporter.plan(spec, spec.calibration.kind != "none")  # refined once preflight knows the recipe
     reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
     report = report or preflight(spec, store=store, progress=reporter.download, model_cache=model_cache)
+    caps = caps or WorkerCaps()
     resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
-    plan = plan_memory(report.footprint, resources, device=spec.device, gpus=spec.gpus)
+    plan = plan_memory(
+        report.footprint, resources, device=spec.device, gpus=spec.gpus, data_parallel=caps.data_parallel
+    )
     reporter.emit("preparing", f"Memory plan: {plan.summary}")
     with staging_folder(out_dir) as staging, _captured_logs(reporter):
         reporter.plan(spec, report.needs_calibration)
@@ -206,6 +209,9 @@ def _compress_and_save(
     """Load the model as the plan says, run llm-compressor on it and write the checkpoint into staging."""
     from transformers import AutoTokenizer
 
+    if plan.data_parallel > 1:
+        _compress_data_parallel(spec, report, plan, staging, reporter, timings)
+        return
     started = time.perf_counter()
     model_path = report.model.path
     loading = {"trust_remote_code": spec.trust_remote_code, "use_safetensors": not spec.allow_pickle}
@@ -229,6 +235,41 @@ def _compress_and_save(
         timings["save_s"] = time.perf_counter() - started
     del model
     gc.collect()
+
+
+def _compress_data_parallel(
+    spec: CompressionSpec,
+    report: PreflightReport,
+    plan: MemoryPlan,
+    staging: Path,
+    reporter: _Reporter,
+    timings: dict[str, float],
+) -> None:
+    """The plan's data-parallel calibration: the ranks load the model, calibrate and write the checkpoint
+    (engine.data_parallel); the tokenizer and the recipe are added here. The ranks' per-layer errors stay in
+    their log (llm-compressor's "Quantizing ..." lines), not in the results."""
+    from transformers import AutoTokenizer
+
+    from engine.data_parallel import calibrate_data_parallel
+
+    started = time.perf_counter()
+    reporter.emit("calibrating", f"Calibrating and compressing over {plan.data_parallel} data-parallel ranks")
+    calibrate_data_parallel(
+        model_path=report.model.path,
+        recipe_yaml=report.recipe_yaml,
+        records=report.calibration_records,
+        calibration=spec.calibration,
+        out_dir=staging,
+        ranks=plan.data_parallel,
+        device="cpu" if plan.device == "cpu" else "cuda",
+        gpus=[gpu.index for gpu in plan.gpus],
+        trust_remote_code=spec.trust_remote_code,
+        on_line=reporter.log,
+        on_wait=reporter.check_cancel,
+    )
+    timings["compress_s"] = time.perf_counter() - started
+    AutoTokenizer.from_pretrained(report.model.path, trust_remote_code=spec.trust_remote_code).save_pretrained(staging)
+    (staging / "recipe.yaml").write_text(report.recipe_yaml)
 
 
 def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: _Reporter):
