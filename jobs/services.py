@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
+from jobs import artifact_store
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine
 from jobs.ratelimit import RateLimited, Window
@@ -603,38 +604,24 @@ def broker_task_ids(*, queues: set[str]) -> set[str]:
     return {message.get("headers", {}).get("id") for message in messages if isinstance(message, dict)} - {None}
 
 
-def job_remove_stale_partials() -> list[Path]:
+def job_remove_stale_partials() -> list[Path | str]:
     """Remove the temporary checkpoint folders of runs that are over (killed during a save, out of memory,
-    a lost worker); a running job's own folder is left alone. Returns what it removed."""
-    from engine.artifacts import staging_folders
-
-    jobs_root = Path(default_storage.path("jobs"))
-    if not jobs_root.is_dir():
-        return []
-    partials = {path: path.parent.name for path in staging_folders(jobs_root.glob("*"))}
-    running = {
-        str(pk)
-        for pk in Job.objects.filter(
-            pk__in=[int(name) for name in set(partials.values()) if name.isdigit()], status=Status.RUNNING
-        ).values_list("pk", flat=True)
-    }
-    removed = [path for path, owner in partials.items() if owner not in running]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+    a lost worker), and with a bucket their unfinished uploads; a running job's own files are left alone.
+    Returns what it removed (jobs.artifact_store.remove_stale_partials)."""
+    return artifact_store.remove_stale_partials()
 
 
 # --- artifacts and uploads ---------------------------------------------------------------------------------
 
 
 def job_folder(job: Job) -> Path:
-    """The job's own folder under MEDIA_ROOT (its checkpoint and any partial output of a run)."""
-    return Path(default_storage.path(f"jobs/{job.pk}"))
+    """The folder the job's run writes its checkpoint in (MEDIA_ROOT, or the worker's scratch with a bucket)."""
+    return artifact_store.work_folder(job).parent
 
 
 def job_remove_artifacts(*, job: Job) -> None:
-    """Delete the job's folder: partial output of a cancelled or failed run, or an old checkpoint."""
-    shutil.rmtree(job_folder(job), ignore_errors=True)
+    """Delete the job's files: partial output of a cancelled or failed run, or an old checkpoint."""
+    artifact_store.remove_job_files(job.pk)
 
 
 def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: UploadedFile) -> CalibrationDataset:
@@ -660,7 +647,7 @@ def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: Up
     )
     dataset.file.save("upload.jsonl", upload, save=False)
     try:
-        dataset.rows = len(read_jsonl(Path(dataset.file.path)))
+        dataset.rows = len(read_jsonl(artifact_store.local_copy(dataset.file.name, sha256=dataset.sha256)))
     except EngineError as exc:
         dataset.file.delete(save=False)
         raise EngineError(exc.message, field="file") from None
@@ -706,18 +693,17 @@ def artifacts_expire(*, now: datetime | None = None) -> Expired:
     with transaction.atomic():
         jobs = Job.objects.select_for_update().filter(ended_before, status__in=Job.TERMINAL)
         job_ids = list(jobs.values_list("pk", flat=True))
-        folders = [Path(default_storage.path(f"jobs/{pk}")) for pk in job_ids]
         Job.objects.filter(pk__in=job_ids).delete()
         uploads = CalibrationDataset.objects.filter(created_at__lt=cutoff, jobs__isnull=True)
         upload_files = dict(uploads.values_list("pk", "file"))
         CalibrationDataset.objects.filter(pk__in=upload_files).delete()
-        transaction.on_commit(lambda: _remove_files(folders, list(upload_files.values())))
+        transaction.on_commit(lambda: _remove_files(job_ids, list(upload_files.values())))
     return Expired(jobs=job_ids, uploads=list(upload_files))
 
 
-def _remove_files(folders: list[Path], stored_names: list[str]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _remove_files(job_ids: list[int], stored_names: list[str]) -> None:
+    for job_id in job_ids:
+        artifact_store.remove_job_files(job_id)
     for name in stored_names:
         default_storage.delete(name)
 
