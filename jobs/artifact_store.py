@@ -185,6 +185,45 @@ def download_url(name: str, *, filename: str) -> str:
     return default_storage.url(name, parameters={"ResponseContentDisposition": disposition})
 
 
+def checkpoint_stored(relpath: str) -> bool:
+    """Whether a published checkpoint is there: its folder, or in a bucket its manifest (uploaded last)."""
+    if uses_bucket():
+        return stored_exists(f"{relpath}/{MANIFEST_NAME}")
+    return Path(default_storage.path(relpath)).is_dir()
+
+
+def list_names(name: str) -> list[str]:
+    """The folders and files directly in a stored folder, sorted (none when it does not exist)."""
+    try:
+        folders, files = default_storage.listdir(name)
+    except FileNotFoundError:
+        return []
+    return sorted([*folders, *files])
+
+
+def walk_files(name: str) -> list[str]:
+    """Every stored file below a folder, by its full name."""
+    try:
+        folders, files = default_storage.listdir(name)
+    except FileNotFoundError:
+        return []
+    below = [found for folder in folders for found in walk_files(f"{name}/{folder}")]
+    return sorted([*(f"{name}/{file}" for file in files), *below])
+
+
+def remove_name(name: str) -> None:
+    """Delete a stored file or a whole stored folder."""
+    if uses_bucket():
+        _bucket().objects.filter(Prefix=_key(name) + "/").delete()
+        default_storage.delete(name)
+        return
+    path = Path(default_storage.path(name))
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def local_copy(name: str, *, sha256: str) -> Path:
     """A stored file (a calibration upload) as a local path the engine can read: the file itself when local;
     from a bucket, a copy read through storage.open into the scratch folder, kept by content for later jobs."""

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -710,7 +709,7 @@ def _remove_files(job_ids: list[int], stored_names: list[str]) -> None:
 
 @dataclass
 class Orphans:
-    """Files under MEDIA_ROOT that no row accounts for, and rows whose files are gone (paths MEDIA_ROOT-relative)."""
+    """Stored files that no row accounts for, and rows whose files are gone (names in the storage)."""
 
     files_without_rows: list[str]
     rows_without_files: list[str]
@@ -720,46 +719,38 @@ class Orphans:
 
 
 def orphans_find() -> Orphans:
-    """Compare the job folders and uploads on disk with the rows.
+    """Compare the job folders and uploads in the storage (MEDIA_ROOT or the bucket) with the rows.
 
     A job folder may hold only its published checkpoint (succeeded jobs); a queued or running job's folder is
     left alone (its run writes there). Anything else is an orphan: a folder of a deleted job, a checkpoint
     of a job that did not succeed, a stale temporary folder of a killed run, an upload without its row.
     """
-    root = Path(default_storage.path(""))
     files: list[str] = []
     jobs = {job.pk: job for job in Job.objects.only("pk", "status", "artifacts_path")}
-    jobs_dir = root / "jobs"
-    for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
-        job = jobs.get(int(folder.name)) if folder.name.isdigit() else None
+    for name in artifact_store.list_names("jobs"):
+        job = jobs.get(int(name)) if name.isdigit() else None
         if job is None:
-            files.append(str(folder.relative_to(root)))
+            files.append(f"jobs/{name}")
         elif job.status not in Job.ACTIVE:
-            published = root / job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
-            files += [str(entry.relative_to(root)) for entry in sorted(folder.iterdir()) if entry != published]
+            published = job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
+            entries = [f"jobs/{name}/{entry}" for entry in artifact_store.list_names(f"jobs/{name}")]
+            files += [entry for entry in entries if entry != published]
     uploads = dict(CalibrationDataset.objects.values_list("file", "pk"))
-    upload_dir = root / "calibration"
-    for path in sorted(upload_dir.rglob("*")) if upload_dir.is_dir() else []:
-        if path.is_file() and str(path.relative_to(root)) not in uploads:
-            files.append(str(path.relative_to(root)))
+    files += [name for name in artifact_store.walk_files("calibration") if name not in uploads]
     rows = [
         f"job {job.pk}: {job.artifacts_path}"
         for job in jobs.values()
-        if job.status == Status.SUCCEEDED and not (job.artifacts_path and (root / job.artifacts_path).is_dir())
+        if job.status == Status.SUCCEEDED
+        and not (job.artifacts_path and artifact_store.checkpoint_stored(job.artifacts_path))
     ]
-    rows += [f"calibration dataset {pk}: {name}" for name, pk in uploads.items() if not (root / name).is_file()]
+    rows += [f"calibration dataset {pk}: {name}" for name, pk in uploads.items() if not default_storage.exists(name)]
     return Orphans(files_without_rows=files, rows_without_files=rows)
 
 
 def orphans_remove(orphans: Orphans) -> None:
     """Delete the files no row accounts for (the rows without files are for an operator to look at)."""
-    root = Path(default_storage.path(""))
     for name in orphans.files_without_rows:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        artifact_store.remove_name(name)
 
 
 # --- API tokens -------------------------------------------------------------------------------------------

@@ -77,6 +77,14 @@ class S3Server:
             },
         }
 
+    def empty(self) -> None:
+        """Remove every object and open upload (between tests: rows are gone, their objects must be too)."""
+        client = self.client()
+        for upload in self.open_uploads():
+            client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        for key in self.keys():
+            client.delete_object(Bucket=self.bucket, Key=key)
+
     def keys(self, prefix: str = "") -> list[str]:
         listing = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(obj["Key"] for page in listing for obj in page.get("Contents", []))

@@ -55,9 +55,10 @@ def scratch(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def on_s3(s3, scratch) -> Iterator[S3Server]:
-    """The test process (the web side) stores in the bucket too."""
+    """The test process (the web side) stores in the bucket too; the bucket is emptied after the test."""
     with override_settings(**s3.django_settings(scratch)):
         yield s3
+    s3.empty()
 
 
 @pytest.fixture
@@ -123,6 +124,22 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _published(job: Job, files: dict[str, bytes]) -> Job:
+    """The job succeeded with these files as its checkpoint, uploaded as a worker uploads one (no engine)."""
+    from engine.artifacts import write_manifest
+    from jobs import artifact_store
+
+    folder = artifact_store.work_folder(job)
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    manifest = write_manifest(folder)
+    artifact_store.publish(job, folder, manifest)
+    Job.objects.filter(pk=job.pk).update(status="succeeded", artifacts_path=job.artifacts_relpath(), manifest=manifest)
+    job.refresh_from_db()
+    return job
+
+
 def test_a_checkpoint_written_through_s3_downloads_by_redirect_and_archive(
     s3_worker, on_s3, queue_tiny_job, user, scratch
 ):
@@ -171,17 +188,10 @@ def test_a_checkpoint_written_through_s3_downloads_by_redirect_and_archive(
 
 def test_a_damaged_object_is_refused(on_s3, make_job, user, transactional_db):
     # Given a succeeded job whose checkpoint was uploaded as the worker uploads it
-    from engine.artifacts import write_manifest
-    from jobs import artifact_store
-
-    job = make_job(user)
-    folder = artifact_store.work_folder(job)
-    folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(os.urandom(200_000))
-    (folder / "config.json").write_bytes(b'{"model_type": "llama"}')
-    manifest = write_manifest(folder)
-    artifact_store.publish(job, folder, manifest)
-    Job.objects.filter(pk=job.pk).update(status="succeeded", artifacts_path=job.artifacts_relpath(), manifest=manifest)
+    job = _published(
+        make_job(user), {"model.safetensors": os.urandom(200_000), "config.json": b'{"model_type": "llama"}'}
+    )
+    manifest = job.manifest
     web = Client()
     web.force_login(user)
     assert web.get(f"/api/v1/jobs/{job.pk}/files/model.safetensors").status_code == 302
@@ -283,3 +293,24 @@ def test_a_calibration_upload_is_stored_in_s3_and_used_by_a_job(
     job = _wait_status(job, "succeeded", "failed")
     assert job.status == "succeeded", job.error + "\n" + worker.log_tail()
     assert f"{job.artifacts_relpath()}/manifest.json" in on_s3.keys(f"jobs/{job.pk}/")
+
+
+def test_orphans_in_the_bucket_are_found_and_removed(on_s3, make_job, user, transactional_db):
+    # Given a succeeded job's checkpoint in the bucket
+    kept = _published(make_job(user), {"model.safetensors": b"weights"})
+    assert not services.orphans_find()
+
+    # When objects lose their rows (a deleted job's, a failed job's checkpoint) and a row its objects
+    put = on_s3.client().put_object
+    put(Bucket=on_s3.bucket, Key="jobs/999999/checkpoint/model.safetensors", Body=b"x")
+    failed = make_job(user, status=Job.Status.FAILED)
+    put(Bucket=on_s3.bucket, Key=f"jobs/{failed.pk}/checkpoint/config.json", Body=b"{}")
+    gone = make_job(user, status=Job.Status.SUCCEEDED, artifacts_path=f"jobs/{failed.pk + 1000}/checkpoint")
+
+    # Then each is named, and removing them keeps the published checkpoint
+    orphans = services.orphans_find()
+    assert sorted(orphans.files_without_rows) == sorted(["jobs/999999", f"jobs/{failed.pk}/checkpoint"])
+    assert orphans.rows_without_files == [f"job {gone.pk}: {gone.artifacts_path}"]
+    services.orphans_remove(orphans)
+    assert on_s3.keys("jobs/999999/") == [] and on_s3.keys(f"jobs/{failed.pk}/") == []
+    assert f"{kept.artifacts_relpath()}/model.safetensors" in on_s3.keys(f"jobs/{kept.pk}/")
