@@ -34,8 +34,15 @@ class S3Server:
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
-        self.client().create_bucket(Bucket=self.bucket)
+        self.create_bucket()
         return self
+
+    def command(self, python: str) -> list[str]:
+        """The same server as a process of its own (the bench: it then has a core to itself, not a thread)."""
+        return [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def create_bucket(self) -> None:
+        self.client().create_bucket(Bucket=self.bucket)
 
     def stop(self) -> None:
         if self._server is not None:
