@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
@@ -42,10 +42,12 @@ def work_folder(job: Job) -> Path:
     return Path(default_storage.path(job.artifacts_relpath()))
 
 
-def publish(job: Job, folder: Path, manifest: dict) -> None:
+def publish(job: Job, folder: Path, manifest: dict, *, log: Callable[[str], None] | None = None) -> None:
     """Make a complete checkpoint downloadable: in place already when local; uploaded (manifest last) to a bucket."""
     if not uses_bucket():
         return
+    if log is not None:
+        log(f"Uploading the checkpoint ({len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.0f} MB).")
     relpath = job.artifacts_relpath()
     for entry in manifest["files"]:
         _upload(folder / entry["path"], f"{relpath}/{entry['path']}", entry["sha256"])

@@ -613,11 +613,6 @@ def job_remove_stale_partials() -> list[Path | str]:
 # --- artifacts and uploads ---------------------------------------------------------------------------------
 
 
-def job_folder(job: Job) -> Path:
-    """The folder the job's run writes its checkpoint in (MEDIA_ROOT, or the worker's scratch with a bucket)."""
-    return artifact_store.work_folder(job).parent
-
-
 def job_remove_artifacts(*, job: Job) -> None:
     """Delete the job's files: partial output of a cancelled or failed run, or an old checkpoint."""
     artifact_store.remove_job_files(job.pk)

@@ -147,7 +147,7 @@ def compress_job(self, job_id: int) -> None:
             result = compress(
                 spec, out_dir, progress=progress, should_cancel=progress.should_cancel, caps=_worker_caps()
             )
-            artifact_store.publish(job, out_dir, result.manifest)
+            artifact_store.publish(job, out_dir, result.manifest, log=progress.log)
     except SoftTimeLimitExceeded:
         error = services.time_limit_error(_soft_limit_s(self.request))
     except CancelledError:
