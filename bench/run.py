@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py                      # every part (what `make bench` runs)
     .venv/bin/python bench/run.py --part downloads     # one part (repeat --part for several)
 
-Parts: job_time (with memory), throughput, dashboard, downloads, gpu, hub_submission, memory_1b. The bench
+Parts: job_time (with memory), throughput, dashboard, downloads, s3_downloads, gpu, hub_submission, memory_1b. The bench
 starts its own web server and Celery worker against its own PostgreSQL database (bench_compressor) and data
 folder (var/bench/data), and a local hub for hub_submission, and stops them at the end. It reports; it never
 fails the build (exit status 0 unless it cannot start). The table is also written to bench/results/latest.md
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import RESULTS_DIR, Figure, error_figure, machine_info  # noqa: E402
 
-PARTS = ("job_time", "throughput", "dashboard", "downloads", "gpu", "hub_submission", "memory_1b")
+PARTS = ("job_time", "throughput", "dashboard", "downloads", "s3_downloads", "gpu", "hub_submission", "memory_1b")
 
 
 def run_part(name: str, stack, args, hub) -> list[Figure]:
@@ -43,6 +43,10 @@ def run_part(name: str, stack, args, hub) -> list[Figure]:
         from bench import part_downloads
 
         return part_downloads.run(stack, pairs=args.pairs)
+    if name == "s3_downloads":
+        from bench import part_s3_downloads
+
+        return part_s3_downloads.run(stack, pairs=args.pairs)
     if name == "gpu":
         from bench import part_gpu
 
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=20, help="throughput: concurrent clients (20)")
     parser.add_argument("--history", type=int, default=10_000, help="dashboard: jobs in the database (10000)")
     parser.add_argument("--page-requests", type=int, default=100, help="dashboard: requests per page (100)")
-    parser.add_argument("--pairs", type=int, default=3, help="downloads: A B pairs per case (3)")
+    parser.add_argument("--pairs", type=int, default=3, help="downloads, s3_downloads: A B pairs per case (3)")
     args = parser.parse_args(argv)
     parts = [p for p in PARTS if p in (args.part or PARTS)]
 

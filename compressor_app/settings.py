@@ -112,6 +112,37 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# Checkpoints and calibration uploads: "local" (MEDIA_ROOT) or "s3" (an S3-compatible bucket shared by the web
+# side and every worker). With s3 a worker writes a checkpoint into its own scratch folder and uploads it once
+# it is complete (jobs.artifact_store). The keys come from boto3's usual places (AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY in the environment, an instance role), never from these settings.
+COMPRESSOR_STORAGE = env("COMPRESSOR_STORAGE", default="local")
+COMPRESSOR_SCRATCH_DIR = Path(env("COMPRESSOR_SCRATCH_DIR", default=str(DATA_DIR / "scratch")))
+# Uploads of one file go multipart above the threshold (parts of the chunk size, at least 5 MiB); the
+# bandwidth cap (bytes/s, unset: none) keeps a worker from filling a shared link.
+COMPRESSOR_S3_MULTIPART_THRESHOLD_BYTES = env.int("COMPRESSOR_S3_MULTIPART_THRESHOLD_BYTES", default=64 * 2**20)
+COMPRESSOR_S3_MULTIPART_CHUNK_BYTES = env.int("COMPRESSOR_S3_MULTIPART_CHUNK_BYTES", default=64 * 2**20)
+COMPRESSOR_S3_MAX_BANDWIDTH = env.int("COMPRESSOR_S3_MAX_BANDWIDTH", default=None)
+if COMPRESSOR_STORAGE == "s3":
+    from botocore.config import Config as _BotoConfig
+
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env("COMPRESSOR_S3_BUCKET"),
+            "endpoint_url": env("COMPRESSOR_S3_ENDPOINT_URL", default=None),
+            "region_name": env("COMPRESSOR_S3_REGION", default=None),
+            # Presigned download links stay valid this long (a big shard on a slow line needs a while).
+            "querystring_expire": env.int("COMPRESSOR_S3_URL_EXPIRE_S", default=3600),
+            "client_config": _BotoConfig(
+                signature_version="s3v4",
+                s3={"addressing_style": env("COMPRESSOR_S3_ADDRESSING_STYLE", default="auto")},
+                retries={"max_attempts": 8, "mode": "standard"},
+            ),
+        },
+    }
+elif COMPRESSOR_STORAGE != "local":
+    raise ImproperlyConfigured(f"COMPRESSOR_STORAGE must be 'local' or 's3', not {COMPRESSOR_STORAGE!r}.")
 
 # Failed password sign-ins allowed per account and per address in a window (jobs.auth).
 AUTHENTICATION_BACKENDS = ["jobs.auth.RateLimitedModelBackend"]

@@ -209,11 +209,10 @@ def _live_context(job: Job) -> dict[str, Any]:
 def _model_card(job: Job) -> str | None:
     """The checkpoint's README.md rendered as HTML (raw HTML in it is escaped, not rendered)."""
     try:
-        path = downloads.checkpoint_dir(job) / "README.md"
-        if not path.is_file() or path.stat().st_size > MODEL_CARD_MAX_BYTES:
-            return None
-        text = path.read_text(errors="replace")
+        text = downloads.checkpoint_text(job, "README.md", max_bytes=MODEL_CARD_MAX_BYTES)
     except (downloads.NotDownloadable, OSError):
+        return None
+    if text is None:
         return None
     from frontend.templatetags.frontend_tags import render_markdown
 

@@ -4,24 +4,32 @@ Plain Django responses, so the API and the pages serve the same bytes. Only file
 sha256 manifest (and the manifest itself) are ever served: a requested path is looked up there, never
 joined onto the filesystem as given. Archives are produced while they are sent, one chunk at a time:
 no copy of the checkpoint is built in memory or on disk.
+
+With a bucket (COMPRESSOR_STORAGE=s3, jobs.artifact_store) one file is a redirect (302) to a presigned URL,
+which serves Range requests itself; archives stream from the bucket chunk by chunk. Integrity there: every
+object carries the sha256 it was uploaded with as metadata; before sending, each object's size and recorded
+sha256 must match the manifest (a HEAD each), and the archive hashes each file while it streams it and cuts
+the download short if the bytes differ (the client's archive is then incomplete, never silently wrong).
 """
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import re
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from django.core.files.storage import default_storage
-from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
+from django.utils import timezone
 
+from jobs import artifact_store
+from jobs.artifact_store import CHUNK_BYTES, MANIFEST_NAME
 from jobs.models import Job
 
-MANIFEST_NAME = "manifest.json"
-CHUNK_BYTES = 1024 * 1024
 ARCHIVE_KINDS = ("zip", "tar")
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
@@ -52,20 +60,72 @@ def ensure_intact(job: Job, root: Path, paths: list[str]) -> None:
         key = (str(source), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if _INTACT.get(key) != expected[path]:
             if sha256_file(source) != expected[path]:
-                raise DamagedCheckpoint(
-                    f"The stored file '{path}' of job {job.pk} is damaged: its sha256 does not match the "
-                    "manifest. It is not sent; the job can be retried to produce a new checkpoint."
-                )
+                raise _damaged(job, path)
             _INTACT[key] = expected[path]
 
 
+def ensure_recorded(job: Job, paths: list[str]) -> None:
+    """With a bucket: refuse objects whose size or recorded sha256 differ from the job's manifest."""
+    expected = {entry["path"]: (int(entry["size"]), entry["sha256"]) for entry in job.manifest.get("files", [])}
+    for path in paths:
+        if path in expected and artifact_store.recorded_sha256(_name(job, path)) != expected[path]:
+            raise _damaged(job, path)
+
+
+def _damaged(job: Job, path: str) -> DamagedCheckpoint:
+    return DamagedCheckpoint(
+        f"The stored file '{path}' of job {job.pk} is damaged: its sha256 does not match the "
+        "manifest. It is not sent; the job can be retried to produce a new checkpoint."
+    )
+
+
 def checkpoint_dir(job: Job) -> Path:
-    if job.status != Job.Status.SUCCEEDED or not job.artifacts_path or not job.manifest:
-        raise NotDownloadable(f"Job {job.pk} has no checkpoint to download (it is {job.status}).")
+    """The checkpoint's local folder (local storage only)."""
+    _require_succeeded(job)
     root = Path(default_storage.path(job.artifacts_path))
     if not root.is_dir():
-        raise NotDownloadable(f"The checkpoint of job {job.pk} is no longer stored on this server.")
+        raise _gone(job)
     return root
+
+
+def _require_checkpoint(job: Job) -> None:
+    """A succeeded job whose checkpoint is stored whole (with a bucket: its manifest, uploaded last, is there)."""
+    if not artifact_store.uses_bucket():
+        checkpoint_dir(job)
+        return
+    _require_succeeded(job)
+    if not artifact_store.stored_exists(_name(job, MANIFEST_NAME)):
+        raise _gone(job)
+
+
+def _require_succeeded(job: Job) -> None:
+    if job.status != Job.Status.SUCCEEDED or not job.artifacts_path or not job.manifest:
+        raise NotDownloadable(f"Job {job.pk} has no checkpoint to download (it is {job.status}).")
+
+
+def _gone(job: Job) -> NotDownloadable:
+    return NotDownloadable(f"The checkpoint of job {job.pk} is no longer stored on this server.")
+
+
+def _name(job: Job, path: str) -> str:
+    """A checkpoint file's name in the storage."""
+    return f"{job.artifacts_path}/{path}"
+
+
+def _check_intact(job: Job, paths: list[str]) -> None:
+    if artifact_store.uses_bucket():
+        ensure_recorded(job, paths)
+    else:
+        ensure_intact(job, checkpoint_dir(job), paths)
+
+
+def checkpoint_text(job: Job, path: str, *, max_bytes: int) -> str | None:
+    """A small checkpoint file's text (the model card); None when it is absent or larger than max_bytes."""
+    _require_checkpoint(job)
+    name = _name(job, path)
+    if not artifact_store.stored_exists(name) or artifact_store.stored_size(name) > max_bytes:
+        return None
+    return b"".join(artifact_store.read_chunks(name)).decode(errors="replace")
 
 
 def archive_name(job: Job) -> str:
@@ -76,7 +136,7 @@ def archive_name(job: Job) -> str:
 def checksums_response(job: Job) -> HttpResponse:
     """The manifest in `sha256sum` format ("<hash>  <path>" per line): in the unpacked archive's folder,
     `sha256sum -c SHA256SUMS` checks every file."""
-    checkpoint_dir(job)
+    _require_checkpoint(job)
     lines = [f"{entry['sha256']}  {entry['path']}\n" for entry in job.manifest.get("files", [])]
     response = HttpResponse("".join(lines), content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="SHA256SUMS"'
@@ -85,9 +145,9 @@ def checksums_response(job: Job) -> HttpResponse:
 
 def _entries(job: Job) -> list[tuple[str, int]]:
     """(relative path, size) of every file to send: the manifest's files, then the manifest."""
-    root = checkpoint_dir(job)
+    _require_checkpoint(job)
     files = [(entry["path"], int(entry["size"])) for entry in job.manifest.get("files", [])]
-    return [*files, (MANIFEST_NAME, (root / MANIFEST_NAME).stat().st_size)]
+    return [*files, (MANIFEST_NAME, artifact_store.stored_size(_name(job, MANIFEST_NAME)))]
 
 
 # --- the archive ---------------------------------------------------------------------------------------
@@ -97,13 +157,15 @@ def archive_response(job: Job, *, kind: str = "zip") -> StreamingHttpResponse:
     """The whole checkpoint as job-<id>-<model>-<preset>.zip or .tar, streamed."""
     if kind not in ARCHIVE_KINDS:
         raise ValueError(f"Unknown archive kind '{kind}'; use zip or tar.")
-    root, entries, name = checkpoint_dir(job), _entries(job), archive_name(job)
-    ensure_intact(job, root, [path for path, _size in entries])
+    entries, name = _entries(job), archive_name(job)
+    _check_intact(job, [path for path, _size in entries])
+    read = _reader(job)
     if kind == "zip":
-        response = StreamingHttpResponse(_zip_stream(root, entries, name), content_type="application/zip")
+        modified = (job.finished_at or timezone.now()).timetuple()[:6]
+        response = StreamingHttpResponse(_zip_stream(read, entries, name, modified), content_type="application/zip")
     else:
         headers = [(_tar_header(f"{name}/{path}", size), path, size) for path, size in entries]
-        response = StreamingHttpResponse(_tar_stream(root, headers), content_type="application/x-tar")
+        response = StreamingHttpResponse(_tar_stream(read, headers), content_type="application/x-tar")
         response["Content-Length"] = str(sum(len(h) + size + (-size % 512) for h, _p, size in headers) + 1024)
     response["Content-Disposition"] = f'attachment; filename="{name}.{kind}"'
     return response
@@ -132,17 +194,39 @@ class _Sink:
         return data
 
 
-def _zip_stream(root: Path, entries: list[tuple[str, int]], prefix: str) -> Iterator[bytes]:
+Reader = Callable[[str], Iterator[bytes]]  # a checkpoint file's bytes, chunk by chunk, by its manifest path
+
+
+def _reader(job: Job) -> Reader:
+    """Local files are read as they are (ensure_intact hashed them); bucket objects are hashed as they stream."""
+    if not artifact_store.uses_bucket():
+        root = checkpoint_dir(job)
+        return lambda path: _read_span(root / path, 0, (root / path).stat().st_size)
+    expected = {entry["path"]: entry["sha256"] for entry in job.manifest.get("files", [])}
+
+    def read(path: str) -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        for chunk in artifact_store.read_chunks(_name(job, path)):
+            digest.update(chunk)
+            yield chunk
+        if path in expected and digest.hexdigest() != expected[path]:
+            raise _damaged(job, path)  # the response stops here: the client sees a short archive
+
+    return read
+
+
+def _zip_stream(read: Reader, entries: list[tuple[str, int]], prefix: str, modified: tuple) -> Iterator[bytes]:
     # Stored, not deflated: weights do not compress, and this keeps the CPU free. zipfile writes data
     # descriptors (sizes after the data) because the sink cannot seek; ZIP64 for files over 4 GiB.
     sink = _Sink()
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for path, _size in entries:
-            source = root / path
-            info = zipfile.ZipInfo.from_file(source, f"{prefix}/{path}")
+        for path, size in entries:
+            info = zipfile.ZipInfo(f"{prefix}/{path}", date_time=modified)
             info.compress_type = zipfile.ZIP_STORED
-            with source.open("rb") as src, archive.open(info, mode="w") as dst:
-                while chunk := src.read(CHUNK_BYTES):
+            info.external_attr = 0o644 << 16
+            info.file_size = size  # decides ZIP64 for this entry
+            with archive.open(info, mode="w") as dst:
+                for chunk in read(path):
                     dst.write(chunk)
                     yield sink.take()
             yield sink.take()
@@ -156,13 +240,11 @@ def _tar_header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.PAX_FORMAT)
 
 
-def _tar_stream(root: Path, headers: list[tuple[bytes, str, int]]) -> Iterator[bytes]:
+def _tar_stream(read: Reader, headers: list[tuple[bytes, str, int]]) -> Iterator[bytes]:
     # A tar file is header, data padded to 512 bytes, for each file, then two empty blocks.
     for header, path, size in headers:
         yield header
-        with (root / path).open("rb") as src:
-            while chunk := src.read(CHUNK_BYTES):
-                yield chunk
+        yield from read(path)
         yield b"\0" * (-size % 512)
     yield b"\0" * 1024
 
@@ -171,12 +253,17 @@ def _tar_stream(root: Path, headers: list[tuple[bytes, str, int]]) -> Iterator[b
 
 
 def file_response(job: Job, *, path: str, range_header: str | None, if_range: str | None = None) -> HttpResponse:
-    """One checkpoint file. `Range: bytes=a-b` (one range) gets 206 with those bytes; past the end, 416."""
-    root = checkpoint_dir(job)
+    """One checkpoint file. `Range: bytes=a-b` (one range) gets 206 with those bytes; past the end, 416.
+
+    With a bucket: a redirect to a presigned URL of the object (the bucket answers Range and If-Range)."""
+    _require_checkpoint(job)
     entry = next((e for e in job.manifest.get("files", []) if e["path"] == path), None)
     if entry is None and path != MANIFEST_NAME:
         raise FileNotFoundError(path)
-    ensure_intact(job, root, [path])
+    _check_intact(job, [path])
+    if artifact_store.uses_bucket():
+        return HttpResponseRedirect(artifact_store.download_url(_name(job, path), filename=Path(path).name))
+    root = checkpoint_dir(job)
     source = root / path
     size = source.stat().st_size
     etag = f'"{entry["sha256"]}"' if entry else None
@@ -243,8 +330,13 @@ def _read_span(path: Path, start: int, length: int) -> Iterator[bytes]:
             yield chunk
 
 
-def manifest_response(job: Job) -> FileResponse:
+def manifest_response(job: Job) -> HttpResponse:
     """The checkpoint's manifest.json: every file's path, size and sha256."""
-    response = FileResponse((checkpoint_dir(job) / MANIFEST_NAME).open("rb"), content_type="application/json")
+    _require_checkpoint(job)
+    if artifact_store.uses_bucket():
+        body = b"".join(artifact_store.read_chunks(_name(job, MANIFEST_NAME)))
+        response = HttpResponse(body, content_type="application/json")
+    else:
+        response = FileResponse((checkpoint_dir(job) / MANIFEST_NAME).open("rb"), content_type="application/json")
     response["Content-Disposition"] = f'inline; filename="{MANIFEST_NAME}"'
     return response

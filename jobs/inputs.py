@@ -5,6 +5,7 @@ shape and the engine's spec. The serializer, the form, the admin and the service
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -101,7 +102,7 @@ class JobInput:
         """The engine's view of this request (plain data, no Django)."""
         common = {"samples": self.calibration_samples, "max_seq_len": self.calibration_max_seq_len}
         if self.calibration_kind == CALIBRATION_UPLOAD:
-            path = self.calibration_file.file.path if self.calibration_file else None
+            path = str(_calibration_path(self.calibration_file)) if self.calibration_file else None
             calibration = CalibrationSpec(kind="jsonl", path=path, **common)
         else:
             calibration = CalibrationSpec(
@@ -128,6 +129,12 @@ class JobInput:
             trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
             allow_local_paths=settings.COMPRESSOR_ALLOW_LOCAL_PATHS,
         )
+
+
+def _calibration_path(dataset: CalibrationDataset) -> Path:
+    from jobs.artifact_store import local_copy
+
+    return local_copy(dataset.file.name, sha256=dataset.sha256)
 
 
 def api_calibration(job: Job) -> dict[str, Any]:

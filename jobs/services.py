@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,7 +33,7 @@ from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
-from jobs import nodes
+from jobs import artifact_store, nodes
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
@@ -642,38 +641,19 @@ def broker_task_ids(*, queues: set[str]) -> set[str]:
     return {message.get("headers", {}).get("id") for message in messages if isinstance(message, dict)} - {None}
 
 
-def job_remove_stale_partials() -> list[Path]:
+def job_remove_stale_partials() -> list[Path | str]:
     """Remove the temporary checkpoint folders of runs that are over (killed during a save, out of memory,
-    a lost worker); a running job's own folder is left alone. Returns what it removed."""
-    from engine.artifacts import staging_folders
-
-    jobs_root = Path(default_storage.path("jobs"))
-    if not jobs_root.is_dir():
-        return []
-    partials = {path: path.parent.name for path in staging_folders(jobs_root.glob("*"))}
-    running = {
-        str(pk)
-        for pk in Job.objects.filter(
-            pk__in=[int(name) for name in set(partials.values()) if name.isdigit()], status=Status.RUNNING
-        ).values_list("pk", flat=True)
-    }
-    removed = [path for path, owner in partials.items() if owner not in running]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
+    a lost worker), and with a bucket their unfinished uploads; a running job's own files are left alone.
+    Returns what it removed (jobs.artifact_store.remove_stale_partials)."""
+    return artifact_store.remove_stale_partials()
 
 
 # --- artifacts and uploads ---------------------------------------------------------------------------------
 
 
-def job_folder(job: Job) -> Path:
-    """The job's own folder under MEDIA_ROOT (its checkpoint and any partial output of a run)."""
-    return Path(default_storage.path(f"jobs/{job.pk}"))
-
-
 def job_remove_artifacts(*, job: Job) -> None:
-    """Delete the job's folder: partial output of a cancelled or failed run, or an old checkpoint."""
-    shutil.rmtree(job_folder(job), ignore_errors=True)
+    """Delete the job's files: partial output of a cancelled or failed run, or an old checkpoint."""
+    artifact_store.remove_job_files(job.pk)
 
 
 def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: UploadedFile) -> CalibrationDataset:
@@ -699,7 +679,7 @@ def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: Up
     )
     dataset.file.save("upload.jsonl", upload, save=False)
     try:
-        dataset.rows = len(read_jsonl(Path(dataset.file.path)))
+        dataset.rows = len(read_jsonl(artifact_store.local_copy(dataset.file.name, sha256=dataset.sha256)))
     except EngineError as exc:
         dataset.file.delete(save=False)
         raise EngineError(exc.message, field="file") from None
@@ -750,25 +730,24 @@ def artifacts_expire(*, now: datetime | None = None) -> Expired:
     with transaction.atomic():
         jobs = Job.objects.select_for_update().filter(ended_before, status__in=Job.TERMINAL)
         job_ids = list(jobs.values_list("pk", flat=True))
-        folders = [Path(default_storage.path(f"jobs/{pk}")) for pk in job_ids]
         Job.objects.filter(pk__in=job_ids).delete()
         uploads = CalibrationDataset.objects.filter(created_at__lt=cutoff, jobs__isnull=True)
         upload_files = dict(uploads.values_list("pk", "file"))
         CalibrationDataset.objects.filter(pk__in=upload_files).delete()
-        transaction.on_commit(lambda: _remove_files(folders, list(upload_files.values())))
+        transaction.on_commit(lambda: _remove_files(job_ids, list(upload_files.values())))
     return Expired(jobs=job_ids, uploads=list(upload_files))
 
 
-def _remove_files(folders: list[Path], stored_names: list[str]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _remove_files(job_ids: list[int], stored_names: list[str]) -> None:
+    for job_id in job_ids:
+        artifact_store.remove_job_files(job_id)
     for name in stored_names:
         default_storage.delete(name)
 
 
 @dataclass
 class Orphans:
-    """Files under MEDIA_ROOT that no row accounts for, and rows whose files are gone (paths MEDIA_ROOT-relative)."""
+    """Stored files that no row accounts for, and rows whose files are gone (names in the storage)."""
 
     files_without_rows: list[str]
     rows_without_files: list[str]
@@ -778,46 +757,38 @@ class Orphans:
 
 
 def orphans_find() -> Orphans:
-    """Compare the job folders and uploads on disk with the rows.
+    """Compare the job folders and uploads in the storage (MEDIA_ROOT or the bucket) with the rows.
 
     A job folder may hold only its published checkpoint (succeeded jobs); a queued or running job's folder is
     left alone (its run writes there). Anything else is an orphan: a folder of a deleted job, a checkpoint
     of a job that did not succeed, a stale temporary folder of a killed run, an upload without its row.
     """
-    root = Path(default_storage.path(""))
     files: list[str] = []
     jobs = {job.pk: job for job in Job.objects.only("pk", "status", "artifacts_path")}
-    jobs_dir = root / "jobs"
-    for folder in sorted(jobs_dir.iterdir()) if jobs_dir.is_dir() else []:
-        job = jobs.get(int(folder.name)) if folder.name.isdigit() else None
+    for name in artifact_store.list_names("jobs"):
+        job = jobs.get(int(name)) if name.isdigit() else None
         if job is None:
-            files.append(str(folder.relative_to(root)))
+            files.append(f"jobs/{name}")
         elif job.status not in Job.ACTIVE:
-            published = root / job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
-            files += [str(entry.relative_to(root)) for entry in sorted(folder.iterdir()) if entry != published]
+            published = job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
+            entries = [f"jobs/{name}/{entry}" for entry in artifact_store.list_names(f"jobs/{name}")]
+            files += [entry for entry in entries if entry != published]
     uploads = dict(CalibrationDataset.objects.values_list("file", "pk"))
-    upload_dir = root / "calibration"
-    for path in sorted(upload_dir.rglob("*")) if upload_dir.is_dir() else []:
-        if path.is_file() and str(path.relative_to(root)) not in uploads:
-            files.append(str(path.relative_to(root)))
+    files += [name for name in artifact_store.walk_files("calibration") if name not in uploads]
     rows = [
         f"job {job.pk}: {job.artifacts_path}"
         for job in jobs.values()
-        if job.status == Status.SUCCEEDED and not (job.artifacts_path and (root / job.artifacts_path).is_dir())
+        if job.status == Status.SUCCEEDED
+        and not (job.artifacts_path and artifact_store.checkpoint_stored(job.artifacts_path))
     ]
-    rows += [f"calibration dataset {pk}: {name}" for name, pk in uploads.items() if not (root / name).is_file()]
+    rows += [f"calibration dataset {pk}: {name}" for name, pk in uploads.items() if not default_storage.exists(name)]
     return Orphans(files_without_rows=files, rows_without_files=rows)
 
 
 def orphans_remove(orphans: Orphans) -> None:
     """Delete the files no row accounts for (the rows without files are for an operator to look at)."""
-    root = Path(default_storage.path(""))
     for name in orphans.files_without_rows:
-        path = root / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        artifact_store.remove_name(name)
 
 
 # --- API tokens -------------------------------------------------------------------------------------------

@@ -20,19 +20,17 @@ import time
 import traceback
 from collections.abc import Iterator
 from enum import StrEnum
-from pathlib import Path
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from celery.signals import worker_process_init
 from celery.worker.request import Request
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
 from engine.model_cache import ModelCache
-from jobs import nodes, services
+from jobs import artifact_store, nodes, services
 from jobs.models import Job
 from jobs.progress import JobProgress
 
@@ -145,15 +143,17 @@ def compress_job(self, job_id: int) -> None:
             from engine.runner import compress
 
             device = "cpu" if job.device_class == Job.DeviceClass.CPU else "auto"
+            out_dir = artifact_store.work_folder(job)
             spec = job.to_spec(device=device)
             result = compress(
                 spec,
-                Path(default_storage.path(relpath)),
+                out_dir,
                 progress=progress,
                 should_cancel=progress.should_cancel,
                 caps=nodes.worker_caps(),
                 model_cache=model_cache,
             )
+            artifact_store.publish(job, out_dir, result.manifest, log=progress.log)
     except SoftTimeLimitExceeded:
         error = services.time_limit_error(_soft_limit_s(self.request))
     except CancelledError:
