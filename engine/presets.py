@@ -396,9 +396,15 @@ def recipe_ignore(text: str) -> set[str]:
 
 def recipe_needs_calibration(text: str) -> bool:
     """Whether any modifier of the recipe needs calibration data (llm-compressor's own answer)."""
+    return recipe_calibration_passes(text) > 0
+
+
+def recipe_calibration_passes(text: str) -> int:
+    """How many passes over the calibration data oneshot makes: one per modifier that needs the data
+    (its default "independent" pipeline gives each such modifier a sequential pass of its own)."""
     from llmcompressor.recipe import Recipe
 
-    return any(m.requires_calibration_data for m in Recipe.from_dict(load_recipe_yaml(text)).modifiers)
+    return sum(m.requires_calibration_data for m in Recipe.from_dict(load_recipe_yaml(text)).modifiers)
 
 
 def recipe_uses_hessians(text: str) -> bool:
