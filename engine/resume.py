@@ -128,11 +128,8 @@ def _restore_state(model, state: dict[str, Any]) -> None:
 
     for key, tensor in state.items():
         module_name, attr = key.rsplit(".", 1)
-        module = model.get_submodule(module_name)
-        if attr in module._parameters:
-            update_offload_parameter(module, attr, tensor)
-        else:
-            getattr(module, attr).copy_(tensor)
+        # Parameters and buffers alike, in host memory, on the GPU or in a disk offload folder.
+        update_offload_parameter(model.get_submodule(module_name), attr, tensor)
 
 
 class _ResumableSubgraph:
