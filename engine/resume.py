@@ -74,6 +74,8 @@ class LayerStore:
             index = None
         expected = {"fingerprint": self.fingerprint, "total": self.total}
         if isinstance(index, dict) and all(index.get(key) == value for key, value in expected.items()):
+            for partial in self.folder.glob(".*"):  # a write a kill interrupted (never named by the index)
+                partial.unlink(missing_ok=True)
             return sorted(int(i) for i in index.get("done", []) if self._layer_path(int(i)).is_file())
         self.remove()  # another job's, another recipe's or an older library's layers: none of them apply
         return []
@@ -88,19 +90,24 @@ class LayerStore:
     def _layer_path(self, index: int) -> Path:
         return self.folder / f"layer-{index:05d}.safetensors"
 
-    def save(self, index: int, tensors: dict[str, Any]) -> None:
+    def save(self, index: int, tensors: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+        """Store a layer's tensors with its modules' compression errors (the per-layer error chart's)."""
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self._layer_path(index), lambda tmp: save_file(tensors, str(tmp)))
+        metadata = {"errors": json.dumps(errors)}
+        _write_atomically(self._layer_path(index), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self.done = sorted(set(self.done) | {index})
         payload = json.dumps({"fingerprint": self.fingerprint, "total": self.total, "done": self.done})
         _write_atomically(self.folder / INDEX_NAME, lambda tmp: tmp.write_text(payload))
 
-    def load(self, index: int) -> dict[str, Any]:
-        from safetensors.torch import load_file
+    def load(self, index: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A stored layer's tensors and its modules' compression errors."""
+        from safetensors import safe_open
 
-        return load_file(str(self._layer_path(index)))
+        with safe_open(str(self._layer_path(index)), framework="pt") as stored:
+            tensors = {key: stored.get_tensor(key) for key in stored.keys()}
+            return tensors, json.loads((stored.metadata() or {}).get("errors", "[]"))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -164,8 +171,9 @@ class _ResumableSubgraph:
 
 
 class _ResumingRun:
-    def __init__(self, store: LayerStore) -> None:
+    def __init__(self, store: LayerStore, layer_errors: list[dict[str, Any]]) -> None:
         self.store = store
+        self.layer_errors = layer_errors
         self.pending: tuple[_ResumableSubgraph, list] | None = None
         self._restored: set[int] = set()
 
@@ -175,23 +183,33 @@ class _ResumingRun:
             return
         subgraph, modules = self.pending
         self.pending = None
-        self.store.save(subgraph.layer, _compressed_state(model, modules))
+        names = {module: name for name, module in model.named_modules()}
+        prefixes = tuple(f"{names[module]}." for module in modules)
+        errors = [entry for entry in self.layer_errors if entry["module"].startswith(prefixes)]
+        self.store.save(subgraph.layer, _compressed_state(model, modules), errors)
 
     def restore_once(self, model, subgraph: _ResumableSubgraph) -> None:
         if subgraph.layer not in self._restored:
             self._restored.add(subgraph.layer)
-            _restore_state(model, self.store.load(subgraph.layer))
+            tensors, errors = self.store.load(subgraph.layer)
+            _restore_state(model, tensors)
+            self.layer_errors.extend(errors)  # as the run that compressed the layer measured them
 
 
 @contextmanager
-def resumable_layers(model, store: LayerStore, announce: Callable[[str], None]) -> Iterator[None]:
+def resumable_layers(
+    model, store: LayerStore, *, layer_errors: list[dict[str, Any]], announce: Callable[[str], None]
+) -> Iterator[None]:
     """While llm-compressor's sequential pipeline runs: save each layer it compresses and skip the
-    calibration and compression of the layers the store already has (see the module's docstring)."""
+    calibration and compression of the layers the store already has (see the module's docstring).
+
+    layer_errors: the run's per-module compression errors ({"module", "error"}), which GPTQ and SparseGPT
+    append to as they compress; a stored layer keeps its own, and they come back with it."""
     import llmcompressor.pipelines.sequential.pipeline as sequential
 
     layers = decoder_layers(model)
     resume_at = store.done_prefix()
-    run = _ResumingRun(store)
+    run = _ResumingRun(store, layer_errors)
     original = sequential.trace_subgraphs
 
     def trace_resumable(*args, **kwargs):

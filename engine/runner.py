@@ -280,7 +280,11 @@ def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume
         device=_run_settings(plan)["device"],
     )
     store = LayerStore(resume_dir, fingerprint, total=len(decoder_layers(model)))
-    with resumable_layers(model, store, announce=lambda line: reporter.emit(reporter.stage, line)):
+
+    def announce(line: str) -> None:
+        reporter.emit(reporter.stage, line)
+
+    with resumable_layers(model, store, layer_errors=reporter.layer_errors, announce=announce):
         yield
 
 
