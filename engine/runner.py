@@ -291,7 +291,7 @@ def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume
 @contextmanager
 def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
     """Report "layer i of N" as llm-compressor reaches each decoder layer (and check for cancel there)."""
-    layers = getattr(getattr(model, "model", model), "layers", None) or []
+    layers = decoder_layers(model)
     total = len(layers)
     seen: set[int] = set()
 

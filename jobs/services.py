@@ -383,11 +383,13 @@ def _fail(rows, *, job_id: int, error: str, log_lines: list[tuple[str, str]] | N
     return bool(done)
 
 
-def job_discard_run_output(*, job_id: int, task_id: str) -> None:
-    """Remove a run's output unless a newer run of the job owns the folder now (the reaper re-queued it)."""
+def job_discard_run_output(*, job_id: int, task_id: str, keep_resume: bool = False) -> None:
+    """Remove a run's output unless a newer run of the job owns the folder now (the reaper re-queued it).
+
+    keep_resume: keep the layers it compressed (jobs.resume), for a retry of the failed job."""
     job = Job.objects.filter(pk=job_id).first()
     if job is not None and job.celery_task_id == task_id:
-        job_remove_artifacts(job=job)
+        job_remove_artifacts(job=job, keep_resume=keep_resume)
 
 
 def time_limit_error(limit_s: float) -> str:
@@ -632,9 +634,28 @@ def job_folder(job: Job) -> Path:
     return Path(default_storage.path(f"jobs/{job.pk}"))
 
 
-def job_remove_artifacts(*, job: Job) -> None:
-    """Delete the job's folder: partial output of a cancelled or failed run, or an old checkpoint."""
-    shutil.rmtree(job_folder(job), ignore_errors=True)
+RESUME_FOLDER = "resume"  # in the job's folder: the layers its runs compressed so far (jobs.resume)
+
+
+def job_resume_folder(job: Job) -> Path:
+    return job_folder(job) / RESUME_FOLDER
+
+
+def job_remove_artifacts(*, job: Job, keep_resume: bool = False) -> None:
+    """Delete the job's folder: partial output of a cancelled or failed run, or an old checkpoint.
+
+    keep_resume: everything but its resume folder (a new run of the job resumes from it)."""
+    folder = job_folder(job)
+    if not keep_resume:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if entry.name == RESUME_FOLDER:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: UploadedFile) -> CalibrationDataset:
@@ -736,7 +757,8 @@ class Orphans:
 def orphans_find() -> Orphans:
     """Compare the job folders and uploads on disk with the rows.
 
-    A job folder may hold only its published checkpoint (succeeded jobs); a queued or running job's folder is
+    A job folder may hold only its published checkpoint (succeeded jobs) or the resume folder a failed job keeps
+    for its retry; a queued or running job's folder is
     left alone (its run writes there). Anything else is an orphan: a folder of a deleted job, a checkpoint
     of a job that did not succeed, a stale temporary folder of a killed run, an upload without its row.
     """
@@ -750,7 +772,9 @@ def orphans_find() -> Orphans:
             files.append(str(folder.relative_to(root)))
         elif job.status not in Job.ACTIVE:
             published = root / job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
-            files += [str(entry.relative_to(root)) for entry in sorted(folder.iterdir()) if entry != published]
+            # A failed job keeps the layers it compressed for its retry (jobs.resume).
+            kept = {published, folder / RESUME_FOLDER if job.status == Status.FAILED else None}
+            files += [str(entry.relative_to(root)) for entry in sorted(folder.iterdir()) if entry not in kept]
     uploads = dict(CalibrationDataset.objects.values_list("file", "pk"))
     upload_dir = root / "calibration"
     for path in sorted(upload_dir.rglob("*")) if upload_dir.is_dir() else []:
