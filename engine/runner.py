@@ -260,17 +260,22 @@ def _oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, d
     oneshot(model=model, tokenizer=tokenizer, recipe=report.recipe_yaml, **kwargs)
 
 
+RESUMABLE_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "SparseGPTModifier")
+
+
 @contextmanager
 def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, reporter: _Reporter):
     """Keep each compressed layer in resume_dir and skip those a run of the same work left there.
 
-    Only for recipes that calibrate in one sequential pass: with two calibrating modifiers (SmoothQuant then
-    GPTQ, say) llm-compressor runs a pass for each, and a layer's state after the first is not what a resumed
-    second pass could start from.
+    Only for recipes that calibrate in one sequential pass (with two calibrating modifiers, SmoothQuant then
+    GPTQ say, llm-compressor runs a pass for each, and a layer's state after the first is not what a resumed
+    second pass could start from), by a modifier that compresses at a layer's epoch end exactly the modules
+    whose hooks saw data (RESUMABLE_MODIFIERS: what engine.resume relies on to skip a restored layer).
     """
-    from engine.presets import recipe_calibration_passes
+    from engine.presets import recipe_calibrating_modifiers
 
-    if resume_dir is None or dataset is None or recipe_calibration_passes(report.recipe_yaml) != 1:
+    calibrating = recipe_calibrating_modifiers(report.recipe_yaml) if dataset is not None else []
+    if resume_dir is None or len(calibrating) != 1 or calibrating[0] not in RESUMABLE_MODIFIERS:
         yield
         return
     fingerprint = resume_fingerprint(

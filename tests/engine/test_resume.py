@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.presets import PRESETS, recipe_calibration_passes
+from engine.presets import PRESETS, recipe_calibrating_modifiers
 from engine.resume import INDEX_NAME, LayerStore
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
@@ -150,6 +150,22 @@ def test_a_gptq_run_killed_after_n_layers_resumes_from_them_to_the_uninterrupted
     assert not resume_dir.exists()
 
 
+def test_a_static_fp8_run_killed_after_n_layers_resumes_to_the_uninterrupted_checkpoint(four_layer_model, tmp_path):
+    # Given static FP8, whose observers calibrate each layer's activation scales (no Hessians, no GPTQ)
+    calibration = CalibrationSpec(samples=4, max_seq_len=32)
+    spec = CompressionSpec(model=str(four_layer_model), preset="fp8-static", calibration=calibration)
+    uninterrupted = compress(spec, tmp_path / "uninterrupted")
+
+    # When a run is SIGKILLed while layer 2 of 4 calibrates, and the job runs again with what it stored
+    assert _run_killed_at_layer(spec, tmp_path / "killed", tmp_path / "resume", KILLED_AT)["done"] == [0, 1]
+    resumed = compress(spec, tmp_path / "resumed", resume_dir=tmp_path / "resume")
+
+    # Then the checkpoints are equal bit for bit, the restored layers' activation scales included
+    ours, theirs = (load_file(run.output_dir / "model.safetensors") for run in (resumed, uninterrupted))
+    assert ours.keys() == theirs.keys() and "model.layers.0.self_attn.q_proj.input_scale" in ours
+    assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == []
+
+
 def test_a_store_of_other_work_or_with_a_half_written_layer_is_not_used(tmp_path):
     # Given a store whose index names layers 0 and 1, one of whose files is gone, and a temporary file that a
     # kill in the middle of a write left behind
@@ -177,8 +193,11 @@ def test_a_store_of_other_work_or_with_a_half_written_layer_is_not_used(tmp_path
 
 def test_recipes_that_calibrate_in_two_passes_are_not_resumed(four_layer_model, tmp_path):
     # Given SmoothQuant then GPTQ, which llm-compressor runs as two passes over the calibration data
-    assert recipe_calibration_passes(PRESETS["smoothquant-int8-w8a8"].recipe_yaml()) == 2
-    assert recipe_calibration_passes(PRESETS["int8-w8a8-gptq"].recipe_yaml()) == 1
+    assert recipe_calibrating_modifiers(PRESETS["smoothquant-int8-w8a8"].recipe_yaml()) == [
+        "SmoothQuantModifier",
+        "GPTQModifier",
+    ]
+    assert recipe_calibrating_modifiers(PRESETS["int8-w8a8-gptq"].recipe_yaml()) == ["GPTQModifier"]
 
     # When such a job runs with a resume folder, then it stores no layer (it would start over after a kill)
     events = []
