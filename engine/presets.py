@@ -396,9 +396,16 @@ def recipe_ignore(text: str) -> set[str]:
 
 def recipe_needs_calibration(text: str) -> bool:
     """Whether any modifier of the recipe needs calibration data (llm-compressor's own answer)."""
+    return bool(recipe_calibrating_modifiers(text))
+
+
+def recipe_calibrating_modifiers(text: str) -> list[str]:
+    """The recipe's modifiers that need calibration data, by class name: oneshot's default "independent"
+    pipeline gives each of them a pass over the calibration data of its own."""
     from llmcompressor.recipe import Recipe
 
-    return any(m.requires_calibration_data for m in Recipe.from_dict(load_recipe_yaml(text)).modifiers)
+    modifiers = Recipe.from_dict(load_recipe_yaml(text)).modifiers
+    return [type(m).__name__ for m in modifiers if m.requires_calibration_data]
 
 
 # The modifiers that keep a Hessian for each Linear of the layer at work (the memory plan counts them).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from engine.plan import MemoryPlan, Placement, placed_model, plan_memory
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS
 from engine.resources import WorkerCaps, detect_resources
+from engine.resume import LayerStore, decoder_layers, resumable_layers, resume_fingerprint
 from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -139,11 +141,14 @@ def compress(
     report: PreflightReport | None = None,
     caps: WorkerCaps | None = None,
     model_cache: ModelCache | None = None,
+    resume_dir: Path | None = None,
 ) -> CompressionResult:
     """Compress spec.model into out_dir (which must not exist yet); return what was produced.
 
     caps: the operator's limits on this worker's resources (COMPRESSOR_WORKER_*), which the memory plan obeys.
     model_cache: the node's cache a hub model comes from; the caller keeps it open until the run is over.
+    resume_dir: where each layer llm-compressor compressed is kept (engine.resume), so that a new run of the
+    same work after an interruption resumes from them; removed once the checkpoint is published.
     """
     reporter = _Reporter(progress, should_cancel)
     timings: dict[str, float] = {}
@@ -164,7 +169,7 @@ def compress(
         reporter.emit("loading", "Loading the model")
         # Offload folders live in the staging folder: removed after use, and with it if the run dies.
         placement = plan.placement(scratch=staging)
-        _compress_and_save(spec, report, plan, placement, staging, reporter, timings)
+        _compress_and_save(spec, report, plan, placement, staging, reporter, timings, resume_dir)
         result = CompressionResult(
             output_dir=out_dir,
             size_before_bytes=report.model.weights_bytes,
@@ -193,6 +198,8 @@ def compress(
         (staging / "results.json").write_text(json.dumps(_results_payload(spec, report, result), indent=2))
         result.manifest = write_manifest(staging, model=spec.model, preset=spec.preset)
         timings["hash_s"] = time.perf_counter() - started
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)  # the checkpoint is complete: nothing left to resume
     reporter.emit("done", f"Checkpoint ready in {out_dir}")
     return result
 
@@ -205,6 +212,7 @@ def _compress_and_save(
     staging: Path,
     reporter: _Reporter,
     timings: dict[str, float],
+    resume_dir: Path | None,
 ) -> None:
     """Load the model as the plan says, run llm-compressor on it and write the checkpoint into staging."""
     from transformers import AutoTokenizer
@@ -221,7 +229,8 @@ def _compress_and_save(
 
         started = time.perf_counter()
         dataset = _calibration_dataset(spec, report, tokenizer, reporter)
-        with _layer_progress(model, reporter), _layer_errors(model, reporter):
+        resumable = _resumable(model, report, plan, dataset, resume_dir, reporter)
+        with _layer_progress(model, reporter), _layer_errors(model, reporter), resumable:
             _oneshot(model, tokenizer, report, spec, dataset, reporter)
         timings["compress_s"] = time.perf_counter() - started
 
@@ -295,10 +304,43 @@ def _oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, d
     oneshot(model=model, tokenizer=tokenizer, recipe=report.recipe_yaml, **kwargs)
 
 
+RESUMABLE_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "SparseGPTModifier")
+
+
+@contextmanager
+def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, reporter: _Reporter):
+    """Keep each compressed layer in resume_dir and skip those a run of the same work left there.
+
+    Only for recipes that calibrate in one sequential pass (with two calibrating modifiers, SmoothQuant then
+    GPTQ say, llm-compressor runs a pass for each, and a layer's state after the first is not what a resumed
+    second pass could start from), by a modifier that compresses at a layer's epoch end exactly the modules
+    whose hooks saw data (RESUMABLE_MODIFIERS: what engine.resume relies on to skip a restored layer).
+    """
+    from engine.presets import recipe_calibrating_modifiers
+
+    calibrating = recipe_calibrating_modifiers(report.recipe_yaml) if dataset is not None else []
+    if resume_dir is None or len(calibrating) != 1 or calibrating[0] not in RESUMABLE_MODIFIERS:
+        yield
+        return
+    fingerprint = resume_fingerprint(
+        recipe_yaml=report.recipe_yaml,
+        model_key=_baseline_key(report),
+        calibration_ids=[list(ids) for ids in dataset["input_ids"]],
+        device=_run_settings(plan)["device"],
+    )
+    store = LayerStore(resume_dir, fingerprint, total=len(decoder_layers(model)))
+
+    def announce(line: str) -> None:
+        reporter.emit(reporter.stage, line)
+
+    with resumable_layers(model, store, layer_errors=reporter.layer_errors, announce=announce):
+        yield
+
+
 @contextmanager
 def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
     """Report "layer i of N" as llm-compressor reaches each decoder layer (and check for cancel there)."""
-    layers = getattr(getattr(model, "model", model), "layers", None) or []
+    layers = decoder_layers(model)
     total = len(layers)
     seen: set[int] = set()
 

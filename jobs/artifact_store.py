@@ -27,6 +27,9 @@ CHUNK_BYTES = 1024 * 1024
 SHA256_KEY = "sha256"  # object metadata (x-amz-meta-sha256) set at upload
 
 
+RESUME_FOLDER = "resume"  # in the job's local folder: the layers its runs compressed so far (jobs.resume)
+
+
 def uses_bucket() -> bool:
     return settings.COMPRESSOR_STORAGE == "s3"
 
@@ -58,16 +61,37 @@ def publish(job: Job, folder: Path, manifest: dict, *, log: Callable[[str], None
     shutil.rmtree(folder.parent, ignore_errors=True)  # the scratch copy: the bucket holds the checkpoint now
 
 
-def remove_job_files(job_id: int) -> None:
-    """Delete everything of one job: its folder, and in a bucket its scratch copy, objects and open uploads."""
+def local_job_folder(job_id: int) -> Path:
+    """The job's folder on this machine: under MEDIA_ROOT when local, in the scratch folder with a bucket."""
+    if uses_bucket():
+        return Path(settings.COMPRESSOR_SCRATCH_DIR) / job_prefix(job_id)
+    return Path(default_storage.path(job_prefix(job_id)))
+
+
+def remove_job_files(job_id: int, *, keep_resume: bool = False) -> None:
+    """Delete everything of one job: its folder, and in a bucket its scratch copy, objects and open uploads.
+
+    keep_resume: its local resume folder stays (jobs.resume; never in a bucket: it is the worker's own)."""
+    _remove_local_folder(local_job_folder(job_id), keep=RESUME_FOLDER if keep_resume else None)
     if not uses_bucket():
-        shutil.rmtree(default_storage.path(job_prefix(job_id)), ignore_errors=True)
         return
-    shutil.rmtree(Path(settings.COMPRESSOR_SCRATCH_DIR) / job_prefix(job_id), ignore_errors=True)
     prefix = _key(job_prefix(job_id)) + "/"
     for upload in _multipart_uploads(prefix):
         _abort(upload)
     _bucket().objects.filter(Prefix=prefix).delete()
+
+
+def _remove_local_folder(folder: Path, *, keep: str | None) -> None:
+    if keep is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if entry.name == keep:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def remove_stale_partials() -> list[Path | str]:

@@ -397,11 +397,13 @@ def _fail(rows, *, job_id: int, error: str, log_lines: list[tuple[str, str]] | N
     return bool(done)
 
 
-def job_discard_run_output(*, job_id: int, task_id: str) -> None:
-    """Remove a run's output unless a newer run of the job owns the folder now (the reaper re-queued it)."""
+def job_discard_run_output(*, job_id: int, task_id: str, keep_resume: bool = False) -> None:
+    """Remove a run's output unless a newer run of the job owns the folder now (the reaper re-queued it).
+
+    keep_resume: keep the layers it compressed (jobs.resume), for a retry of the failed job."""
     job = Job.objects.filter(pk=job_id).first()
     if job is not None and job.celery_task_id == task_id:
-        job_remove_artifacts(job=job)
+        job_remove_artifacts(job=job, keep_resume=keep_resume)
 
 
 def time_limit_error(limit_s: float) -> str:
@@ -651,9 +653,25 @@ def job_remove_stale_partials() -> list[Path | str]:
 # --- artifacts and uploads ---------------------------------------------------------------------------------
 
 
-def job_remove_artifacts(*, job: Job) -> None:
-    """Delete the job's files: partial output of a cancelled or failed run, or an old checkpoint."""
-    artifact_store.remove_job_files(job.pk)
+def job_folder(job: Job) -> Path:
+    """The job's own folder on this machine: its checkpoint while it is written (local storage: for good) and
+    the layers its runs compressed so far."""
+    return artifact_store.local_job_folder(job.pk)
+
+
+RESUME_FOLDER = artifact_store.RESUME_FOLDER
+
+
+def job_resume_folder(job: Job) -> Path:
+    """The layers the job's runs compressed so far (jobs.resume), on the machine that ran them."""
+    return job_folder(job) / RESUME_FOLDER
+
+
+def job_remove_artifacts(*, job: Job, keep_resume: bool = False) -> None:
+    """Delete the job's files: partial output of a cancelled or failed run, or an old checkpoint.
+
+    keep_resume: everything but its resume folder (a new run of the job resumes from it)."""
+    artifact_store.remove_job_files(job.pk, keep_resume=keep_resume)
 
 
 def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: UploadedFile) -> CalibrationDataset:
@@ -759,7 +777,8 @@ class Orphans:
 def orphans_find() -> Orphans:
     """Compare the job folders and uploads in the storage (MEDIA_ROOT or the bucket) with the rows.
 
-    A job folder may hold only its published checkpoint (succeeded jobs); a queued or running job's folder is
+    A job folder may hold only its published checkpoint (succeeded jobs) or the resume folder a failed job keeps
+    for its retry; a queued or running job's folder is
     left alone (its run writes there). Anything else is an orphan: a folder of a deleted job, a checkpoint
     of a job that did not succeed, a stale temporary folder of a killed run, an upload without its row.
     """
@@ -771,8 +790,10 @@ def orphans_find() -> Orphans:
             files.append(f"jobs/{name}")
         elif job.status not in Job.ACTIVE:
             published = job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
+            # A failed job keeps the layers it compressed for its retry (jobs.resume).
+            resume = f"jobs/{name}/{RESUME_FOLDER}" if job.status == Status.FAILED else None
             entries = [f"jobs/{name}/{entry}" for entry in artifact_store.list_names(f"jobs/{name}")]
-            files += [entry for entry in entries if entry != published]
+            files += [entry for entry in entries if entry not in (published, resume)]
     uploads = dict(CalibrationDataset.objects.values_list("file", "pk"))
     files += [name for name in artifact_store.walk_files("calibration") if name not in uploads]
     rows = [

@@ -33,6 +33,7 @@ from engine.model_cache import ModelCache
 from jobs import artifact_store, nodes, services
 from jobs.models import Job
 from jobs.progress import JobProgress
+from jobs.resume import job_take_resume_folder
 
 logger = logging.getLogger(__name__)
 
@@ -131,12 +132,15 @@ def compress_job(self, job_id: int) -> None:
     if job is None:
         logger.info("Job %s is not waiting for task %s (cancelled or taken); nothing to do", job_id, task_id)
         return
-    services.job_remove_artifacts(job=job)  # leftovers of an earlier run of this job (re-queued)
+    # Leftovers of an earlier run of this job (re-queued), but not the layers it compressed: this run resumes.
+    services.job_remove_artifacts(job=job, keep_resume=True)
+    resume_dir = job_take_resume_folder(job=job)
     _wait_for_preload()
     relpath = job.artifacts_relpath()
     progress = JobProgress(job_id=job.pk, task_id=task_id, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
     progress.start()
-    error, log_lines = "", []
+    # A failed job keeps the layers it compressed for its retry (jobs.resume); a cancelled one does not.
+    error, log_lines, keep_resume = "", [], True
     try:
         # The job's hub model stays leased in the node's model cache until the run is over.
         with _soft_limit_noticed_by(progress), _model_cache(progress) as model_cache:
@@ -152,6 +156,7 @@ def compress_job(self, job_id: int) -> None:
                 should_cancel=progress.should_cancel,
                 caps=nodes.worker_caps(),
                 model_cache=model_cache,
+                resume_dir=resume_dir,
             )
             artifact_store.publish(job, out_dir, result.manifest, log=progress.log)
     except SoftTimeLimitExceeded:
@@ -159,6 +164,7 @@ def compress_job(self, job_id: int) -> None:
     except CancelledError:
         # Normally the job is already cancelled and job_fail changes nothing; out of time, it records that.
         error = "The job stopped because it was cancelled."
+        keep_resume = progress.out_of_time
         if progress.out_of_time:
             error = services.time_limit_error(_soft_limit_s(self.request))
     except EngineError as exc:
@@ -166,7 +172,7 @@ def compress_job(self, job_id: int) -> None:
     except Exception as exc:
         error = _resource_failure(exc)
         if error is None:
-            _end_run(progress, job_id, task_id)
+            _end_run(progress, job_id, task_id, keep_resume=True)
             raise  # JobTask.on_failure records it
         log_lines = [("", traceback.format_exc())]
     else:
@@ -180,7 +186,7 @@ def compress_job(self, job_id: int) -> None:
             services.job_discard_run_output(job_id=job.pk, task_id=task_id)
         _free_device_memory()
         return
-    _end_run(progress, job_id, task_id)
+    _end_run(progress, job_id, task_id, keep_resume=keep_resume)
     services.job_fail(job_id=job.pk, task_id=task_id, error=error, log_lines=log_lines)
 
 
@@ -200,10 +206,10 @@ def _soft_limit_s(request) -> float:
     return float(soft or settings.COMPRESSOR_JOB_SOFT_LIMIT_S)
 
 
-def _end_run(progress: JobProgress, job_id: int, task_id: str) -> None:
+def _end_run(progress: JobProgress, job_id: int, task_id: str, *, keep_resume: bool) -> None:
     """After a run that did not succeed: stop the heartbeat, remove its output, give memory back."""
     progress.close()
-    services.job_discard_run_output(job_id=job_id, task_id=task_id)
+    services.job_discard_run_output(job_id=job_id, task_id=task_id, keep_resume=keep_resume)
     _free_device_memory()
 
 
