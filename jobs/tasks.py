@@ -135,13 +135,14 @@ def compress_job(self, job_id: int) -> None:
     # Leftovers of an earlier run of this job (re-queued), but not the layers it compressed: this run resumes.
     services.job_remove_artifacts(job=job, keep_resume=True)
     resume_dir = job_take_resume_folder(job=job)
-    _wait_for_preload()
     relpath = job.artifacts_relpath()
     progress = JobProgress(job_id=job.pk, task_id=task_id, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
     progress.start()
     # A failed job keeps the layers it compressed for its retry (jobs.resume); a cancelled one does not.
     error, log_lines, keep_resume = "", [], True
     try:
+        # Inside the try: a time limit that runs out while the engine still imports is the job's time limit.
+        _wait_for_preload()
         # The job's hub model stays leased in the node's model cache until the run is over.
         with _soft_limit_noticed_by(progress), _model_cache(progress) as model_cache:
             from engine.runner import compress
