@@ -141,7 +141,12 @@ def compress(
     """Compress spec.model into out_dir (which must not exist yet); return what was produced.
 
     caps: the operator's limits on this worker's resources (COMPRESSOR_WORKER_*), which the memory plan obeys.
+    A spec with a search (a quality floor, a sweep) runs engine.search's trials and writes the chosen one.
     """
+    if spec.search is not None:
+        from engine.search import search_compress
+
+        return search_compress(spec, out_dir, progress=progress, should_cancel=should_cancel, store=store, caps=caps)
     reporter = _Reporter(progress, should_cancel)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
