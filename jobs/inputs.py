@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec
+from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
 
 if TYPE_CHECKING:
     from jobs.models import CalibrationDataset, Job
@@ -61,6 +61,8 @@ class JobInput:
     ignore_indivisible: bool = False
     priority: int = PRIORITY_NORMAL
     device_class: str = ""
+    # A floor search or a sweep (engine.spec.SearchSpec's shape: floor, budget, presets); None: one compression.
+    search: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # One shape for the evaluation, whoever built the request: every EvaluationSpec field, defaults filled
@@ -68,6 +70,9 @@ class JobInput:
         if self.evaluation is not None:
             spec = EvaluationSpec(**{**self.evaluation, "tasks": tuple(self.evaluation.get("tasks") or ())})
             object.__setattr__(self, "evaluation", {**asdict(spec), "tasks": list(spec.tasks)})
+        if self.search is not None:  # likewise: every field, defaults filled in
+            search = SearchSpec.from_dict(self.search)
+            object.__setattr__(self, "search", {**asdict(search), "presets": list(search.presets)})
 
     @classmethod
     def from_job(cls, job: Job) -> JobInput:
@@ -125,6 +130,7 @@ class JobInput:
             allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
             trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
             allow_local_paths=settings.COMPRESSOR_ALLOW_LOCAL_PATHS,
+            search=SearchSpec.from_dict(self.search) if self.search is not None else None,
         )
 
 
