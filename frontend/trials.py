@@ -22,6 +22,23 @@ class TrialPoint:
     chosen: bool = False
 
 
+def request_text(search: Any) -> str:
+    """A job's search request in words: "floor 99 % perplexity recovery; also tries w8a16-gptq; at most 6 trials"."""
+    if not isinstance(search, dict):
+        return ""
+    floor, budget = search.get("floor") or {}, search.get("budget") or {}
+    at_least = _number(floor.get("at_least"))
+    parts = [f"floor {100 * at_least:g} % perplexity recovery" if at_least is not None else "a sweep, no floor"]
+    if search.get("presets"):
+        parts.append(f"also tries {', '.join(map(str, search['presets']))}")
+    limits = [f"at most {budget.get('max_trials')} trials"]
+    if budget.get("max_seconds"):
+        limits.append(f"{budget['max_seconds']:g} s")
+    if budget.get("max_size_ratio"):
+        limits.append(f"{100 * budget['max_size_ratio']:g} % of the original size")
+    return "; ".join([*parts, ", ".join(limits)])
+
+
 def search_of(results: Any) -> dict[str, Any] | None:
     """The search's record in a job's results, or None for a plain job (or malformed results)."""
     settings = results.get("settings") if isinstance(results, dict) else None

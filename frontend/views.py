@@ -266,6 +266,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if job.status == Job.Status.FAILED:
         context["failed_log"] = logtext.public_lines(selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES))
     context["preset_info"] = PRESETS.get(job.preset)
+    context["search_request"] = trials.request_text(job.search)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
     return render(request, "frontend/job_detail.html", context)
 

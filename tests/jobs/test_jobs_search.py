@@ -71,6 +71,7 @@ def test_a_floor_search_job_shows_its_trials_and_the_chosen_one_on_its_page(live
     client.force_login(user)
     page = client.get(f"/jobs/{job.pk}/").content.decode()
     assert 'id="trials-table"' in page and "No trial kept the floor within the budget" in page
+    assert "floor 99.99 % perplexity recovery; at most 2 trials" in page
     assert "fp8-dynamic as it is" in page and "1 most sensitive layer kept in bf16" in page
     assert f'id="trial-{chosen["number"]}" class="best"' in page and "chosen</span>" in page
     for trial in search["trials"]:
