@@ -104,6 +104,7 @@ def write_model_card(
         _overview(architecture, preset, base_model, recipe_yaml, settings),
         _summary(base_model, evaluation),
         _optimizations(preset, recipe_yaml, size_before_bytes, size_after_bytes),
+        _search(settings.get("search")),
         _creation(base_model, recipe_yaml, calibration, settings),
         _deployment(model_name),
         _evaluation(evaluation, base_model, model_name),
@@ -254,6 +255,49 @@ def _optimizations(preset: Preset | None, recipe_yaml: str, before: int, after: 
             parts.append(f"These layers were also left in their original precision: {names}.")
         body = " ".join(part for part in parts if part)
     return f"### Model Optimizations\n\n{body}\n\n{size}"
+
+
+def search_table(search: dict) -> str:
+    """A floor search's or a sweep's trials: | Trial | Preset | What changed | Size | Perplexity recovery |."""
+    floor = search.get("floor_percent")
+    lines = [
+        "| Trial | Preset | What changed | Size | Perplexity recovery | Time |" + (" Floor |" if floor else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if floor else ""),
+    ]
+    for trial in search["trials"]:
+        chosen = " (chosen)" if trial["number"] == search["chosen"] else ""
+        verdict = {True: " met |", False: " missed |", None: " |"}[trial["meets_floor"]] if floor else ""
+        lines.append(
+            f"| {trial['number']}{chosen} | {_md(trial['preset'])} | {_md(trial['change'])} | "
+            f"{size_text(trial['size_bytes'])} | {_percent(trial['recovery'])} | {trial['seconds']:.0f} s |{verdict}"
+        )
+    return "\n".join(lines)
+
+
+def _search(search: dict | None) -> str:
+    """How a floor search or a sweep chose this checkpoint, with every trial."""
+    if not search:
+        return ""
+    chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
+    trials = len(search["trials"])
+    if search.get("floor_percent") is None:
+        why = f"A sweep of {trials} trials measured each preset; this is the one with the best perplexity recovery."
+    elif search.get("met_floor"):
+        why = (
+            f"A floor search chose it: the smallest of {trials} trials that keeps at least "
+            f"{_percent(search['floor_percent'])} perplexity recovery on the held-out text."
+        )
+    else:
+        why = (
+            f"A floor search of {trials} trials found no checkpoint with {_percent(search['floor_percent'])} "
+            "perplexity recovery within its budget: this is the best one, and it MISSES the floor."
+        )
+    kept = chosen["kept_layers"]
+    kept_text = f" Layers kept in bf16 (in the recipe's `ignore`): {', '.join(_code(k) for k in kept)}." if kept else ""
+    return (
+        f"### How this checkpoint was chosen\n\n{why}{kept_text} The search stopped: {_md(search['stopped'])}.\n\n"
+        + search_table(search)
+    )
 
 
 def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | None, settings: dict) -> str:

@@ -8,11 +8,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.card import search_table
 from engine.errors import EngineError
 from engine.models import download_builtin_gguf, ensure_builtin_model
 from engine.presets import PRESETS
 from engine.resources import WorkerCaps
-from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, ProgressEvent
+from engine.search import TRIAL_LINE
+from engine.spec import (
+    BUILTIN_MODEL,
+    CalibrationSpec,
+    CompressionSpec,
+    EvaluationSpec,
+    ProgressEvent,
+    QualityFloor,
+    SearchBudget,
+    SearchSpec,
+)
 from engine.units import size_text
 
 
@@ -41,6 +52,12 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true", help="evaluate baseline and compressed model")
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (implies --eval)")
     parser.add_argument("--eval-limit", type=int, help="limit lm-eval examples per task")
+    search = parser.add_argument_group("floor search and sweep (engine.search)")
+    search.add_argument("--floor", type=float, help="least perplexity recovery, a fraction (0.99): search for it")
+    search.add_argument("--sweep", default="", help="comma-separated further presets to try besides --preset")
+    search.add_argument("--max-trials", type=int, default=6, help="most trials of a search (default 6)")
+    search.add_argument("--max-seconds", type=float, help="most seconds of a search")
+    search.add_argument("--max-size-ratio", type=float, help="largest checkpoint tried, a fraction of the original")
     caps = parser.add_argument_group("caps on this machine's resources, for the memory plan (decimal MB)")
     caps.add_argument("--host-ram-mb", type=int, help="host memory the plan may count on")
     caps.add_argument("--gpu-memory-mb", type=int, help="free memory of each GPU the plan may count on")
@@ -77,7 +94,17 @@ def spec_from_args(args: argparse.Namespace) -> CompressionSpec:
         ignore_indivisible=args.ignore_indivisible,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        search=_search_from_args(args),
     )
+
+
+def _search_from_args(args: argparse.Namespace) -> SearchSpec | None:
+    presets = tuple(p.strip() for p in args.sweep.split(",") if p.strip())
+    if args.floor is None and not presets:
+        return None
+    budget = SearchBudget(max_trials=args.max_trials, max_seconds=args.max_seconds, max_size_ratio=args.max_size_ratio)
+    floor = QualityFloor(at_least=args.floor) if args.floor is not None else None
+    return SearchSpec(floor=floor, budget=budget, presets=presets)
 
 
 class _ProgressBar:
@@ -88,6 +115,8 @@ class _ProgressBar:
 
     def __call__(self, event: ProgressEvent) -> None:
         if event.log_line is not None:
+            if event.log_line.startswith(TRIAL_LINE):  # a search's trials are printed as each one ends
+                self.bar.write(event.log_line)
             return
         if event.fraction is not None:
             self.bar.n = max(self.bar.n, round(100 * event.fraction))
@@ -124,6 +153,9 @@ def run(argv: list[str] | None = None, prog: str = "python -m engine") -> int:
         print(results_table(result.evaluation, baseline_name=spec.model, compressed_name=args.out.name))
         for failed in result.evaluation["tasks_failed"]:
             print(f"{failed['task']}: not run ({failed['reason']})")
+    search = result.settings.get("search")
+    if search:
+        print(search_table(search))
     print(f"Memory plan: {result.settings['memory_plan']['summary']}")
     print(f"Checkpoint: {result.output_dir}")
     print(

@@ -210,6 +210,14 @@ def _offline(model, tokenizer, spec: EvaluationSpec, settings: dict, reference: 
     return result
 
 
+def heldout_scores(model, tokenizer, spec: EvaluationSpec, reference: dict | None = None) -> dict:
+    """The offline suite's held-out scores of a model already in memory, without generations: perplexity, and
+    against a reference (a baseline's result of this function) KL divergence and top-1 agreement. A floor
+    search (engine.search) scores each trial with it on the windows the job's evaluation uses."""
+    windows = _heldout_windows(tokenizer, spec.heldout_path, min(spec.limit or WINDOWS, WINDOWS), WINDOW_TOKENS)
+    return _score_windows(model, windows.to(model.device), reference)
+
+
 def heldout_text(path: str | None = None) -> str:
     """Held-out prose: the user's file, or the documentation topics that ship with CPython."""
     if path:

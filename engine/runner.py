@@ -149,7 +149,20 @@ def compress(
     model_cache: the node's cache a hub model comes from; the caller keeps it open until the run is over.
     resume_dir: where each layer llm-compressor compressed is kept (engine.resume), so that a new run of the
     same work after an interruption resumes from them; removed once the checkpoint is published.
+    A spec with a search (a quality floor, a sweep) runs engine.search's trials and writes the chosen one.
     """
+    if spec.search is not None:
+        from engine.search import search_compress
+
+        return search_compress(
+            spec,
+            out_dir,
+            progress=progress,
+            should_cancel=should_cancel,
+            store=store,
+            caps=caps,
+            model_cache=model_cache,
+        )
     reporter = _Reporter(progress, should_cancel)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)

@@ -45,6 +45,44 @@ class EvaluationSpec:
 
 
 @dataclass(frozen=True)
+class QualityFloor:
+    """The least quality a checkpoint must keep: metric (engine.search.FLOOR_METRICS) at least `at_least`,
+    a fraction of the baseline's (0.99: 99 % recovery)."""
+
+    metric: str = "perplexity_recovery"
+    at_least: float = 0.99
+
+
+@dataclass(frozen=True)
+class SearchBudget:
+    """How much a search may spend: trials (each a compression and a held-out measurement) and/or seconds;
+    max_size_ratio: the largest checkpoint worth trying, as a fraction of the original's size."""
+
+    max_trials: int = 6
+    max_seconds: float | None = None
+    max_size_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A floor search or a sweep (engine.search): the presets to try (a sweep: several), the floor the chosen
+    checkpoint must meet (None: the sweep only measures), and the budget."""
+
+    floor: QualityFloor | None = None
+    budget: SearchBudget = field(default_factory=SearchBudget)
+    presets: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSpec:
+        floor = data.get("floor")
+        return cls(
+            floor=QualityFloor(**floor) if floor else None,
+            budget=SearchBudget(**(data.get("budget") or {})),
+            presets=tuple(data.get("presets") or ()),
+        )
+
+
+@dataclass(frozen=True)
 class CompressionSpec:
     """One job: model + (preset or custom recipe) + calibration (+ evaluation)."""
 
@@ -66,6 +104,8 @@ class CompressionSpec:
     # The recipe recorded at submission (preset or custom, with any layers left unquantized): the worker runs
     # it as is. None: not checked yet (the engine's own CLI), so preflight runs the submission check first.
     resolved_recipe: str | None = None
+    # A floor search or a sweep instead of one compression (engine.search); None: the plain run.
+    search: SearchSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +119,8 @@ class CompressionSpec:
             evaluation = dict(evaluation)
             evaluation["tasks"] = tuple(evaluation.get("tasks") or ())
             data["evaluation"] = EvaluationSpec(**evaluation)
+        if data.get("search") is not None:
+            data["search"] = SearchSpec.from_dict(data["search"])
         return cls(**data)
 
 

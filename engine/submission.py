@@ -57,6 +57,7 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
     if spec.calibration.kind == "hub":
         calib.check_hub_dataset_id(spec.calibration.dataset)
     check_tasks(spec.evaluation)
+    check_search(spec)
     model = model_facts(
         spec.model,
         spec.revision,
@@ -211,6 +212,13 @@ def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, l
             field="calibration",
         )
     return records
+
+
+def check_search(spec: CompressionSpec) -> None:
+    """A floor search's or a sweep's fields (engine.search, which imports torch only when it runs)."""
+    from engine.search import check_search as check
+
+    check(spec)
 
 
 def check_tasks(evaluation: EvaluationSpec | None) -> None:

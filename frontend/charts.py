@@ -216,11 +216,15 @@ class Point:
     size_bytes: int
     quality: float | None  # recovery in percent; None: the job ran no evaluation
     baseline: bool = False
+    recommended: bool = False  # the smallest point that keeps the stated floor
 
 
-def size_quality_chart(points: Sequence[Point]) -> SafeString:
+def size_quality_chart(
+    points: Sequence[Point], *, frontier: Sequence[Point] = (), floor: float | None = None
+) -> SafeString:
     """Checkpoint size (x) against recovery (y): down and to the left loses, up and to the left wins. Jobs
-    without an evaluation sit on a "not evaluated" strip under the plot, at their size, instead of vanishing."""
+    without an evaluation sit on a "not evaluated" strip under the plot, at their size, instead of vanishing.
+    frontier: the points no other beats on both (a line joins them); floor: a recovery drawn as a dashed line."""
     if not points:
         return mark_safe("")
     unevaluated = [p for p in points if p.quality is None]
@@ -229,7 +233,7 @@ def size_quality_chart(points: Sequence[Point]) -> SafeString:
     plot_w, plot_h = width - left - right, height - top - bottom
     max_x = max(p.size_bytes for p in points) * 1.1 or 1
     qualities = [p.quality for p in points if p.quality is not None] or [100.0]
-    low = math.floor(min(min(qualities), 90) / 5) * 5
+    low = math.floor(min(min(qualities), floor or 90, 90) / 5) * 5
     high = math.ceil(max(max(qualities), 100) / 5) * 5
     span = (high - low) or 1
 
@@ -265,9 +269,19 @@ def size_quality_chart(points: Sequence[Point]) -> SafeString:
             f'<text class="tick" x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">'
             f"{max_x * fraction / 1e6:.0f}</text>"
         )
+    if len(frontier) > 1:
+        line = " ".join(f"{px(p.size_bytes):.1f},{py(p.quality):.1f}" for p in frontier)
+        body.append(f'<polyline class="frontier" points="{line}" fill="none"/>')
+    if floor is not None:
+        y = py(floor)
+        body.append(
+            f'<line class="floor" x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke-dasharray="6 4"/>'
+            f'<text class="tick" x="{left + plot_w + 4}" y="{y + 4:.1f}">floor {floor:g} %</text>'
+        )
     for point in points:
         x, y = px(point.size_bytes), py(point.quality)
         css = "point-baseline" if point.baseline else "point-none" if point.quality is None else "point"
+        css += " point-recommended" if point.recommended else ""
         quality = "not evaluated" if point.quality is None else f"{point.quality:.1f} %"
         body.append(
             f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="6"><title>{escape(point.label)}: '

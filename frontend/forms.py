@@ -10,6 +10,7 @@ from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
 from engine.presets import PRESETS
+from engine.search import MAX_TRIALS
 from engine.spec import BUILTIN_MODEL
 from engine.submission import IGNORE_INDIVISIBLE_LABEL
 from jobs.auth import login_wait_s
@@ -116,6 +117,24 @@ class JobForm(forms.Form):
         initial="hf",
     )
 
+    floor_percent = forms.FloatField(
+        label="Quality floor: least perplexity recovery (%)",
+        required=False,
+        min_value=1,
+        max_value=100,
+        help_text="Search for the smallest checkpoint that keeps it (for example 99). Empty: no search.",
+    )
+    sweep_presets = forms.MultipleChoiceField(
+        label="Sweep: also try these presets",
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="One load of the model and one baseline for all; the compare page shows their frontier.",
+    )
+    search_max_trials = forms.IntegerField(
+        label="Most trials", initial=6, min_value=1, max_value=MAX_TRIALS, required=False
+    )
+    search_max_seconds = forms.IntegerField(label="Most seconds", min_value=1, required=False)
+
     priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0, max_value=9)
     device_class = forms.ChoiceField(label="Worker", choices=Job.DeviceClass.choices)
     gpus = forms.TypedChoiceField(
@@ -141,6 +160,7 @@ class JobForm(forms.Form):
             del self.fields["local_path"]
         self.fields["model_source"].choices = sources
         self.fields["preset"].choices = [(name, name) for name in PRESETS] + [(CUSTOM_RECIPE, "Custom recipe")]
+        self.fields["sweep_presets"].choices = [(name, name) for name in PRESETS]
         self.fields["calibration_dataset"].queryset = calibration_datasets
         # The cap itself is the service's rule (job_submit refuses above it); the page only shows it.
         self.max_priority = max_priority_for(user)
@@ -191,6 +211,18 @@ class JobForm(forms.Form):
             "backend": data.get("evaluation_backend") or "hf",
         }
 
+    def search(self) -> dict[str, Any] | None:
+        """The floor search and sweep the form asks for (None: neither)."""
+        data = self.cleaned_data
+        floor, presets = data.get("floor_percent"), list(data.get("sweep_presets") or [])
+        if floor is None and not presets:
+            return None
+        return {
+            "floor": {"metric": "perplexity_recovery", "at_least": floor / 100} if floor is not None else None,
+            "budget": {"max_trials": data.get("search_max_trials") or 6, "max_seconds": data.get("search_max_seconds")},
+            "presets": presets,
+        }
+
     def to_job_input(self, *, calibration_file=None) -> JobInput:
         """The request this form describes (the inverse of initial_from)."""
         data = self.cleaned_data
@@ -204,6 +236,7 @@ class JobForm(forms.Form):
             calibration_file=calibration_file or data.get("calibration_dataset"),
             calibration_hub_dataset=data.get("calibration_hub_dataset", "").strip(),
             evaluation=self.evaluation(),
+            search=self.search(),
         )
 
     @classmethod
@@ -211,6 +244,8 @@ class JobForm(forms.Form):
         """The form's values for a request ("clone and edit" starts from the old job's; the inverse of
         to_job_input)."""
         evaluation = request.evaluation or {}
+        search = request.search or {}
+        floor, budget = search.get("floor") or {}, search.get("budget") or {}
         builtin = request.model in dict(BUILTIN_MODELS)
         local = not builtin and request.model.startswith(("/", ".", "~"))
         source = cls.SOURCE_BUILTIN if builtin else cls.SOURCE_LOCAL if local else cls.SOURCE_HUB
@@ -229,6 +264,10 @@ class JobForm(forms.Form):
             "evaluation_tasks": ", ".join(evaluation.get("tasks") or []),
             "evaluation_limit": evaluation.get("limit"),
             "evaluation_backend": evaluation.get("backend", "hf"),
+            "floor_percent": 100 * floor["at_least"] if floor else None,
+            "sweep_presets": search.get("presets") or [],
+            "search_max_trials": budget.get("max_trials", 6),
+            "search_max_seconds": budget.get("max_seconds"),
         }
 
     # --- errors the service raised ---------------------------------------------------------------------------
@@ -251,6 +290,7 @@ class JobForm(forms.Form):
             "device_class": "device_class",
             "gpus": "gpus",
             "priority": "priority",
+            "search": "floor_percent",
         }
         name = mapping.get(request_field(engine_field) or "")
         return name if name in self.fields else None

@@ -17,7 +17,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from engine.errors import EngineError
 from engine.presets import PRESETS
 from engine.units import RECOVERY_DEFINITION
-from frontend import charts, presentation
+from frontend import charts, presentation, trials
 from frontend.forms import CUSTOM_RECIPE, HubPushForm, HubTokenForm, JobForm, apply_aria, preset_infos
 from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
 from jobs.inputs import JobInput
@@ -251,6 +251,7 @@ def _results_context(job: Job) -> dict[str, Any]:
         "checksums_url": reverse("frontend:job-checksums", kwargs={"pk": job.pk}),
         "ignored_layers": (results or {}).get("ignored_layers") if isinstance(results, dict) else None,
         "run_settings": presentation.run_settings(results),
+        "search": trials.search_of(results),
         "recovery_definition": RECOVERY_DEFINITION,
     }
 
@@ -264,6 +265,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if job.status == Job.Status.FAILED:
         context["failed_log"] = logtext.public_lines(selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES))
     context["preset_info"] = PRESETS.get(job.preset)
+    context["search_request"] = trials.request_text(job.search)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
     context.update(_push_context(request, job))
     return render(request, "frontend/job_detail.html", context)
@@ -412,6 +414,43 @@ def _best_index(values: list[float | None], higher_is_better: bool) -> int | Non
     return (max(present) if higher_is_better else min(present))[1]
 
 
+def _points_on_plane(columns: list[dict[str, Any]]) -> list[trials.TrialPoint]:
+    """Each chosen job as a point, or, for a floor search or a sweep, each of its trials."""
+    points: list[trials.TrialPoint] = []
+    for column in columns:
+        job = column["job"]
+        searched = trials.trial_points(job.pk, job.results)
+        if searched:
+            points.extend(searched)
+        elif column["sizes"]:
+            recovery = presentation.headline_recovery(job.results)
+            size = column["sizes"].after
+            points.append(trials.TrialPoint(label=f"#{job.pk} {job.recipe_label}", size_bytes=size, recovery=recovery))
+    return points
+
+
+def _floor_percent(request: HttpRequest, jobs: list[Job]) -> float | None:
+    """The floor to recommend for: ?floor= (percent), else the first chosen search's own floor."""
+    try:
+        asked = float(request.GET.get("floor", ""))
+    except ValueError:
+        asked = None
+    if asked is not None and 0 < asked <= 100:
+        return asked
+    for job in jobs:
+        search = trials.search_of(job.results)
+        if search and search.get("floor_percent"):
+            return float(search["floor_percent"])
+    return None
+
+
+def _size_quality_chart(points: list[charts.Point], frontier: list[trials.TrialPoint], floor: float | None):
+    if len(points) < 2:
+        return ""
+    on_frontier = [charts.Point(label=p.label, size_bytes=p.size_bytes, quality=p.recovery) for p in frontier]
+    return charts.size_quality_chart(points, frontier=on_frontier, floor=floor)
+
+
 @login_required
 def compare(request: HttpRequest) -> HttpResponse:
     models = selectors.job_models_for_user(user=request.user)
@@ -472,15 +511,16 @@ def compare(request: HttpRequest) -> HttpResponse:
     before = next((c["sizes"].before for c in columns if c["sizes"]), None)
     if before:
         points.append(charts.Point(label="baseline", size_bytes=before, quality=100.0, baseline=True))
-    for column in columns:
-        if column["sizes"]:
-            points.append(
-                charts.Point(
-                    label=f"#{column['job'].pk} {column['job'].recipe_label}",
-                    size_bytes=column["sizes"].after,
-                    quality=presentation.headline_recovery(column["job"].results),
-                )
+    candidates_on_plane = _points_on_plane(columns)
+    floor = _floor_percent(request, chosen)
+    recommended = trials.recommendation(candidates_on_plane, floor)
+    frontier = trials.frontier(candidates_on_plane)
+    for point in candidates_on_plane:
+        points.append(
+            charts.Point(
+                label=point.label, size_bytes=point.size_bytes, quality=point.recovery, recommended=point is recommended
             )
+        )
     context = {
         "models": models,
         "model": model,
@@ -490,6 +530,9 @@ def compare(request: HttpRequest) -> HttpResponse:
         "metric_table": metric_table,
         "baseline_size": before,
         "recovery_heading": presentation.headline_heading([job.results for job in chosen]),
-        "chart": charts.size_quality_chart(points) if len(points) > 1 else "",
+        "chart": _size_quality_chart(points, frontier, floor),
+        "floor": floor,
+        "recommended": recommended,
+        "frontier": frontier,
     }
     return render(request, "frontend/compare.html", context)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec
+from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
 
 if TYPE_CHECKING:
     from jobs.models import CalibrationDataset, Job
@@ -63,6 +63,8 @@ class JobInput:
     priority: int = PRIORITY_NORMAL
     device_class: str = ""
     gpus: int | None = None  # None: as many as the memory plan needs
+    # A floor search or a sweep (engine.spec.SearchSpec's shape: floor, budget, presets); None: one compression.
+    search: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # One shape for the evaluation, whoever built the request: every EvaluationSpec field, defaults filled
@@ -70,6 +72,9 @@ class JobInput:
         if self.evaluation is not None:
             spec = EvaluationSpec(**{**self.evaluation, "tasks": tuple(self.evaluation.get("tasks") or ())})
             object.__setattr__(self, "evaluation", {**asdict(spec), "tasks": list(spec.tasks)})
+        if self.search is not None:  # likewise: every field, defaults filled in
+            search = SearchSpec.from_dict(self.search)
+            object.__setattr__(self, "search", {**asdict(search), "presets": list(search.presets)})
 
     @classmethod
     def from_job(cls, job: Job) -> JobInput:
@@ -128,6 +133,7 @@ class JobInput:
             allow_pickle=settings.COMPRESSOR_ALLOW_PICKLE,
             trust_remote_code=settings.COMPRESSOR_ALLOW_REMOTE_CODE,
             allow_local_paths=settings.COMPRESSOR_ALLOW_LOCAL_PATHS,
+            search=SearchSpec.from_dict(self.search) if self.search is not None else None,
         )
 
 

@@ -108,6 +108,9 @@ class Job(models.Model):
     gpus = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="GPUs the job asks for; empty: as many as the memory plan needs."
     )
+    search = models.JSONField(
+        null=True, blank=True, help_text="A floor search or sweep (floor, budget, presets), or null for one run."
+    )
     spec_fingerprint = models.CharField(max_length=64, blank=True, db_index=True)
     # A hub model's revision as the commit it named at submission: the worker downloads exactly that one.
     model_commit = models.CharField(max_length=40, blank=True)

@@ -246,7 +246,8 @@ def _fingerprint(job: Job, report: SubmissionCheck) -> str:
     # A hub model by its commit: the exact revision even when a branch (or none) was given.
     revision = report.model.commit or job.model_revision or ""
     calibration: dict[str, Any] | None = None
-    if report.needs_calibration is not False:  # a custom recipe may calibrate: its data counts
+    # A custom recipe may calibrate, and so may a preset of a sweep: its data counts.
+    if report.needs_calibration is not False or job.search:
         # The uploaded file by its content, not its id: the same data uploaded twice is the same work.
         calibration = {key: value for key, value in api_calibration(job).items() if key != "dataset_id"}
         calibration["file_sha256"] = job.calibration_file.sha256 if job.calibration_file else None
@@ -257,6 +258,8 @@ def _fingerprint(job: Job, report: SubmissionCheck) -> str:
         "calibration": calibration,
         "evaluation": job.evaluation,
     }
+    if job.search is not None:  # only then, so that earlier jobs keep their fingerprints
+        payload["search"] = job.search
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -10,6 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from engine.presets import MAX_RECIPE_BYTES, PRESETS
+from engine.search import FLOOR_METRICS, MAX_TRIALS
 from engine.spec import BUILTIN_MODEL
 from jobs import selectors
 from jobs.inputs import JobInput, api_calibration
@@ -47,6 +48,40 @@ class EvaluationInputSerializer(serializers.Serializer):
     backend = serializers.ChoiceField(choices=["hf", "vllm"], default="hf")
 
 
+class FloorInputSerializer(serializers.Serializer):
+    metric = serializers.ChoiceField(choices=sorted(FLOOR_METRICS), default="perplexity_recovery")
+    at_least = serializers.FloatField(
+        min_value=0.0, max_value=1.0, help_text="A fraction of the baseline's score: 0.99 is 99 % recovery."
+    )
+
+
+class BudgetInputSerializer(serializers.Serializer):
+    max_trials = serializers.IntegerField(min_value=1, max_value=MAX_TRIALS, default=6)
+    max_seconds = serializers.FloatField(min_value=1, required=False, allow_null=True, default=None)
+    max_size_ratio = serializers.FloatField(
+        min_value=0.01, max_value=1.0, required=False, allow_null=True, default=None,
+        help_text="The largest checkpoint worth trying, as a fraction of the original's size.",
+    )  # fmt: skip
+
+
+class SearchInputSerializer(serializers.Serializer):
+    floor = FloorInputSerializer(required=False, allow_null=True, default=None)
+    budget = BudgetInputSerializer(required=False)
+    presets = serializers.ListField(
+        child=serializers.ChoiceField(choices=sorted(PRESETS)),
+        required=False,
+        default=list,
+        max_length=len(PRESETS),
+        help_text="A sweep: further presets tried on the same load of the model, besides `preset`.",
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        if not attrs.get("floor") and not attrs.get("presets"):
+            raise serializers.ValidationError("Give a floor, presets to sweep, or both.")
+        attrs["budget"] = attrs.get("budget") or BudgetInputSerializer().to_internal_value({})
+        return attrs
+
+
 class JobCreateSerializer(serializers.Serializer):
     model = serializers.CharField(default=BUILTIN_MODEL, max_length=500, help_text="Built-in name or hub id.")
     revision = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
@@ -69,6 +104,16 @@ class JobCreateSerializer(serializers.Serializer):
     )
     calibration = CalibrationInputSerializer(required=False)
     evaluation = EvaluationInputSerializer(required=False, allow_null=True, default=None)
+    search = SearchInputSerializer(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text=(
+            "A floor search and/or a sweep: the smallest checkpoint whose perplexity recovery is at least "
+            "floor.at_least, trying the presets, then keeping the most sensitive layers in bf16; every trial is in "
+            "results.search."
+        ),
+    )
     ignore_indivisible = serializers.BooleanField(default=False)
     priority = serializers.IntegerField(min_value=0, max_value=9, default=Job.PRIORITY_NORMAL, help_text="9 first.")
     device_class = serializers.ChoiceField(choices=Job.DeviceClass.choices, required=False)
@@ -118,7 +163,7 @@ class JobSerializer(serializers.ModelSerializer):
         fields = [
             "id", "owner", "status", "stage", "message", "step", "total", "percent", "error",
             "model", "revision", "model_commit", "model_facts", "preset", "recipe_yaml", "resolved_recipe",
-            "calibration", "evaluation",
+            "calibration", "evaluation", "search",
             "ignore_indivisible", "priority", "device_class", "gpus", "queue", "queue_position", "worker",
             "attempt", "requeue_count", "retry_of", "created_at", "started_at", "finished_at",
             "heartbeat_at", "duration_s", "results", "manifest", "links", "duplicate",

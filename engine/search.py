@@ -1,0 +1,551 @@
+"""Floor search and sweep: find the smallest checkpoint that keeps a stated quality, in one load of the model.
+
+A job with a SearchSpec runs here instead of the runner's single compression. The model is loaded once and
+the baseline scored once on the offline suite's held-out windows; each trial compresses a fresh copy of the
+original weights (copied in memory, never reloaded from disk), scores it on the same windows, and saves it,
+keeping only the folder of the checkpoint chosen so far. The trials, in order:
+
+1. each preset as it is (one preset for a floor search, several for a sweep);
+2. while the floor is not met: the most sensitive Linear layers kept in bf16 (added to the recipe's
+   `ignore`), 1, 2, 4, 8, ... of them, ranked by a probe on the first trial's compressed model: each
+   Linear's output error (compressed weights and activations against the original weights, on the same
+   input), measured on a few calibration samples, never on the held-out text the floor is judged on;
+3. then, for calibrated presets, twice the calibration samples, and SmoothQuant's strength where the preset
+   smooths, on the largest kept set the size cap allows.
+
+The search stops when a trial meets the floor, when the budget (trials, seconds) is spent or when no move
+is left. The chosen checkpoint is the smallest that meets the floor; when none does, the one with the best
+recovery, marked as missing it. Its recipe.yaml is a plain llm-compressor recipe with the kept layers in
+`ignore`, evaluated, carded and hashed like any other checkpoint; results.json carries every trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine import calibration as calib
+from engine.artifacts import staging_folder, weights_bytes, write_manifest
+from engine.errors import EngineError, PreflightError
+from engine.evaluation import default_cache_dir, evaluate, heldout_scores
+from engine.model_cache import ModelCache
+from engine.plan import DISK_OFFLOAD, placed_model, plan_memory
+from engine.preflight import PreflightReport, preflight
+from engine.presets import PRESETS, Preset, get_preset
+from engine.resources import WorkerCaps, detect_resources
+from engine.runner import (
+    ProgressCallback,
+    _baseline_key,
+    _captured_logs,
+    _check_in_vllm,
+    _layer_errors,
+    _oneshot,
+    _Reporter,
+    _results_payload,
+    _run_settings,
+    _write_card,
+)
+from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec
+from engine.submission import check_calibration, check_group_sizes
+
+# What a floor may be stated on: the offline suite's perplexity recovery (the figure every job reports).
+FLOOR_METRICS = {"perplexity_recovery": "perplexity recovery on the held-out text"}
+MAX_TRIALS = 50
+FIELD = "search"  # the request field a search's problems concern
+TRIAL_LINE = "Trial "  # how each trial's log line begins (the engine's CLI prints them as they come)
+MAX_SWEEP_PRESETS = len(PRESETS)
+_PROBE_SAMPLES, _PROBE_TOKENS = 2, 256
+_TRIAL_SCORE_S = 5.0  # scoring one trial on the held-out windows, as engine.runner weighs its stages
+# SmoothQuant strengths tried after the preset's own (0.8): weaker and stronger migration of outliers.
+_SMOOTHING_STRENGTHS = (0.5, 0.9)
+
+
+def check_search(spec: CompressionSpec) -> None:
+    """The submission check's part for a search (no torch): known floor metric and presets, a sane budget."""
+    search = spec.search
+    if search is None:
+        return
+    if not spec.preset:
+        raise PreflightError("A floor search or a sweep starts from a preset, not a custom recipe.", field="search")
+    if search.floor is not None:
+        if search.floor.metric not in FLOOR_METRICS:
+            known = ", ".join(FLOOR_METRICS)
+            raise PreflightError(f"Unknown floor metric '{search.floor.metric}'; use {known}.", field="search")
+        if not 0 < search.floor.at_least <= 1:
+            raise PreflightError("The floor's at_least is a fraction of the baseline: above 0, at most 1.", field=FIELD)
+    budget = search.budget
+    if not 1 <= budget.max_trials <= MAX_TRIALS:
+        raise PreflightError(f"max_trials must be between 1 and {MAX_TRIALS}.", field="search")
+    if budget.max_seconds is not None and budget.max_seconds <= 0:
+        raise PreflightError("max_seconds must be positive.", field="search")
+    if budget.max_size_ratio is not None and not 0 < budget.max_size_ratio <= 1:
+        raise PreflightError("max_size_ratio is a fraction of the original size: above 0, at most 1.", field=FIELD)
+    for name in search.presets:
+        get_preset(name)
+    if len(set(search.presets)) > MAX_SWEEP_PRESETS:
+        raise PreflightError(f"A sweep tries at most {MAX_SWEEP_PRESETS} presets.", field="search")
+    if spec.calibration.kind == "none" and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
+        raise PreflightError("A preset of the sweep needs calibration data; choose some.", field="calibration")
+
+
+def sweep_presets(spec: CompressionSpec) -> list[str]:
+    """The presets a search tries first: the job's preset, then the sweep's others, each once."""
+    search = spec.search or SearchSpec()
+    return list(dict.fromkeys([p for p in (spec.preset, *search.presets) if p]))
+
+
+@dataclass(frozen=True)
+class Move:
+    """What one trial changes, against the preset as it is."""
+
+    preset: str
+    kept: tuple[str, ...] = ()
+    samples: int | None = None
+    smoothing: float | None = None
+    change: str = ""
+
+
+@dataclass
+class Trial:
+    number: int
+    move: Move
+    recipe_yaml: str
+    size_bytes: int
+    perplexity: float
+    recovery: float  # percent of the baseline's perplexity (engine.units)
+    kl: float
+    top1_agreement: float
+    seconds: float
+    meets_floor: bool | None
+    layer_errors: list[dict[str, Any]] = field(default_factory=list)
+    folder: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "preset": self.move.preset,
+            "change": self.move.change,
+            "kept_layers": list(self.move.kept),
+            "calibration_samples": self.move.samples,
+            "smoothing_strength": self.move.smoothing,
+            "size_bytes": self.size_bytes,
+            "perplexity": self.perplexity,
+            "recovery": self.recovery,
+            "kl_divergence": self.kl,
+            "top1_agreement": self.top1_agreement,
+            "seconds": round(self.seconds, 2),
+            "meets_floor": self.meets_floor,
+        }
+
+
+class _Search:
+    """The state of one search: the trials so far, the layer ranking, and what to try next."""
+
+    def __init__(self, spec: CompressionSpec, report: PreflightReport, size_before: int) -> None:
+        self.spec, self.report, self.size_before = spec, report, size_before
+        self.search = spec.search or SearchSpec()
+        self.trials: list[Trial] = []
+        self.ranking: list[dict[str, Any]] = []
+        self.linear_params: dict[str, int] = {}
+        self.linear_widths: dict[str, int] = {}
+        self.started = time.perf_counter()
+        self.stopped = ""
+
+    @property
+    def floor_percent(self) -> float | None:
+        return 100.0 * self.search.floor.at_least if self.search.floor else None
+
+    def meets(self, recovery: float) -> bool | None:
+        return None if self.floor_percent is None else recovery >= self.floor_percent - 1e-9
+
+    def within_cap(self, size: float) -> bool:
+        cap = self.search.budget.max_size_ratio
+        return cap is None or size <= cap * self.size_before
+
+    def chosen(self) -> Trial | None:
+        """The smallest trial meeting the floor (within the size cap); else the best recovery."""
+        meeting = [t for t in self.trials if t.meets_floor and self.within_cap(t.size_bytes)]
+        if meeting:
+            return min(meeting, key=lambda t: (t.size_bytes, -t.recovery))
+        return max(self.trials, key=lambda t: (t.recovery, -t.size_bytes), default=None)
+
+    def next_move(self) -> Move | None:
+        """The next trial, or None with self.stopped saying why the search ends."""
+        budget = self.search.budget
+        if len(self.trials) >= budget.max_trials:
+            self.stopped = f"budget: {budget.max_trials} trials"
+            return None
+        elapsed = time.perf_counter() - self.started
+        last = self.trials[-1].seconds if self.trials else 0.0
+        if self.trials and budget.max_seconds is not None and elapsed + last > budget.max_seconds:
+            self.stopped = f"budget: {budget.max_seconds:g} s (another trial would pass it)"
+            return None
+        tried = {t.move.preset for t in self.trials}
+        for preset in sweep_presets(self.spec):
+            if preset not in tried:
+                return Move(preset=preset, change=f"{preset} as it is")
+        if self.floor_percent is None:
+            self.stopped = "every preset of the sweep measured"
+            return None
+        if any(t.meets_floor and self.within_cap(t.size_bytes) for t in self.trials):
+            self.stopped = "floor met"
+            return None
+        move = self._keep_more_layers() or self._calibration_move()
+        if move is None:
+            self.stopped = "no move left"
+        return move
+
+    def base(self) -> Trial:
+        """The first-round trial that escalation starts from: the best recovery of the presets as they are."""
+        first = [t for t in self.trials if not t.move.kept and t.move.samples is None and t.move.smoothing is None]
+        return max(first, key=lambda t: t.recovery)
+
+    def estimated_size(self, kept: tuple[str, ...]) -> float:
+        """A trial's size with `kept` layers in bf16, from the base trial's bytes per quantized weight."""
+        base = self.base()
+        quantized = sum(self.linear_params.values()) or 1
+        per_param = (base.size_bytes - (self.size_before - 2 * quantized)) / quantized
+        return base.size_bytes + sum(self.linear_params.get(name, 0) for name in kept) * (2 - per_param)
+
+    def _keep_more_layers(self) -> Move | None:
+        base = self.base()
+        kept_so_far = max((len(t.move.kept) for t in self.trials if t.move.preset == base.move.preset), default=0)
+        count = min(max(1, 2 * kept_so_far), len(self.ranking))
+        if count <= kept_so_far:
+            return None
+        kept = tuple(entry["module"] for entry in self.ranking[:count])
+        if not self.within_cap(self.estimated_size(kept)):
+            return None
+        change = f"{count} most sensitive {'layer' if count == 1 else 'layers'} kept in bf16"
+        return Move(preset=base.move.preset, kept=kept, change=change)
+
+    def largest_kept(self) -> tuple[str, ...]:
+        base = self.base().move.preset
+        return max((t.move.kept for t in self.trials if t.move.preset == base), key=len, default=())
+
+    def _calibration_move(self) -> Move | None:
+        base = self.base().move
+        preset = PRESETS[base.preset]
+        if not preset.needs_calibration:
+            return None
+        kept, tried = self.largest_kept(), [t.move for t in self.trials]
+        samples = min(2 * self.spec.calibration.samples, len(self.report.calibration_records))
+        if samples > self.spec.calibration.samples and not any(m.samples for m in tried):
+            change = f"{samples} calibration samples instead of {self.spec.calibration.samples}"
+            return Move(preset=base.preset, kept=kept, samples=samples, change=change + _kept_words(kept))
+        if any(name == "SmoothQuantModifier" for name, _ in preset.modifiers):
+            for strength in _SMOOTHING_STRENGTHS:
+                if not any(m.smoothing == strength for m in tried):
+                    change = f"SmoothQuant strength {strength:g}" + _kept_words(kept)
+                    return Move(preset=base.preset, kept=kept, smoothing=strength, change=change)
+        return None
+
+    def summary(self, chosen: Trial) -> dict[str, Any]:
+        floor = self.search.floor
+        return {
+            "kind": "floor search" if floor else "sweep",
+            "floor": dataclasses.asdict(floor) if floor else None,
+            "floor_percent": self.floor_percent,
+            "budget": dataclasses.asdict(self.search.budget),
+            "presets": sweep_presets(self.spec),
+            "baseline_size_bytes": self.size_before,
+            "trials": [t.to_dict() for t in self.trials],
+            "chosen": chosen.number,
+            "met_floor": chosen.meets_floor,
+            "stopped": self.stopped,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "sensitivity": self.ranking[:20],
+            "sensitivity_probe": (
+                f"each Linear's output error (compressed against original weights, same input) on "
+                f"{_PROBE_SAMPLES} calibration samples of up to {_PROBE_TOKENS} tokens, trial 1's model"
+            ),
+        }
+
+
+def _kept_words(kept: tuple[str, ...]) -> str:
+    return f", with {len(kept)} layers kept in bf16" if kept else ""
+
+
+def search_compress(
+    spec: CompressionSpec,
+    out_dir: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    store: Path | None = None,
+    caps: WorkerCaps | None = None,
+    model_cache: ModelCache | None = None,
+) -> CompressionResult:
+    """Search as the module says and write the chosen checkpoint into out_dir (which must not exist yet)."""
+    reporter = _Reporter(progress, should_cancel)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
+    reporter.plan(spec, spec.calibration.kind != "none")
+    reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
+    report = preflight(spec, store=store, progress=reporter.download, model_cache=model_cache)
+    if not report.calibration_records and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
+        # The job's own preset is data-free, but a preset of the sweep calibrates: read its rows too.
+        report.calibration_records = check_calibration(spec.calibration, True, load_hub=True)
+    plan = plan_memory(
+        report.footprint, detect_resources(out_dir.parent, device=spec.device, caps=caps), device=spec.device
+    )
+    if plan.mode == DISK_OFFLOAD:
+        raise PreflightError(
+            f"A floor search keeps the model and a copy of it in memory, and this one only fits with disk offload "
+            f"({plan.summary}); run the presets as separate jobs.",
+            field="search",
+        )
+    reporter.emit("preparing", f"Memory plan: {plan.summary}")
+    timings: dict[str, float] = {}
+    evaluation = spec.evaluation or EvaluationSpec()  # the floor is judged on the offline suite's windows
+    with staging_folder(out_dir) as staging, _captured_logs(reporter):
+        reporter.plan(spec, report.needs_calibration)
+        _weigh_trials(reporter, spec, report)
+        placement = plan.placement(scratch=staging)
+        state = _Search(spec, report, report.model.weights_bytes)
+        chosen = _run_trials(state, placement, staging, evaluation, reporter, timings)
+        _publish_trial(chosen, staging)
+        chosen_spec = dataclasses.replace(spec, preset=chosen.move.preset, evaluation=evaluation)
+        chosen_report = dataclasses.replace(report, recipe_yaml=chosen.recipe_yaml)
+        result = CompressionResult(
+            output_dir=out_dir,
+            size_before_bytes=report.model.weights_bytes,
+            size_after_bytes=weights_bytes(staging),
+            timings=timings,
+            layer_errors=chosen.layer_errors,
+            settings=_run_settings(plan),
+        )
+        result.settings["vllm_check"] = _check_in_vllm(staging, plan, reporter, timings)
+        started = time.perf_counter()
+        reporter.emit("evaluating", "Evaluating baseline and the chosen checkpoint")
+        result.evaluation = evaluate(
+            evaluation,
+            baseline_dir=report.model.path,
+            compressed_dir=staging,
+            baseline_key=_baseline_key(report),
+            cache_dir=default_cache_dir(),
+            placement=placement,
+            progress=reporter.evaluation_progress,
+        )
+        timings["evaluate_s"] = time.perf_counter() - started
+        result.settings["search"] = state.summary(chosen)
+        started = time.perf_counter()
+        reporter.emit("hashing", "Writing the model card and hashing the files")
+        _write_card(staging, chosen_spec, chosen_report, result)
+        payload = _results_payload(chosen_spec, chosen_report, result)
+        (staging / "results.json").write_text(json.dumps(payload, indent=2))
+        result.manifest = write_manifest(staging, model=spec.model, preset=chosen.move.preset)
+        timings["hash_s"] = time.perf_counter() - started
+    reporter.emit("done", f"Checkpoint ready in {out_dir}: trial {chosen.number} of {len(state.trials)}")
+    return result
+
+
+def _weigh_trials(reporter: _Reporter, spec: CompressionSpec, report: PreflightReport) -> None:
+    """Progress: the compression stage holds every trial of the budget, each scored on the held-out windows."""
+    stage = "calibrating" if report.needs_calibration else "compressing"
+    trials = (spec.search or SearchSpec()).budget.max_trials
+    reporter.costs[stage] = trials * (reporter.costs.get(stage, 0.0) + _TRIAL_SCORE_S)
+
+
+def _run_trials(state: _Search, placement, staging: Path, evaluation: EvaluationSpec, reporter, timings) -> Trial:
+    """Load once, score the baseline once, then run trials until next_move says stop; return the chosen one."""
+    import torch
+    from transformers import AutoTokenizer
+
+    spec, report = state.spec, state.report
+    started = time.perf_counter()
+    reporter.emit("loading", "Loading the model (once for every trial)")
+    loading = {"trust_remote_code": spec.trust_remote_code, "use_safetensors": not spec.allow_pickle}
+    with placed_model(report.model.path, placement, **loading) as original:
+        original.eval()
+        tokenizer = AutoTokenizer.from_pretrained(report.model.path, trust_remote_code=spec.trust_remote_code)
+        timings["load_s"] = time.perf_counter() - started
+        state.linear_params = _quantized_linear_params(original, report)
+        state.linear_widths = {n: m.in_features for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
+        with torch.no_grad():
+            reference = heldout_scores(original, tokenizer, evaluation)
+        stage = "calibrating" if report.needs_calibration else "compressing"
+        while (move := state.next_move()) is not None:
+            number = len(state.trials) + 1
+            budget = state.search.budget.max_trials
+            reporter.emit(stage, f"Trial {number} of at most {budget}: {move.change}", within=(number - 1) / budget)
+            trial = _run_trial(number, move, original, tokenizer, reference, state, staging, evaluation, reporter)
+            state.trials.append(trial)
+            reporter.log(
+                f"{TRIAL_LINE}{number}: {move.change}: {trial.size_bytes / 1e6:.1f} MB, "
+                f"perplexity recovery {trial.recovery:.2f} %" + _floor_words(trial)
+            )
+            _drop_unchosen_folders(state)
+        timings["search_s"] = time.perf_counter() - started
+    gc.collect()
+    chosen = state.chosen()
+    if chosen is None:
+        raise EngineError("The search ran no trial (its budget allows none).", field="search")
+    return chosen
+
+
+def _floor_words(trial: Trial) -> str:
+    if trial.meets_floor is None:
+        return ""
+    return ": meets the floor" if trial.meets_floor else ": below the floor"
+
+
+def _run_trial(number, move, original, tokenizer, reference, state, staging, evaluation, reporter) -> Trial:
+    """Compress a copy of the original weights as `move` says, score it, save it under staging/.trials/N."""
+    import torch
+
+    started = time.perf_counter()
+    recipe = trial_recipe(move, state.linear_widths, ignore_indivisible=state.spec.ignore_indivisible)
+    model = copy.deepcopy(original)  # the original weights stay untouched for the next trial
+    dataset = _trial_dataset(move, state, tokenizer)
+    layer_reporter = _Reporter(None, reporter.should_cancel)
+    with _cancel_checks(model, reporter), _layer_errors(model, layer_reporter):
+        _oneshot(model, tokenizer, dataclasses.replace(state.report, recipe_yaml=recipe), state.spec, dataset, reporter)
+    model.eval()
+    with torch.no_grad():
+        scores = heldout_scores(model, tokenizer, evaluation, reference)
+        if not state.ranking:
+            state.ranking = _sensitivity(model, original, tokenizer, state)
+    folder = staging / ".trials" / str(number)
+    model.save_pretrained(folder, save_compressed=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "recipe.yaml").write_text(recipe)
+    del model
+    gc.collect()
+    recovery = 100.0 * reference["perplexity"] / scores["perplexity"]
+    return Trial(
+        number=number,
+        move=move,
+        recipe_yaml=recipe,
+        size_bytes=weights_bytes(folder),
+        perplexity=scores["perplexity"],
+        recovery=recovery,
+        kl=scores["kl"],
+        top1_agreement=scores["top1_agreement"],
+        seconds=time.perf_counter() - started,
+        meets_floor=state.meets(recovery),
+        layer_errors=layer_reporter.layer_errors,
+        folder=folder,
+    )
+
+
+def trial_recipe(move: Move, linear_widths: dict[str, int], *, ignore_indivisible: bool) -> str:
+    """The plain llm-compressor recipe of one trial: the preset (SmoothQuant strength as the move says) with
+    the layers its group size cannot divide and the kept layers in `ignore`."""
+    preset = get_preset(move.preset)
+    if move.smoothing is not None:
+        preset = _with_smoothing(preset, move.smoothing)
+    indivisible = check_group_sizes(linear_widths, {preset.group_size}, ignore_indivisible) if preset.group_size else []
+    return preset.recipe_yaml(sorted({*indivisible, *move.kept}))
+
+
+def _with_smoothing(preset: Preset, strength: float) -> Preset:
+    modifiers = tuple(
+        (name, {**args, "smoothing_strength": strength} if name == "SmoothQuantModifier" else args)
+        for name, args in preset.modifiers
+    )
+    return dataclasses.replace(preset, modifiers=modifiers)
+
+
+def _trial_dataset(move: Move, state: _Search, tokenizer):
+    preset = PRESETS[move.preset]
+    if not preset.needs_calibration:
+        return None
+    cal = state.spec.calibration
+    samples = move.samples or cal.samples
+    return calib.tokenize_records(
+        state.report.calibration_records, tokenizer, dataclasses.replace(cal, samples=samples)
+    )
+
+
+@contextmanager
+def _cancel_checks(model, reporter: _Reporter) -> Iterator[None]:
+    """A cancel stops a trial at its next decoder layer (a long GPTQ trial never runs to its end first)."""
+    layers = getattr(getattr(model, "model", model), "layers", None) or []
+    handles = [layer.register_forward_pre_hook(lambda *_: reporter.check_cancel()) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _sensitivity(compressed, original, tokenizer, state: _Search) -> list[dict[str, Any]]:
+    """Rank the quantized Linear layers by their own output error on a few calibration samples: each one's
+    output in the compressed model against the original weights applied to the same input (so weight and
+    activation quantization both count, and the error already passed on by earlier layers does not)."""
+    import torch
+
+    originals = dict(original.named_modules())
+    errors: dict[str, float] = {}
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            reference = originals[name]
+            expected = torch.nn.functional.linear(args[0], reference.weight, reference.bias)
+            errors[name] = errors.get(name, 0.0) + (output.float() - expected.float()).pow(2).mean().item()
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(hook_for(name))
+        for name, module in compressed.named_modules()
+        if name in state.linear_params
+    ]
+    try:
+        for ids in _probe_inputs(state, tokenizer):
+            compressed(ids.to(compressed.device)[None])
+    finally:
+        for handle in handles:
+            handle.remove()
+    gptq = {entry["module"]: entry["error"] for entry in state.trials[0].layer_errors} if state.trials else {}
+    ranked = sorted(errors.items(), key=lambda item: item[1], reverse=True)
+    return [{"module": name, "output_error": error, "layer_error": gptq.get(name)} for name, error in ranked]
+
+
+def _probe_inputs(state: _Search, tokenizer):
+    import torch
+
+    records = state.report.calibration_records or calib.builtin_records(_PROBE_SAMPLES)
+    spec = CalibrationSpec(samples=_PROBE_SAMPLES, max_seq_len=_PROBE_TOKENS)
+    return [torch.tensor(row) for row in calib.tokenize_records(records, tokenizer, spec)["input_ids"]]
+
+
+def _quantized_linear_params(model, report: PreflightReport) -> dict[str, int]:
+    """Each Linear the recipe quantizes (not in its ignore list), with its weight's parameter count."""
+    import torch
+
+    from engine.presets import recipe_ignore
+
+    ignored = recipe_ignore(report.recipe_yaml)
+    return {
+        name: module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name not in ignored and name.split(".")[-1] not in ignored
+    }
+
+
+def _drop_unchosen_folders(state: _Search) -> None:
+    """Keep only the chosen trial's checkpoint on disk: a long search never holds more than two."""
+    chosen = state.chosen()
+    for trial in state.trials:
+        if trial is not chosen and trial.folder is not None:
+            shutil.rmtree(trial.folder, ignore_errors=True)
+            trial.folder = None
+
+
+def _publish_trial(chosen: Trial, staging: Path) -> None:
+    """Move the chosen trial's files to the checkpoint's top and remove the trials' folder."""
+    for path in chosen.folder.iterdir():
+        path.rename(staging / path.name)
+    shutil.rmtree(staging / ".trials", ignore_errors=True)

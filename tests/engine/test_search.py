@@ -1,0 +1,169 @@
+"""The floor search and the sweep (engine.search) on a tiny model: the real llm-compressor, the real held-out
+scoring, the real checkpoint. The tiny model's embeddings are scaled up so that its next-token distribution is
+sharp and fp8 costs it a little perplexity (99.9 % recovery), which a 100 % floor can only get back by keeping
+layers in bf16: every move of the search is then exercised, in a few seconds a trial."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from engine.artifacts import verify_manifest
+from engine.errors import EngineError
+from engine.runner import compress
+from engine.search import check_search
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, QualityFloor, SearchBudget, SearchSpec
+
+FAST_EVALUATION = EvaluationSpec(limit=2)  # two held-out windows: the trials and the final evaluation
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model with embeddings (tied to the output head) 30 times larger: confident, so sensitive."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("sharp-tiny")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30)
+    model.save_pretrained(path)
+    for tokenizer_file in tiny_model_dir.glob("*"):
+        if tokenizer_file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(tokenizer_file, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def private_eval_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESSOR_EVAL_CACHE", str(tmp_path / "eval-cache"))
+
+
+def _search(model, tmp_path, *, floor=None, budget=None, presets=(), preset="fp8-dynamic", calibration=None):
+    events = []
+    spec = CompressionSpec(
+        model=str(model),
+        preset=preset,
+        calibration=calibration or CalibrationSpec(kind="none"),
+        evaluation=FAST_EVALUATION,
+        search=SearchSpec(
+            floor=QualityFloor(at_least=floor) if floor else None, budget=budget or SearchBudget(), presets=presets
+        ),
+    )
+    out = tmp_path / "ckpt"
+    result = compress(spec, out, progress=events.append)
+    return result, result.settings["search"], [e for e in events if e.log_line is None]
+
+
+@pytest.fixture(scope="module")
+def full_search(sharp_model, tmp_path_factory):
+    """A 100 % floor with room for every move: fp8, then 1, 2, 4, 8, 14 layers kept."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COMPRESSOR_EVAL_CACHE", str(tmp_path_factory.mktemp("eval-cache")))
+        return _search(sharp_model, tmp_path_factory.mktemp("search"), floor=1.0, budget=SearchBudget(max_trials=8))
+
+
+def test_trials_keep_ever_more_of_the_most_sensitive_layers_and_stop_at_the_first_that_meets_the_floor(full_search):
+    _result, search, events = full_search
+    trials = search["trials"]
+    # Trial 1 is the preset as it is, and it misses a 100 % floor
+    assert trials[0]["change"] == "fp8-dynamic as it is" and trials[0]["kept_layers"] == []
+    assert trials[0]["recovery"] < 100 and trials[0]["meets_floor"] is False
+    # Then the layers kept in bf16 double, always the top of the sensitivity ranking
+    ranking = [entry["module"] for entry in search["sensitivity"]]
+    assert len(ranking) == 14 and "model.layers.1.mlp.down_proj" in ranking
+    counts = [len(trial["kept_layers"]) for trial in trials[1:]]
+    assert counts == [1, 2, 4, 8, 14][: len(counts)]
+    for trial in trials[1:]:
+        assert set(trial["kept_layers"]) == set(ranking[: len(trial["kept_layers"])])
+    # The search stops at the first trial that meets the floor (none after it), within the budget
+    assert [t["meets_floor"] for t in trials] == [False] * (len(trials) - 1) + [True]
+    assert search["stopped"] == "floor met" and search["met_floor"] is True and len(trials) <= 8
+    # ...and the model was loaded once for every trial
+    assert sum(1 for event in events if event.stage == "loading") == 1
+
+
+def test_the_chosen_checkpoint_is_the_smallest_meeting_the_floor_with_its_kept_layers_in_the_recipe(full_search):
+    result, search, _events = full_search
+    meeting = [t for t in search["trials"] if t["meets_floor"]]
+    chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
+    assert chosen == min(meeting, key=lambda t: t["size_bytes"])
+    # The checkpoint is that trial's: its size, a plain llm-compressor recipe with the kept layers in `ignore`
+    folder = result.output_dir
+    assert result.size_after_bytes == chosen["size_bytes"]
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    modifiers = recipe["compression_stage"]["compression_modifiers"]
+    assert modifiers["QuantizationModifier"]["scheme"] == "FP8_DYNAMIC"
+    assert modifiers["QuantizationModifier"]["ignore"] == ["lm_head", *sorted(chosen["kept_layers"])]
+    # ...hashed without the other trials' folders, its results carrying every trial, its card saying why
+    assert verify_manifest(folder) == [] and not (folder / ".trials").exists()
+    saved = json.loads((folder / "results.json").read_text())
+    assert [t["number"] for t in saved["settings"]["search"]["trials"]] == [t["number"] for t in search["trials"]]
+    card = (folder / "README.md").read_text()
+    assert "A floor search chose it" in card and "100.00 %" in card and f"| {chosen['number']} (chosen) |" in card
+    # ...and its own evaluation, reloaded from the files, agrees with the trial's score
+    perplexity = next(m for m in result.evaluation["metrics"] if m["name"] == "perplexity")
+    assert perplexity["recovery"] == pytest.approx(chosen["recovery"], abs=0.05)
+
+
+def test_a_spent_budget_ends_the_search_with_the_best_trial_marked_as_missing_the_floor(sharp_model, tmp_path):
+    # Given a 100 % floor and room for two trials
+    result, search, _events = _search(sharp_model, tmp_path, floor=1.0, budget=SearchBudget(max_trials=2))
+
+    # Then it stops after two, neither meets the floor, and the best of them is kept, marked as missing it
+    assert len(search["trials"]) == 2 and search["stopped"] == "budget: 2 trials"
+    best = max(search["trials"], key=lambda t: t["recovery"])
+    assert search["chosen"] == best["number"] and search["met_floor"] is False
+    assert "MISSES the floor" in (result.output_dir / "README.md").read_text()
+
+
+def test_a_time_budget_allows_the_first_trial_and_no_more_once_spent(sharp_model, tmp_path):
+    _result, search, _events = _search(sharp_model, tmp_path, floor=1.0, budget=SearchBudget(max_seconds=0.5))
+    assert len(search["trials"]) == 1 and search["stopped"].startswith("budget: 0.5 s")
+
+
+def test_a_sweep_measures_each_preset_on_one_load_and_keeps_the_best(sharp_model, tmp_path):
+    # Given a sweep of fp8-dynamic and int8 GPTQ, without a floor
+    calibration = CalibrationSpec(samples=4, max_seq_len=32)
+    result, search, events = _search(
+        sharp_model, tmp_path, presets=("int8-w8a8-gptq",), calibration=calibration, budget=SearchBudget(max_trials=4)
+    )
+
+    # Then each preset is one trial, the model was loaded once, and the checkpoint is the best recovery's
+    assert [(t["preset"], t["change"]) for t in search["trials"]] == [
+        ("fp8-dynamic", "fp8-dynamic as it is"),
+        ("int8-w8a8-gptq", "int8-w8a8-gptq as it is"),
+    ]
+    assert search["kind"] == "sweep" and search["stopped"] == "every preset of the sweep measured"
+    assert sum(1 for event in events if event.stage == "loading") == 1
+    best = max(search["trials"], key=lambda t: t["recovery"])
+    saved = json.loads((result.output_dir / "results.json").read_text())
+    assert search["chosen"] == best["number"] and saved["preset"] == best["preset"]
+    assert "A sweep of 2 trials" in (result.output_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (CompressionSpec(recipe_yaml="x: 1", search=SearchSpec(floor=QualityFloor())), "starts from a preset"),
+        (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(floor=QualityFloor(metric="mmlu"))), "Unknown floor"),
+        (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(floor=QualityFloor(at_least=99))), "at most 1"),
+        (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(budget=SearchBudget(max_trials=0))), "max_trials"),
+        (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(presets=("int9",))), "Unknown preset"),
+        (
+            CompressionSpec(
+                preset="fp8-dynamic",
+                calibration=CalibrationSpec(kind="none"),
+                search=SearchSpec(presets=("fp8-static",)),
+            ),
+            "needs calibration",
+        ),
+    ],
+)
+def test_the_submission_check_refuses_a_search_that_cannot_run(spec, words):
+    with pytest.raises(EngineError) as refused:
+        check_search(spec)
+    assert words in refused.value.message and refused.value.field in ("search", "preset", "calibration")
