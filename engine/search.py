@@ -111,6 +111,7 @@ class Move:
     kept: tuple[str, ...] = ()
     samples: int | None = None
     smoothing: float | None = None
+    bf16_activations: bool = False  # the preset's weights, its activation quantization left out
     change: str = ""
 
 
@@ -137,6 +138,7 @@ class Trial:
             "kept_layers": list(self.move.kept),
             "calibration_samples": self.move.samples,
             "smoothing_strength": self.move.smoothing,
+            "bf16_activations": self.move.bf16_activations,
             "size_bytes": self.size_bytes,
             "perplexity": self.perplexity,
             "recovery": self.recovery,
@@ -199,7 +201,7 @@ class _Search:
         if any(t.meets_floor and self.within_cap(t.size_bytes) for t in self.trials):
             self.stopped = "floor met"
             return None
-        move = self._keep_more_layers() or self._calibration_move()
+        move = self._activations_move() or self._keep_more_layers() or self._calibration_move()
         if move is None:
             self.stopped = "no move left"
         return move
@@ -216,9 +218,18 @@ class _Search:
         per_param = (base.size_bytes - (self.size_before - 2 * quantized)) / quantized
         return base.size_bytes + sum(self.linear_params.get(name, 0) for name in kept) * (2 - per_param)
 
+    def _activations_move(self) -> Move | None:
+        """Once: the best preset's weights with its activations left in bf16 (as large as the preset, since the
+        weights make the size; vLLM then runs the weight-only kernels)."""
+        preset = self.base().move.preset
+        if any(t.move.bf16_activations for t in self.trials) or weights_only(get_preset(preset)) is None:
+            return None
+        return Move(preset=preset, bf16_activations=True, change=f"{preset}'s weights, activations kept in bf16")
+
     def _keep_more_layers(self) -> Move | None:
         base = self.base()
-        kept_so_far = max((len(t.move.kept) for t in self.trials if t.move.preset == base.move.preset), default=0)
+        same = [t for t in self.trials if (t.move.preset, t.move.bf16_activations) == self._base_key()]
+        kept_so_far = max((len(t.move.kept) for t in same), default=0)
         count = min(max(1, 2 * kept_so_far), len(self.ranking))
         if count <= kept_so_far:
             return None
@@ -226,11 +237,17 @@ class _Search:
         if not self.within_cap(self.estimated_size(kept)):
             return None
         change = f"{count} most sensitive {'layer' if count == 1 else 'layers'} kept in bf16"
-        return Move(preset=base.move.preset, kept=kept, change=change)
+        if base.move.bf16_activations:
+            change += ", activations in bf16"
+        return Move(preset=base.move.preset, kept=kept, bf16_activations=base.move.bf16_activations, change=change)
+
+    def _base_key(self) -> tuple[str, bool]:
+        base = self.base().move
+        return base.preset, base.bf16_activations
 
     def largest_kept(self) -> tuple[str, ...]:
-        base = self.base().move.preset
-        return max((t.move.kept for t in self.trials if t.move.preset == base), key=len, default=())
+        same = [t for t in self.trials if (t.move.preset, t.move.bf16_activations) == self._base_key()]
+        return max((t.move.kept for t in same), key=len, default=())
 
     def _calibration_move(self) -> Move | None:
         base = self.base().move
@@ -241,12 +258,24 @@ class _Search:
         samples = min(2 * self.spec.calibration.samples, len(self.report.calibration_records))
         if samples > self.spec.calibration.samples and not any(m.samples for m in tried):
             change = f"{samples} calibration samples instead of {self.spec.calibration.samples}"
-            return Move(preset=base.preset, kept=kept, samples=samples, change=change + _kept_words(kept))
+            return Move(
+                preset=base.preset,
+                kept=kept,
+                samples=samples,
+                bf16_activations=base.bf16_activations,
+                change=change + _kept_words(kept),
+            )
         if any(name == "SmoothQuantModifier" for name, _ in preset.modifiers):
             for strength in _SMOOTHING_STRENGTHS:
                 if not any(m.smoothing == strength for m in tried):
                     change = f"SmoothQuant strength {strength:g}" + _kept_words(kept)
-                    return Move(preset=base.preset, kept=kept, smoothing=strength, change=change)
+                    return Move(
+                        preset=base.preset,
+                        kept=kept,
+                        smoothing=strength,
+                        bf16_activations=base.bf16_activations,
+                        change=change,
+                    )
         return None
 
     def summary(self, chosen: Trial) -> dict[str, Any]:
@@ -445,8 +474,41 @@ def trial_recipe(move: Move, linear_widths: dict[str, int], *, ignore_indivisibl
     preset = get_preset(move.preset)
     if move.smoothing is not None:
         preset = _with_smoothing(preset, move.smoothing)
+    if move.bf16_activations:
+        preset = weights_only(preset) or preset
     indivisible = check_group_sizes(linear_widths, {preset.group_size}, ignore_indivisible) if preset.group_size else []
     return preset.recipe_yaml(sorted({*indivisible, *move.kept}))
+
+
+def weights_only(preset: Preset) -> Preset | None:
+    """The preset with its weights quantized as it says and its activations left unquantized (bf16); None
+    when it quantizes no activations. A named scheme becomes its weights' config group."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    changed = False
+    modifiers = []
+    for name, args in preset.modifiers:
+        groups = args.get("config_groups")
+        if isinstance(args.get("scheme"), str):
+            scheme = preset_name_to_scheme(args["scheme"], list(args.get("targets") or ["Linear"]))
+            groups = {"group_0": _plain(scheme.model_dump(mode="json", exclude_none=True))}
+        if not groups or not any(group.get("input_activations") for group in groups.values()):
+            modifiers.append((name, args))
+            continue
+        changed = True
+        weights = {key: {k: v for k, v in group.items() if k != "input_activations"} for key, group in groups.items()}
+        modifiers.append((name, {**{k: v for k, v in args.items() if k != "scheme"}, "config_groups": weights}))
+    if not changed:
+        return None
+    activations = "none: kept in bf16 (a search move)"
+    return dataclasses.replace(preset, modifiers=tuple(modifiers), activation_quantization=activations)
+
+
+def _plain(value: Any) -> Any:
+    """A dumped scheme without its empty and None fields (the recipe says only what it sets)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items() if item not in (None, {}, [])}
+    return value
 
 
 def _with_smoothing(preset: Preset, strength: float) -> Preset:

@@ -72,13 +72,19 @@ def test_trials_keep_ever_more_of_the_most_sensitive_layers_and_stop_at_the_firs
     # Trial 1 is the preset as it is, and it misses a 100 % floor
     assert trials[0]["change"] == "fp8-dynamic as it is" and trials[0]["kept_layers"] == []
     assert trials[0]["recovery"] < 100 and trials[0]["meets_floor"] is False
-    # Then the layers kept in bf16 double, always the top of the sensitivity ranking
+    # Trial 2 keeps fp8's weights and leaves the activations in bf16: the same size (the weights make it)
+    assert trials[1]["change"] == "fp8-dynamic's weights, activations kept in bf16"
+    assert trials[1]["bf16_activations"] is True and trials[1]["kept_layers"] == []
+    assert abs(trials[1]["size_bytes"] - trials[0]["size_bytes"]) < 0.02 * trials[0]["size_bytes"]
+    # Then the layers kept in bf16 double on top of the better of the two, always the top of the sensitivity ranking
     ranking = [entry["module"] for entry in search["sensitivity"]]
     assert len(ranking) == 14 and "model.layers.1.mlp.down_proj" in ranking
-    counts = [len(trial["kept_layers"]) for trial in trials[1:]]
+    base = max(trials[:2], key=lambda trial: trial["recovery"])
+    counts = [len(trial["kept_layers"]) for trial in trials[2:]]
     assert counts == [1, 2, 4, 8, 14][: len(counts)]
-    for trial in trials[1:]:
+    for trial in trials[2:]:
         assert set(trial["kept_layers"]) == set(ranking[: len(trial["kept_layers"])])
+        assert trial["bf16_activations"] == base["bf16_activations"]
     # The search stops at the first trial that meets the floor (none after it), within the budget
     assert [t["meets_floor"] for t in trials] == [False] * (len(trials) - 1) + [True]
     assert search["stopped"] == "floor met" and search["met_floor"] is True and len(trials) <= 8
@@ -96,8 +102,13 @@ def test_the_chosen_checkpoint_is_the_smallest_meeting_the_floor_with_its_kept_l
     assert result.size_after_bytes == chosen["size_bytes"]
     recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
     modifiers = recipe["compression_stage"]["compression_modifiers"]
-    assert modifiers["QuantizationModifier"]["scheme"] == "FP8_DYNAMIC"
-    assert modifiers["QuantizationModifier"]["ignore"] == ["lm_head", *sorted(chosen["kept_layers"])]
+    quantization = modifiers["QuantizationModifier"]
+    if chosen["bf16_activations"]:  # fp8's weights as a config group of their own, no activations
+        assert quantization["config_groups"]["group_0"]["weights"]["type"] == "float"
+        assert "input_activations" not in quantization["config_groups"]["group_0"] and "scheme" not in quantization
+    else:
+        assert quantization["scheme"] == "FP8_DYNAMIC"
+    assert quantization["ignore"] == ["lm_head", *sorted(chosen["kept_layers"])]
     # ...hashed without the other trials' folders, its results carrying every trial, its card saying why
     assert verify_manifest(folder) == [] and not (folder / ".trials").exists()
     saved = json.loads((folder / "results.json").read_text())
@@ -107,6 +118,28 @@ def test_the_chosen_checkpoint_is_the_smallest_meeting_the_floor_with_its_kept_l
     # ...and its own evaluation, reloaded from the files, agrees with the trial's score
     perplexity = next(m for m in result.evaluation["metrics"] if m["name"] == "perplexity")
     assert perplexity["recovery"] == pytest.approx(chosen["recovery"], abs=0.05)
+
+
+def test_the_activations_move_keeps_the_presets_weights_and_drops_its_activations():
+    from engine.presets import get_preset
+    from engine.search import weights_only
+
+    fp8 = weights_only(get_preset("fp8-dynamic"))
+    ((name, args),) = fp8.modifiers
+    group = args["config_groups"]["group_0"]
+    assert name == "QuantizationModifier" and "scheme" not in args and "input_activations" not in group
+    assert group["weights"] == {
+        "num_bits": 8,
+        "type": "float",
+        "symmetric": True,
+        "strategy": "channel",
+        "dynamic": False,
+    }
+    gptq = weights_only(get_preset("int8-w8a8-gptq"))
+    assert gptq.modifiers[0][1]["config_groups"]["group_0"]["weights"]["type"] == "int"
+    assert gptq.modifiers[0][1]["dampening_frac"] == 0.01
+    # a weight-only preset has nothing to leave out
+    assert weights_only(get_preset("w4a16-gptq")) is None
 
 
 def test_a_spent_budget_ends_the_search_with_the_best_trial_marked_as_missing_the_floor(sharp_model, tmp_path):
