@@ -207,7 +207,8 @@ class _Search:
         return move
 
     def base(self) -> Trial:
-        """The first-round trial that escalation starts from: the best recovery of the presets as they are."""
+        """The first-round trial that escalation starts from: the best recovery of the presets as they are and
+        with their activations in bf16."""
         first = [t for t in self.trials if not t.move.kept and t.move.samples is None and t.move.smoothing is None]
         return max(first, key=lambda t: t.recovery)
 
@@ -219,12 +220,14 @@ class _Search:
         return base.size_bytes + sum(self.linear_params.get(name, 0) for name in kept) * (2 - per_param)
 
     def _activations_move(self) -> Move | None:
-        """Once: the best preset's weights with its activations left in bf16 (as large as the preset, since the
-        weights make the size; vLLM then runs the weight-only kernels)."""
-        preset = self.base().move.preset
-        if any(t.move.bf16_activations for t in self.trials) or weights_only(get_preset(preset)) is None:
-            return None
-        return Move(preset=preset, bf16_activations=True, change=f"{preset}'s weights, activations kept in bf16")
+        """Each preset of the search once with its weights as it quantizes them and its activations left in bf16
+        (as large as the preset, since the weights make the size; vLLM then runs weight-only kernels)."""
+        done = {t.move.preset for t in self.trials if t.move.bf16_activations}
+        for preset in sweep_presets(self.spec):
+            if preset not in done and weights_only(get_preset(preset)) is not None:
+                change = f"{preset}'s weights, activations kept in bf16"
+                return Move(preset=preset, bf16_activations=True, change=change)
+        return None
 
     def _keep_more_layers(self) -> Move | None:
         base = self.base()
