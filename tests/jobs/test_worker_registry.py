@@ -135,7 +135,7 @@ def test_both_workers_announce_what_their_caps_leave_them(pair):
     assert (roomy.host_ram_bytes, roomy.disk_free_bytes) == (4000 * MB, 150 * MB)
     assert roomy.capped == ["host_ram", "disk"] and roomy.caps["disk_mb"] == 150
     assert narrow.host_ram_bytes == 900 * MB and narrow.disk_free_bytes > 150 * MB and narrow.capped == ["host_ram"]
-    assert narrow.caps == {"host_ram_mb": 900, "gpu_memory_mb": None, "gpus": 0, "disk_mb": None}
+    assert narrow.caps == {"host_ram_mb": 900, "gpu_memory_mb": None, "gpus": 0, "disk_mb": None, "data_parallel": None}
 
 
 def test_each_job_lands_on_a_worker_that_can_hold_it(
