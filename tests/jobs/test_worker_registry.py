@@ -60,11 +60,19 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def worker_pair(django_db_setup, django_db_blocker, broker, media_root, hub_server, tmp_path_factory) -> Iterator[Pair]:
-    """Two cpu workers with different caps, a 1 s registry heartbeat and no GPU, for this module only."""
+def worker_pair(
+    django_db_setup, django_db_blocker, broker, media_root, hub_server, tmp_path_factory, live_worker_process
+) -> Iterator[Pair]:
+    """Two cpu workers with different caps, a 1 s registry heartbeat and no GPU, for this module only.
+
+    The session's live worker stops taking from the shared queues meanwhile: it allows no local model folders,
+    so a tiny-model job it took would fail for a reason that is not this module's (its own queue still works).
+    """
     from django.db import connection
 
     from compressor_app.celery import app
+
+    live_worker_process.pause()
 
     started: list[LiveWorker] = []
     for label, caps in (("roomy", ROOMY), ("narrow", NARROW)):
@@ -90,6 +98,7 @@ def worker_pair(django_db_setup, django_db_blocker, broker, media_root, hub_serv
     finally:
         for worker in started:
             stop_worker_process(worker.process)
+        live_worker_process.resume()
         with app.connection_for_write() as conn:
             for queue in ["cpu", *(nodes.own_queue(w.name) for w in started)]:
                 conn.default_channel.queue_purge(queue)
