@@ -302,7 +302,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
-    "ENUM_NAME_OVERRIDES": {"HubPushStatusEnum": "jobs.models.HubPush.Status"},
+    "ENUM_NAME_OVERRIDES": {
+        "HubPushStatusEnum": "jobs.models.HubPush.Status",
+        "JobStatusEnum": "jobs.models.Job.Status",
+        "PresetEnum": "jobs.api.serializers.PRESET_CHOICES",
+    },
 }
 
 # Operator safety switches for model sources.

@@ -16,6 +16,8 @@ from jobs import selectors
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, HubPush, HubToken, Job, JobLogLine
 
+# One choice set for the preset fields (the job's preset and a sweep's): one enum in the OpenAPI schema.
+PRESET_CHOICES = sorted(PRESETS)
 
 class CalibrationInputSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=Job.CalibrationKind.choices, default=Job.CalibrationKind.BUILTIN)
@@ -68,7 +70,7 @@ class SearchInputSerializer(serializers.Serializer):
     floor = FloorInputSerializer(required=False, allow_null=True, default=None)
     budget = BudgetInputSerializer(required=False)
     presets = serializers.ListField(
-        child=serializers.ChoiceField(choices=sorted(PRESETS)),
+        child=serializers.ChoiceField(choices=PRESET_CHOICES),
         required=False,
         default=list,
         max_length=len(PRESETS),
@@ -86,7 +88,7 @@ class JobCreateSerializer(serializers.Serializer):
     model = serializers.CharField(default=BUILTIN_MODEL, max_length=500, help_text="Built-in name or hub id.")
     revision = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
     preset = serializers.ChoiceField(
-        choices=sorted(PRESETS),
+        choices=PRESET_CHOICES,
         required=False,
         allow_blank=True,
         default="",

@@ -56,12 +56,12 @@ def test_a_floor_search_job_shows_its_trials_and_the_chosen_one_on_its_page(live
     # When the worker runs it
     job = wait_job(created["id"], "succeeded", "failed", timeout=1800)
 
-    # Then fp8 and fp8 with its most sensitive layer in bf16 were tried; neither keeps 99.99 %, so the best is kept
+    # Then fp8 and fp8's weights with bf16 activations were tried; neither keeps 99.99 %, so the best is kept
     assert job.status == "succeeded", job.error + "\n" + live_worker.log_tail()
     search = job.results["settings"]["search"]
     assert [t["change"] for t in search["trials"]] == [
         "fp8-dynamic as it is",
-        "1 most sensitive layer kept in bf16",
+        "fp8-dynamic's weights, activations kept in bf16",
     ]
     assert search["stopped"] == "budget: 2 trials" and search["met_floor"] is False
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
@@ -72,7 +72,7 @@ def test_a_floor_search_job_shows_its_trials_and_the_chosen_one_on_its_page(live
     page = client.get(f"/jobs/{job.pk}/").content.decode()
     assert 'id="trials-table"' in page and "No trial kept the floor within the budget" in page
     assert "floor 99.99 % perplexity recovery; at most 2 trials" in page
-    assert "fp8-dynamic as it is" in page and "1 most sensitive layer kept in bf16" in page
+    assert "fp8-dynamic as it is" in page and "fp8-dynamic&#x27;s weights, activations kept in bf16" in page
     assert f'id="trial-{chosen["number"]}" class="best"' in page and "chosen</span>" in page
     for trial in search["trials"]:
         assert f"{trial['size_bytes'] / 1e6:.1f} MB" in page and f"{trial['recovery']:.2f} %" in page

@@ -39,6 +39,8 @@ def request_of_every_field(make_user) -> JobInput:
         "revision",
         "recipe_yaml",
         "calibration_hub_dataset",
+        "gpus",  # a CPU job asks for no GPU
+        "search",  # one compression (the search's fields have tests of their own: tests/jobs/test_jobs_search.py)
     ]
     return request
 
