@@ -19,6 +19,7 @@ from jobs.models import CalibrationDataset, HubPush, HubToken, Job, JobLogLine
 # One choice set for the preset fields (the job's preset and a sweep's): one enum in the OpenAPI schema.
 PRESET_CHOICES = sorted(PRESETS)
 
+
 class CalibrationInputSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=Job.CalibrationKind.choices, default=Job.CalibrationKind.BUILTIN)
     dataset_id = serializers.IntegerField(
