@@ -258,18 +258,23 @@ def _optimizations(preset: Preset | None, recipe_yaml: str, before: int, after: 
 
 
 def search_table(search: dict) -> str:
-    """A floor search's or a sweep's trials: | Trial | Preset | What changed | Size | Perplexity recovery |."""
+    """A floor search's or a sweep's trials: | Trial | Preset | What changed | Size | Perplexity recovery |, with
+    the tasks' recovery where a task floor judged them."""
     floor = search.get("floor_percent")
+    tasks = any(trial.get("task_recovery") is not None for trial in search["trials"])
+    heading = "| Trial | Preset | What changed | Size | Perplexity recovery |" + (" Task recovery |" if tasks else "")
     lines = [
-        "| Trial | Preset | What changed | Size | Perplexity recovery | Time |" + (" Floor |" if floor else ""),
-        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if floor else ""),
+        heading + " Time |" + (" Floor |" if floor else ""),
+        "| --- " * (6 + tasks + bool(floor)) + "|",
     ]
     for trial in search["trials"]:
         chosen = " (chosen)" if trial["number"] == search["chosen"] else ""
         verdict = {True: " met |", False: " missed |", None: " |"}[trial["meets_floor"]] if floor else ""
+        task = f" {_percent(trial.get('task_recovery'))} |" if tasks else ""
         lines.append(
             f"| {trial['number']}{chosen} | {_md(trial['preset'])} | {_md(trial['change'])} | "
-            f"{size_text(trial['size_bytes'])} | {_percent(trial['recovery'])} | {trial['seconds']:.0f} s |{verdict}"
+            f"{size_text(trial['size_bytes'])} | {_percent(trial['recovery'])} |{task} "
+            f"{trial['seconds']:.0f} s |{verdict}"
         )
     return "\n".join(lines)
 
@@ -280,17 +285,18 @@ def _search(search: dict | None) -> str:
         return ""
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
     trials = len(search["trials"])
+    floor_words = search.get("floor_words") or "perplexity recovery on the held-out text"
     if search.get("floor_percent") is None:
         why = f"A sweep of {trials} trials measured each preset; this is the one with the best perplexity recovery."
     elif search.get("met_floor"):
         why = (
             f"A floor search chose it: the smallest of {trials} trials that keeps at least "
-            f"{_percent(search['floor_percent'])} perplexity recovery on the held-out text."
+            f"{_percent(search['floor_percent'])} {floor_words}."
         )
     else:
         why = (
             f"A floor search of {trials} trials found no checkpoint with {_percent(search['floor_percent'])} "
-            "perplexity recovery within its budget: this is the best one, and it MISSES the floor."
+            f"{floor_words} within its budget: this is the best one, and it MISSES the floor."
         )
     kept = chosen["kept_layers"]
     kept_text = f" Layers kept in bf16 (in the recipe's `ignore`): {', '.join(_code(k) for k in kept)}." if kept else ""

@@ -53,7 +53,13 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     parser.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (implies --eval)")
     parser.add_argument("--eval-limit", type=int, help="limit lm-eval examples per task")
     search = parser.add_argument_group("floor search and sweep (engine.search)")
-    search.add_argument("--floor", type=float, help="least perplexity recovery, a fraction (0.99): search for it")
+    search.add_argument("--floor", type=float, help="least recovery, a fraction (0.99): search for it")
+    search.add_argument(
+        "--floor-metric",
+        choices=["perplexity_recovery", "task_recovery"],
+        default="perplexity_recovery",
+        help="what --floor is judged on: held-out perplexity, or the average recovery of --tasks",
+    )
     search.add_argument("--sweep", default="", help="comma-separated further presets to try besides --preset")
     search.add_argument("--max-trials", type=int, default=6, help="most trials of a search (default 6)")
     search.add_argument("--max-seconds", type=float, help="most seconds of a search")
@@ -103,7 +109,7 @@ def _search_from_args(args: argparse.Namespace) -> SearchSpec | None:
     if args.floor is None and not presets:
         return None
     budget = SearchBudget(max_trials=args.max_trials, max_seconds=args.max_seconds, max_size_ratio=args.max_size_ratio)
-    floor = QualityFloor(at_least=args.floor) if args.floor is not None else None
+    floor = QualityFloor(metric=args.floor_metric, at_least=args.floor) if args.floor is not None else None
     return SearchSpec(floor=floor, budget=budget, presets=presets)
 
 

@@ -351,12 +351,30 @@ def _task_manager(include_path: str):
 def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, step: _Progress) -> dict:
     if spec.backend == "vllm":
         return _task_score(task, _run_task_in_vllm(path, task, spec, step, model.placement))
+    return task_score_in_memory(*model.get(), model.device, task, spec, within=step.within)
+
+
+def runnable_tasks(spec: EvaluationSpec) -> list[str]:
+    """The spec's tasks, each one that can run here; an EngineError naming each that cannot (a floor judged on
+    tasks must not lose one silently)."""
+    tasks, failed = _runnable_tasks(spec)
+    if failed:
+        reasons = "; ".join(f"{f['task']}: {f['reason']}" for f in failed)
+        raise EngineError(f"A task of the floor cannot run here: {reasons}", field="evaluation")
+    return tasks
+
+
+def task_score_in_memory(
+    hf_model, tokenizer, device: str, task: str, spec: EvaluationSpec, within: Callable[[int, int], None] | None = None
+) -> dict:
+    """One lm-eval task's score (engine.evaluation's task record) of a model already in memory, hf backend:
+    what the worker's evaluation runs, and what a floor search judges each trial on."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    hf_model, tokenizer = model.get()
-    lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=model.device, batch_size=8)
-    lm.report = step.within
+    lm = _counting_hflm(HFLM)(pretrained=hf_model, tokenizer=tokenizer, device=device, batch_size=8)
+    if within is not None:
+        lm.report = within
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=[task],

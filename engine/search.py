@@ -36,7 +36,7 @@ from typing import Any
 from engine import calibration as calib
 from engine.artifacts import staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError, PreflightError
-from engine.evaluation import default_cache_dir, evaluate, heldout_scores
+from engine.evaluation import default_cache_dir, evaluate, heldout_scores, runnable_tasks, task_score_in_memory
 from engine.model_cache import ModelCache
 from engine.plan import DISK_OFFLOAD, placed_model, plan_memory
 from engine.preflight import PreflightReport, preflight
@@ -56,9 +56,15 @@ from engine.runner import (
 )
 from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec
 from engine.submission import check_calibration, check_group_sizes
+from engine.units import recovery_percent
 
-# What a floor may be stated on: the offline suite's perplexity recovery (the figure every job reports).
-FLOOR_METRICS = {"perplexity_recovery": "perplexity recovery on the held-out text"}
+# What a floor may be stated on: the offline suite's perplexity recovery (the figure every job reports), or
+# the average recovery of the job's lm-eval tasks (each trial's accuracy over the baseline's, same items).
+PERPLEXITY_FLOOR, TASK_FLOOR = "perplexity_recovery", "task_recovery"
+FLOOR_METRICS = {
+    PERPLEXITY_FLOOR: "perplexity recovery on the held-out text",
+    TASK_FLOOR: "average recovery of the evaluation's lm-eval tasks",
+}
 MAX_TRIALS = 50
 FIELD = "search"  # the request field a search's problems concern
 TRIAL_LINE = "Trial "  # how each trial's log line begins (the engine's CLI prints them as they come)
@@ -82,6 +88,8 @@ def check_search(spec: CompressionSpec) -> None:
             raise PreflightError(f"Unknown floor metric '{search.floor.metric}'; use {known}.", field="search")
         if not 0 < search.floor.at_least <= 1:
             raise PreflightError("The floor's at_least is a fraction of the baseline: above 0, at most 1.", field=FIELD)
+        if search.floor.metric == TASK_FLOOR:
+            _check_task_floor(spec.evaluation)
     budget = search.budget
     if not 1 <= budget.max_trials <= MAX_TRIALS:
         raise PreflightError(f"max_trials must be between 1 and {MAX_TRIALS}.", field="search")
@@ -95,6 +103,18 @@ def check_search(spec: CompressionSpec) -> None:
         raise PreflightError(f"A sweep tries at most {MAX_SWEEP_PRESETS} presets.", field="search")
     if spec.calibration.kind == "none" and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
         raise PreflightError("A preset of the sweep needs calibration data; choose some.", field="calibration")
+
+
+def _check_task_floor(evaluation: EvaluationSpec | None) -> None:
+    """A task floor judges every trial on the evaluation's tasks, in memory: tasks, run by the hf backend."""
+    if evaluation is None or not evaluation.tasks:
+        raise PreflightError("A task floor needs the lm-eval tasks it is judged on: set evaluation.tasks.", field=FIELD)
+    if evaluation.backend != "hf":
+        raise PreflightError(
+            "A task floor scores each trial in memory with the hf backend; set evaluation.backend to hf "
+            "(the chosen checkpoint's own evaluation runs on hf too).",
+            field=FIELD,
+        )
 
 
 def sweep_presets(spec: CompressionSpec) -> list[str]:
@@ -129,6 +149,13 @@ class Trial:
     meets_floor: bool | None
     layer_errors: list[dict[str, Any]] = field(default_factory=list)
     folder: Path | None = None
+    task_recovery: float | None = None  # percent: the tasks' average recovery, for a task floor
+    task_scores: dict[str, float] = field(default_factory=dict)  # each task's score, percent
+
+    @property
+    def quality(self) -> float:
+        """What the floor is judged on: the tasks' average recovery for a task floor, else perplexity's."""
+        return self.recovery if self.task_recovery is None else self.task_recovery
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +171,8 @@ class Trial:
             "recovery": self.recovery,
             "kl_divergence": self.kl,
             "top1_agreement": self.top1_agreement,
+            "task_recovery": self.task_recovery,
+            "task_scores": self.task_scores,
             "seconds": round(self.seconds, 2),
             "meets_floor": self.meets_floor,
         }
@@ -161,6 +190,12 @@ class _Search:
         self.linear_widths: dict[str, int] = {}
         self.started = time.perf_counter()
         self.stopped = ""
+        self.task_baseline: dict[str, float] = {}  # a task floor: the baseline's score on each task, percent
+        self.device = "cpu"  # where the model runs (the plan's placement), for the task floor's lm-eval runs
+
+    @property
+    def floor_metric(self) -> str:
+        return self.search.floor.metric if self.search.floor else PERPLEXITY_FLOOR
 
     @property
     def floor_percent(self) -> float | None:
@@ -177,8 +212,8 @@ class _Search:
         """The smallest trial meeting the floor (within the size cap); else the best recovery."""
         meeting = [t for t in self.trials if t.meets_floor and self.within_cap(t.size_bytes)]
         if meeting:
-            return min(meeting, key=lambda t: (t.size_bytes, -t.recovery))
-        return max(self.trials, key=lambda t: (t.recovery, -t.size_bytes), default=None)
+            return min(meeting, key=lambda t: (t.size_bytes, -t.quality))
+        return max(self.trials, key=lambda t: (t.quality, -t.size_bytes), default=None)
 
     def next_move(self) -> Move | None:
         """The next trial, or None with self.stopped saying why the search ends."""
@@ -210,7 +245,7 @@ class _Search:
         """The first-round trial that escalation starts from: the best recovery of the presets as they are and
         with their activations in bf16."""
         first = [t for t in self.trials if not t.move.kept and t.move.samples is None and t.move.smoothing is None]
-        return max(first, key=lambda t: t.recovery)
+        return max(first, key=lambda t: t.quality)
 
     def estimated_size(self, kept: tuple[str, ...]) -> float:
         """A trial's size with `kept` layers in bf16, from the base trial's bytes per quantized weight."""
@@ -287,6 +322,9 @@ class _Search:
             "kind": "floor search" if floor else "sweep",
             "floor": dataclasses.asdict(floor) if floor else None,
             "floor_percent": self.floor_percent,
+            "floor_metric": self.floor_metric,
+            "floor_words": FLOOR_METRICS[self.floor_metric],
+            "task_baseline": self.task_baseline,
             "budget": dataclasses.asdict(self.search.budget),
             "presets": sweep_presets(self.spec),
             "baseline_size_bytes": self.size_before,
@@ -404,8 +442,12 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
         timings["load_s"] = time.perf_counter() - started
         state.linear_params = _quantized_linear_params(original, report)
         state.linear_widths = {n: m.in_features for n, m in original.named_modules() if isinstance(m, torch.nn.Linear)}
+        state.device = placement.device
         with torch.no_grad():
             reference = heldout_scores(original, tokenizer, evaluation)
+            if state.floor_metric == TASK_FLOOR:
+                reporter.emit("loading", "Scoring the baseline on the floor's tasks (once for every trial)")
+                state.task_baseline = _task_scores(original, tokenizer, state, evaluation)
         stage = "calibrating" if report.needs_calibration else "compressing"
         while (move := state.next_move()) is not None:
             number = len(state.trials) + 1
@@ -413,9 +455,10 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
             reporter.emit(stage, f"Trial {number} of at most {budget}: {move.change}", within=(number - 1) / budget)
             trial = _run_trial(number, move, original, tokenizer, reference, state, staging, evaluation, reporter)
             state.trials.append(trial)
+            tasks = "" if trial.task_recovery is None else f", task recovery {trial.task_recovery:.2f} %"
             reporter.log(
                 f"{TRIAL_LINE}{number}: {move.change}: {trial.size_bytes / 1e6:.1f} MB, "
-                f"perplexity recovery {trial.recovery:.2f} %" + _floor_words(trial)
+                f"perplexity recovery {trial.recovery:.2f} %{tasks}" + _floor_words(trial)
             )
             _drop_unchosen_folders(state)
         timings["search_s"] = time.perf_counter() - started
@@ -446,6 +489,7 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
     model.eval()
     with torch.no_grad():
         scores = heldout_scores(model, tokenizer, evaluation, reference)
+        task_scores = _task_scores(model, tokenizer, state, evaluation) if state.task_baseline else {}
         if not state.ranking:
             state.ranking = _sensitivity(model, original, tokenizer, state)
     folder = staging / ".trials" / str(number)
@@ -455,6 +499,7 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
     del model
     gc.collect()
     recovery = 100.0 * reference["perplexity"] / scores["perplexity"]
+    task_recovery = _task_recovery(task_scores, state.task_baseline) if task_scores else None
     return Trial(
         number=number,
         move=move,
@@ -465,10 +510,26 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
         kl=scores["kl"],
         top1_agreement=scores["top1_agreement"],
         seconds=time.perf_counter() - started,
-        meets_floor=state.meets(recovery),
+        meets_floor=state.meets(recovery if task_recovery is None else task_recovery),
         layer_errors=layer_reporter.layer_errors,
         folder=folder,
+        task_recovery=task_recovery,
+        task_scores=task_scores,
     )
+
+
+def _task_scores(model, tokenizer, state: _Search, evaluation: EvaluationSpec) -> dict[str, float]:
+    """Each of the evaluation's tasks scored on a model in memory (percent); every trial sees the same items."""
+    return {
+        task: task_score_in_memory(model, tokenizer, state.device, task, evaluation)["value"]
+        for task in runnable_tasks(evaluation)
+    }
+
+
+def _task_recovery(scores: dict[str, float], baseline: dict[str, float]) -> float:
+    """The tasks' average recovery in percent; a task the baseline scores 0 on counts as kept (nothing to lose)."""
+    recoveries = [recovery_percent(baseline[task], score, higher_is_better=True) for task, score in scores.items()]
+    return sum(100.0 if value is None else value for value in recoveries) / len(recoveries)
 
 
 def trial_recipe(move: Move, linear_widths: dict[str, int], *, ignore_indivisible: bool) -> str:

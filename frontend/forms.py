@@ -118,11 +118,20 @@ class JobForm(forms.Form):
     )
 
     floor_percent = forms.FloatField(
-        label="Quality floor: least perplexity recovery (%)",
+        label="Quality floor: least recovery (%)",
         required=False,
         min_value=1,
         max_value=100,
         help_text="Search for the smallest checkpoint that keeps it (for example 99). Empty: no search.",
+    )
+    floor_metric = forms.ChoiceField(
+        label="The floor is judged on",
+        required=False,
+        choices=[
+            ("perplexity_recovery", "Perplexity on the held-out text"),
+            ("task_recovery", "The lm-eval tasks above (their average recovery, hf backend)"),
+        ],
+        initial="perplexity_recovery",
     )
     sweep_presets = forms.MultipleChoiceField(
         label="Sweep: also try these presets",
@@ -218,7 +227,9 @@ class JobForm(forms.Form):
         if floor is None and not presets:
             return None
         return {
-            "floor": {"metric": "perplexity_recovery", "at_least": floor / 100} if floor is not None else None,
+            "floor": {"metric": data.get("floor_metric") or "perplexity_recovery", "at_least": floor / 100}
+            if floor is not None
+            else None,
             "budget": {"max_trials": data.get("search_max_trials") or 6, "max_seconds": data.get("search_max_seconds")},
             "presets": presets,
         }
@@ -265,6 +276,7 @@ class JobForm(forms.Form):
             "evaluation_limit": evaluation.get("limit"),
             "evaluation_backend": evaluation.get("backend", "hf"),
             "floor_percent": 100 * floor["at_least"] if floor else None,
+            "floor_metric": floor.get("metric", "perplexity_recovery") if floor else "perplexity_recovery",
             "sweep_presets": search.get("presets") or [],
             "search_max_trials": budget.get("max_trials", 6),
             "search_max_seconds": budget.get("max_seconds"),

@@ -28,7 +28,8 @@ def request_text(search: Any) -> str:
         return ""
     floor, budget = search.get("floor") or {}, search.get("budget") or {}
     at_least = _number(floor.get("at_least"))
-    parts = [f"floor {100 * at_least:g} % perplexity recovery" if at_least is not None else "a sweep, no floor"]
+    metric = "task recovery" if floor.get("metric") == "task_recovery" else "perplexity recovery"
+    parts = [f"floor {100 * at_least:g} % {metric}" if at_least is not None else "a sweep, no floor"]
     if search.get("presets"):
         parts.append(f"also tries {', '.join(map(str, search['presets']))}")
     limits = [f"at most {budget.get('max_trials')} trials"]

@@ -178,12 +178,62 @@ def test_a_sweep_measures_each_preset_on_one_load_and_keeps_the_best(sharp_model
     assert "A sweep of 2 trials" in (result.output_dir / "README.md").read_text()
 
 
+def test_a_task_floor_judges_each_trial_on_the_tasks_scored_in_memory(sharp_model, tmp_path):
+    # Given a floor of 100 % on an lm-eval task's recovery (20 items), with room for two trials
+    evaluation = EvaluationSpec(tasks=("compressor_continuation",), limit=20)
+    spec = CompressionSpec(
+        model=str(sharp_model),
+        preset="fp8-dynamic",
+        calibration=CalibrationSpec(kind="none"),
+        evaluation=evaluation,
+        search=SearchSpec(floor=QualityFloor(metric="task_recovery", at_least=1.0), budget=SearchBudget(max_trials=2)),
+    )
+    result = compress(spec, tmp_path / "ckpt")
+    search = result.settings["search"]
+
+    # Then the baseline was scored once on the task, and each trial on the same items
+    assert search["floor_metric"] == "task_recovery" and list(search["task_baseline"]) == ["compressor_continuation"]
+    baseline = search["task_baseline"]["compressor_continuation"]
+    assert 0 < baseline <= 100
+    for trial in search["trials"]:
+        score = trial["task_scores"]["compressor_continuation"]
+        # ...its recovery is its score over the baseline's, and the floor is judged on it, not on perplexity
+        assert trial["task_recovery"] == pytest.approx(100 * score / baseline)
+        assert trial["meets_floor"] is (trial["task_recovery"] >= 100 - 1e-9)
+    assert search["stopped"] in ("floor met", "budget: 2 trials")
+    meeting = [t for t in search["trials"] if t["meets_floor"]]
+    expected = (
+        min(meeting, key=lambda t: (t["size_bytes"], -t["task_recovery"]))
+        if meeting
+        else max(search["trials"], key=lambda t: (t["task_recovery"], -t["size_bytes"]))
+    )
+    assert search["chosen"] == expected["number"]
+
+    # ...and the card says what the floor was judged on, with each trial's task recovery
+    card = (result.output_dir / "README.md").read_text()
+    assert "average recovery of the evaluation's lm-eval tasks" in card and "| Task recovery |" in card
+    chosen_task = next(m for m in result.evaluation["metrics"] if m["name"] == "compressor_continuation")
+    assert chosen_task["baseline"] == pytest.approx(baseline)
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
         (CompressionSpec(recipe_yaml="x: 1", search=SearchSpec(floor=QualityFloor())), "starts from a preset"),
         (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(floor=QualityFloor(metric="mmlu"))), "Unknown floor"),
         (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(floor=QualityFloor(at_least=99))), "at most 1"),
+        (
+            CompressionSpec(preset="fp8-dynamic", search=SearchSpec(floor=QualityFloor(metric="task_recovery"))),
+            "needs the lm-eval tasks",
+        ),
+        (
+            CompressionSpec(
+                preset="fp8-dynamic",
+                evaluation=EvaluationSpec(tasks=("compressor_arithmetic",), backend="vllm"),
+                search=SearchSpec(floor=QualityFloor(metric="task_recovery")),
+            ),
+            "hf backend",
+        ),
         (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(budget=SearchBudget(max_trials=0))), "max_trials"),
         (CompressionSpec(preset="fp8-dynamic", search=SearchSpec(presets=("int9",))), "Unknown preset"),
         (

@@ -34,6 +34,7 @@ def test_a_search_is_recorded_with_its_floor_budget_and_sweep(api):
     [
         ({"floor": {"at_least": 1.5}}, {"kind": "none"}, "search"),
         ({"floor": {"metric": "bleu", "at_least": 0.9}}, {"kind": "none"}, "search"),
+        ({"floor": {"metric": "task_recovery", "at_least": 0.9}}, {"kind": "none"}, "search"),  # no tasks
         ({"presets": ["int9"]}, {"kind": "none"}, "search"),
         ({}, {"kind": "none"}, "search"),
         ({"presets": ["fp8-static"]}, {"kind": "none"}, "calibration"),
