@@ -299,7 +299,12 @@ def _search(search: dict | None) -> str:
             f"{floor_words} within its budget: this is the best one, and it MISSES the floor."
         )
     kept = chosen["kept_layers"]
-    kept_text = f" Layers kept in bf16 (in the recipe's `ignore`): {', '.join(_code(k) for k in kept)}." if kept else ""
+    where = (
+        "at 8 bits (the recipe's `kept_at_8_bits` config group)"
+        if chosen.get("kept_at") == "int8"
+        else "in bf16 (in the recipe's `ignore`)"
+    )
+    kept_text = f" Layers kept {where}: {', '.join(_code(k) for k in kept)}." if kept else ""
     return (
         f"### How this checkpoint was chosen\n\n{why}{kept_text} The search stopped: {_md(search['stopped'])}.\n\n"
         + search_table(search)

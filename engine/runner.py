@@ -58,7 +58,7 @@ _EVAL_TASK_S = 22.0  # one model, one task of 100 items
 _DOWNLOAD_STEP = 0.02  # a download's progress is reported (and logged) every 2 % of its bytes
 
 
-class _Reporter:
+class Reporter:
     """Forwards progress to the caller and raises CancelledError when the caller asks to stop."""
 
     def __init__(self, callback: ProgressCallback | None, should_cancel: Callable[[], bool] | None) -> None:
@@ -163,7 +163,7 @@ def compress(
             caps=caps,
             model_cache=model_cache,
         )
-    reporter = _Reporter(progress, should_cancel)
+    reporter = Reporter(progress, should_cancel)
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -177,7 +177,7 @@ def compress(
         report.footprint, resources, device=spec.device, gpus=spec.gpus, data_parallel=caps.data_parallel
     )
     reporter.emit("preparing", f"Memory plan: {plan.summary}")
-    with staging_folder(out_dir) as staging, _captured_logs(reporter):
+    with staging_folder(out_dir) as staging, captured_logs(reporter):
         reporter.plan(spec, report.needs_calibration)
         reporter.emit("loading", "Loading the model")
         # Offload folders live in the staging folder: removed after use, and with it if the run dies.
@@ -189,9 +189,9 @@ def compress(
             size_after_bytes=weights_bytes(staging),
             timings=timings,
             layer_errors=reporter.layer_errors,
-            settings=_run_settings(plan),
+            settings=run_settings(plan),
         )
-        result.settings["vllm_check"] = _check_in_vllm(staging, plan, reporter, timings)
+        result.settings["vllm_check"] = check_in_vllm(staging, plan, reporter, timings)
         if spec.evaluation is not None:
             started = time.perf_counter()
             reporter.emit("evaluating", "Evaluating baseline and compressed model")
@@ -199,7 +199,7 @@ def compress(
                 spec.evaluation,
                 baseline_dir=report.model.path,
                 compressed_dir=staging,
-                baseline_key=_baseline_key(report),
+                baseline_key=model_baseline_key(report),
                 cache_dir=default_cache_dir(),
                 placement=placement,
                 progress=reporter.evaluation_progress,
@@ -207,8 +207,8 @@ def compress(
             timings["evaluate_s"] = time.perf_counter() - started
         started = time.perf_counter()
         reporter.emit("hashing", "Writing the model card and hashing the files")
-        _write_card(staging, spec, report, result)
-        (staging / "results.json").write_text(json.dumps(_results_payload(spec, report, result), indent=2))
+        write_card(staging, spec, report, result)
+        (staging / "results.json").write_text(json.dumps(results_payload(spec, report, result), indent=2))
         result.manifest = write_manifest(staging, model=spec.model, preset=spec.preset)
         timings["hash_s"] = time.perf_counter() - started
     if resume_dir is not None:
@@ -223,7 +223,7 @@ def _compress_and_save(
     plan: MemoryPlan,
     placement: Placement,
     staging: Path,
-    reporter: _Reporter,
+    reporter: Reporter,
     timings: dict[str, float],
     resume_dir: Path | None,
 ) -> None:
@@ -243,8 +243,8 @@ def _compress_and_save(
         started = time.perf_counter()
         dataset = _calibration_dataset(spec, report, tokenizer, reporter)
         resumable = _resumable(model, report, plan, dataset, resume_dir, reporter)
-        with _layer_progress(model, reporter), _layer_errors(model, reporter), resumable:
-            _oneshot(model, tokenizer, report, spec, dataset, reporter)
+        with _layer_progress(model, reporter), layer_error_hooks(model, reporter), resumable:
+            run_oneshot(model, tokenizer, report, spec, dataset, reporter)
         timings["compress_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -264,7 +264,7 @@ def _compress_data_parallel(
     report: PreflightReport,
     plan: MemoryPlan,
     staging: Path,
-    reporter: _Reporter,
+    reporter: Reporter,
     timings: dict[str, float],
 ) -> None:
     """The plan's data-parallel calibration: the ranks load the model, calibrate and write the checkpoint
@@ -294,14 +294,14 @@ def _compress_data_parallel(
     (staging / "recipe.yaml").write_text(report.recipe_yaml)
 
 
-def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: _Reporter):
+def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: Reporter):
     if not report.needs_calibration:
         return None
     reporter.emit("calibrating", "Tokenizing calibration data (llm-compressor calibrates and compresses each layer)")
     return calib.tokenize_records(report.calibration_records, tokenizer, spec.calibration)
 
 
-def _oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, dataset, reporter: _Reporter):
+def run_oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, dataset, reporter: Reporter):
     from llmcompressor import oneshot
 
     reporter.emit("compressing" if dataset is None else "calibrating", "Running llm-compressor")
@@ -321,7 +321,7 @@ RESUMABLE_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "SparseGPTModifie
 
 
 @contextmanager
-def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, reporter: _Reporter):
+def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, reporter: Reporter):
     """Keep each compressed layer in resume_dir and skip those a run of the same work left there.
 
     Only for recipes that calibrate in one sequential pass (with two calibrating modifiers, SmoothQuant then
@@ -337,9 +337,9 @@ def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume
         return
     fingerprint = resume_fingerprint(
         recipe_yaml=report.recipe_yaml,
-        model_key=_baseline_key(report),
+        model_key=model_baseline_key(report),
         calibration_ids=[list(ids) for ids in dataset["input_ids"]],
-        device=_run_settings(plan)["device"],
+        device=run_settings(plan)["device"],
     )
     store = LayerStore(resume_dir, fingerprint, total=len(decoder_layers(model)))
 
@@ -351,7 +351,7 @@ def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume
 
 
 @contextmanager
-def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
+def _layer_progress(model, reporter: Reporter) -> Iterator[None]:
     """Report "layer i of N" as llm-compressor reaches each decoder layer (and check for cancel there)."""
     layers = decoder_layers(model)
     total = len(layers)
@@ -378,7 +378,7 @@ def _layer_progress(model, reporter: _Reporter) -> Iterator[None]:
 
 
 @contextmanager
-def _layer_errors(model, reporter: _Reporter) -> Iterator[None]:
+def layer_error_hooks(model, reporter: Reporter) -> Iterator[None]:
     """Keep each compressed module's error, under the module's name in the model and at full precision.
 
     GPTQ and SparseGPT time and measure each module in a CompressionLogger, whose log lines carry only
@@ -404,7 +404,7 @@ def _layer_errors(model, reporter: _Reporter) -> Iterator[None]:
 
 
 @contextmanager
-def _captured_logs(reporter: _Reporter) -> Iterator[None]:
+def captured_logs(reporter: Reporter) -> Iterator[None]:
     """Forward llm-compressor's loguru lines to the job's log."""
     from loguru import logger
 
@@ -419,13 +419,13 @@ def _captured_logs(reporter: _Reporter) -> Iterator[None]:
         logger.remove(handler)
 
 
-def _baseline_key(report: PreflightReport) -> str:
+def model_baseline_key(report: PreflightReport) -> str:
     """Identifies the baseline weights: name, revision, and each weight file's size and mtime."""
     files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in report.model.path.glob("*.safetensors"))
     return json.dumps([report.model.name, report.model.revision, str(report.model.path), files])
 
 
-def _check_in_vllm(staging: Path, plan: MemoryPlan, reporter: _Reporter, timings: dict[str, float]) -> dict:
+def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: dict[str, float]) -> dict:
     """On a GPU worker with a vLLM environment: load the checkpoint in vLLM and generate, the proof that it
     serves. A failure is recorded, not fatal: the checkpoint itself is complete and verified."""
     from engine.isolated import VLLM_PYTHON_ENV, run_child, vllm_installed
@@ -463,13 +463,13 @@ def vllm_failure_reason(message: str, staging: Path) -> str:
     return re.sub(r"(?<![\w.:])/(?:[^\s/'\"]+/)+", "…/", last)[:500]
 
 
-def _run_settings(plan: MemoryPlan) -> dict[str, Any]:
+def run_settings(plan: MemoryPlan) -> dict[str, Any]:
     """Where the run happened: the device llm-compressor used, and the memory plan with its figures."""
     device = f"cuda ({plan.gpu_name})" if plan.gpu else "cpu"
     return {"device": device, "memory_plan": plan.to_dict()}
 
 
-def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
+def write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
     suffix = spec.preset or "custom"
     write_model_card(
         staging,
@@ -486,7 +486,7 @@ def _write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, r
     )
 
 
-def _results_payload(spec: CompressionSpec, report: PreflightReport, result: CompressionResult) -> dict:
+def results_payload(spec: CompressionSpec, report: PreflightReport, result: CompressionResult) -> dict:
     # results.json is downloaded with the checkpoint: files are named, the server's folders never are.
     calibration = spec.to_dict()["calibration"] if report.needs_calibration else None
     if calibration and calibration["path"]:

@@ -6,10 +6,12 @@ original weights (copied in memory, never reloaded from disk), scores it on the 
 keeping only the folder of the checkpoint chosen so far. The trials, in order:
 
 1. each preset as it is (one preset for a floor search, several for a sweep);
-2. while the floor is not met: the most sensitive Linear layers kept in bf16 (added to the recipe's
-   `ignore`), 1, 2, 4, 8, ... of them, ranked by a probe on the first trial's compressed model: each
-   Linear's output error (compressed weights and activations against the original weights, on the same
-   input), measured on a few calibration samples, never on the held-out text the floor is judged on;
+2. while the floor is not met: the most sensitive Linear layers kept at higher precision, 1, 2, 4, 8, ... of
+   them: in bf16 (added to the recipe's `ignore`), or, inside a 4-bit integer scheme, at 8 bits (a config
+   group of their own, the 4-bit group's strategy with 8 bits: half the cost of bf16 per kept weight),
+   ranked by a probe on the first trial's compressed model: each Linear's output error (compressed weights
+   and activations against the original weights, on the same input), measured on a few calibration
+   samples, never on the held-out text the floor is judged on;
 3. then, for calibrated presets, twice the calibration samples, and SmoothQuant's strength where the preset
    smooths, on the largest kept set the size cap allows.
 
@@ -44,15 +46,15 @@ from engine.presets import PRESETS, Preset, get_preset
 from engine.resources import WorkerCaps, detect_resources
 from engine.runner import (
     ProgressCallback,
-    _baseline_key,
-    _captured_logs,
-    _check_in_vllm,
-    _layer_errors,
-    _oneshot,
-    _Reporter,
-    _results_payload,
-    _run_settings,
-    _write_card,
+    Reporter,
+    captured_logs,
+    check_in_vllm,
+    layer_error_hooks,
+    model_baseline_key,
+    results_payload,
+    run_oneshot,
+    run_settings,
+    write_card,
 )
 from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec
 from engine.submission import check_calibration, check_group_sizes
@@ -132,6 +134,7 @@ class Move:
     samples: int | None = None
     smoothing: float | None = None
     bf16_activations: bool = False  # the preset's weights, its activation quantization left out
+    kept_at: str = "bf16"  # the precision of the kept layers: "bf16", or "int8" inside a 4-bit integer scheme
     change: str = ""
 
 
@@ -163,6 +166,7 @@ class Trial:
             "preset": self.move.preset,
             "change": self.move.change,
             "kept_layers": list(self.move.kept),
+            "kept_at": self.move.kept_at if self.move.kept else None,
             "calibration_samples": self.move.samples,
             "smoothing_strength": self.move.smoothing,
             "bf16_activations": self.move.bf16_activations,
@@ -247,12 +251,14 @@ class _Search:
         first = [t for t in self.trials if not t.move.kept and t.move.samples is None and t.move.smoothing is None]
         return max(first, key=lambda t: t.quality)
 
-    def estimated_size(self, kept: tuple[str, ...]) -> float:
-        """A trial's size with `kept` layers in bf16, from the base trial's bytes per quantized weight."""
+    def estimated_size(self, kept: tuple[str, ...], kept_at: str = "bf16") -> float:
+        """A trial's size with `kept` layers in bf16 (or 8 bits inside 4), from the base trial's bytes per
+        quantized weight."""
         base = self.base()
         quantized = sum(self.linear_params.values()) or 1
         per_param = (base.size_bytes - (self.size_before - 2 * quantized)) / quantized
-        return base.size_bytes + sum(self.linear_params.get(name, 0) for name in kept) * (2 - per_param)
+        extra = 0.5 if kept_at == "int8" else 2 - per_param  # 4 more bits a weight (same scales), or all 16
+        return base.size_bytes + sum(self.linear_params.get(name, 0) for name in kept) * extra
 
     def _activations_move(self) -> Move | None:
         """Each preset of the search once with its weights as it quantizes them and its activations left in bf16
@@ -272,12 +278,20 @@ class _Search:
         if count <= kept_so_far:
             return None
         kept = tuple(entry["module"] for entry in self.ranking[:count])
-        if not self.within_cap(self.estimated_size(kept)):
+        kept_at = kept_precision(get_preset(base.move.preset))
+        if not self.within_cap(self.estimated_size(kept, kept_at)):
             return None
-        change = f"{count} most sensitive {'layer' if count == 1 else 'layers'} kept in bf16"
+        precision = "at 8 bits" if kept_at == "int8" else "in bf16"
+        change = f"{count} most sensitive {'layer' if count == 1 else 'layers'} kept {precision}"
         if base.move.bf16_activations:
             change += ", activations in bf16"
-        return Move(preset=base.move.preset, kept=kept, bf16_activations=base.move.bf16_activations, change=change)
+        return Move(
+            preset=base.move.preset,
+            kept=kept,
+            bf16_activations=base.move.bf16_activations,
+            kept_at=kept_at,
+            change=change,
+        )
 
     def _base_key(self) -> tuple[str, bool]:
         base = self.base().move
@@ -293,6 +307,7 @@ class _Search:
         if not preset.needs_calibration:
             return None
         kept, tried = self.largest_kept(), [t.move for t in self.trials]
+        kept_at = kept_precision(preset)
         samples = min(2 * self.spec.calibration.samples, len(self.report.calibration_records))
         if samples > self.spec.calibration.samples and not any(m.samples for m in tried):
             change = f"{samples} calibration samples instead of {self.spec.calibration.samples}"
@@ -301,17 +316,19 @@ class _Search:
                 kept=kept,
                 samples=samples,
                 bf16_activations=base.bf16_activations,
-                change=change + _kept_words(kept),
+                kept_at=kept_at,
+                change=change + _kept_words(kept, kept_at),
             )
         if any(name == "SmoothQuantModifier" for name, _ in preset.modifiers):
             for strength in _SMOOTHING_STRENGTHS:
                 if not any(m.smoothing == strength for m in tried):
-                    change = f"SmoothQuant strength {strength:g}" + _kept_words(kept)
+                    change = f"SmoothQuant strength {strength:g}" + _kept_words(kept, kept_at)
                     return Move(
                         preset=base.preset,
                         kept=kept,
                         smoothing=strength,
                         bf16_activations=base.bf16_activations,
+                        kept_at=kept_at,
                         change=change,
                     )
         return None
@@ -341,8 +358,8 @@ class _Search:
         }
 
 
-def _kept_words(kept: tuple[str, ...]) -> str:
-    return f", with {len(kept)} layers kept in bf16" if kept else ""
+def _kept_words(kept: tuple[str, ...], kept_at: str) -> str:
+    return f", with {len(kept)} layers kept {'at 8 bits' if kept_at == 'int8' else 'in bf16'}" if kept else ""
 
 
 def search_compress(
@@ -356,7 +373,7 @@ def search_compress(
     model_cache: ModelCache | None = None,
 ) -> CompressionResult:
     """Search as the module says and write the chosen checkpoint into out_dir (which must not exist yet)."""
-    reporter = _Reporter(progress, should_cancel)
+    reporter = Reporter(progress, should_cancel)
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
@@ -378,7 +395,7 @@ def search_compress(
     reporter.emit("preparing", f"Memory plan: {plan.summary}")
     timings: dict[str, float] = {}
     evaluation = spec.evaluation or EvaluationSpec()  # the floor is judged on the offline suite's windows
-    with staging_folder(out_dir) as staging, _captured_logs(reporter):
+    with staging_folder(out_dir) as staging, captured_logs(reporter):
         reporter.plan(spec, report.needs_calibration)
         _weigh_trials(reporter, spec, report)
         placement = plan.placement(scratch=staging)
@@ -393,16 +410,16 @@ def search_compress(
             size_after_bytes=weights_bytes(staging),
             timings=timings,
             layer_errors=chosen.layer_errors,
-            settings=_run_settings(plan),
+            settings=run_settings(plan),
         )
-        result.settings["vllm_check"] = _check_in_vllm(staging, plan, reporter, timings)
+        result.settings["vllm_check"] = check_in_vllm(staging, plan, reporter, timings)
         started = time.perf_counter()
         reporter.emit("evaluating", "Evaluating baseline and the chosen checkpoint")
         result.evaluation = evaluate(
             evaluation,
             baseline_dir=report.model.path,
             compressed_dir=staging,
-            baseline_key=_baseline_key(report),
+            baseline_key=model_baseline_key(report),
             cache_dir=default_cache_dir(),
             placement=placement,
             progress=reporter.evaluation_progress,
@@ -411,8 +428,8 @@ def search_compress(
         result.settings["search"] = state.summary(chosen)
         started = time.perf_counter()
         reporter.emit("hashing", "Writing the model card and hashing the files")
-        _write_card(staging, chosen_spec, chosen_report, result)
-        payload = _results_payload(chosen_spec, chosen_report, result)
+        write_card(staging, chosen_spec, chosen_report, result)
+        payload = results_payload(chosen_spec, chosen_report, result)
         (staging / "results.json").write_text(json.dumps(payload, indent=2))
         result.manifest = write_manifest(staging, model=spec.model, preset=chosen.move.preset)
         timings["hash_s"] = time.perf_counter() - started
@@ -420,7 +437,7 @@ def search_compress(
     return result
 
 
-def _weigh_trials(reporter: _Reporter, spec: CompressionSpec, report: PreflightReport) -> None:
+def _weigh_trials(reporter: Reporter, spec: CompressionSpec, report: PreflightReport) -> None:
     """Progress: the compression stage holds every trial of the budget, each scored on the held-out windows."""
     stage = "calibrating" if report.needs_calibration else "compressing"
     trials = (spec.search or SearchSpec()).budget.max_trials
@@ -483,9 +500,11 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
     recipe = trial_recipe(move, state.linear_widths, ignore_indivisible=state.spec.ignore_indivisible)
     model = copy.deepcopy(original)  # the original weights stay untouched for the next trial
     dataset = _trial_dataset(move, state, tokenizer)
-    layer_reporter = _Reporter(None, reporter.should_cancel)
-    with _cancel_checks(model, reporter), _layer_errors(model, layer_reporter):
-        _oneshot(model, tokenizer, dataclasses.replace(state.report, recipe_yaml=recipe), state.spec, dataset, reporter)
+    layer_reporter = Reporter(None, reporter.should_cancel)
+    with _cancel_checks(model, reporter), layer_error_hooks(model, layer_reporter):
+        run_oneshot(
+            model, tokenizer, dataclasses.replace(state.report, recipe_yaml=recipe), state.spec, dataset, reporter
+        )
     model.eval()
     with torch.no_grad():
         scores = heldout_scores(model, tokenizer, evaluation, reference)
@@ -534,28 +553,63 @@ def _task_recovery(scores: dict[str, float], baseline: dict[str, float]) -> floa
 
 def trial_recipe(move: Move, linear_widths: dict[str, int], *, ignore_indivisible: bool) -> str:
     """The plain llm-compressor recipe of one trial: the preset (SmoothQuant strength as the move says) with
-    the layers its group size cannot divide and the kept layers in `ignore`."""
+    the layers its group size cannot divide in `ignore`, and the kept layers in `ignore` too (bf16) or in an
+    8-bit config group of their own."""
     preset = get_preset(move.preset)
     if move.smoothing is not None:
         preset = _with_smoothing(preset, move.smoothing)
     if move.bf16_activations:
         preset = weights_only(preset) or preset
     indivisible = check_group_sizes(linear_widths, {preset.group_size}, ignore_indivisible) if preset.group_size else []
+    if move.kept and move.kept_at == "int8":
+        return _with_eight_bit_layers(preset, sorted(set(move.kept) - set(indivisible))).recipe_yaml(indivisible)
     return preset.recipe_yaml(sorted({*indivisible, *move.kept}))
+
+
+def _config_groups(args: dict[str, Any]) -> dict[str, Any] | None:
+    """A quantizing modifier's config groups; a named scheme ("W4A16") becomes its one group."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    if isinstance(args.get("scheme"), str):
+        scheme = preset_name_to_scheme(args["scheme"], list(args.get("targets") or ["Linear"]))
+        return {"group_0": _plain(scheme.model_dump(mode="json", exclude_none=True))}
+    return args.get("config_groups")
+
+
+def kept_precision(preset: Preset) -> str:
+    """How a search keeps a preset's most sensitive layers: at 8 bits inside a 4-bit integer weight scheme
+    (most of the quality back at half the cost of bf16), else in bf16."""
+    for _name, args in preset.modifiers:
+        for group in (_config_groups(args) or {}).values():
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") == 4 and weights.get("type", "int") == "int":
+                return "int8"
+    return "bf16"
+
+
+def _with_eight_bit_layers(preset: Preset, layers: list[str]) -> Preset:
+    """The preset with `layers` in a config group of their own: the 4-bit group's weights at 8 bits. An exact
+    layer name outranks the "Linear" target in compressed-tensors' matching, so these layers take this group."""
+    modifiers = []
+    for name, args in preset.modifiers:
+        groups = _config_groups(args)
+        if not groups:
+            modifiers.append((name, args))
+            continue
+        four_bit = next(g for g in groups.values() if (g.get("weights") or {}).get("num_bits") == 4)
+        eight_bit = {**four_bit, "targets": list(layers), "weights": {**four_bit["weights"], "num_bits": 8}}
+        config_groups = {**groups, "kept_at_8_bits": eight_bit}
+        modifiers.append((name, {**{k: v for k, v in args.items() if k != "scheme"}, "config_groups": config_groups}))
+    return dataclasses.replace(preset, modifiers=tuple(modifiers))
 
 
 def weights_only(preset: Preset) -> Preset | None:
     """The preset with its weights quantized as it says and its activations left unquantized (bf16); None
     when it quantizes no activations. A named scheme becomes its weights' config group."""
-    from compressed_tensors.quantization import preset_name_to_scheme
-
     changed = False
     modifiers = []
     for name, args in preset.modifiers:
-        groups = args.get("config_groups")
-        if isinstance(args.get("scheme"), str):
-            scheme = preset_name_to_scheme(args["scheme"], list(args.get("targets") or ["Linear"]))
-            groups = {"group_0": _plain(scheme.model_dump(mode="json", exclude_none=True))}
+        groups = _config_groups(args)
         if not groups or not any(group.get("input_activations") for group in groups.values()):
             modifiers.append((name, args))
             continue
@@ -595,7 +649,7 @@ def _trial_dataset(move: Move, state: _Search, tokenizer):
 
 
 @contextmanager
-def _cancel_checks(model, reporter: _Reporter) -> Iterator[None]:
+def _cancel_checks(model, reporter: Reporter) -> Iterator[None]:
     """A cancel stops a trial at its next decoder layer (a long GPTQ trial never runs to its end first)."""
     layers = getattr(getattr(model, "model", model), "layers", None) or []
     handles = [layer.register_forward_pre_hook(lambda *_: reporter.check_cancel()) for layer in layers]

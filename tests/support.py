@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +92,47 @@ def stop_worker_process(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@dataclass
+class LiveWorker:
+    """A `celery worker` process a test started, with its log and its remote control."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def control(self, command: str, **kwargs) -> Any:
+        from compressor_app.celery import app
+
+        return app.control.broadcast(command, destination=[self.name], reply=True, timeout=5, arguments=kwargs)
+
+    def pause(self) -> None:
+        """Stop taking compression jobs (the process keeps running): queued jobs stay queued."""
+        for queue in ("gpu", "cpu"):
+            assert self.control("cancel_consumer", queue=queue), self.log_tail()
+
+    def resume(self) -> None:
+        for queue in ("gpu", "cpu"):
+            assert self.control("add_consumer", queue=queue), self.log_tail()
+
+    def active(self) -> list[dict]:
+        replies = self.control("active") or [{}]
+        return next(iter(replies[0].values()), [])
+
+
+@contextmanager
+def running_worker(
+    *, prefix: str, queues: Iterable[str], log_path: Path, env: dict[str, str], timeout: float = 180
+) -> Iterator[LiveWorker]:
+    """A worker named prefix-<random>@<host>, started and answering pings; stopped when the block ends."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    process = start_worker_process(name=name, queues=queues, log_path=log_path, env=env)
+    try:
+        wait_for_worker(process, name, log_path, timeout=timeout)
+        yield LiveWorker(name=name, process=process, log_path=log_path)
+    finally:
+        stop_worker_process(process)

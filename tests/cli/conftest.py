@@ -11,15 +11,14 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.jobs.conftest import LiveWorker, checkpoint  # noqa: F401  (checkpoint: a fixture used here)
-from tests.support import QUEUES, REPO, start_worker_process, stop_worker_process, wait_for_worker, worker_env
+from tests.jobs.conftest import checkpoint  # noqa: F401  (checkpoint: a fixture used here)
+from tests.support import QUEUES, REPO, running_worker, worker_env
 
 
 @dataclass
@@ -86,15 +85,12 @@ def cli_worker(django_db_setup, broker, media_root, hub_server, tmp_path_factory
 
     from compressor_app.celery import app
 
-    name = f"test-cli-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("cli-worker") / "worker.log"
     env = worker_env(settings_dict=connection.settings_dict, broker=broker, media_root=media_root, **hub_server.env)
-    process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
     try:
-        wait_for_worker(process, name, log_path)
-        yield LiveWorker(name=name, process=process, log_path=log_path)
+        with running_worker(prefix="test-cli", queues=QUEUES, log_path=log_path, env=env) as worker:
+            yield worker
     finally:
-        stop_worker_process(process)
         with app.connection_for_write() as conn:
             for queue in QUEUES:
                 conn.default_channel.queue_purge(queue)

@@ -122,7 +122,7 @@ def test_the_chosen_checkpoint_is_the_smallest_meeting_the_floor_with_its_kept_l
 
 def test_the_activations_move_keeps_the_presets_weights_and_drops_its_activations():
     from engine.presets import get_preset
-    from engine.search import weights_only
+    from engine.search import kept_precision, weights_only
 
     fp8 = weights_only(get_preset("fp8-dynamic"))
     ((name, args),) = fp8.modifiers
@@ -140,6 +140,64 @@ def test_the_activations_move_keeps_the_presets_weights_and_drops_its_activation
     assert gptq.modifiers[0][1]["dampening_frac"] == 0.01
     # a weight-only preset has nothing to leave out
     assert weights_only(get_preset("w4a16-gptq")) is None
+    # and only a 4-bit integer scheme keeps its sensitive layers at 8 bits; the others keep them in bf16
+    assert kept_precision(get_preset("w4a16-gptq")) == "int8"
+    assert [kept_precision(get_preset(name)) for name in ("fp8-dynamic", "int8-w8a8-gptq", "nvfp4")] == ["bf16"] * 3
+
+
+@pytest.fixture(scope="module")
+def short_builtin_model(builtin_model, tmp_path_factory):
+    """The built-in model's first 4 decoder layers (of 30), its embeddings, norm and head: real trained weights,
+    so int4 costs it quality, at a seventh of the compute."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("builtin-4-layers")
+    model = AutoModelForCausalLM.from_pretrained(builtin_model, dtype=torch.bfloat16, num_hidden_layers=4)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(builtin_model).save_pretrained(path)
+    return path
+
+
+def test_inside_a_4_bit_scheme_the_most_sensitive_layers_are_kept_at_8_bits(short_builtin_model, tmp_path):
+    # Given a 100 % floor for int4 GPTQ on 4 layers of the built-in model, with room for two trials (groups of
+    # 128 divide only the down_proj layers' 1536 columns: the others stay in bf16, as the job asks)
+    spec = CompressionSpec(
+        model=str(short_builtin_model),
+        preset="w4a16-gptq",
+        calibration=CalibrationSpec(samples=4, max_seq_len=32),
+        evaluation=FAST_EVALUATION,
+        ignore_indivisible=True,
+        search=SearchSpec(floor=QualityFloor(at_least=1.0), budget=SearchBudget(max_trials=2)),
+    )
+    result = compress(spec, tmp_path / "ckpt")
+    search = result.settings["search"]
+
+    # Then trial 2 keeps the most sensitive layer at 8 bits, not in bf16 (a 4-bit scheme has no activations move)
+    first, second = search["trials"]
+    assert first["change"] == "w4a16-gptq as it is" and first["recovery"] < 100
+    assert second["change"] == "1 most sensitive layer kept at 8 bits" and second["kept_at"] == "int8"
+    assert second["kept_layers"] == [search["sensitivity"][0]["module"]] and "down_proj" in second["kept_layers"][0]
+    # ...it recovers more than int4 alone, and costs 4 more bits for each weight of that layer, not 12
+    assert second["recovery"] > first["recovery"] and search["chosen"] == 2
+    layer_weights = 576 * 1536
+    grown = second["size_bytes"] - first["size_bytes"]
+    assert 0.45 * layer_weights < grown < 0.6 * layer_weights, (grown, layer_weights)
+
+    # ...and the checkpoint's recipe and config carry that layer in an 8-bit group of its own, in no ignore list
+    folder = result.output_dir
+    gptq = yaml.safe_load((folder / "recipe.yaml").read_text())["compression_stage"]["compression_modifiers"]
+    groups = gptq["GPTQModifier"]["config_groups"]
+    assert groups["kept_at_8_bits"]["targets"] == second["kept_layers"]
+    assert groups["kept_at_8_bits"]["weights"]["num_bits"] == 8 and groups["group_0"]["weights"]["num_bits"] == 4
+    assert second["kept_layers"][0] not in gptq["GPTQModifier"]["ignore"]
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    bits = {group["weights"]["num_bits"]: group["targets"] for group in config["config_groups"].values()}
+    assert bits[8] == second["kept_layers"] and bits[4] == ["Linear"]
+    # ...which the final evaluation reloaded from the files, at trial 2's quality
+    perplexity = next(m for m in result.evaluation["metrics"] if m["name"] == "perplexity")
+    assert perplexity["recovery"] == pytest.approx(second["recovery"], abs=0.05)
+    assert "at 8 bits" in (folder / "README.md").read_text()
 
 
 def test_a_spent_budget_ends_the_search_with_the_best_trial_marked_as_missing_the_floor(sharp_model, tmp_path):

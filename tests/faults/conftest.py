@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.jobs.conftest import LiveWorker, api_for, checkpoint  # noqa: F401 - fixtures shared with tests/jobs
-from tests.support import start_worker_process, wait_until, worker_env
+from tests.jobs.conftest import api_for, checkpoint  # noqa: F401 - fixtures shared with tests/jobs
+from tests.support import LiveWorker, start_worker_process, wait_until, worker_env
 
 FAULT_QUEUE = "faults"
 HEARTBEAT_S = 0.5

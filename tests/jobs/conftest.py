@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support import QUEUES, start_worker_process, stop_worker_process, wait_for_worker, wait_until, worker_env
+from tests.support import QUEUES, LiveWorker, running_worker, wait_until, worker_env
 
 # --- users, API clients and factories ---------------------------------------------------------------------
 
@@ -84,41 +79,12 @@ def checkpoint(media_root):
 # --- the live worker ------------------------------------------------------------------------------------
 
 
-@dataclass
-class LiveWorker:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def control(self, command: str, **kwargs) -> Any:
-        from compressor_app.celery import app
-
-        return app.control.broadcast(command, destination=[self.name], reply=True, timeout=5, arguments=kwargs)
-
-    def pause(self) -> None:
-        """Stop taking compression jobs (the process keeps running): queued jobs stay queued."""
-        for queue in ("gpu", "cpu"):
-            assert self.control("cancel_consumer", queue=queue), self.log_tail()
-
-    def resume(self) -> None:
-        for queue in ("gpu", "cpu"):
-            assert self.control("add_consumer", queue=queue), self.log_tail()
-
-    def active(self) -> list[dict]:
-        replies = self.control("active") or [{}]
-        return next(iter(replies[0].values()), [])
-
-
 @pytest.fixture(scope="session")
 def live_worker_process(django_db_setup, broker, media_root, hub_server, tmp_path_factory) -> Iterator[LiveWorker]:
     """`celery worker` as its own process on this session's queues and test database (started once), with the
     session's local hub as its Hugging Face hub."""
     from django.db import connection
 
-    name = f"test-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     env = worker_env(
         settings_dict=connection.settings_dict,
@@ -127,12 +93,8 @@ def live_worker_process(django_db_setup, broker, media_root, hub_server, tmp_pat
         COMPRESSOR_CANCEL_GRACE_S="5",
         **hub_server.env,
     )
-    process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
-    try:
-        wait_for_worker(process, name, log_path)
-        yield LiveWorker(name=name, process=process, log_path=log_path)
-    finally:
-        stop_worker_process(process)
+    with running_worker(prefix="test", queues=QUEUES, log_path=log_path, env=env) as worker:
+        yield worker
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import io
 import json
 import os
 import signal
-import socket
 import tarfile
 import uuid
 import zipfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,9 +24,8 @@ from django.test import Client, override_settings
 
 from jobs import services
 from jobs.models import Job
-from tests.jobs.conftest import LiveWorker
 from tests.s3_server import CREDENTIALS, S3Server
-from tests.support import start_worker_process, stop_worker_process, wait_for_worker, wait_until, worker_env
+from tests.support import LiveWorker, running_worker, wait_until, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -66,28 +65,23 @@ def s3_worker(django_db_setup, broker, media_root, s3, scratch, tmp_path_factory
     """start(**env): a worker on this module's queue whose storage is the bucket; stopped at the test's end."""
     from django.db import connection
 
-    started: list[LiveWorker] = []
+    with ExitStack() as workers:
 
-    def start(**env: str) -> LiveWorker:
-        name = f"test-s3-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        log_path = tmp_path_factory.mktemp("s3-worker") / "worker.log"
-        environment = worker_env(
-            settings_dict=connection.settings_dict,
-            broker=broker,
-            media_root=media_root,
-            COMPRESSOR_ALLOW_LOCAL_PATHS="True",  # the tiny model is a server folder, as an operator may allow
-            **s3.env(scratch),
-            **env,
-        )
-        process = start_worker_process(name=name, queues=[QUEUE], log_path=log_path, env=environment)
-        worker = LiveWorker(name=name, process=process, log_path=log_path)
-        started.append(worker)
-        wait_for_worker(process, name, log_path)
-        return worker
+        def start(**env: str) -> LiveWorker:
+            log_path = tmp_path_factory.mktemp("s3-worker") / "worker.log"
+            environment = worker_env(
+                settings_dict=connection.settings_dict,
+                broker=broker,
+                media_root=media_root,
+                COMPRESSOR_ALLOW_LOCAL_PATHS="True",  # the tiny model is a server folder, as an operator may allow
+                **s3.env(scratch),
+                **env,
+            )
+            return workers.enter_context(
+                running_worker(prefix="test-s3", queues=[QUEUE], log_path=log_path, env=environment)
+            )
 
-    yield start
-    for worker in started:
-        stop_worker_process(worker.process)
+        yield start
     from compressor_app.celery import app
 
     with app.connection_for_write() as conn:

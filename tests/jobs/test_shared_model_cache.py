@@ -5,10 +5,8 @@ file once, the second job waits for the first one's download and uses it, and bo
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -17,8 +15,7 @@ import pytest
 from engine.model_cache import model_name
 from jobs.models import Job
 from tests.hub_server import Blob, folder_blobs
-from tests.jobs.conftest import LiveWorker
-from tests.support import QUEUES, start_worker_process, stop_worker_process, wait_for_worker, worker_env
+from tests.support import QUEUES, LiveWorker, running_worker, worker_env
 
 FP8 = {"preset": "fp8-dynamic", "calibration": {"kind": "none"}, "force": True}
 
@@ -29,15 +26,10 @@ def second_worker(live_worker, broker, media_root, hub_server, tmp_path) -> Iter
     model cache folder); it ends with the test."""
     from django.db import connection
 
-    name = f"test-second-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path / "second-worker.log"
     env = worker_env(settings_dict=connection.settings_dict, broker=broker, media_root=media_root, **hub_server.env)
-    process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
-    try:
-        wait_for_worker(process, name, log_path)
-        yield LiveWorker(name=name, process=process, log_path=log_path)
-    finally:
-        stop_worker_process(process)
+    with running_worker(prefix="test-second", queues=QUEUES, log_path=log_path, env=env) as worker:
+        yield worker
 
 
 def slowed(blob: Blob, fast: threading.Event) -> Blob:

@@ -30,8 +30,7 @@ from engine.resources import MB
 from jobs import nodes
 from jobs.models import Job, WorkerNode
 from tests.hub_server import Blob, llama_shapes, synthetic_safetensors
-from tests.jobs.conftest import LiveWorker
-from tests.support import start_worker_process, stop_worker_process, wait_for_worker, worker_env
+from tests.support import LiveWorker, start_worker_process, stop_worker_process, wait_for_worker, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
