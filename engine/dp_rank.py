@@ -36,6 +36,7 @@ def main(request_path: str) -> int:
     else:
         dist.init_process_group(backend="gloo")
         model = AutoModelForCausalLM.from_pretrained(request["model"], **loading)
+        _broadcast_cpu_modules_too()
     try:
         _calibrate_and_save(model, AutoTokenizer.from_pretrained(request["model"]), request)
     finally:
@@ -63,6 +64,22 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
         print(f"Calibrated over {dist.get_world_size()} ranks; writing the checkpoint", flush=True)
     model.save_pretrained(request["out"], save_compressed=True)
     dist.barrier()
+
+
+def _broadcast_cpu_modules_too() -> None:
+    """After GPTQ splits the modules between the ranks, each owner broadcasts its results, except for modules on
+    the CPU: llm-compressor takes those to be offloaded weights that all ranks share (load_offloaded_model).
+    On a CPU worker every rank holds its own copy of the model, so without the broadcast rank 0 would save the
+    other ranks' modules unquantized by GPTQ. Broadcast every module (gloo carries CPU tensors)."""
+    import functools
+
+    from llmcompressor.modifiers.gptq import base as gptq
+    from llmcompressor.modifiers.quantization.quantization import base as quantization
+    from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
+
+    every_module = functools.partial(broadcast_qparams_and_cleanup, skip_cpu=False)
+    gptq.broadcast_qparams_and_cleanup = every_module
+    quantization.broadcast_qparams_and_cleanup = every_module
 
 
 def rank_share(records: list, rank: int, ranks: int) -> list:

@@ -63,6 +63,8 @@ def test_two_ranks_give_the_checkpoint_one_process_gives(tiny_model_dir, tmp_pat
     assert weights, "the checkpoint holds int8 weights"
     agree = {name: (one[name] == two[name]).float().mean().item() for name in weights}
     assert sum(agree.values()) / len(agree) > 0.95, agree
+    # ...every module, whichever rank ran its GPTQ (on a CPU worker each rank holds its own copy of the model,
+    # so the owner's result must be broadcast: without it rank 0 saved some modules' weights unrounded by GPTQ)
     assert min(agree.values()) > 0.8, agree
     for name in weights:
         assert (one[name].int() - two[name].int()).abs().max().item() <= 3, f"{name} differs by more than 3 steps"
