@@ -267,6 +267,29 @@ def test_a_valid_form_queues_the_job_through_the_service(client_for, alice, buil
     }
 
 
+def test_a_task_floor_from_the_form_is_recorded_and_comes_back_on_clone(client_for, alice, builtin_model):
+    # When alice asks for 99 % of the baseline on an lm-eval task, judged on that task
+    as_alice = client_for(alice)
+    form = {**FORM, "evaluation_tasks": "compressor_arithmetic", "floor_percent": "99", "floor_metric": "task_recovery"}
+    response = as_alice.post("/jobs/new/", {**form, "search_max_trials": "3"})
+
+    # Then the job's search states the floor on the tasks' recovery
+    job = Job.objects.get()
+    assert response.status_code == 302, _html(response)
+    assert (
+        job.search["floor"] == {"metric": "task_recovery", "at_least": 0.99} and job.search["budget"]["max_trials"] == 3
+    )
+    # ...and clone and edit starts from the same choice
+    page = _html(as_alice.get(f"/jobs/new/?from={job.pk}"))
+    assert re.search(r'<option value="task_recovery"[^>]*selected', page)
+
+
+def test_a_task_floor_without_tasks_is_refused_beside_the_floor(client_for, alice, builtin_model):
+    response = client_for(alice).post("/jobs/new/", {**FORM, "floor_percent": "99", "floor_metric": "task_recovery"})
+    assert response.status_code == 400 and not Job.objects.exists()
+    assert "needs the lm-eval tasks" in _html(response)
+
+
 def test_clone_and_edit_starts_from_the_old_request_and_links_the_new_job(client_for, alice, builtin_model, make_job):
     source = make_job(
         alice, preset="int8-w8a8-gptq", calibration_kind="builtin", calibration_samples=16, priority=3, status="failed"
