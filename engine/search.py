@@ -40,7 +40,7 @@ from engine.artifacts import staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError, PreflightError
 from engine.evaluation import default_cache_dir, evaluate, heldout_scores, runnable_tasks, task_score_in_memory
 from engine.model_cache import ModelCache
-from engine.plan import DISK_OFFLOAD, placed_model, plan_memory
+from engine.plan import placed_model, search_plan
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS, Preset, get_preset
 from engine.resources import WorkerCaps, detect_resources
@@ -383,15 +383,8 @@ def search_compress(
     if not report.calibration_records and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
         # The job's own preset is data-free, but a preset of the sweep calibrates: read its rows too.
         report.calibration_records = check_calibration(spec.calibration, True, load_hub=True)
-    plan = plan_memory(
-        report.footprint, detect_resources(out_dir.parent, device=spec.device, caps=caps), device=spec.device
-    )
-    if plan.mode == DISK_OFFLOAD:
-        raise PreflightError(
-            f"A floor search keeps the model and a copy of it in memory, and this one only fits with disk offload "
-            f"({plan.summary}); run the presets as separate jobs.",
-            field="search",
-        )
+    resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
+    plan = search_plan(report.footprint, resources, device=spec.device)
     reporter.emit("preparing", f"Memory plan: {plan.summary}")
     timings: dict[str, float] = {}
     evaluation = spec.evaluation or EvaluationSpec()  # the floor is judged on the offline suite's windows

@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from engine.errors import PreflightError
 from engine.models import ModelFacts
-from engine.plan import ModelFootprint, ModelShape, header_shape, plan_memory, shape_footprint
+from engine.plan import ModelFootprint, ModelShape, header_shape, plan_memory, search_plan, shape_footprint
 from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
@@ -156,15 +156,21 @@ class Route:
 
 
 def choose_queue(
-    *, device_class: str, footprint: ModelFootprint | None, candidates: list[Candidate], gpus: int | None = None
+    *,
+    device_class: str,
+    footprint: ModelFootprint | None,
+    candidates: list[Candidate],
+    gpus: int | None = None,
+    search: bool = False,
 ) -> Route:
     """The queue for a job (see the module's docstring); PreflightError when no registered worker can hold it.
 
     gpus: how many GPUs the job asks for (a worker with fewer cannot hold it); None: as many as the plan needs.
+    search: a floor search or a sweep, sized by its own plan (engine.plan.search_plan).
     """
     if not candidates or footprint is None:
         return Route(device_class)
-    refusals = {c.hostname: _refusal(c, footprint, device_class, gpus) for c in candidates}
+    refusals = {c.hostname: _refusal(c, footprint, device_class, gpus, search) for c in candidates}
     able = [c for c in candidates if refusals[c.hostname] is None]
     if not able:
         raise _nobody_can(device_class, candidates, refusals)
@@ -182,12 +188,13 @@ def choose_queue(
 
 
 def _refusal(
-    candidate: Candidate, footprint: ModelFootprint, device_class: str, gpus: int | None
+    candidate: Candidate, footprint: ModelFootprint, device_class: str, gpus: int | None, search: bool
 ) -> PreflightError | None:
     """Why this worker cannot hold the job (the memory plan's own refusal), or None when it can."""
     device = "cpu" if device_class == Job.DeviceClass.CPU else "auto"
+    plan = search_plan if search else plan_memory
     try:
-        plan_memory(footprint, candidate.resources, device=device, gpus=gpus)
+        plan(footprint, candidate.resources, device=device, gpus=gpus)
     except PreflightError as exc:
         return exc
     return None
@@ -219,7 +226,11 @@ def job_route(job: Job) -> Route:
     hold it (see the module's docstring)."""
     nodes = [n for n in WorkerNode.objects.all() if job.device_class in n.queues]
     return choose_queue(
-        device_class=job.device_class, footprint=job_footprint(job), candidates=_candidates(nodes, job), gpus=job.gpus
+        device_class=job.device_class,
+        footprint=job_footprint(job),
+        candidates=_candidates(nodes, job),
+        gpus=job.gpus,
+        search=bool(job.search),
     )
 
 

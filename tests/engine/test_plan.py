@@ -12,6 +12,7 @@ from engine.plan import (
     header_shape,
     model_footprint,
     plan_memory,
+    search_plan,
     shape_footprint,
     skeleton_shape,
 )
@@ -272,3 +273,17 @@ def test_the_operator_chooses_the_ranks_and_cpu_ranks_each_need_their_copy(llama
     assert two.host.needed > one.host.needed + 16 * GB  # a second copy of the 16 GB of weights
     # without the memory for a second copy, one process calibrates
     assert plan_memory(gptq(llama_8b), worker(host_gb=40), data_parallel=2).data_parallel == 1
+
+
+def test_a_search_holds_the_weights_twice_so_a_worker_that_holds_them_once_refuses_it(llama_8b):
+    # Given an 8B model (16 GB of bf16 weights): one run fits whole in 24 GB of host memory
+    assert plan_memory(data_free(llama_8b), worker(host_gb=24)).mode == SEQUENTIAL
+
+    # Then a search (the original and a trial's copy) only fits there with disk offload, which it refuses
+    with pytest.raises(PreflightError) as refused:
+        search_plan(data_free(llama_8b), worker(host_gb=24))
+    assert "only fits with disk offload" in refused.value.message and refused.value.field == "search"
+    # ...and with 48 GB it holds both copies, its disk need covering two checkpoints
+    one_run, search = plan_memory(data_free(llama_8b), worker(host_gb=48)), search_plan(data_free(llama_8b), worker(48))
+    assert search.mode == SEQUENTIAL and search.host.needed > one_run.host.needed + 16 * GB
+    assert search.disk.needed > 1.9 * one_run.disk.needed

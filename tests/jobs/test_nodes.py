@@ -147,6 +147,21 @@ def test_submission_is_refused_when_no_registered_worker_can_hold_it(user, built
 
 
 @pytest.mark.django_db
+def test_a_floor_search_is_sized_with_the_trials_copy_of_the_weights(user, builtin_model):
+    # Given a worker that holds the built-in model once (836 MB) but not the search's two copies of its weights
+    _announce("mid@x", 900)
+    search = {"floor": {"at_least": 0.99}}
+    data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU, search=search)
+
+    # Then a floor search is refused with the figures, while the same job without the search is queued
+    with pytest.raises(PreflightError) as refused:
+        services.job_submit(owner=user, data=data)
+    assert "only fits with disk offload" in refused.value.message and refused.value.field == "search"
+    plain = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
+    assert services.job_submit(owner=user, data=plain).job.queue == "cpu" and Job.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_workers_of_another_device_class_do_not_count(user, builtin_model):
     _announce("small-gpu@x", 500, queues=("gpu",))
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
