@@ -13,8 +13,10 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
@@ -30,6 +32,7 @@ Status = HubPush.Status
 # namespace/name, as the hub spells repository ids (huggingface_hub's validate_repo_id checks the rest).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _STAGE = "push"  # the job log's stage label for these lines
+_REAP_GRACE_S = 60  # past the hard limit: the worker's own kill and failure hook have had their chance
 
 
 class PushRefused(EngineError):
@@ -111,6 +114,21 @@ def hub_push_fail(*, push_id: int, error: str) -> None:
     push = HubPush.objects.filter(pk=push_id).first()
     if push is not None:
         _end(push, Status.RUNNING, error=error)
+
+
+def hub_push_reap_stuck() -> list[int]:
+    """Pushes still running past the task's hard time limit end failed: their worker died (the message a killed
+    worker gives back finds the push claimed already, so nothing else would ever end it). Housekeeping calls it."""
+    limit_s = settings.COMPRESSOR_HUB_PUSH_HARD_LIMIT_S
+    cutoff = timezone.now() - timedelta(seconds=limit_s + _REAP_GRACE_S)
+    stuck = list(HubPush.objects.filter(status=Status.RUNNING, started_at__lt=cutoff).values_list("pk", flat=True))
+    for push_id in stuck:
+        hub_push_fail(
+            push_id=push_id,
+            error=f"The worker pushing it stopped before the push ended (it is past its time limit of {limit_s} s); "
+            "push again.",
+        )
+    return stuck
 
 
 def _upload(push: HubPush, *, token: str, endpoint: str) -> Pushed:

@@ -289,7 +289,7 @@ def reap_stale_jobs() -> None:
 @shared_task(name="jobs.housekeeping", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def housekeeping() -> None:
     """Send queued jobs again whose message was lost or whose worker went offline; remove temporary folders
-    of runs that are over."""
+    of runs that are over; end pushes whose worker died."""
     try:
         for job_id in services.job_sweep_stranded():
             logger.warning("Sweeper: job %s had lost its queue message; sent again", job_id)
@@ -299,6 +299,10 @@ def housekeeping() -> None:
         logger.warning("Sweeper: the queue does not answer (%s); trying again next time", exc)
     for path in services.job_remove_stale_partials():
         logger.warning("Housekeeping: removed the temporary folder %s of a run that is over", path)
+    from jobs.hub_push import hub_push_reap_stuck
+
+    for push_id in hub_push_reap_stuck():
+        logger.warning("Housekeeping: push %s was still running past its time limit; ended failed", push_id)
 
 
 def _free_device_memory() -> None:

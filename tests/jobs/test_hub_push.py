@@ -259,3 +259,29 @@ def test_a_hub_that_cannot_be_reached_ends_the_push_failed_saying_so(api, user, 
     assert hub_push_run(push_id=queued["id"]) is None
     log = list(JobLogLine.objects.filter(job=job).values_list("text", flat=True))
     assert log[-1] == f"Push to alice/model failed: {push.error}"
+
+
+@pytest.mark.django_db
+def test_a_push_whose_worker_died_is_ended_failed_once_past_its_time_limit(user, make_job, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.tasks import housekeeping
+
+    # Given two running pushes: one claimed long ago (its worker died), one claimed just now
+    settings.COMPRESSOR_HUB_PUSH_HARD_LIMIT_S = 3600
+    job = make_job(user)
+    running = {"job": job, "owner": user, "status": HubPush.Status.RUNNING}
+    dead = HubPush.objects.create(repo_id="alice/old", started_at=timezone.now() - timedelta(hours=2), **running)
+    alive = HubPush.objects.create(repo_id="alice/new", started_at=timezone.now(), **running)
+
+    # When housekeeping runs
+    housekeeping()
+
+    # Then only the old one ended failed, saying what happened and what to do, in the job's log too
+    dead.refresh_from_db(), alive.refresh_from_db()
+    assert dead.status == "failed" and "stopped before the push ended" in dead.error and "push again" in dead.error
+    assert alive.status == "running" and alive.error == ""
+    log = list(JobLogLine.objects.filter(job=job).values_list("text", flat=True))
+    assert log[-1] == f"Push to alice/old failed: {dead.error}"
