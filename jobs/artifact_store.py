@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -114,8 +115,23 @@ def remove_stale_partials() -> list[Path | str]:
         shutil.rmtree(path, ignore_errors=True)
     removed: list[Path | str] = list(partials)
     if uses_bucket():
-        removed += _remove_stale_uploads() + _remove_objects_of_unsuccessful_jobs()
+        removed += _remove_stale_uploads() + _remove_objects_of_unsuccessful_jobs() + _remove_unused_upload_copies()
     return removed
+
+
+# A calibration upload's local copy (local_copy) not read for a day is removed; the bucket keeps the upload.
+UPLOAD_COPY_MAX_IDLE_S = 24 * 3600
+
+
+def _remove_unused_upload_copies() -> list[Path]:
+    """The scratch copies of calibration uploads that no job read for UPLOAD_COPY_MAX_IDLE_S (each read touches
+    its copy), and copies half-written by a process that died."""
+    folder = Path(settings.COMPRESSOR_SCRATCH_DIR) / "uploads"
+    cutoff = time.time() - UPLOAD_COPY_MAX_IDLE_S
+    stale = [path for path in folder.glob("*") if path.is_file() and path.stat().st_mtime < cutoff]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _job_ids(names: Iterable[str]) -> list[int]:
@@ -257,6 +273,7 @@ def local_copy(name: str, *, sha256: str) -> Path:
         return Path(default_storage.path(name))
     target = Path(settings.COMPRESSOR_SCRATCH_DIR) / "uploads" / f"{sha256}{PurePosixPath(name).suffix}"
     if target.is_file():
+        os.utime(target)  # read now: housekeeping keeps it (_remove_unused_upload_copies)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")

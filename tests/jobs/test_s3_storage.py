@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import tarfile
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pytest
 import requests
 from django.test import Client, override_settings
 
-from jobs import services
+from jobs import artifact_store, services
 from jobs.models import Job
 from tests.s3_server import CREDENTIALS, S3Server
 from tests.support import LiveWorker, running_worker, wait_until, worker_env
@@ -250,7 +251,7 @@ def test_a_worker_killed_mid_upload_leaves_no_object_under_the_final_name(
 
 
 def test_a_calibration_upload_is_stored_in_s3_and_used_by_a_job(
-    s3_worker, on_s3, api, user, tiny_model_dir, media_root
+    s3_worker, on_s3, api, user, tiny_model_dir, media_root, scratch
 ):
     # Given a calibration file uploaded through the API
     rows = "".join(json.dumps({"text": f"Sample number {i} of the calibration text."}) + "\n" for i in range(16))
@@ -287,6 +288,18 @@ def test_a_calibration_upload_is_stored_in_s3_and_used_by_a_job(
     job = _wait_status(job, "succeeded", "failed")
     assert job.status == "succeeded", job.error + "\n" + worker.log_tail()
     assert f"{job.artifacts_relpath()}/manifest.json" in on_s3.keys(f"jobs/{job.pk}/")
+
+    # ...and the local copies of the upload (the web side's, the worker's), once no job read them for a day,
+    # are removed by housekeeping; the bucket keeps the upload, and the next read copies it again
+    copies = list((scratch / "uploads").glob(f"{dataset.sha256}*"))
+    assert copies
+    a_day_ago = time.time() - 25 * 3600
+    for copy in copies:
+        os.utime(copy, (a_day_ago, a_day_ago))
+    removed = services.job_remove_stale_partials()
+    assert all(copy in removed and not copy.exists() for copy in copies)
+    assert dataset.file.name in on_s3.keys("calibration/")
+    assert artifact_store.local_copy(dataset.file.name, sha256=dataset.sha256).read_text() == rows
 
 
 def test_orphans_in_the_bucket_are_found_and_removed(on_s3, make_job, user, transactional_db):
