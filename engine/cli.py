@@ -24,6 +24,7 @@ from engine.spec import (
     SearchBudget,
     SearchSpec,
 )
+from engine.submission import FLOOR_METRICS
 from engine.units import size_text
 
 
@@ -56,7 +57,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     search.add_argument("--floor", type=float, help="least recovery, a fraction (0.99): search for it")
     search.add_argument(
         "--floor-metric",
-        choices=["perplexity_recovery", "task_recovery"],
+        choices=sorted(FLOOR_METRICS),
         default="perplexity_recovery",
         help="what --floor is judged on: held-out perplexity, or the average recovery of --tasks",
     )

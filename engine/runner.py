@@ -2,133 +2,43 @@
 
 Progress reaches the caller through one callback: stage changes, "layer i of N" from forward hooks
 on the decoder layers, the evaluation's own steps, and llm-compressor's log lines. Each event carries
-the whole job's fraction done, with the stages weighed by their measured cost (_STAGE_COST_S).
-Per-layer errors come from llm-compressor's CompressionLogger, with the module's real name.
+the whole job's fraction done, with the stages weighed by their measured cost (engine.stages, where the steps
+a search's trials share with this run live). A spec with a search runs engine.search instead.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from engine import calibration as calib
 from engine.artifacts import staging_folder, weights_bytes, write_manifest
-from engine.card import write_model_card
-from engine.errors import CancelledError, EngineError
-from engine.evaluation import PROMPTS, WINDOWS, default_cache_dir, evaluate
+from engine.errors import EngineError
+from engine.evaluation import default_cache_dir, evaluate
 from engine.model_cache import ModelCache
 from engine.plan import MemoryPlan, Placement, placed_model, plan_memory
 from engine.preflight import PreflightReport, preflight
-from engine.presets import PRESETS
 from engine.resources import WorkerCaps, detect_resources
 from engine.resume import LayerStore, decoder_layers, resumable_layers, resume_fingerprint
-from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
-
-ProgressCallback = Callable[[ProgressEvent], None]
-
-# What each stage costs for the built-in model (135M parameters) on two CPU cores, in seconds: the weights
-# of the job's progress. Loading, calibration (int8-w8a8-gptq, 32 x 256 tokens), data-free compression,
-# saving and hashing from bench/results/latest.md. The evaluation parts measured back to back in one
-# process, relative to each other: a held-out window and a greedy generation cost about the same; the
-# compressed model costs what the baseline does; a local lm-eval task of 100 items costs 2.2 times the
-# offline suite (16 windows, 3 generations), which takes about 10 s a model. Calibration scales with the
-# calibration tokens, but for a share that does not (GPTQ's per-module solve: 8 x 128 tokens took 0.26 of
-# the time of 32 x 256); the offline suite scales with its windows, a task with its items; both models count.
-# Preparing a local model (its checks and calibration rows) costs about what loading does; a download's
-# share is not known ahead, and its message says bytes i of N.
-_STAGE_COST_S = {
-    "preparing": 1.0,
-    "loading": 1.0,
-    "calibrating": 38.0,
-    "compressing": 0.5,
-    "saving": 0.6,
-    "hashing": 0.2,
-}
-_CALIBRATION_TOKENS = 32 * 256
-_CALIBRATION_FIXED_SHARE = 0.15
-_EVAL_OFFLINE_S = 10.0  # one model, 16 windows and 3 generations
-_EVAL_TASK_S = 22.0  # one model, one task of 100 items
-_DOWNLOAD_STEP = 0.02  # a download's progress is reported (and logged) every 2 % of its bytes
-
-
-class Reporter:
-    """Forwards progress to the caller and raises CancelledError when the caller asks to stop."""
-
-    def __init__(self, callback: ProgressCallback | None, should_cancel: Callable[[], bool] | None) -> None:
-        self.callback = callback
-        self.should_cancel = should_cancel
-        self.stage = "preparing"
-        self.layer_errors: list[dict[str, Any]] = []
-        self.costs: dict[str, float] = {}
-        self._downloaded = -1.0
-
-    def plan(self, spec: CompressionSpec, needs_calibration: bool) -> None:
-        """Weigh the stages this run will go through (see _STAGE_COST_S)."""
-        first = {stage: _STAGE_COST_S[stage] for stage in ("preparing", "loading")}
-        if needs_calibration:
-            tokens = spec.calibration.samples * spec.calibration.max_seq_len
-            share = _CALIBRATION_FIXED_SHARE + (1 - _CALIBRATION_FIXED_SHARE) * tokens / _CALIBRATION_TOKENS
-            self.costs = {**first, "calibrating": _STAGE_COST_S["calibrating"] * share}
-        else:
-            self.costs = {**first, "compressing": _STAGE_COST_S["compressing"]}
-        self.costs["saving"] = _STAGE_COST_S["saving"]
-        # The vLLM check runs on GPU workers only and is not measured here: progress holds where saving left it.
-        self.costs["checking"] = 0.0
-        evaluation = spec.evaluation
-        if evaluation is not None:
-            windows = min(evaluation.limit or WINDOWS, WINDOWS)
-            offline = _EVAL_OFFLINE_S * (windows + len(PROMPTS)) / (WINDOWS + len(PROMPTS)) if evaluation.offline else 0
-            task = _EVAL_TASK_S * min(evaluation.limit or 100, 100) / 100
-            self.costs["evaluating"] = 2 * (offline + task * len(set(evaluation.tasks)))
-        self.costs["hashing"] = _STAGE_COST_S["hashing"]
-
-    def fraction(self, stage: str, within: float) -> float:
-        """The whole run's fraction done at `within` (0 to 1) of `stage`."""
-        if stage == "done":
-            return 1.0
-        total = sum(self.costs.values()) or 1.0
-        before = 0.0
-        for name, cost in self.costs.items():
-            if name == stage:
-                return min(1.0, (before + cost * min(max(within, 0.0), 1.0)) / total)
-            before += cost
-        return min(1.0, before / total)
-
-    def emit(self, stage: str, message: str = "", *, within: float = 0.0, **fields: Any) -> None:
-        self.stage = stage
-        self.check_cancel()
-        if self.callback:
-            fraction = self.fraction(stage, within)
-            self.callback(ProgressEvent(stage=stage, message=message, fraction=fraction, **fields))
-
-    def evaluation_progress(self, event: ProgressEvent) -> None:
-        """The evaluation's own steps (thousandths of it), placed within the run."""
-        within = event.step / event.total if event.step is not None and event.total else 0.0
-        self.emit(event.stage, event.message, within=within, step=event.step, total=event.total)
-
-    def download(self, done: int, total: int, file: str) -> None:
-        """A hub model's download, as bytes i of N (throttled: every _DOWNLOAD_STEP of it, and at the end)."""
-        within = done / total if total else 1.0
-        if within - self._downloaded < _DOWNLOAD_STEP and done < total:
-            self.check_cancel()
-            return
-        self._downloaded = within
-        self.emit("preparing", f"Downloading bytes {done:,} of {total:,} ({file})", within=within)
-
-    def log(self, line: str) -> None:
-        if self.callback:
-            self.callback(ProgressEvent(stage=self.stage, log_line=line))
-
-    def check_cancel(self) -> None:
-        if self.should_cancel and self.should_cancel():
-            raise CancelledError("The job was cancelled.")
+from engine.search import search_compress
+from engine.spec import CompressionResult, CompressionSpec
+from engine.stages import (
+    ProgressCallback,
+    Reporter,
+    captured_logs,
+    check_in_vllm,
+    layer_error_hooks,
+    model_baseline_key,
+    results_payload,
+    run_oneshot,
+    run_settings,
+    write_card,
+)
 
 
 def compress(
@@ -152,8 +62,6 @@ def compress(
     A spec with a search (a quality floor, a sweep) runs engine.search's trials and writes the chosen one.
     """
     if spec.search is not None:
-        from engine.search import search_compress
-
         return search_compress(
             spec,
             out_dir,
@@ -301,22 +209,6 @@ def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokeniz
     return calib.tokenize_records(report.calibration_records, tokenizer, spec.calibration)
 
 
-def run_oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, dataset, reporter: Reporter):
-    from llmcompressor import oneshot
-
-    reporter.emit("compressing" if dataset is None else "calibrating", "Running llm-compressor")
-    kwargs: dict[str, Any] = {}
-    if dataset is not None:
-        kwargs = {
-            "dataset": dataset,
-            "num_calibration_samples": len(dataset),
-            "max_seq_length": spec.calibration.max_seq_len,
-            # The samples are already chosen; keep their order so that reruns give the same checkpoint.
-            "shuffle_calibration_samples": False,
-        }
-    oneshot(model=model, tokenizer=tokenizer, recipe=report.recipe_yaml, **kwargs)
-
-
 RESUMABLE_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "SparseGPTModifier")
 
 
@@ -375,130 +267,3 @@ def _layer_progress(model, reporter: Reporter) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def layer_error_hooks(model, reporter: Reporter) -> Iterator[None]:
-    """Keep each compressed module's error, under the module's name in the model and at full precision.
-
-    GPTQ and SparseGPT time and measure each module in a CompressionLogger, whose log lines carry only
-    the algorithm's name ("GPTQ") and the error rounded to 2 decimals; the logger itself holds the module
-    and the exact loss, so its exit is wrapped for the length of the run.
-    """
-    from llmcompressor.utils.metric_logging import CompressionLogger
-
-    names = {module: name for name, module in model.named_modules()}
-    original_exit = CompressionLogger.__exit__
-
-    def exit_and_record(self, *exc_info):
-        loss = getattr(self, "_loss", None)
-        if loss is not None:
-            reporter.layer_errors.append({"module": names.get(self.module, "?"), "error": float(loss)})
-        return original_exit(self, *exc_info)
-
-    CompressionLogger.__exit__ = exit_and_record
-    try:
-        yield
-    finally:
-        CompressionLogger.__exit__ = original_exit
-
-
-@contextmanager
-def captured_logs(reporter: Reporter) -> Iterator[None]:
-    """Forward llm-compressor's loguru lines to the job's log."""
-    from loguru import logger
-
-    def sink(message) -> None:
-        record = message.record
-        reporter.log(f"{record['level'].name}: {record['message']}")
-
-    handler = logger.add(sink, level="INFO", format="{message}")
-    try:
-        yield
-    finally:
-        logger.remove(handler)
-
-
-def model_baseline_key(report: PreflightReport) -> str:
-    """Identifies the baseline weights: name, revision, and each weight file's size and mtime."""
-    files = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in report.model.path.glob("*.safetensors"))
-    return json.dumps([report.model.name, report.model.revision, str(report.model.path), files])
-
-
-def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: dict[str, float]) -> dict:
-    """On a GPU worker with a vLLM environment: load the checkpoint in vLLM and generate, the proof that it
-    serves. A failure is recorded, not fatal: the checkpoint itself is complete and verified."""
-    from engine.isolated import VLLM_PYTHON_ENV, run_child, vllm_installed
-
-    if not plan.gpu:
-        return {"ran": False, "reason": "vLLM needs a GPU; this job ran on the CPU."}
-    if not vllm_installed():
-        return {"ran": False, "reason": f"This worker has no vLLM environment ({VLLM_PYTHON_ENV} is not set to one)."}
-    started = time.perf_counter()
-    reporter.emit("checking", "Loading the checkpoint in vLLM and generating")
-    request = {
-        "action": "check",
-        "model": str(staging),
-        "tensor_parallel_size": plan.tensor_parallel_size,
-        "prompts": list(PROMPTS),
-        "max_tokens": 64,
-    }
-    try:
-        outcome = run_child(request, gpus=[gpu.index for gpu in plan.gpus], on_wait=reporter.check_cancel)
-    except CancelledError:
-        raise
-    except EngineError as exc:
-        return {"ran": True, "error": vllm_failure_reason(exc.message, staging)}
-    finally:
-        timings["vllm_check_s"] = time.perf_counter() - started
-    return {"ran": True, "tokens_per_s": outcome.get("tokens_per_s"), "generations": outcome.get("generations")}
-
-
-def vllm_failure_reason(message: str, staging: Path) -> str:
-    """The last line of a failed vLLM check (its exception), for results.json and the page: the checkpoint
-    by name, never the server's folders, and not the whole traceback of the child's output."""
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    last = (lines[-1] if lines else "vLLM stopped without a message").strip()
-    last = last.replace(f"{staging}/", "").replace(str(staging), "the checkpoint")
-    return re.sub(r"(?<![\w.:])/(?:[^\s/'\"]+/)+", "…/", last)[:500]
-
-
-def run_settings(plan: MemoryPlan) -> dict[str, Any]:
-    """Where the run happened: the device llm-compressor used, and the memory plan with its figures."""
-    device = f"cuda ({plan.gpu_name})" if plan.gpu else "cpu"
-    return {"device": device, "memory_plan": plan.to_dict()}
-
-
-def write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, result) -> None:
-    suffix = spec.preset or "custom"
-    write_model_card(
-        staging,
-        model_name=f"{Path(report.model.name).name}-{suffix}",  # like the seed cards: base name + scheme
-        base_model=report.model.name,
-        architecture=report.model.architecture,
-        preset=PRESETS.get(spec.preset or ""),
-        recipe_yaml=report.recipe_yaml,
-        calibration=spec.calibration if report.needs_calibration else None,
-        evaluation=result.evaluation,
-        size_before_bytes=result.size_before_bytes,
-        size_after_bytes=result.size_after_bytes,
-        settings=result.settings,
-    )
-
-
-def results_payload(spec: CompressionSpec, report: PreflightReport, result: CompressionResult) -> dict:
-    # results.json is downloaded with the checkpoint: files are named, the server's folders never are.
-    calibration = spec.to_dict()["calibration"] if report.needs_calibration else None
-    if calibration and calibration["path"]:
-        calibration["path"] = Path(calibration["path"]).name
-    return {
-        "model": report.model.name,
-        "revision": spec.revision,
-        "preset": spec.preset,
-        "architecture": report.model.architecture,
-        "num_parameters": report.num_parameters,
-        "calibration": calibration,
-        "ignored_layers": report.extra_ignore,
-        **result.to_dict(),
-        "output_dir": result.output_dir.name,
-    }

@@ -37,14 +37,15 @@ from typing import Any
 
 from engine import calibration as calib
 from engine.artifacts import staging_folder, weights_bytes, write_manifest
-from engine.errors import EngineError, PreflightError
+from engine.errors import EngineError
 from engine.evaluation import default_cache_dir, evaluate, heldout_scores, runnable_tasks, task_score_in_memory
 from engine.model_cache import ModelCache
 from engine.plan import placed_model, search_plan
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS, Preset, get_preset
 from engine.resources import WorkerCaps, detect_resources
-from engine.runner import (
+from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec
+from engine.stages import (
     ProgressCallback,
     Reporter,
     captured_logs,
@@ -56,73 +57,21 @@ from engine.runner import (
     run_settings,
     write_card,
 )
-from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec
-from engine.submission import check_calibration, check_group_sizes
+from engine.submission import (
+    FLOOR_METRICS,
+    PERPLEXITY_FLOOR,
+    TASK_FLOOR,
+    check_calibration,
+    check_group_sizes,
+    sweep_presets,
+)
 from engine.units import recovery_percent
 
-# What a floor may be stated on: the offline suite's perplexity recovery (the figure every job reports), or
-# the average recovery of the job's lm-eval tasks (each trial's accuracy over the baseline's, same items).
-PERPLEXITY_FLOOR, TASK_FLOOR = "perplexity_recovery", "task_recovery"
-FLOOR_METRICS = {
-    PERPLEXITY_FLOOR: "perplexity recovery on the held-out text",
-    TASK_FLOOR: "average recovery of the evaluation's lm-eval tasks",
-}
-MAX_TRIALS = 50
-FIELD = "search"  # the request field a search's problems concern
 TRIAL_LINE = "Trial "  # how each trial's log line begins (the engine's CLI prints them as they come)
-MAX_SWEEP_PRESETS = len(PRESETS)
 _PROBE_SAMPLES, _PROBE_TOKENS = 2, 256
-_TRIAL_SCORE_S = 5.0  # scoring one trial on the held-out windows, as engine.runner weighs its stages
+_TRIAL_SCORE_S = 5.0  # scoring one trial on the held-out windows, as engine.stages weighs its stages
 # SmoothQuant strengths tried after the preset's own (0.8): weaker and stronger migration of outliers.
 _SMOOTHING_STRENGTHS = (0.5, 0.9)
-
-
-def check_search(spec: CompressionSpec) -> None:
-    """The submission check's part for a search (no torch): known floor metric and presets, a sane budget."""
-    search = spec.search
-    if search is None:
-        return
-    if not spec.preset:
-        raise PreflightError("A floor search or a sweep starts from a preset, not a custom recipe.", field="search")
-    if search.floor is not None:
-        if search.floor.metric not in FLOOR_METRICS:
-            known = ", ".join(FLOOR_METRICS)
-            raise PreflightError(f"Unknown floor metric '{search.floor.metric}'; use {known}.", field="search")
-        if not 0 < search.floor.at_least <= 1:
-            raise PreflightError("The floor's at_least is a fraction of the baseline: above 0, at most 1.", field=FIELD)
-        if search.floor.metric == TASK_FLOOR:
-            _check_task_floor(spec.evaluation)
-    budget = search.budget
-    if not 1 <= budget.max_trials <= MAX_TRIALS:
-        raise PreflightError(f"max_trials must be between 1 and {MAX_TRIALS}.", field="search")
-    if budget.max_seconds is not None and budget.max_seconds <= 0:
-        raise PreflightError("max_seconds must be positive.", field="search")
-    if budget.max_size_ratio is not None and not 0 < budget.max_size_ratio <= 1:
-        raise PreflightError("max_size_ratio is a fraction of the original size: above 0, at most 1.", field=FIELD)
-    for name in search.presets:
-        get_preset(name)
-    if len(set(search.presets)) > MAX_SWEEP_PRESETS:
-        raise PreflightError(f"A sweep tries at most {MAX_SWEEP_PRESETS} presets.", field="search")
-    if spec.calibration.kind == "none" and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
-        raise PreflightError("A preset of the sweep needs calibration data; choose some.", field="calibration")
-
-
-def _check_task_floor(evaluation: EvaluationSpec | None) -> None:
-    """A task floor judges every trial on the evaluation's tasks, in memory: tasks, run by the hf backend."""
-    if evaluation is None or not evaluation.tasks:
-        raise PreflightError("A task floor needs the lm-eval tasks it is judged on: set evaluation.tasks.", field=FIELD)
-    if evaluation.backend != "hf":
-        raise PreflightError(
-            "A task floor scores each trial in memory with the hf backend; set evaluation.backend to hf "
-            "(the chosen checkpoint's own evaluation runs on hf too).",
-            field=FIELD,
-        )
-
-
-def sweep_presets(spec: CompressionSpec) -> list[str]:
-    """The presets a search tries first: the job's preset, then the sweep's others, each once."""
-    search = spec.search or SearchSpec()
-    return list(dict.fromkeys([p for p in (spec.preset, *search.presets) if p]))
 
 
 @dataclass(frozen=True)

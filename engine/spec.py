@@ -46,7 +46,7 @@ class EvaluationSpec:
 
 @dataclass(frozen=True)
 class QualityFloor:
-    """The least quality a checkpoint must keep: metric (engine.search.FLOOR_METRICS) at least `at_least`,
+    """The least quality a checkpoint must keep: metric (engine.submission.FLOOR_METRICS) at least `at_least`,
     a fraction of the baseline's (0.99: 99 % recovery)."""
 
     metric: str = "perplexity_recovery"

@@ -19,8 +19,8 @@ from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ModelFacts, Tensors, model_facts
 from engine.plan import tensor_parallel_problem
-from engine.presets import check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
-from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
+from engine.presets import PRESETS, check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
 
 # The words of the option that leaves such layers unquantized, as the form's checkbox shows them.
 IGNORE_INDIVISIBLE_LABEL = "Leave layers a grouped scheme cannot divide unquantized"
@@ -214,13 +214,6 @@ def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, l
     return records
 
 
-def check_search(spec: CompressionSpec) -> None:
-    """A floor search's or a sweep's fields (engine.search, which imports torch only when it runs)."""
-    from engine.search import check_search as check
-
-    check(spec)
-
-
 def check_tasks(evaluation: EvaluationSpec | None) -> None:
     """Unknown lm-eval task names are refused now, not after the whole compression has run."""
     wanted = set(evaluation.tasks) - set(LOCAL_TASKS) if evaluation else set()
@@ -240,3 +233,69 @@ def check_tasks(evaluation: EvaluationSpec | None) -> None:
 @functools.cache
 def _known_tasks(folder: Path) -> frozenset[str]:
     return known_task_names(folder)
+
+
+# --- floor search and sweep (engine.search) -------------------------------------------------------------
+
+# What a floor may be stated on: the offline suite's perplexity recovery (the figure every job reports), or
+# the average recovery of the job's lm-eval tasks (each trial's accuracy over the baseline's, same items).
+PERPLEXITY_FLOOR, TASK_FLOOR = "perplexity_recovery", "task_recovery"
+FLOOR_METRICS = {
+    PERPLEXITY_FLOOR: "perplexity recovery on the held-out text",
+    TASK_FLOOR: "average recovery of the evaluation's lm-eval tasks",
+}
+MAX_TRIALS = 50
+MAX_SWEEP_PRESETS = len(PRESETS)
+
+
+def check_search(spec: CompressionSpec) -> None:
+    """The submission check's part for a floor search or a sweep (engine.search runs them): known floor metric
+    and presets, a sane budget."""
+    search = spec.search
+    if search is None:
+        return
+    if not spec.preset:
+        raise PreflightError("A floor search or a sweep starts from a preset, not a custom recipe.", field="search")
+    if search.floor is not None:
+        if search.floor.metric not in FLOOR_METRICS:
+            known = ", ".join(FLOOR_METRICS)
+            raise PreflightError(f"Unknown floor metric '{search.floor.metric}'; use {known}.", field="search")
+        if not 0 < search.floor.at_least <= 1:
+            raise PreflightError(
+                "The floor's at_least is a fraction of the baseline: above 0, at most 1.", field="search"
+            )
+        if search.floor.metric == TASK_FLOOR:
+            _check_task_floor(spec.evaluation)
+    budget = search.budget
+    if not 1 <= budget.max_trials <= MAX_TRIALS:
+        raise PreflightError(f"max_trials must be between 1 and {MAX_TRIALS}.", field="search")
+    if budget.max_seconds is not None and budget.max_seconds <= 0:
+        raise PreflightError("max_seconds must be positive.", field="search")
+    if budget.max_size_ratio is not None and not 0 < budget.max_size_ratio <= 1:
+        raise PreflightError("max_size_ratio is a fraction of the original size: above 0, at most 1.", field="search")
+    for name in search.presets:
+        get_preset(name)
+    if len(set(search.presets)) > MAX_SWEEP_PRESETS:
+        raise PreflightError(f"A sweep tries at most {MAX_SWEEP_PRESETS} presets.", field="search")
+    if spec.calibration.kind == "none" and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
+        raise PreflightError("A preset of the sweep needs calibration data; choose some.", field="calibration")
+
+
+def _check_task_floor(evaluation: EvaluationSpec | None) -> None:
+    """A task floor judges every trial on the evaluation's tasks, in memory: tasks, run by the hf backend."""
+    if evaluation is None or not evaluation.tasks:
+        raise PreflightError(
+            "A task floor needs the lm-eval tasks it is judged on: set evaluation.tasks.", field="search"
+        )
+    if evaluation.backend != "hf":
+        raise PreflightError(
+            "A task floor scores each trial in memory with the hf backend; set evaluation.backend to hf "
+            "(the chosen checkpoint's own evaluation runs on hf too).",
+            field="search",
+        )
+
+
+def sweep_presets(spec: CompressionSpec) -> list[str]:
+    """The presets a search tries first: the job's preset, then the sweep's others, each once."""
+    search = spec.search or SearchSpec()
+    return list(dict.fromkeys([p for p in (spec.preset, *search.presets) if p]))

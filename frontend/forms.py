@@ -10,9 +10,8 @@ from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
 from engine.presets import PRESETS
-from engine.search import MAX_TRIALS
 from engine.spec import BUILTIN_MODEL
-from engine.submission import IGNORE_INDIVISIBLE_LABEL
+from engine.submission import IGNORE_INDIVISIBLE_LABEL, MAX_TRIALS
 from jobs.auth import login_wait_s
 from jobs.inputs import request_field
 from jobs.models import Job

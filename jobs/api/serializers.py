@@ -10,8 +10,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from engine.presets import MAX_RECIPE_BYTES, PRESETS
-from engine.search import FLOOR_METRICS, MAX_TRIALS
 from engine.spec import BUILTIN_MODEL
+from engine.submission import FLOOR_METRICS, MAX_TRIALS
 from jobs import selectors
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, HubPush, HubToken, Job, JobLogLine

@@ -210,7 +210,7 @@ def test_a_worker_without_the_memory_or_disk_for_a_job_refuses_it_with_the_figur
 
 
 def test_a_failed_vllm_check_is_reported_by_its_last_line_without_server_folders(tmp_path):
-    from engine.runner import vllm_failure_reason
+    from engine.stages import vllm_failure_reason
 
     staging = tmp_path / "jobs" / "7" / ".checkpoint.partial-x"
     message = (

@@ -14,8 +14,8 @@ import yaml
 from engine.artifacts import verify_manifest
 from engine.errors import EngineError
 from engine.runner import compress
-from engine.search import check_search
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, QualityFloor, SearchBudget, SearchSpec
+from engine.submission import check_search
 
 FAST_EVALUATION = EvaluationSpec(limit=2)  # two held-out windows: the trials and the final evaluation
 
