@@ -257,29 +257,18 @@ class _Search:
             return None
         kept, tried = self.largest_kept(), [t.move for t in self.trials]
         kept_at = kept_precision(preset)
+        # Both moves start from the base trial with the largest kept set so far.
+        start = Move(preset=base.preset, kept=kept, bf16_activations=base.bf16_activations, kept_at=kept_at)
+        kept_words = _kept_words(kept, kept_at)
         samples = min(2 * self.spec.calibration.samples, len(self.report.calibration_records))
         if samples > self.spec.calibration.samples and not any(m.samples for m in tried):
-            change = f"{samples} calibration samples instead of {self.spec.calibration.samples}"
-            return Move(
-                preset=base.preset,
-                kept=kept,
-                samples=samples,
-                bf16_activations=base.bf16_activations,
-                kept_at=kept_at,
-                change=change + _kept_words(kept, kept_at),
-            )
+            change = f"{samples} calibration samples instead of {self.spec.calibration.samples}{kept_words}"
+            return dataclasses.replace(start, samples=samples, change=change)
         if any(name == "SmoothQuantModifier" for name, _ in preset.modifiers):
             for strength in _SMOOTHING_STRENGTHS:
                 if not any(m.smoothing == strength for m in tried):
-                    change = f"SmoothQuant strength {strength:g}" + _kept_words(kept, kept_at)
-                    return Move(
-                        preset=base.preset,
-                        kept=kept,
-                        smoothing=strength,
-                        bf16_activations=base.bf16_activations,
-                        kept_at=kept_at,
-                        change=change,
-                    )
+                    change = f"SmoothQuant strength {strength:g}{kept_words}"
+                    return dataclasses.replace(start, smoothing=strength, change=change)
         return None
 
     def summary(self, chosen: Trial) -> dict[str, Any]:
@@ -406,7 +395,8 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
             reference = heldout_scores(original, tokenizer, evaluation)
             if state.floor_metric == TASK_FLOOR:
                 reporter.emit("loading", "Scoring the baseline on the floor's tasks (once for every trial)")
-                state.task_baseline = _task_scores(original, tokenizer, state, evaluation)
+                tasks = runnable_tasks(evaluation)  # once: which tasks can run here does not change by trial
+                state.task_baseline = _task_scores(original, tokenizer, state, evaluation, tasks)
         stage = "calibrating" if report.needs_calibration else "compressing"
         while (move := state.next_move()) is not None:
             number = len(state.trials) + 1
@@ -450,7 +440,8 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
     model.eval()
     with torch.no_grad():
         scores = heldout_scores(model, tokenizer, evaluation, reference)
-        task_scores = _task_scores(model, tokenizer, state, evaluation) if state.task_baseline else {}
+        tasks = list(state.task_baseline)
+        task_scores = _task_scores(model, tokenizer, state, evaluation, tasks) if tasks else {}
         if not state.ranking:
             state.ranking = _sensitivity(model, original, tokenizer, state)
     folder = staging / ".trials" / str(number)
@@ -479,12 +470,9 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
     )
 
 
-def _task_scores(model, tokenizer, state: _Search, evaluation: EvaluationSpec) -> dict[str, float]:
+def _task_scores(model, tokenizer, state: _Search, evaluation: EvaluationSpec, tasks: list[str]) -> dict[str, float]:
     """Each of the evaluation's tasks scored on a model in memory (percent); every trial sees the same items."""
-    return {
-        task: task_score_in_memory(model, tokenizer, state.device, task, evaluation)["value"]
-        for task in runnable_tasks(evaluation)
-    }
+    return {task: task_score_in_memory(model, tokenizer, state.device, task, evaluation)["value"] for task in tasks}
 
 
 def _task_recovery(scores: dict[str, float], baseline: dict[str, float]) -> float:

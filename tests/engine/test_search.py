@@ -274,6 +274,56 @@ def test_a_task_floor_judges_each_trial_on_the_tasks_scored_in_memory(sharp_mode
     assert chosen_task["baseline"] == pytest.approx(baseline)
 
 
+def test_once_no_more_layers_fit_the_size_cap_the_calibration_moves_follow():
+    from types import SimpleNamespace
+
+    from engine.search import Trial, _Search
+
+    # Given a SmoothQuant + int8 search whose size cap leaves no room to keep a layer in bf16
+    budget = SearchBudget(max_trials=10, max_size_ratio=0.5)
+    spec = CompressionSpec(
+        preset="smoothquant-int8-w8a8",
+        calibration=CalibrationSpec(samples=4, max_seq_len=32),
+        search=SearchSpec(floor=QualityFloor(at_least=1.0), budget=budget),
+    )
+    state = _Search(spec, SimpleNamespace(calibration_records=[{"text": "x"}] * 16), size_before=1000)
+    state.linear_params, state.ranking = (
+        {"model.layers.0.mlp.down_proj": 100},
+        [{"module": "model.layers.0.mlp.down_proj"}],
+    )
+
+    # When each move's trial misses the floor
+    changes = []
+    while (move := state.next_move()) is not None:
+        changes.append(move)
+        state.trials.append(
+            Trial(
+                len(changes),
+                move,
+                "",
+                size_bytes=850,
+                perplexity=1.0,
+                recovery=99.0 + len(changes) / 10,
+                kl=0.0,
+                top1_agreement=0.0,
+                seconds=0.0,
+                meets_floor=False,
+            )  # fmt: skip
+        )
+
+    # Then after the presets' own trials come twice the samples, then SmoothQuant's two other strengths, on the
+    # best first-round trial (its activations in bf16), and then the search ends
+    assert [m.change for m in changes] == [
+        "smoothquant-int8-w8a8 as it is",
+        "smoothquant-int8-w8a8's weights, activations kept in bf16",
+        "8 calibration samples instead of 4",
+        "SmoothQuant strength 0.5",
+        "SmoothQuant strength 0.9",
+    ]
+    assert [(m.samples, m.smoothing) for m in changes[2:]] == [(8, None), (None, 0.5), (None, 0.9)]
+    assert all(m.bf16_activations and m.kept == () for m in changes[2:]) and state.stopped == "no move left"
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
