@@ -71,7 +71,7 @@ class ModelFacts:
     def architecture(self) -> str:
         return (self.config.get("architectures") or ["unknown"])[0]
 
-    @property
+    @functools.cached_property  # a 405 B model's header has thousands of tensors; summary() asks twice
     def dtypes(self) -> dict[str, int]:
         """Parameters per dtype, from the header."""
         counts: Counter[str] = Counter()

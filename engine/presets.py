@@ -6,6 +6,7 @@ handed to oneshot, and written beside the checkpoint as recipe.yaml.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import json
@@ -62,10 +63,24 @@ class Preset:
 
     def recipe_yaml(self, extra_ignore: list[str] | None = None) -> str:
         """The llm-compressor recipe for this preset, with extra layers left unquantized."""
-        ignore = list(_IGNORE_DEFAULT) + sorted(set(extra_ignore or []) - set(_IGNORE_DEFAULT))
-        # A list of its own per modifier: a shared one would be dumped as a YAML alias, which recipes may not have.
-        modifiers = {name: {**args, "ignore": list(ignore)} for name, args in self.modifiers}
-        return yaml.safe_dump({"compression_stage": {"compression_modifiers": modifiers}}, sort_keys=False)
+        ignore = tuple(_IGNORE_DEFAULT) + tuple(sorted(set(extra_ignore or []) - set(_IGNORE_DEFAULT)))
+        # Every submission asks for its preset's recipe: dumped once per (modifiers, ignore). The modifiers'
+        # repr is exact for the plain data they hold, and tells apart a search's variants of the same name.
+        key = (repr(self.modifiers), ignore)
+        if key not in _DUMPED_RECIPES:
+            if len(_DUMPED_RECIPES) >= _MAX_DUMPED_RECIPES:
+                _DUMPED_RECIPES.clear()
+            # A list of its own per modifier: a shared one would be dumped as a YAML alias, which recipes may
+            # not have.
+            stage = {name: {**args, "ignore": list(ignore)} for name, args in self.modifiers}
+            _DUMPED_RECIPES[key] = yaml.safe_dump(
+                {"compression_stage": {"compression_modifiers": stage}}, sort_keys=False
+            )
+        return _DUMPED_RECIPES[key]
+
+
+_DUMPED_RECIPES: dict[tuple[str, tuple[str, ...]], str] = {}
+_MAX_DUMPED_RECIPES = 512
 
 
 def _quant(scheme: str) -> dict[str, Any]:
@@ -241,6 +256,12 @@ def load_recipe_yaml(text: str) -> Any:
     """Parse recipe text: at most MAX_RECIPE_BYTES, no aliases, no Python object tags."""
     if len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
         raise EngineError(f"The recipe is larger than {MAX_RECIPE_BYTES // 1024} KB.", field="recipe")
+    # Each submission parses its recipe several times (checks, routing): parsed once, a copy each time.
+    return copy.deepcopy(_parsed_recipe(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_recipe(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:

@@ -225,6 +225,8 @@ def job_route(job: Job) -> Route:
     """The queue for this job among the registered workers of its device class; PreflightError when none can
     hold it (see the module's docstring)."""
     nodes = [n for n in WorkerNode.objects.all() if job.device_class in n.queues]
+    if not nodes:
+        return Route(job.device_class)  # nobody registered yet: the shared queue, whoever comes first
     return choose_queue(
         device_class=job.device_class,
         footprint=job_footprint(job),

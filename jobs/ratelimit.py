@@ -6,9 +6,12 @@ never both take the last place. The policies (what is limited, for whom) live in
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
+import redis
+from django.conf import settings
 from django.core.cache import cache
 
 _PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -49,11 +52,12 @@ class Window:
         period = parse_rate(self.rate)[1]
         now = time.time()
         window = int(now // period)
-        return f"rate:{self.name}:{self.subject}:{window}", int((window + 1) * period - now) + 1
+        # Under the cache's key prefix, like every key of this service in the shared Redis.
+        return cache.make_key(f"rate:{self.name}:{self.subject}:{window}"), int((window + 1) * period - now) + 1
 
     def count(self) -> int:
         key, _ = self._key_and_wait()
-        return int(cache.get(key) or 0)
+        return int(_redis().get(key) or 0)
 
     def seconds_left(self) -> int:
         return self._key_and_wait()[1]
@@ -61,22 +65,31 @@ class Window:
     def hit(self) -> int:
         """Count one event; the new count."""
         key, wait = self._key_and_wait()
-        cache.add(key, 0, timeout=wait + 1)  # lives a second past its window, so incr always finds it
-        return cache.incr(key)
+        pipe = _redis().pipeline()
+        pipe.set(key, 0, ex=wait + 1, nx=True)  # lives a second past its window, so the count always finds it
+        pipe.incr(key)
+        return int(pipe.execute()[1])
 
     def take(self) -> str | None:
         """Take a place in this window; its key (to give it back), or None when the window is full."""
-        key, wait = self._key_and_wait()
-        cache.add(key, 0, timeout=wait + 1)
-        if cache.incr(key) > self.limit:
-            cache.decr(key)
+        key = self._key_and_wait()[0]
+        if self.hit() > self.limit:
+            self.give_back(key)
             return None
         return key
 
     @staticmethod
     def give_back(key: str) -> None:
-        """Return a place taken by take() (the request it was taken for did not go through)."""
-        try:
-            cache.decr(key)
-        except ValueError:  # the window has ended meanwhile: nothing to give back
-            pass
+        """Return a place taken by take() (the request it was taken for did not go through); nothing when the
+        window has ended meanwhile (a DECR then would make a key that never expires)."""
+        _redis().eval(_DECR_IF_EXISTS, 1, key)
+
+
+_DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+
+
+@functools.cache
+def _redis() -> redis.Redis:
+    """The shared cache's Redis, spoken to directly: a window's count with its expiry is one round trip
+    (Django's cache API takes three: add, exists, incr)."""
+    return redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])

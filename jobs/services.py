@@ -9,6 +9,7 @@ these same functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -23,8 +24,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
-from django.db import transaction
-from django.db.models import BigIntegerField, Q, Sum
+from django.db import connection, transaction
+from django.db.models import BigIntegerField, Count, OuterRef, Q, Subquery, Sum
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 from django.utils import timezone
@@ -88,7 +89,6 @@ def job_submit(
     # Refused before the submission check when already over; both are checked again where they are taken.
     if rate.count() >= rate.limit:
         raise _creation_rate_error(rate)
-    _check_active_jobs(owner)
     job = _job_from_input(owner=owner, data=data)
     report = check_submission(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
@@ -111,17 +111,17 @@ def job_submit(
     place = rate.take()
     if place is None:
         raise _creation_rate_error(rate)
+    lines = [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")]
+    lines += [("waiting", route.why)] if route.why else []
+    lines += [("waiting", f"Warning: {warning}") for warning in report.warnings]
     try:
         with transaction.atomic():
-            _lock_quotas(owner)
-            _check_active_jobs(owner)
-            _check_stored_bytes(owner)
             job.save()
-            _append_log(job.pk, [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")])
-            if route.why:
-                _append_log(job.pk, [("waiting", route.why)])
-            for warning in report.warnings:
-                _append_log(job.pk, [("waiting", f"Warning: {warning}")])
+            JobLogLine.objects.bulk_create(_log_rows(job.pk, lines))  # a new job's log needs no trimming
+            # The owner's submissions wait for each other only from here to the commit: the lock, then the
+            # quotas counted with this job in them.
+            _lock_quotas(owner)
+            _check_quotas(owner)
             transaction.on_commit(lambda: _enqueue(job))
     except BaseException:
         Window.give_back(place)  # not created: it does not count toward the rate
@@ -177,28 +177,68 @@ def _lock_quotas(owner: AbstractBaseUser) -> None:
 
 def user_stored_bytes(user: AbstractBaseUser) -> int:
     """What a user keeps on the server: checkpoint weights of their succeeded jobs plus their uploads."""
-    size = Cast(KT("results__size_after_bytes"), BigIntegerField())
-    checkpoints = Job.objects.filter(owner=user, status=Status.SUCCEEDED).aggregate(total=Sum(size))["total"]
+    checkpoints = Job.objects.filter(owner=user, status=Status.SUCCEEDED).aggregate(total=Sum(_CHECKPOINT_BYTES))[
+        "total"
+    ]
     uploads = CalibrationDataset.objects.filter(owner=user).aggregate(total=Sum("size_bytes"))["total"]
     return int(checkpoints or 0) + int(uploads or 0)
 
 
-def _check_active_jobs(owner: AbstractBaseUser) -> None:
-    """At most COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running per user (exact only under _lock_quotas)."""
+def _check_quotas(owner: AbstractBaseUser) -> None:
+    """A new job (already saved, counted among the active ones) within the owner's quotas: at most
+    COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running, and the stored bytes under theirs (call under
+    _lock_quotas)."""
     most = settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS
-    active = Job.objects.filter(owner=owner, status__in=Job.ACTIVE).count()
+    active, checkpoints, uploads = _quota_counts(owner.pk)
+    active = int(active or 0) - 1  # without the new job
     if active >= most:
         raise RateLimited(
             f"You have {active} jobs queued or running, the most allowed ({most}); wait for one to finish or "
             "cancel one.",
             retry_after=60,
         )
+    _refuse_over_storage(int(checkpoints or 0) + int(uploads or 0))
+
+
+_CHECKPOINT_BYTES = Cast(KT("results__size_after_bytes"), BigIntegerField())
+_ANY_OWNER = -7  # stands for the owner's id in the quota query, compiled once per process and database
+
+
+def _quota_counts(owner_id: int) -> tuple[int | None, int | None, int | None]:
+    """(active jobs, checkpoint bytes, upload bytes) of one owner in one query, while the lock holds every
+    other submission of theirs: compiled once (the ORM's compiling costs more than the query)."""
+    sql, params = _quota_query(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [owner_id if value == _ANY_OWNER else value for value in params])
+        return cursor.fetchone()
+
+
+@functools.cache
+def _quota_query(vendor: str) -> tuple[str, tuple]:
+    def per_owner(rows, aggregate):
+        totals = rows.filter(owner=OuterRef("pk")).order_by().values("owner").annotate(total=aggregate)
+        return Subquery(totals.values("total")[:1])
+
+    counted = (
+        get_user_model()
+        .objects.filter(pk=_ANY_OWNER)
+        .annotate(
+            active=per_owner(Job.objects.filter(status__in=Job.ACTIVE), Count("pk")),
+            checkpoints=per_owner(Job.objects.filter(status=Status.SUCCEEDED), Sum(_CHECKPOINT_BYTES)),
+            uploads=per_owner(CalibrationDataset.objects, Sum("size_bytes")),
+        )
+        .values_list("active", "checkpoints", "uploads")
+    )
+    return counted.query.sql_with_params()
 
 
 def _check_stored_bytes(owner: AbstractBaseUser, *, adding: int = 0) -> None:
     """At most COMPRESSOR_USER_MAX_STORED_BYTES kept per user (call under _lock_quotas)."""
+    _refuse_over_storage(user_stored_bytes(owner), adding=adding)
+
+
+def _refuse_over_storage(stored: int, *, adding: int = 0) -> None:
     most = settings.COMPRESSOR_USER_MAX_STORED_BYTES
-    stored = user_stored_bytes(owner)
     if stored >= most or stored + adding > most:
         raise RateLimited(
             f"You store {stored / 1e9:.3g} GB of checkpoints and uploads and the quota is {most / 1e9:.3g} GB; "
@@ -718,14 +758,16 @@ def job_log_append(*, job_id: int, lines: list[tuple[str, str]]) -> None:
 
 def _append_log(job_id: int, lines: list[tuple[str, str]]) -> None:
     """Append (stage, text) lines and keep only the newest COMPRESSOR_JOB_LOG_MAX_LINES."""
-    JobLogLine.objects.bulk_create(
-        [JobLogLine(job_id=job_id, stage=stage or "", text=redact(text)[:4000]) for stage, text in lines]
-    )
+    JobLogLine.objects.bulk_create(_log_rows(job_id, lines))
     keep = settings.COMPRESSOR_JOB_LOG_MAX_LINES
     oldest_kept = JobLogLine.objects.filter(job_id=job_id).order_by("-id").values_list("id", flat=True)[keep - 1 : keep]
     oldest = list(oldest_kept)
     if oldest:
         JobLogLine.objects.filter(job_id=job_id, id__lt=oldest[0]).delete()
+
+
+def _log_rows(job_id: int, lines: list[tuple[str, str]]) -> list[JobLogLine]:
+    return [JobLogLine(job_id=job_id, stage=stage or "", text=redact(text)[:4000]) for stage, text in lines]
 
 
 # --- retention and orphans ------------------------------------------------------------------------------

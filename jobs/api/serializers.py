@@ -178,6 +178,8 @@ class JobSerializer(serializers.ModelSerializer):
         return api_calibration(job)
 
     def get_queue_position(self, job: Job) -> int | None:
+        if self.parent is None:  # one job: one COUNT, whatever the length of the queue
+            return selectors.queue_position(job=job)
         # Computed once per response for all waiting jobs: a list page costs the same queries at any length.
         if "queue_positions" not in self.context:
             self.context["queue_positions"] = selectors.queue_positions()

@@ -76,6 +76,26 @@ def test_refused_and_duplicate_requests_do_not_count(alice_api, settings):
     assert api.post("/api/v1/jobs/", FP8, format="json").status_code == 429
 
 
+def test_a_window_expires_and_a_place_given_back_after_it_ended_leaves_nothing_behind():
+    import redis
+
+    from jobs.ratelimit import Window
+
+    client = redis.Redis.from_url(django_settings.CACHES["default"]["LOCATION"])
+    window = Window(name="test-expiry", subject="alice", rate="2/hour")
+    # Two places taken, the third refused; the count lives no longer than its window (and a second)
+    first, second = window.take(), window.take()
+    assert first == second and window.take() is None and window.count() == 2
+    assert 0 < client.ttl(first) <= window.seconds_left() + 1
+    # Given back: one place is free again
+    Window.give_back(second)
+    assert window.count() == 1
+    # A place given back once its window has ended (the key expired) makes no key that would never expire
+    client.delete(first)
+    Window.give_back(first)
+    assert client.exists(first) == 0
+
+
 def test_processes_share_one_count(alice_api, settings):
     # Given a rate of 2 an hour, one job created by this process
     settings.COMPRESSOR_JOB_CREATE_RATE = "2/hour"
