@@ -23,7 +23,7 @@ RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # templates and migrations are used from /app.
 COPY pyproject.toml ./
 COPY . .
-RUN pip install -e . gunicorn whitenoise \
+RUN pip install -e '.[server]' \
     && useradd --create-home --uid 1000 app \
     && mkdir -p /data \
     && chown app /data \
@@ -38,7 +38,5 @@ RUN if [ "$WITH_VLLM" = "1" ]; then \
 USER app
 VOLUME ["/data"]
 EXPOSE 8000
-# gthread workers: a long streamed checkpoint download holds a thread, not a whole worker, and the
-# worker keeps answering the arbiter's heartbeat meanwhile.
-CMD ["gunicorn", "compressor_app.wsgi:application", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", \
-     "--workers", "2", "--threads", "8", "--timeout", "60", "--access-logfile", "-"]
+# The web server's settings (gthread workers and threads, WEB_CONCURRENCY, WEB_THREADS): compressor_app/gunicorn.py.
+CMD ["gunicorn", "-c", "python:compressor_app.gunicorn", "compressor_app.wsgi:application"]

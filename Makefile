@@ -12,13 +12,13 @@ export DJANGO_ENV ?= development
 .PHONY: venv model browser test lint format demo up stop bench vllm-env
 
 # The virtual environment: torch 2.13.0 first (the CPU build on the machine; any other version
-# pulls gigabytes of CUDA packages), then the project with its dev extra.
+# pulls gigabytes of CUDA packages), then the project with its dev and server (gunicorn) extras.
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,server]'
 	touch $(STAMP)
 
 venv: $(STAMP)

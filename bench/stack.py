@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from bench.common import DATA_DIR, DB_NAME, KEY_PREFIX, LOG_DIR, PG_URL, PYTHON, REPO, bench_env, wait_for
+from bench.common import DATA_DIR, DB_NAME, KEY_PREFIX, LOG_DIR, PG_URL, REPO, bench_env, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -192,8 +192,9 @@ class Stack:
     def start_web(self) -> None:
         self.user, self.token = bench_user()
         self.port = free_port()
-        # Django's own server, threaded (one thread per connection), without the autoreloader.
-        argv = [str(PYTHON), "manage.py", "runserver", "--noreload", "--insecure", f"127.0.0.1:{self.port}"]
+        # The web server as the docker image runs it (gunicorn, compressor_app/gunicorn.py), on loopback.
+        argv = [str(REPO / ".venv" / "bin" / "gunicorn"), "-c", "python:compressor_app.gunicorn"]
+        argv += ["--bind", f"127.0.0.1:{self.port}", "compressor_app.wsgi:application"]
         self.web = Process("web", argv, bench_env())
         self.api = Api(self.base, self.token)
 
