@@ -86,7 +86,7 @@ def job_submit(
     """
     _check_policy(owner=owner, data=data)
     rate = creation_window(owner.pk)
-    # Refused before the submission check when already over; both are checked again where they are taken.
+    # Refused before the submission check when already over; checked again where a place is taken.
     if rate.count() >= rate.limit:
         raise _creation_rate_error(rate)
     job = _job_from_input(owner=owner, data=data)
@@ -177,10 +177,7 @@ def _lock_quotas(owner: AbstractBaseUser) -> None:
 
 def user_stored_bytes(user: AbstractBaseUser) -> int:
     """What a user keeps on the server: checkpoint weights of their succeeded jobs plus their uploads."""
-    checkpoints = Job.objects.filter(owner=user, status=Status.SUCCEEDED).aggregate(total=Sum(_CHECKPOINT_BYTES))[
-        "total"
-    ]
-    uploads = CalibrationDataset.objects.filter(owner=user).aggregate(total=Sum("size_bytes"))["total"]
+    _active, checkpoints, uploads = _quota_counts(user.pk)
     return int(checkpoints or 0) + int(uploads or 0)
 
 
@@ -200,13 +197,12 @@ def _check_quotas(owner: AbstractBaseUser) -> None:
     _refuse_over_storage(int(checkpoints or 0) + int(uploads or 0))
 
 
-_CHECKPOINT_BYTES = Cast(KT("results__size_after_bytes"), BigIntegerField())
 _ANY_OWNER = -7  # stands for the owner's id in the quota query, compiled once per process and database
 
 
 def _quota_counts(owner_id: int) -> tuple[int | None, int | None, int | None]:
-    """(active jobs, checkpoint bytes, upload bytes) of one owner in one query, while the lock holds every
-    other submission of theirs: compiled once (the ORM's compiling costs more than the query)."""
+    """(active jobs, checkpoint bytes, upload bytes) of one owner, in one query compiled once per process: it
+    runs while the owner's lock holds their other submissions, and compiling it costs more than running it."""
     sql, params = _quota_query(connection.vendor)
     with connection.cursor() as cursor:
         cursor.execute(sql, [owner_id if value == _ANY_OWNER else value for value in params])
@@ -219,12 +215,13 @@ def _quota_query(vendor: str) -> tuple[str, tuple]:
         totals = rows.filter(owner=OuterRef("pk")).order_by().values("owner").annotate(total=aggregate)
         return Subquery(totals.values("total")[:1])
 
+    checkpoint_bytes = Cast(KT("results__size_after_bytes"), BigIntegerField())
     counted = (
         get_user_model()
         .objects.filter(pk=_ANY_OWNER)
         .annotate(
             active=per_owner(Job.objects.filter(status__in=Job.ACTIVE), Count("pk")),
-            checkpoints=per_owner(Job.objects.filter(status=Status.SUCCEEDED), Sum(_CHECKPOINT_BYTES)),
+            checkpoints=per_owner(Job.objects.filter(status=Status.SUCCEEDED), Sum(checkpoint_bytes)),
             uploads=per_owner(CalibrationDataset.objects, Sum("size_bytes")),
         )
         .values_list("active", "checkpoints", "uploads")

@@ -5,6 +5,8 @@ Status, progress, results and artifacts are read-only: only the workers (through
 
 from __future__ import annotations
 
+import copy
+
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -172,6 +174,13 @@ class JobSerializer(serializers.ModelSerializer):
             "heartbeat_at", "duration_s", "results", "manifest", "links", "duplicate",
         ]  # fmt: skip
         read_only_fields = fields
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        # DRF builds a ModelSerializer's fields from the model for each instance (each response): built once
+        # per class here, and a copy for each instance.
+        if "_built_fields" not in type(self).__dict__:
+            type(self)._built_fields = super().get_fields()
+        return copy.deepcopy(type(self)._built_fields)
 
     @extend_schema_field(serializers.DictField())
     def get_calibration(self, job: Job) -> dict:
