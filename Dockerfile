@@ -38,5 +38,5 @@ RUN if [ "$WITH_VLLM" = "1" ]; then \
 USER app
 VOLUME ["/data"]
 EXPOSE 8000
-# The web server's settings (gthread workers and threads, WEB_CONCURRENCY, WEB_THREADS): compressor_app/gunicorn.py.
+# The web server's settings (gthread, WEB_CONCURRENCY processes of WEB_THREADS threads): compressor_app/gunicorn.py.
 CMD ["gunicorn", "-c", "python:compressor_app.gunicorn", "compressor_app.wsgi:application"]
