@@ -39,8 +39,9 @@ def calibrate_data_parallel(
     trust_remote_code: bool = False,
     on_line: Callable[[str], None] | None = None,
     on_wait: Callable[[], None] | None = None,
-) -> None:
-    """Compress model_path with the recipe over `ranks` ranks and write the checkpoint into out_dir.
+) -> list[dict[str, Any]]:
+    """Compress model_path with the recipe over `ranks` ranks and write the checkpoint into out_dir; return
+    the per-layer errors ({"module", "error"}) the ranks measured, layer by layer.
 
     device "cpu": gloo between CPU processes; else one rank per GPU in `gpus` (as this process numbers them).
     Raises EngineError with the end of the ranks' output when they fail.
@@ -59,7 +60,7 @@ def calibrate_data_parallel(
     }
     with tempfile.TemporaryDirectory(prefix="data-parallel-") as folder:
         request_path = Path(folder) / "request.json"
-        request_path.write_text(json.dumps(request))
+        request_path.write_text(json.dumps({**request, "errors_dir": folder}))
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
         process = subprocess.Popen(
             [*argv, "-m", "engine.dp_rank", str(request_path)],
@@ -87,12 +88,27 @@ def calibrate_data_parallel(
         wait_in_group(process, relay_then_wait)
         reader.join(timeout=10)
         relay_then_wait()
-    if process.returncode != 0:
-        raise EngineError(
-            f"Data-parallel calibration over {ranks} ranks failed (exit {process.returncode}): "
-            + "\n".join(tail[-20:]).strip(),
-            field="recipe",
-        )
+        if process.returncode != 0:
+            raise EngineError(
+                f"Data-parallel calibration over {ranks} ranks failed (exit {process.returncode}): "
+                + "\n".join(tail[-20:]).strip(),
+                field="recipe",
+            )
+        return gathered_layer_errors(Path(folder).glob("rank-*.json"))
+
+
+def gathered_layer_errors(files) -> list[dict[str, Any]]:
+    """The ranks' per-layer errors as one list: each module once (as the first rank had it), layer by layer."""
+    by_module: dict[str, dict[str, Any]] = {}
+    for path in sorted(files):
+        for entry in json.loads(Path(path).read_text()):
+            by_module.setdefault(entry["module"], entry)
+    return sorted(by_module.values(), key=lambda entry: _module_order(entry["module"]))
+
+
+def _module_order(name: str) -> tuple:
+    # "model.layers.10.mlp" after "model.layers.9.self_attn": the numbers of a module's name compare as numbers.
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
 
 
 # llm-compressor's log lines name their rank: "[Rank 1] 2026-01-01T00:00:00.0 | function | INFO - message".

@@ -4,7 +4,8 @@ llm-compressor's distributed oneshot: each rank pushes its share of the calibrat
 model, the Hessians are reduced across ranks, and GPTQ's work is split between them module by module. On
 GPUs each rank computes on its own device (compressed_tensors' init_dist, NCCL) with the weights offloaded
 once for all ranks (load_offloaded_model); on a CPU worker the ranks talk over gloo. Saving is collective as
-well: every rank calls save_pretrained, rank 0 writes the files.
+well: every rank calls save_pretrained, rank 0 writes the files. Each rank writes the per-layer errors of the
+modules it compressed into the request's errors_dir.
 
 Usage: python -m torch.distributed.run --standalone --nproc-per-node N -m engine.dp_rank REQUEST.json
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from engine import calibration as calib
 from engine.spec import CalibrationSpec
+from engine.stages import Reporter, layer_error_hooks
 
 
 def main(request_path: str) -> int:
@@ -51,15 +53,19 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
     spec = CalibrationSpec(**request["calibration"])
     records = request["records"][: spec.samples]
     dataset = calib.tokenize_records(rank_share(records, dist.get_rank(), dist.get_world_size()), tokenizer, spec)
-    oneshot(
-        model=model,
-        tokenizer=tokenizer,
-        recipe=request["recipe"],
-        dataset=dataset,
-        num_calibration_samples=len(dataset),
-        max_seq_length=spec.max_seq_len,
-        shuffle_calibration_samples=False,
-    )
+    errors = Reporter(None, None)
+    with layer_error_hooks(model, errors):
+        oneshot(
+            model=model,
+            tokenizer=tokenizer,
+            recipe=request["recipe"],
+            dataset=dataset,
+            num_calibration_samples=len(dataset),
+            max_seq_length=spec.max_seq_len,
+            shuffle_calibration_samples=False,
+        )
+    # Each rank measured the modules whose GPTQ it ran: the parent gathers the ranks' files.
+    Path(request["errors_dir"], f"rank-{dist.get_rank()}.json").write_text(json.dumps(errors.layer_errors))
     if dist.get_rank() == 0:
         print(f"Calibrated over {dist.get_world_size()} ranks; writing the checkpoint", flush=True)
     model.save_pretrained(request["out"], save_compressed=True)

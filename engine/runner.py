@@ -176,15 +176,15 @@ def _compress_data_parallel(
     timings: dict[str, float],
 ) -> None:
     """The plan's data-parallel calibration: the ranks load the model, calibrate and write the checkpoint
-    (engine.data_parallel); the tokenizer and the recipe are added here. The ranks' per-layer errors stay in
-    their log (llm-compressor's "Quantizing ..." lines), not in the results."""
+    (engine.data_parallel); the tokenizer and the recipe are added here, and the per-layer errors the ranks
+    measured to the results."""
     from transformers import AutoTokenizer
 
     from engine.data_parallel import calibrate_data_parallel
 
     started = time.perf_counter()
     reporter.emit("calibrating", f"Calibrating and compressing over {plan.data_parallel} data-parallel ranks")
-    calibrate_data_parallel(
+    layer_errors = calibrate_data_parallel(
         model_path=report.model.path,
         recipe_yaml=report.recipe_yaml,
         records=report.calibration_records,
@@ -197,6 +197,7 @@ def _compress_data_parallel(
         on_line=reporter.log,
         on_wait=reporter.check_cancel,
     )
+    reporter.layer_errors.extend(layer_errors)
     timings["compress_s"] = time.perf_counter() - started
     AutoTokenizer.from_pretrained(report.model.path, trust_remote_code=spec.trust_remote_code).save_pretrained(staging)
     (staging / "recipe.yaml").write_text(report.recipe_yaml)

@@ -3,6 +3,8 @@ gloo on this CPU machine (one rank per GPU on a GPU worker), against the same jo
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.artifacts import verify_manifest
-from engine.data_parallel import job_log_line
+from engine.data_parallel import gathered_layer_errors, job_log_line
 from engine.errors import CancelledError
 from engine.resources import WorkerCaps
 from engine.runner import compress
@@ -68,7 +70,29 @@ def test_two_ranks_give_the_checkpoint_one_process_gives(tiny_model_dir, tmp_pat
     assert min(agree.values()) > 0.8, agree
     for name in weights:
         assert (one[name].int() - two[name].int()).abs().max().item() <= 3, f"{name} differs by more than 3 steps"
+    # ...and the results hold a GPTQ error for every module the single process measured, whichever rank ran it
+    modules = [e["module"] for e in parallel.layer_errors]
+    assert len(modules) == len(set(modules)) and set(modules) == {e["module"] for e in single.layer_errors}
+    assert all(math.isfinite(e["error"]) and e["error"] >= 0 for e in parallel.layer_errors)
     assert _ranks_running() == []
+
+
+def test_the_ranks_layer_errors_come_back_once_each_layer_by_layer(tmp_path):
+    # Given two ranks' files: each module a rank compressed, and one module both measured
+    (tmp_path / "rank-0.json").write_text(
+        json.dumps([{"module": "model.layers.10.mlp.up_proj", "error": 1.0}, {"module": "lm_x", "error": 9.0}])
+    )
+    (tmp_path / "rank-1.json").write_text(
+        json.dumps([{"module": "model.layers.2.mlp.up_proj", "error": 2.0}, {"module": "lm_x", "error": 8.0}])
+    )
+
+    # Then layer 2 comes before layer 10 (numbers compare as numbers), and the shared module once, as rank 0 had it
+    gathered = gathered_layer_errors(tmp_path.glob("rank-*.json"))
+    assert gathered == [
+        {"module": "lm_x", "error": 9.0},
+        {"module": "model.layers.2.mlp.up_proj", "error": 2.0},
+        {"module": "model.layers.10.mlp.up_proj", "error": 1.0},
+    ]
 
 
 def test_a_cancel_stops_every_rank(tiny_model_dir, tmp_path):
