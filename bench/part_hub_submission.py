@@ -42,6 +42,7 @@ def run(stack: Stack, hub, *, total: int = 200, concurrency: int = 20) -> list[F
         f"{med * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(burst.latencies) * 1000:.0f} ms",
         f"the local hub answered {len(hub.requests)} requests (metadata only: model info, config.json, "
         "the header's first 100 kB)",
+        burst.cpu_text(),
     ]
     if burst.errors:
         details.append(f"first errors: {burst.errors}")

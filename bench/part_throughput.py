@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import psutil
+
 from bench.common import Figure, median, percentile, verdict
 from bench.stack import Stack, purge_redis
 
@@ -37,6 +39,7 @@ def run(stack: Stack, *, total: int = 200, concurrency: int = 20) -> list[Figure
         f"lost {len(lost)}, duplicated {duplicates}, unexpected rows {len(extra)}",
         f"latency min {min(latencies) * 1000:.0f} ms, median {med * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
         f"max {max(latencies) * 1000:.0f} ms; afterwards {purged} Redis keys of the bench purged",
+        burst.cpu_text(),
     ]
     if errors:
         details.append(f"first errors: {errors}")
@@ -73,6 +76,40 @@ class Burst:
     first_s: float
     wall_s: float
     purged: int
+    cpu_s: dict[str, float]  # CPU seconds per submission of the timed burst, by process group
+
+    def cpu_text(self) -> str:
+        return "CPU per submission: " + ", ".join(f"{name} {s * 1000:.1f} ms" for name, s in self.cpu_s.items())
+
+
+def _processes(stack: Stack) -> dict[str, list[psutil.Process]]:
+    """The processes that share the machine's cores during a burst, by what they are."""
+    web = psutil.Process(stack.web.pid)
+    named = {"PostgreSQL": [], "Redis": []}
+    for proc in psutil.process_iter(["name"]):
+        name = proc.info["name"] or ""
+        if name.startswith("postgres"):
+            named["PostgreSQL"].append(proc)
+        elif name.startswith("redis-server"):
+            named["Redis"].append(proc)
+    return {
+        "web server": [web, *web.children(recursive=True)],
+        "bench (clients, local hub)": [psutil.Process()],
+        **named,
+    }
+
+
+def _cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for name, group in processes.items():
+        spent[name] = 0.0
+        for proc in group:
+            try:
+                times = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            spent[name] += times.user + times.system
+    return spent
 
 
 def submit_burst(stack: Stack, payload: dict, *, total: int, concurrency: int) -> Burst:
@@ -104,10 +141,13 @@ def submit_burst(stack: Stack, payload: dict, *, total: int, concurrency: int) -
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         warm_ids = [job_id for _status, _s, job_id, _e in pool.map(submit, range(concurrency), timeout=900)]
     last_untimed = max([marker, *(job_id for job_id in warm_ids if job_id)])
+    processes = _processes(stack)
+    cpu0 = _cpu_seconds(processes)
     wall0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(submit, range(total), timeout=900))
     wall = time.perf_counter() - wall0
+    cpu = {name: (spent - cpu0[name]) / total for name, spent in _cpu_seconds(processes).items()}
     statuses: dict[int, int] = {}
     for status, *_rest in results:
         statuses[status] = statuses.get(status, 0) + 1
@@ -124,5 +164,6 @@ def submit_burst(stack: Stack, payload: dict, *, total: int, concurrency: int) -
         errors=[r[3] for r in results if r[3]][:3],
         first_s=first_s,
         wall_s=wall,
+        cpu_s=cpu,
         purged=purge_redis(),
     )

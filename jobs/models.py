@@ -13,6 +13,8 @@ from pathlib import PurePosixPath
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 
 from engine.spec import BUILTIN_MODEL, CompressionSpec
 from jobs.inputs import CALIBRATION_BUILTIN, PRIORITY_NORMAL, JobInput
@@ -147,6 +149,13 @@ class Job(models.Model):
 
     # What it produced.
     results = models.JSONField(null=True, blank=True)
+    # The checkpoint's size from the results, kept by the database on every write (a save or an update()): the
+    # stored-bytes quota adds it up at each submission, from the index below instead of every job's JSON.
+    checkpoint_bytes = models.GeneratedField(
+        expression=Cast(KT("results__size_after_bytes"), models.BigIntegerField()),
+        output_field=models.BigIntegerField(null=True),
+        db_persist=True,
+    )
     artifacts_path = models.CharField(max_length=300, blank=True, help_text="Checkpoint folder under MEDIA_ROOT.")
     manifest = models.JSONField(null=True, blank=True)
 
@@ -155,6 +164,8 @@ class Job(models.Model):
         indexes = [
             models.Index(fields=["status", "queue", "-priority", "created_at"], name="job_queue_order"),
             models.Index(fields=["owner", "-created_at"], name="job_owner_recent"),
+            # The quotas (active jobs, stored bytes) of one owner, from the index alone on PostgreSQL.
+            models.Index(fields=["owner", "status", "checkpoint_bytes"], name="job_owner_quota"),
         ]
 
     def __str__(self) -> str:

@@ -25,9 +25,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
 from django.db import connection, transaction
-from django.db.models import BigIntegerField, Count, OuterRef, Q, Subquery, Sum
-from django.db.models.fields.json import KT
-from django.db.models.functions import Cast
+from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
@@ -215,13 +213,12 @@ def _quota_query(vendor: str) -> tuple[str, tuple]:
         totals = rows.filter(owner=OuterRef("pk")).order_by().values("owner").annotate(total=aggregate)
         return Subquery(totals.values("total")[:1])
 
-    checkpoint_bytes = Cast(KT("results__size_after_bytes"), BigIntegerField())
     counted = (
         get_user_model()
         .objects.filter(pk=_ANY_OWNER)
         .annotate(
             active=per_owner(Job.objects.filter(status__in=Job.ACTIVE), Count("pk")),
-            checkpoints=per_owner(Job.objects.filter(status=Status.SUCCEEDED), Sum(checkpoint_bytes)),
+            checkpoints=per_owner(Job.objects.filter(status=Status.SUCCEEDED), Sum("checkpoint_bytes")),
             uploads=per_owner(CalibrationDataset.objects, Sum("size_bytes")),
         )
         .values_list("active", "checkpoints", "uploads")
