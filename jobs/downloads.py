@@ -163,6 +163,9 @@ def archive_response(job: Job, *, kind: str = "zip") -> StreamingHttpResponse:
     if kind == "zip":
         modified = (job.finished_at or timezone.now()).timetuple()[:6]
         response = StreamingHttpResponse(_zip_stream(read, entries, name, modified), content_type="application/zip")
+        # Known ahead, like the tar's: a client shows the download's progress, and the server sends it as it
+        # is instead of in chunked framing (half the speed under gunicorn).
+        response["Content-Length"] = str(zip_length(entries, name))
     else:
         headers = [(_tar_header(f"{name}/{path}", size), path, size) for path, size in entries]
         response = StreamingHttpResponse(_tar_stream(read, headers), content_type="application/x-tar")
@@ -231,6 +234,32 @@ def _zip_stream(read: Reader, entries: list[tuple[str, int]], prefix: str, modif
                     yield sink.take()
             yield sink.take()
     yield sink.take()
+
+
+def zip_length(entries: list[tuple[str, int]], prefix: str) -> int:
+    """The exact length of what _zip_stream writes for these files, by the layout zipfile gives a stored
+    archive on an unseekable file: per file a local header (ZIP64 sizes when the file is near 2 GiB), the data
+    and a data descriptor; then the central directory (ZIP64 sizes and offsets past 2 GiB) and the end
+    records (ZIP64 ones when the directory lies past 2 GiB or holds more than 65 535 files)."""
+    limit = zipfile.ZIP64_LIMIT
+    offset = directory = 0
+    for path, size in entries:
+        name_bytes = len(_zip_name(f"{prefix}/{path}"))
+        zip64 = size * 1.05 > limit  # zipfile's own rule when the size is given ahead
+        wide = (2 if size > limit else 0) + (1 if offset > limit else 0)  # 8-byte fields of the directory entry
+        directory += zipfile.sizeCentralDir + name_bytes + (4 + 8 * wide if wide else 0)
+        offset += zipfile.sizeFileHeader + name_bytes + (20 if zip64 else 0) + size + (24 if zip64 else 16)
+    end = zipfile.sizeEndCentDir
+    if len(entries) > zipfile.ZIP_FILECOUNT_LIMIT or offset > limit or directory > limit:
+        end += zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    return offset + directory + end
+
+
+def _zip_name(name: str) -> bytes:
+    try:
+        return name.encode("ascii")
+    except UnicodeEncodeError:
+        return name.encode("utf-8")
 
 
 def _tar_header(name: str, size: int) -> bytes:

@@ -31,7 +31,9 @@ def test_archives_stream_every_file_with_its_sha256(api, done_job):
 
     assert zipped.streaming and tarred.streaming  # produced while sent, never built whole first
     assert f'filename="job-{job.pk}-smollm2-135m-instruct-fp8-dynamic.zip"' in zipped["Content-Disposition"]
-    with zipfile.ZipFile(io.BytesIO(_body(zipped))) as archive:
+    zip_data = _body(zipped)
+    assert int(zipped["Content-Length"]) == len(zip_data)  # known ahead: no chunked framing, a progress bar
+    with zipfile.ZipFile(io.BytesIO(zip_data)) as archive:
         assert archive.testzip() is None
         got = {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()}
     data = _body(tarred)
@@ -100,3 +102,29 @@ def test_session_authenticated_browsers_download_too(client, user, done_job):
     client.force_login(user)
     response = client.get(f"/api/v1/jobs/{job.pk}/files/config.json", HTTP_ACCEPT="text/html")
     assert response.status_code == 200 and _body(response) == files["config.json"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "count_limit"),
+    [(zipfile.ZIP64_LIMIT, zipfile.ZIP_FILECOUNT_LIMIT), (1500, zipfile.ZIP_FILECOUNT_LIMIT), (600, 3)],
+    ids=["small-archive", "zip64-sizes-and-offsets", "zip64-end-records"],
+)
+def test_a_zips_length_is_known_before_it_is_written(monkeypatch, limit, count_limit):
+    from jobs.downloads import _zip_stream, zip_length
+
+    # Given files of several sizes (one with a non-ASCII name), and zipfile's ZIP64 limits lowered so that small
+    # files take the paths of checkpoints over 2 GiB: ZIP64 sizes, offsets, end records
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", limit)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", count_limit)
+    files = {"config.json": b"{}", "model-00001.safetensors": b"w" * 2000, "tokénizer.json": b"t" * 700}
+    files.update({f"shard-{i}.bin": bytes([i]) * (100 * i) for i in range(1, 5)})
+    entries = [(path, len(data)) for path, data in files.items()]
+
+    # When the archive is written
+    written = b"".join(_zip_stream(lambda path: iter([files[path]]), entries, "job-1", (2026, 12, 1, 0, 0, 0)))
+
+    # Then its length is the one computed ahead, and it reads back whole
+    assert zip_length(entries, "job-1") == len(written)
+    with zipfile.ZipFile(io.BytesIO(written)) as archive:
+        assert archive.testzip() is None
+        assert {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()} == files
