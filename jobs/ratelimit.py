@@ -64,16 +64,12 @@ class Window:
 
     def hit(self) -> int:
         """Count one event; the new count."""
-        key, wait = self._key_and_wait()
-        pipe = _redis().pipeline()
-        pipe.set(key, 0, ex=wait + 1, nx=True)  # lives a second past its window, so the count always finds it
-        pipe.incr(key)
-        return int(pipe.execute()[1])
+        return _count_one(*self._key_and_wait())
 
     def take(self) -> str | None:
         """Take a place in this window; its key (to give it back), or None when the window is full."""
-        key = self._key_and_wait()[0]
-        if self.hit() > self.limit:
+        key, wait = self._key_and_wait()
+        if _count_one(key, wait) > self.limit:
             self.give_back(key)
             return None
         return key
@@ -83,6 +79,13 @@ class Window:
         """Return a place taken by take() (the request it was taken for did not go through); nothing when the
         window has ended meanwhile (a DECR then would make a key that never expires)."""
         _redis().eval(_DECR_IF_EXISTS, 1, key)
+
+
+def _count_one(key: str, wait: int) -> int:
+    pipe = _redis().pipeline()
+    pipe.set(key, 0, ex=wait + 1, nx=True)  # lives a second past its window, so the count always finds it
+    pipe.incr(key)
+    return int(pipe.execute()[1])
 
 
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"

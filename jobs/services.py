@@ -175,8 +175,7 @@ def _lock_quotas(owner: AbstractBaseUser) -> None:
 
 def user_stored_bytes(user: AbstractBaseUser) -> int:
     """What a user keeps on the server: checkpoint weights of their succeeded jobs plus their uploads."""
-    _active, checkpoints, uploads = _quota_counts(user.pk)
-    return int(checkpoints or 0) + int(uploads or 0)
+    return _quota_counts(user.pk)[1]
 
 
 def _check_quotas(owner: AbstractBaseUser) -> None:
@@ -184,27 +183,29 @@ def _check_quotas(owner: AbstractBaseUser) -> None:
     COMPRESSOR_USER_MAX_ACTIVE_JOBS queued or running, and the stored bytes under theirs (call under
     _lock_quotas)."""
     most = settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS
-    active, checkpoints, uploads = _quota_counts(owner.pk)
-    active = int(active or 0) - 1  # without the new job
+    active, stored = _quota_counts(owner.pk)
+    active -= 1  # without the new job
     if active >= most:
         raise RateLimited(
             f"You have {active} jobs queued or running, the most allowed ({most}); wait for one to finish or "
             "cancel one.",
             retry_after=60,
         )
-    _refuse_over_storage(int(checkpoints or 0) + int(uploads or 0))
+    _refuse_over_storage(stored)
 
 
 _ANY_OWNER = -7  # stands for the owner's id in the quota query, compiled once per process and database
 
 
-def _quota_counts(owner_id: int) -> tuple[int | None, int | None, int | None]:
-    """(active jobs, checkpoint bytes, upload bytes) of one owner, in one query compiled once per process: it
-    runs while the owner's lock holds their other submissions, and compiling it costs more than running it."""
+def _quota_counts(owner_id: int) -> tuple[int, int]:
+    """(active jobs, stored bytes: checkpoints and uploads) of one owner, in one query compiled once per
+    process: it runs while the owner's lock holds their other submissions, and compiling it costs more than
+    running it."""
     sql, params = _quota_query(connection.vendor)
     with connection.cursor() as cursor:
         cursor.execute(sql, [owner_id if value == _ANY_OWNER else value for value in params])
-        return cursor.fetchone()
+        active, checkpoints, uploads = cursor.fetchone()
+    return int(active or 0), int(checkpoints or 0) + int(uploads or 0)
 
 
 @functools.cache
