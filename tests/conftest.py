@@ -167,12 +167,13 @@ def hub_server(tmp_path_factory) -> Iterator:
 @pytest.fixture
 def hub(hub_server, monkeypatch):
     """The local hub for this test: the engine reads HF_ENDPOINT at each call; huggingface_hub read its cache
-    folder when it was first imported, so that constant is pointed at the session's cache."""
+    folder and offline mode when it was first imported (maybe by an offline test), so those constants are set."""
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_ENDPOINT", hub_server.endpoint)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_server.cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return hub_server
 
 
