@@ -39,14 +39,19 @@ def calibrate_data_parallel(
     trust_remote_code: bool = False,
     on_line: Callable[[str], None] | None = None,
     on_wait: Callable[[], None] | None = None,
+    resume: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Compress model_path with the recipe over `ranks` ranks and write the checkpoint into out_dir; return
     the per-layer errors ({"module", "error"}) the ranks measured, layer by layer.
 
+    resume: {"dir", "fingerprint"} of the layer store the ranks keep and resume from (engine.dp_rank).
+
     device "cpu": gloo between CPU processes; else one rank per GPU in `gpus` (as this process numbers them).
     Raises EngineError with the end of the ranks' output when they fail.
     """
-    env = dict(os.environ)
+    # No progress bars: the job's log drops them anyway, and with several ranks writing to one pipe, a bar's
+    # redraw (no newline) would swallow the line another rank writes next.
+    env = {**os.environ, "TQDM_DISABLE": "1"}
     if device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus[:ranks], env.get("CUDA_VISIBLE_DEVICES"))
     request = {
@@ -57,6 +62,7 @@ def calibrate_data_parallel(
         "out": str(out_dir),
         "device": device,
         "trust_remote_code": trust_remote_code,
+        "resume": resume,
     }
     with tempfile.TemporaryDirectory(prefix="data-parallel-") as folder:
         request_path = Path(folder) / "request.json"

@@ -7,6 +7,10 @@ once for all ranks (load_offloaded_model); on a CPU worker the ranks talk over g
 well: every rank calls save_pretrained, rank 0 writes the files. Each rank writes the per-layer errors of the
 modules it compressed into the request's errors_dir.
 
+With "resume" in the request ({"dir", "fingerprint"}: engine.runner computes the fingerprint), the ranks keep
+each compressed layer in that store and skip the layers a killed run of the same work left there
+(engine.resume): rank 0 opens it first and writes it, every rank restores from it.
+
 Usage: python -m torch.distributed.run --standalone --nproc-per-node N -m engine.dp_rank REQUEST.json
 """
 
@@ -14,9 +18,11 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from engine import calibration as calib
+from engine.resume import LayerStore, SharedStore, decoder_layers, resumable_layers
 from engine.spec import CalibrationSpec
 from engine.stages import Reporter, layer_error_hooks
 
@@ -54,7 +60,7 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
     records = request["records"][: spec.samples]
     dataset = calib.tokenize_records(rank_share(records, dist.get_rank(), dist.get_world_size()), tokenizer, spec)
     errors = Reporter(None, None)
-    with layer_error_hooks(model, errors):
+    with layer_error_hooks(model, errors), _resumable(model, request.get("resume"), errors):
         oneshot(
             model=model,
             tokenizer=tokenizer,
@@ -70,6 +76,42 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
         print(f"Calibrated over {dist.get_world_size()} ranks; writing the checkpoint", flush=True)
     model.save_pretrained(request["out"], save_compressed=True)
     dist.barrier()
+
+
+def _resumable(model, resume: dict | None, errors: Reporter) -> AbstractContextManager:
+    """The ranks' shared layer store, when the job can resume (engine.resume with a SharedStore)."""
+    import torch.distributed as dist
+
+    if not resume:
+        return nullcontext()
+    rank = dist.get_rank()
+
+    def store() -> LayerStore:
+        return LayerStore(Path(resume["dir"]), resume["fingerprint"], total=len(decoder_layers(model)))
+
+    # Rank 0 opens it alone first: it empties a store of other work and drops a half-written file. The others
+    # read it after that, and no rank writes before every rank has read which layers it holds.
+    opened = store() if rank == 0 else None
+    dist.barrier()
+    if opened is None:
+        opened = store()
+    dist.barrier()
+
+    def announce(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)  # a plain line: the job's log keeps it
+
+    shared = SharedStore(writes=rank == 0, gather=_every_ranks)
+    return resumable_layers(model, opened, layer_errors=errors.layer_errors, announce=announce, shared=shared)
+
+
+def _every_ranks(entries: list) -> list:
+    """Every rank's entries, rank by rank (a collective: each rank calls it at the same point)."""
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, entries)
+    return [entry for part in gathered for entry in part]
 
 
 def _broadcast_cpu_modules_too() -> None:

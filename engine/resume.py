@@ -15,6 +15,9 @@ hooks disabled whose outputs are the next layer's inputs. resumable_layers() wra
 
 The store writes each file to a temporary name and renames it, the index last, so a SIGKILL at any moment
 leaves an index that names only complete layer files.
+
+A data-parallel run (engine.dp_rank) shares one store between its ranks (SharedStore): each rank restores
+the stored layers, and rank 0 writes each new one with the errors every rank measured for it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +174,21 @@ class _ResumableSubgraph:
         return modules
 
 
+@dataclass(frozen=True)
+class SharedStore:
+    """How the ranks of a data-parallel run share one store. Every rank restores the stored layers (on a CPU
+    worker each holds its own copy of the model); each measured the errors of the modules it compressed, so a
+    layer's errors are gathered from all of them, and rank 0 alone writes."""
+
+    writes: bool
+    gather: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+
+
 class _ResumingRun:
-    def __init__(self, store: LayerStore, layer_errors: list[dict[str, Any]]) -> None:
+    def __init__(self, store: LayerStore, layer_errors: list[dict[str, Any]], shared: SharedStore | None) -> None:
         self.store = store
         self.layer_errors = layer_errors
+        self.shared = shared
         self.pending: tuple[_ResumableSubgraph, list] | None = None
         self._restored: set[int] = set()
 
@@ -186,6 +201,10 @@ class _ResumingRun:
         names = {module: name for name, module in model.named_modules()}
         prefixes = tuple(f"{names[module]}." for module in modules)
         errors = [entry for entry in self.layer_errors if entry["module"].startswith(prefixes)]
+        if self.shared is not None:
+            errors = self.shared.gather(errors)  # every rank reaches this point once per layer
+            if not self.shared.writes:
+                return
         self.store.save(subgraph.layer, _compressed_state(model, modules), errors)
 
     def restore_once(self, model, subgraph: _ResumableSubgraph) -> None:
@@ -198,18 +217,24 @@ class _ResumingRun:
 
 @contextmanager
 def resumable_layers(
-    model, store: LayerStore, *, layer_errors: list[dict[str, Any]], announce: Callable[[str], None]
+    model,
+    store: LayerStore,
+    *,
+    layer_errors: list[dict[str, Any]],
+    announce: Callable[[str], None],
+    shared: SharedStore | None = None,
 ) -> Iterator[None]:
     """While llm-compressor's sequential pipeline runs: save each layer it compresses and skip the
     calibration and compression of the layers the store already has (see the module's docstring).
 
     layer_errors: the run's per-module compression errors ({"module", "error"}), which GPTQ and SparseGPT
-    append to as they compress; a stored layer keeps its own, and they come back with it."""
+    append to as they compress; a stored layer keeps its own, and they come back with it.
+    shared: for a rank of a data-parallel run (engine.dp_rank); None in one process."""
     import llmcompressor.pipelines.sequential.pipeline as sequential
 
     layers = decoder_layers(model)
     resume_at = store.done_prefix()
-    run = _ResumingRun(store, layer_errors)
+    run = _ResumingRun(store, layer_errors, shared)
     original = sequential.trace_subgraphs
 
     def trace_resumable(*args, **kwargs):

@@ -139,7 +139,7 @@ def _compress_and_save(
     from transformers import AutoTokenizer
 
     if plan.data_parallel > 1:
-        _compress_data_parallel(spec, report, plan, staging, reporter, timings)
+        _compress_data_parallel(spec, report, plan, staging, reporter, timings, resume_dir)
         return
     started = time.perf_counter()
     model_path = report.model.path
@@ -174,15 +174,21 @@ def _compress_data_parallel(
     staging: Path,
     reporter: Reporter,
     timings: dict[str, float],
+    resume_dir: Path | None,
 ) -> None:
     """The plan's data-parallel calibration: the ranks load the model, calibrate and write the checkpoint
-    (engine.data_parallel); the tokenizer and the recipe are added here, and the per-layer errors the ranks
-    measured to the results."""
+    (engine.data_parallel), keeping each compressed layer in resume_dir as one process does; the tokenizer
+    and the recipe are added here, and the per-layer errors the ranks measured to the results."""
     from transformers import AutoTokenizer
 
     from engine.data_parallel import calibrate_data_parallel
 
     started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(report.model.path, trust_remote_code=spec.trust_remote_code)
+    # The fingerprint names the ranks too: each sums its share's Hessians, so layers stored by another number
+    # of ranks differ from what this run computes by GPTQ's rounding.
+    dataset = _calibration_dataset(spec, report, tokenizer, reporter)
+    fingerprint = _resume_fingerprint(report, plan, dataset, resume_dir, ranks=plan.data_parallel)
     reporter.emit("calibrating", f"Calibrating and compressing over {plan.data_parallel} data-parallel ranks")
     layer_errors = calibrate_data_parallel(
         model_path=report.model.path,
@@ -196,10 +202,11 @@ def _compress_data_parallel(
         trust_remote_code=spec.trust_remote_code,
         on_line=reporter.log,
         on_wait=reporter.check_cancel,
+        resume={"dir": str(resume_dir), "fingerprint": fingerprint} if fingerprint else None,
     )
     reporter.layer_errors.extend(layer_errors)
     timings["compress_s"] = time.perf_counter() - started
-    AutoTokenizer.from_pretrained(report.model.path, trust_remote_code=spec.trust_remote_code).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
     (staging / "recipe.yaml").write_text(report.recipe_yaml)
 
 
@@ -222,18 +229,10 @@ def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume
     second pass could start from), by a modifier that compresses at a layer's epoch end exactly the modules
     whose hooks saw data (RESUMABLE_MODIFIERS: what engine.resume relies on to skip a restored layer).
     """
-    from engine.presets import recipe_calibrating_modifiers
-
-    calibrating = recipe_calibrating_modifiers(report.recipe_yaml) if dataset is not None else []
-    if resume_dir is None or len(calibrating) != 1 or calibrating[0] not in RESUMABLE_MODIFIERS:
+    fingerprint = _resume_fingerprint(report, plan, dataset, resume_dir, ranks=1)
+    if fingerprint is None:
         yield
         return
-    fingerprint = resume_fingerprint(
-        recipe_yaml=report.recipe_yaml,
-        model_key=model_baseline_key(report),
-        calibration_ids=[list(ids) for ids in dataset["input_ids"]],
-        device=run_settings(plan)["device"],
-    )
     store = LayerStore(resume_dir, fingerprint, total=len(decoder_layers(model)))
 
     def announce(line: str) -> None:
@@ -241,6 +240,24 @@ def _resumable(model, report: PreflightReport, plan: MemoryPlan, dataset, resume
 
     with resumable_layers(model, store, layer_errors=reporter.layer_errors, announce=announce):
         yield
+
+
+def _resume_fingerprint(
+    report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, *, ranks: int
+) -> str | None:
+    """What stored layers must match for this run to use them (engine.resume); None when it does not resume."""
+    from engine.presets import recipe_calibrating_modifiers
+
+    calibrating = recipe_calibrating_modifiers(report.recipe_yaml) if dataset is not None else []
+    if resume_dir is None or len(calibrating) != 1 or calibrating[0] not in RESUMABLE_MODIFIERS:
+        return None
+    device = run_settings(plan)["device"]
+    return resume_fingerprint(
+        recipe_yaml=report.recipe_yaml,
+        model_key=model_baseline_key(report),
+        calibration_ids=[list(ids) for ids in dataset["input_ids"]],
+        device=device if ranks == 1 else f"{device}, {ranks} data-parallel ranks",
+    )
 
 
 @contextmanager

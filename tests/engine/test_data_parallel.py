@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,8 +22,10 @@ from engine.artifacts import verify_manifest
 from engine.data_parallel import gathered_layer_errors, job_log_line
 from engine.errors import CancelledError
 from engine.resources import WorkerCaps
+from engine.resume import INDEX_NAME
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec
+from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +82,109 @@ def test_two_ranks_give_the_checkpoint_one_process_gives(tiny_model_dir, tmp_pat
     assert len(modules) == len(set(modules)) and set(modules) == {e["module"] for e in single.layer_errors}
     assert all(math.isfinite(e["error"]) and e["error"] >= 0 for e in parallel.layer_errors)
     assert _ranks_running() == []
+
+
+LAYERS = 12  # enough that the ranks are stopped well before the last layer however late the test sees the store
+
+# The interrupted job: the data-parallel run in a child process, which the test kills with its ranks.
+_CHILD = """
+import json, sys
+from pathlib import Path
+from engine.resources import WorkerCaps
+from engine.runner import compress
+from engine.spec import CompressionSpec
+
+spec = CompressionSpec.from_dict(json.loads(sys.argv[1]))
+compress(spec, Path(sys.argv[2]), resume_dir=Path(sys.argv[3]), caps=WorkerCaps(data_parallel=2))
+"""
+
+
+@pytest.fixture(scope="module")
+def twelve_layer_model(tiny_model_dir, tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("twelve-layers")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def _kill_with_ranks_once_stored(spec: CompressionSpec, out: Path, resume_dir: Path, layers: int) -> dict:
+    """Run the job in a child process; once its store names `layers` layers, freeze the child and every rank
+    (SIGSTOP, so that none stores another layer meanwhile), then SIGKILL them all; return the store's index."""
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps(spec.to_dict()), str(out), str(resume_dir)],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def stored() -> bool:
+            if child.poll() is not None:
+                raise AssertionError(f"the child ended early ({child.returncode}):\n{child.stdout.read()[-3000:]}")
+            try:
+                return len(json.loads((resume_dir / INDEX_NAME).read_text())["done"]) >= layers
+            except (OSError, ValueError):
+                return False
+
+        wait_until(stored, timeout=300, interval=0.005, what=f"the ranks to store {layers} layers")
+    finally:
+        family = [child.pid, *(p.pid for p in psutil.Process(child.pid).children(recursive=True))]
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in family:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        child.wait(timeout=30)
+    wait_until(lambda: _ranks_running() == [], timeout=30, what="the killed ranks to be gone")
+    return json.loads((resume_dir / INDEX_NAME).read_text())
+
+
+def test_a_data_parallel_run_killed_after_n_layers_resumes_from_them_to_the_uninterrupted_checkpoint(
+    twelve_layer_model, tmp_path
+):
+    # Given the checkpoint of an uninterrupted two-rank run (which removes its layer store once published)
+    spec = _spec(twelve_layer_model)
+    caps = WorkerCaps(data_parallel=2)
+    uninterrupted = compress(spec, tmp_path / "uninterrupted", caps=caps, resume_dir=tmp_path / "resume-whole")
+    assert not (tmp_path / "resume-whole").exists()
+
+    # When the same job's process and ranks are killed after rank 0 stored at least two layers
+    resume_dir = tmp_path / "resume"
+    index = _kill_with_ranks_once_stored(spec, tmp_path / "killed", resume_dir, layers=2)
+    done = len(index["done"])
+    assert index["done"] == list(range(done)) and 2 <= done < LAYERS and index["total"] == LAYERS
+    assert not (tmp_path / "killed").exists(), "a killed run publishes nothing"
+
+    # ...and the job runs again over two ranks with the store the killed run left
+    events = []
+    resumed = compress(spec, tmp_path / "resumed", caps=caps, resume_dir=resume_dir, progress=events.append)
+
+    # Then rank 0 says where they resumed, and no rank compressed a restored layer again
+    lines = [event.log_line for event in events if event.log_line]
+    assert f"Resuming from layer {done} of {LAYERS} (layers 0–{done - 1} restored from the interrupted run)" in lines
+    quantized = " ".join(line for line in lines if "Quantizing" in line)
+    assert f"model.layers.{done}." in quantized
+    assert not any(f"model.layers.{layer}." in quantized for layer in range(done))
+    # ...the restored layers' errors are those both ranks measured in the killed run: every module once
+    modules = [e["module"] for e in resumed.layer_errors]
+    assert len(modules) == len(set(modules)) and set(modules) == {e["module"] for e in uninterrupted.layer_errors}
+    # ...the checkpoint is the uninterrupted run's, tensor by tensor, bit for bit
+    ours = load_file(resumed.output_dir / "model.safetensors")
+    theirs = load_file(uninterrupted.output_dir / "model.safetensors")
+    assert ours.keys() == theirs.keys() and any(key.endswith("weight_scale") for key in ours)
+    assert [key for key in ours if not torch.equal(ours[key], theirs[key])] == []
+    assert resumed.layer_errors == uninterrupted.layer_errors
+    # ...and the store is gone once the checkpoint is published
+    assert not resume_dir.exists() and _ranks_running() == []
 
 
 def test_the_ranks_layer_errors_come_back_once_each_layer_by_layer(tmp_path):
