@@ -12,6 +12,13 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+NODE_QUEUE_PREFIX = "node."
+
+
+def own_queue(hostname: str) -> str:
+    """The queue only this worker consumes."""
+    return f"{NODE_QUEUE_PREFIX}{hostname}"
+
 
 class WorkerNode(models.Model):
     hostname = models.CharField(max_length=200, unique=True, help_text="The Celery worker's name (-n), e.g. gpu0@host.")
@@ -34,8 +41,6 @@ class WorkerNode(models.Model):
 
     @property
     def own_queue(self) -> str:
-        from jobs.nodes import own_queue
-
         return own_queue(self.hostname)
 
     def is_online(self, now: datetime | None = None) -> bool:

@@ -36,14 +36,9 @@ from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
 from jobs.models import Job, WorkerNode
+from jobs.node_model import NODE_QUEUE_PREFIX, own_queue
 
-NODE_QUEUE_PREFIX = "node."
 COMPUTE_QUEUES = frozenset(Job.DeviceClass.values)  # compute queues are named after the device class
-
-
-def own_queue(hostname: str) -> str:
-    """The queue only this worker consumes."""
-    return f"{NODE_QUEUE_PREFIX}{hostname}"
 
 
 # --- the registry (the worker's side) ----------------------------------------------------------------------
