@@ -157,12 +157,18 @@ def choose_queue(
     candidates: list[Candidate],
     gpus: int | None = None,
     search: bool = False,
+    back_to: str | None = None,
 ) -> Route:
     """The queue for a job (see the module's docstring); PreflightError when no registered worker can hold it.
 
     gpus: how many GPUs the job asks for (a worker with fewer cannot hold it); None: as many as the plan needs.
     search: a floor search or a sweep, sized by its own plan (engine.plan.search_plan).
+    back_to: the worker whose disk holds the layers the job's interrupted run compressed (engine.resume): its
+    own queue while it is online and can hold the job, so that the next attempt resumes from them.
     """
+    holder = next((c for c in candidates if c.hostname == back_to and c.online), None)
+    if holder and (footprint is None or _refusal(holder, footprint, device_class, gpus, search) is None):
+        return Route(own_queue(holder.hostname), f"Sent back to {holder.hostname}, which holds its compressed layers.")
     if not candidates or footprint is None:
         return Route(device_class)
     refusals = {c.hostname: _refusal(c, footprint, device_class, gpus, search) for c in candidates}
@@ -216,9 +222,9 @@ def _size_order(candidate: Candidate) -> tuple[int, int, int, int]:
     return (len(resources.gpus), best_gpu, resources.host_ram_bytes, resources.disk_free_bytes)
 
 
-def job_route(job: Job) -> Route:
+def job_route(job: Job, *, back_to: str | None = None) -> Route:
     """The queue for this job among the registered workers of its device class; PreflightError when none can
-    hold it (see the module's docstring)."""
+    hold it (see the module's docstring and choose_queue)."""
     nodes = [n for n in WorkerNode.objects.all() if job.device_class in n.queues]
     if not nodes:
         return Route(job.device_class)  # nobody registered yet: the shared queue, whoever comes first
@@ -228,16 +234,18 @@ def job_route(job: Job) -> Route:
         candidates=_candidates(nodes, job),
         gpus=job.gpus,
         search=bool(job.search),
+        back_to=back_to,
     )
 
 
-def job_reroute(job: Job) -> Route:
+def job_reroute(job: Job, *, back_to: str | None = None) -> Route:
     """The queue for a job that is sent again: routed afresh when it was on a compute or node queue (its node
-    may be gone); a job no registered worker can hold any more goes to its device class's queue."""
+    may be gone; back_to as for choose_queue); a job no registered worker can hold any more goes to its device
+    class's queue."""
     if job.queue not in COMPUTE_QUEUES and not job.queue.startswith(NODE_QUEUE_PREFIX):
         return Route(job.queue)  # a queue an operator or a test chose: left alone
     try:
-        return job_route(job)
+        return job_route(job, back_to=back_to)
     except PreflightError as exc:
         return Route(job.device_class, f"No registered worker can hold it now ({exc.message})")
 

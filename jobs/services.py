@@ -580,7 +580,10 @@ def _end_lost_run(job: Job, seen, what_happened: str) -> str | None:
 
 def _requeue_lost(job: Job, seen, what_happened: str) -> bool:
     new_task_id = _new_task_id()
-    route = nodes.job_reroute(job)  # its node may be gone
+    # Its node may be gone. Where it is not (the run died, its worker did not), the layers the run compressed
+    # are on that node's disk: the worker that noticed is on it, and sends the job back there.
+    holder = job.worker if job.worker and job_resume_folder(job).is_dir() else None
+    route = nodes.job_reroute(job, back_to=holder)
     with transaction.atomic():
         done = seen.update(
             status=Status.QUEUED,

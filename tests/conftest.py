@@ -45,6 +45,29 @@ def tiny_model_dir(tmp_path_factory, builtin_model: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model_with_layers(tiny_model_dir: Path, tmp_path_factory):
+    """make(n): the tiny model's architecture with n decoder layers (random weights), so that a run can be
+    stopped in the middle; made once per n."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    made: dict[int, Path] = {}
+
+    def make(layers: int) -> Path:
+        if layers not in made:
+            config = LlamaConfig.from_pretrained(tiny_model_dir)
+            config.num_hidden_layers = layers
+            torch.manual_seed(0)
+            path = tmp_path_factory.mktemp(f"tiny-llama-{layers}-layers")
+            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+            AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+            made[layers] = path
+        return made[layers]
+
+    return make
+
+
 @pytest.fixture
 def tiny_model_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny model that a test may alter."""

@@ -100,16 +100,8 @@ compress(spec, Path(sys.argv[2]), resume_dir=Path(sys.argv[3]), caps=WorkerCaps(
 
 
 @pytest.fixture(scope="module")
-def twelve_layer_model(tiny_model_dir, tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("twelve-layers")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return path
+def twelve_layer_model(tiny_model_with_layers) -> Path:
+    return tiny_model_with_layers(LAYERS)
 
 
 def _kill_with_ranks_once_stored(spec: CompressionSpec, out: Path, resume_dir: Path, layers: int) -> dict:

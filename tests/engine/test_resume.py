@@ -48,17 +48,8 @@ compress(spec, Path(sys.argv[2]), resume_dir=Path(sys.argv[3]), progress=progres
 
 
 @pytest.fixture(scope="module")
-def four_layer_model(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model's architecture with four decoder layers, so that a run can stop in the middle."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("four-layers")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return path
+def four_layer_model(tiny_model_with_layers) -> Path:
+    return tiny_model_with_layers(LAYERS)
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,19 @@ def test_a_gpu_job_is_sized_against_the_gpu_and_a_requested_gpu_count():
     assert refused.value.field == "gpus" and "asks for 2 GPUs; this worker has 1" in refused.value.message
 
 
+def test_a_job_goes_back_to_the_online_worker_that_holds_its_compressed_layers():
+    workers = [_worker("a@x", 8_000, active=1), _worker("b@y", 4_000), _worker("small@z", 500)]
+
+    # Its own queue, even when every worker could hold the job (the shared queue otherwise), and it says why
+    route = choose_queue(device_class=CPU, footprint=ONE_B, candidates=workers[:2], back_to="a@x")
+    assert route.queue == "node.a@x" and route.why == "Sent back to a@x, which holds its compressed layers."
+    assert choose_queue(device_class=CPU, footprint=ONE_B, candidates=workers[:2]).queue == "cpu"
+    # ...but not to a worker that cannot hold it any more, nor to one that is offline: routed as any job then
+    assert choose_queue(device_class=CPU, footprint=ONE_B, candidates=workers, back_to="small@z").queue == "node.b@y"
+    offline = [_worker("a@x", 8_000, online=False), _worker("b@y", 4_000)]
+    assert choose_queue(device_class=CPU, footprint=ONE_B, candidates=offline, back_to="a@x").queue == "cpu"
+
+
 def test_a_model_without_a_header_is_not_sized_here():
     workers = [_worker("small@y", 500)]
     assert choose_queue(device_class=CPU, footprint=None, candidates=workers).queue == "cpu"
@@ -186,6 +199,35 @@ def test_a_job_whose_node_went_away_is_requeued_on_one_that_can_hold_it(user, bu
     # Then the job waits on the other big worker's queue
     job.refresh_from_db()
     assert action == "requeued" and job.status == Job.Status.QUEUED and job.queue == "node.big2@z"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("stored_layers", [True, False])
+def test_a_job_whose_run_died_goes_back_to_its_worker_when_that_holds_its_layers(
+    user, builtin_model, settings, tmp_path, stored_layers
+):
+    # Given a job that every worker can hold, running on a@x, whose run stored compressed layers on a@x's disk
+    settings.MEDIA_ROOT = tmp_path
+    _announce("a@x", 900)
+    _announce("b@y", 900)
+    data = JobInput(preset="int8-w8a8-gptq", device_class=CPU)
+    job = services.job_submit(owner=user, data=data).job
+    assert job.queue == "cpu"
+    assert services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="a@x") is not None
+    if stored_layers:
+        services.job_resume_folder(job).mkdir(parents=True)
+
+    # When its run dies and a@x, still online, re-queues it
+    action = services.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="was killed (signal 9)")
+
+    # Then attempt 2 waits on a@x's own queue, where it resumes; without stored layers, on the shared queue
+    job.refresh_from_db()
+    assert action == "requeued" and job.status == Job.Status.QUEUED
+    log = [line.text for line in job.log_lines.all()]
+    if stored_layers:
+        assert job.queue == "node.a@x" and "Sent back to a@x, which holds its compressed layers." in log
+    else:
+        assert job.queue == "cpu" and not any("Sent back" in line for line in log)
 
 
 @pytest.mark.django_db
