@@ -60,7 +60,8 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
     records = request["records"][: spec.samples]
     dataset = calib.tokenize_records(rank_share(records, dist.get_rank(), dist.get_world_size()), tokenizer, spec)
     errors = Reporter(None, None)
-    with layer_error_hooks(model, errors), _resumable(model, request.get("resume"), errors):
+    resumable = _resumable(model, request.get("resume"), errors, shared_weights=request["device"] != "cpu")
+    with layer_error_hooks(model, errors), resumable:
         oneshot(
             model=model,
             tokenizer=tokenizer,
@@ -78,8 +79,10 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
     dist.barrier()
 
 
-def _resumable(model, resume: dict | None, errors: Reporter) -> AbstractContextManager:
-    """The ranks' shared layer store, when the job can resume (engine.resume with a SharedStore)."""
+def _resumable(model, resume: dict | None, errors: Reporter, *, shared_weights: bool) -> AbstractContextManager:
+    """The ranks' shared layer store, when the job can resume (engine.resume with a SharedStore).
+
+    shared_weights: the ranks share one offloaded copy of the weights (GPUs); on a CPU worker each has its own."""
     import torch.distributed as dist
 
     if not resume:
@@ -101,7 +104,9 @@ def _resumable(model, resume: dict | None, errors: Reporter) -> AbstractContextM
         if rank == 0:
             print(line, flush=True)  # a plain line: the job's log keeps it
 
-    shared = SharedStore(writes=rank == 0, gather=_every_ranks)
+    shared = SharedStore(
+        writes=rank == 0, restores=rank == 0 or not shared_weights, gather=_every_ranks, synchronize=dist.barrier
+    )
     return resumable_layers(model, opened, layer_errors=errors.layer_errors, announce=announce, shared=shared)
 
 

@@ -176,12 +176,16 @@ class _ResumableSubgraph:
 
 @dataclass(frozen=True)
 class SharedStore:
-    """How the ranks of a data-parallel run share one store. Every rank restores the stored layers (on a CPU
-    worker each holds its own copy of the model); each measured the errors of the modules it compressed, so a
-    layer's errors are gathered from all of them, and rank 0 alone writes."""
+    """How the ranks of a data-parallel run share one store. Each rank measured the errors of the modules it
+    compressed, so a layer's errors are gathered from all of them, and rank 0 alone writes. A stored layer is
+    restored by every rank where each holds its own copy of the model (a CPU worker), by rank 0 alone where
+    the ranks share offloaded weights (compressed-tensors: one writer per parameter); then they synchronize,
+    so that no rank computes with a layer before it is restored."""
 
     writes: bool
+    restores: bool
     gather: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+    synchronize: Callable[[], None]
 
 
 class _ResumingRun:
@@ -208,11 +212,15 @@ class _ResumingRun:
         self.store.save(subgraph.layer, _compressed_state(model, modules), errors)
 
     def restore_once(self, model, subgraph: _ResumableSubgraph) -> None:
-        if subgraph.layer not in self._restored:
-            self._restored.add(subgraph.layer)
+        if subgraph.layer in self._restored:
+            return
+        self._restored.add(subgraph.layer)
+        if self.shared is None or self.shared.restores:
             tensors, errors = self.store.load(subgraph.layer)
             _restore_state(model, tensors)
             self.layer_errors.extend(errors)  # as the run that compressed the layer measured them
+        if self.shared is not None:
+            self.shared.synchronize()
 
 
 @contextmanager
