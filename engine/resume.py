@@ -16,8 +16,9 @@ hooks disabled whose outputs are the next layer's inputs. resumable_layers() wra
 The store writes each file to a temporary name and renames it, the index last, so a SIGKILL at any moment
 leaves an index that names only complete layer files.
 
-A data-parallel run (engine.dp_rank) shares one store between its ranks (SharedStore): each rank restores
-the stored layers, and rank 0 writes each new one with the errors every rank measured for it.
+A data-parallel run (engine.dp_rank) shares one store between its ranks (SharedStore): the stored layers
+are restored by each rank (or by rank 0 alone over shared offloaded weights), and rank 0 writes each new one
+with the errors every rank measured for it.
 """
 
 from __future__ import annotations
