@@ -9,7 +9,8 @@ modules it compressed into the request's errors_dir.
 
 With "resume" in the request ({"dir", "fingerprint"}: engine.runner computes the fingerprint), the ranks keep
 each compressed layer in that store and skip the layers a killed run of the same work left there
-(engine.resume): rank 0 opens it first and writes it, every rank restores from it.
+(engine.resume): rank 0 opens it first and writes it; the stored layers are restored by every rank on a CPU
+worker, by rank 0 alone where the ranks share offloaded weights.
 
 Usage: python -m torch.distributed.run --standalone --nproc-per-node N -m engine.dp_rank REQUEST.json
 """
