@@ -49,8 +49,8 @@ def calibrate_data_parallel(
     device "cpu": gloo between CPU processes; else one rank per GPU in `gpus` (as this process numbers them).
     Raises EngineError with the end of the ranks' output when they fail.
     """
-    # No progress bars: the job's log drops them anyway, and with several ranks writing to one pipe, a bar's
-    # redraw (no newline) would swallow the line another rank writes next.
+    # Fewer progress bars: the job's log drops them anyway. TQDM_DISABLE stops llm-compressor's; the bars of
+    # compressed-tensors ignore it, and output_lines takes them off the lines other ranks write after them.
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if device != "cpu":
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus[:ranks], env.get("CUDA_VISIBLE_DEVICES"))
@@ -83,11 +83,11 @@ def calibrate_data_parallel(
         def relay_then_wait() -> None:
             # The job's log is written from this thread only (the reader thread just queues lines).
             while not lines.empty():
-                line = lines.get()
-                tail[:] = [*tail[-199:], line]
-                kept = job_log_line(line)
-                if on_line and kept:
-                    on_line(kept)
+                for line in output_lines(lines.get()):
+                    tail[:] = [*tail[-199:], line]
+                    kept = job_log_line(line)
+                    if on_line and kept:
+                        on_line(kept)
             if on_wait:
                 on_wait()
 
@@ -121,16 +121,30 @@ def _module_order(name: str) -> tuple:
 _RANK_LINE = re.compile(r"^\[Rank (\d+)\] \S+ \| \S+ \| (\w+) - (.*)$")
 
 
+# A tqdm bar's redraw: "\r", then "desc:  50%|█████     | 8/16 [00:01<00:01, 7.9it/s]" with no newline, so
+# whatever a rank writes next joins it on one line. The bracket of times and rate ends the bar.
+_PROGRESS_BAR = re.compile(r"^.*?\[\d+:\d\d(?::\d\d)?[<,][^\]]*?(?:/s|s/)[^\]]*\](?:\x1b\[A|\s)*")
+
+
 def _read_lines(process: subprocess.Popen, lines: queue.Queue) -> None:
     for raw in process.stdout:
-        line = raw.decode(errors="replace").rstrip()
+        lines.put(raw.decode(errors="replace"))
+
+
+def output_lines(raw: str) -> list[str]:
+    """The lines in a chunk of the ranks' output, without the progress bars: each redraw ("\r...") is cut off
+    the line that another rank's write joined to it."""
+    found = []
+    for part in re.split(r"[\r\n]", raw):
+        line = _PROGRESS_BAR.sub("", part, count=1).strip()
         if line:
-            lines.put(line)
+            found.append(line)
+    return found
 
 
 def job_log_line(line: str) -> str | None:
-    """What the job's log keeps of a rank's output line: rank 0's log messages and the ranks' own lines,
-    never the progress bars (tqdm redraws) nor the other ranks' copies of rank 0's messages."""
+    """What the job's log keeps of one of output_lines: rank 0's log messages and the ranks' own lines,
+    never a progress bar (a redraw cut short) nor the other ranks' copies of rank 0's messages."""
     if "%|" in line or "it/s]" in line or "s/it]" in line:
         return None
     match = _RANK_LINE.match(line)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.artifacts import verify_manifest
-from engine.data_parallel import gathered_layer_errors, job_log_line
+from engine.data_parallel import gathered_layer_errors, job_log_line, output_lines
 from engine.errors import CancelledError
 from engine.resources import WorkerCaps
 from engine.resume import INDEX_NAME
@@ -245,3 +245,30 @@ def test_a_cancel_stops_every_rank(tiny_model_dir, tmp_path):
 )
 def test_the_job_log_keeps_rank_zeros_messages(line, kept):
     assert job_log_line(line) == kept
+
+
+_BAR = "\rCompressing model:   0%|          | 0/7 [00:00<?, ?it/s]"
+
+
+@pytest.mark.parametrize(
+    ("raw", "lines"),
+    [
+        # another rank's bar was drawn just before rank 0's line: the CI run that lost "Calibrated over 2 ranks"
+        (
+            _BAR + "Calibrated over 2 ranks; writing the checkpoint\n",
+            ["Calibrated over 2 ranks; writing the checkpoint"],
+        ),
+        (
+            _BAR + "\x1b[A[Rank 1] 2026-12-01T10:00:15.5 | finalize | INFO - Compression lifecycle finalized\n",
+            ["[Rank 1] 2026-12-01T10:00:15.5 | finalize | INFO - Compression lifecycle finalized"],
+        ),
+        (_BAR + "\rCompressing model: 100%|██████████| 7/7 [00:00<00:00, 45.62it/s]\n", []),
+        ("Loading: 3it [00:02,  1.49s/it]Resuming from layer 2 of 12\n", ["Resuming from layer 2 of 12"]),
+        (
+            "Quantizing 1 module(s): ['model.layers.0.mlp.up_proj'] [00:01]\n",
+            ["Quantizing 1 module(s): ['model.layers.0.mlp.up_proj'] [00:01]"],
+        ),
+    ],
+)
+def test_a_progress_bar_is_cut_off_the_line_another_rank_wrote_after_it(raw, lines):
+    assert output_lines(raw) == lines
