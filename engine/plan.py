@@ -102,7 +102,9 @@ class ModelShape:
     attention_heads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "first_layer_linears": [list(pair) for pair in self.first_layer_linears]}
+        # Field by field: dataclasses.asdict copies each pair of first_layer_linears deeply, at each submission.
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**values, "first_layer_linears": [list(pair) for pair in self.first_layer_linears]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelShape:

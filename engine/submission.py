@@ -17,16 +17,13 @@ from engine import calibration as calib
 from engine import hub
 from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
-from engine.models import ModelFacts, Tensors, model_facts
+from engine.models import ModelFacts, model_facts
 from engine.plan import tensor_parallel_problem
 from engine.presets import PRESETS, check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
 
 # The words of the option that leaves such layers unquantized, as the form's checkbox shows them.
 IGNORE_INDIVISIBLE_LABEL = "Leave layers a grouped scheme cannot divide unquantized"
-
-# Embedding tables are 2-D weights that no Linear target covers (Llama's embed_tokens, GPT-2's wte and wpe).
-_EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe)$")
 
 
 @dataclass
@@ -71,7 +68,7 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
     preset = get_preset(spec.preset) if spec.preset else None
     extra_ignore: list[str] = []
     if model.tensors:  # without a header (pickle weights only) the worker checks the shapes
-        widths = header_linear_widths(model.tensors)
+        widths = model.linear_widths
         if preset:
             sizes = {preset.group_size} if preset.group_size else set()
             extra_ignore = check_group_sizes(widths, sizes, spec.ignore_indivisible)
@@ -117,15 +114,6 @@ def _check_gpus(gpus: int | None, config: dict) -> None:
     problem = tensor_parallel_problem(int(heads), gpus)
     if problem:
         raise PreflightError(problem, field="gpus")
-
-
-def header_linear_widths(tensors: Tensors) -> dict[str, int]:
-    """The input width of each layer a Linear target covers, from its weight's (out, in) shape in the header."""
-    return {
-        name.removesuffix(".weight"): shape[1]
-        for name, (_dtype, shape) in tensors.items()
-        if name.endswith(".weight") and len(shape) == 2 and not _EMBEDDING.search(name.removesuffix(".weight"))
-    }
 
 
 def check_group_sizes(widths: dict[str, int], group_sizes: set[int], ignore_indivisible: bool) -> list[str]:

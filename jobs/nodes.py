@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from engine.errors import PreflightError
 from engine.models import ModelFacts
-from engine.plan import ModelFootprint, ModelShape, header_shape, plan_memory, search_plan, shape_footprint
+from engine.plan import ModelFootprint, ModelShape, plan_memory, search_plan, shape_footprint
 from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
@@ -110,8 +110,7 @@ def node_resources(node: WorkerNode, *, device_class: str) -> WorkerResources:
 
 def facts_with_shape(facts: ModelFacts) -> dict:
     """What the job records of its model at submission: the facts' summary, and the shape the routing sizes."""
-    shape = header_shape(facts.config, facts.tensors)
-    return {**facts.summary(), "shape": shape.to_dict() if shape else None}
+    return {**facts.summary(), "shape": facts.shape.to_dict() if facts.shape else None}
 
 
 def job_footprint(job: Job) -> ModelFootprint | None:

@@ -3,6 +3,7 @@ folders, and show a hub token only as its hint ("hf_…abcd")."""
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -17,13 +18,20 @@ _ABSOLUTE_FOLDERS = re.compile(r"(?<![\w.:/>~*+?$^\\\])\-])/(?:[^\s/'\"`()\[\]{}
 
 def _roots() -> list[tuple[str, str]]:
     """(folder, label) for the folders users may know by name, longest first (symlinks resolved too)."""
-    labelled = [
-        (settings.MEDIA_ROOT, "<media>"),
-        (settings.MODEL_STORE_DIR, "<models>"),
-        (settings.DATA_DIR, "<data>"),
-        (settings.BASE_DIR, "<app>"),
-        (sys.prefix, "<python>"),
-    ]
+    return _labelled_roots(
+        (
+            (str(settings.MEDIA_ROOT), "<media>"),
+            (str(settings.MODEL_STORE_DIR), "<models>"),
+            (str(settings.DATA_DIR), "<data>"),
+            (str(settings.BASE_DIR), "<app>"),
+            (sys.prefix, "<python>"),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _labelled_roots(labelled: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    # Resolving the folders reads the disk: once per set of settings, not for each line redacted.
     roots = {}
     for folder, label in labelled:
         for form in (Path(folder), Path(folder).resolve()):
