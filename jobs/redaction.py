@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 from django.conf import settings
@@ -24,6 +25,8 @@ def _roots() -> list[tuple[str, str]]:
             (str(settings.MODEL_STORE_DIR), "<models>"),
             (str(settings.DATA_DIR), "<data>"),
             (str(settings.BASE_DIR), "<app>"),
+            (sysconfig.get_paths()["purelib"], "<packages>"),
+            (sysconfig.get_paths()["platlib"], "<packages>"),
             (sys.prefix, "<python>"),
         )
     )

@@ -3,12 +3,14 @@ download), cancel with a confirmation, the compare page's columns, and one sourc
 
 from __future__ import annotations
 
+import html
 import re
 import sysconfig
 
 import pytest
 from django.conf import settings
 
+from jobs import services
 from jobs.models import Job, JobLogLine
 
 pytestmark = pytest.mark.django_db
@@ -49,9 +51,28 @@ def test_the_log_tail_hides_server_paths_and_says_its_time_zone(client_for, alic
 
     assert "times in UTC" in log
     assert str(settings.MEDIA_ROOT) not in log and sysconfig.get_paths()["purelib"] not in log and "/srv/" not in log
-    assert "transformers/modeling_utils.py:4321" in log and f"to jobs/{logged_job.pk}/checkpoint" in log
-    assert ".../config.json from https://huggingface.co/a/b" in log
+    assert "&lt;packages&gt;/transformers/modeling_utils.py:4321" in log
+    assert f"to &lt;media&gt;/jobs/{logged_job.pk}/checkpoint" in log
+    assert "…/config.json from https://huggingface.co/a/b" in log
     assert f'href="/jobs/{logged_job.pk}/log.txt"' in log
+
+
+def test_a_worker_log_line_reads_the_same_on_the_page_in_the_download_and_in_the_api(client_for, alice, make_job):
+    # Given a line the worker reported through the service, which stores it redacted
+    job = make_job(alice, status=Job.Status.RUNNING, stage="saving")
+    site = sysconfig.get_paths()["purelib"]
+    services.job_record_progress(
+        job_id=job.pk,
+        task_id=job.celery_task_id,
+        log_lines=[("saving", f"Wrote {settings.MEDIA_ROOT}/jobs/{job.pk}/checkpoint via {site}/transformers/x.py")],
+    )
+    shown = f"Wrote <media>/jobs/{job.pk}/checkpoint via <packages>/transformers/x.py"
+
+    # Then the job page, the whole log and the API's lines all show it as stored: the folders read once
+    page = html.unescape(_html(client_for(alice).get(f"/jobs/{job.pk}/")))
+    download = b"".join(client_for(alice).get(f"/jobs/{job.pk}/log.txt").streaming_content).decode()
+    api = _token_client(alice).get(f"/api/v1/jobs/{job.pk}/logs/").json()["lines"]
+    assert shown in page and shown in download and [line["text"] for line in api] == [shown]
 
 
 def test_the_whole_log_downloads_as_text_for_its_owner_only(client_for, alice, bob, logged_job):
