@@ -16,6 +16,9 @@ from django.conf import settings
 _HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9_-]{16,}")
 _ABSOLUTE_FOLDERS = re.compile(r"(?<![\w.:/>~*+?$^\\\])\-])/(?:[^\s/'\"`()\[\]{}<>,;:|]+/)+")
 
+# This interpreter's installed packages (sysconfig works them out anew at each call: once here).
+_PACKAGE_FOLDERS = tuple(dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"])))
+
 
 def _roots() -> list[tuple[str, str]]:
     """(folder, label) for the folders users may know by name, longest first (symlinks resolved too)."""
@@ -25,8 +28,7 @@ def _roots() -> list[tuple[str, str]]:
             (str(settings.MODEL_STORE_DIR), "<models>"),
             (str(settings.DATA_DIR), "<data>"),
             (str(settings.BASE_DIR), "<app>"),
-            (sysconfig.get_paths()["purelib"], "<packages>"),
-            (sysconfig.get_paths()["platlib"], "<packages>"),
+            *((folder, "<packages>") for folder in _PACKAGE_FOLDERS),
             (sys.prefix, "<python>"),
         )
     )
