@@ -22,9 +22,11 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from django.core.cache import cache
 from django.core.files.storage import default_storage
 from django.http import FileResponse, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from jobs import artifact_store
 from jobs.artifact_store import CHUNK_BYTES, MANIFEST_NAME
@@ -42,9 +44,10 @@ class DamagedCheckpoint(NotDownloadable):
     """A stored file no longer matches the sha256 in the manifest (bit rot, a bad disk, tampering)."""
 
 
-# Files found intact, by (path, size, mtime, ctime): a file is hashed again once anything wrote to it, so
-# repeated and ranged downloads of a large shard do not re-read it each time.
-_INTACT: dict[tuple[str, int, int, int], str] = {}
+# Files found intact, kept in the shared cache by (path, size, mtime, ctime): a file is hashed again once
+# anything wrote to it, and not by each web process in turn (the first download a process served of a 16 GB
+# checkpoint used to hash all of it before its first byte). Kept a week, then hashed again.
+_INTACT_KEPT_S = 7 * 24 * 3600
 
 
 def ensure_intact(job: Job, root: Path, paths: list[str]) -> None:
@@ -52,16 +55,34 @@ def ensure_intact(job: Job, root: Path, paths: list[str]) -> None:
     from engine.artifacts import sha256_file
 
     expected = {entry["path"]: entry["sha256"] for entry in job.manifest.get("files", [])}
-    for path in paths:
-        if path not in expected:
+    keys = {_intact_key(root / path): path for path in paths if path in expected}
+    found = _cached_many(list(keys))
+    for key, path in keys.items():
+        if found.get(key) == expected[path]:
             continue
-        source = root / path
-        stat = source.stat()
-        key = (str(source), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-        if _INTACT.get(key) != expected[path]:
-            if sha256_file(source) != expected[path]:
-                raise _damaged(job, path)
-            _INTACT[key] = expected[path]
+        if sha256_file(root / path) != expected[path]:
+            raise _damaged(job, path)
+        _cache_set(key, expected[path])
+
+
+def _intact_key(source: Path) -> str:
+    stat = source.stat()
+    identity = f"{source}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+    return "intact:" + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def _cached_many(keys: list[str]) -> dict[str, str]:
+    try:
+        return cache.get_many(keys)
+    except (RedisError, OSError):  # without the cache, every file is hashed: slower, never less safe
+        return {}
+
+
+def _cache_set(key: str, sha256: str) -> None:
+    try:
+        cache.set(key, sha256, timeout=_INTACT_KEPT_S)
+    except (RedisError, OSError):
+        pass
 
 
 def ensure_recorded(job: Job, paths: list[str]) -> None:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import socket
+import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 
 pytestmark = pytest.mark.django_db
 
@@ -128,3 +134,67 @@ def test_a_zips_length_is_known_before_it_is_written(monkeypatch, limit, count_l
     with zipfile.ZipFile(io.BytesIO(written)) as archive:
         assert archive.testzip() is None
         assert {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()} == files
+
+
+# Another web process, as gunicorn runs several: it checks the job's files before sending them, and says which
+# files it had to hash and whether it refused one.
+_OTHER_PROCESS = """
+import json, sys
+from pathlib import Path
+
+import django
+
+django.setup()
+from engine import artifacts
+from jobs import downloads
+from jobs.models import Job
+
+hashed, real = [], artifacts.sha256_file
+artifacts.sha256_file = lambda path: hashed.append(Path(path).name) or real(path)
+job = Job(pk=int(sys.argv[1]), manifest=json.loads(sys.argv[2]))
+try:
+    downloads.ensure_intact(job, Path(sys.argv[3]), [entry["path"] for entry in job.manifest["files"]])
+    refused = None
+except downloads.DamagedCheckpoint as exc:
+    refused = str(exc)
+print(json.dumps({"hashed": hashed, "refused": refused}))
+"""
+
+
+def test_files_one_web_process_hashed_are_sent_by_another_without_hashing_them_again(api, done_job):
+    # Given a checkpoint this process has sent whole (hashing each file against the manifest first)
+    job, files = done_job
+    assert api.get(f"/api/v1/jobs/{job.pk}/archive/").status_code == 200
+    folder = Path(settings.MEDIA_ROOT) / job.artifacts_path
+
+    def other_process() -> dict:
+        argv = [sys.executable, "-c", _OTHER_PROCESS, str(job.pk), json.dumps(job.manifest), str(folder)]
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return json.loads(run.stdout.splitlines()[-1])
+
+    # Then another web process sends them as they are, without reading a 16 GB checkpoint first
+    assert other_process() == {"hashed": [], "refused": None}
+    # ...and once a file changes on disk, it hashes that one again and refuses it
+    (folder / "model.safetensors").write_bytes(b"x" * len(files["model.safetensors"]))
+    again = other_process()
+    assert again["hashed"] == ["model.safetensors"] and "model.safetensors" in again["refused"], again
+
+
+def test_without_the_shared_cache_files_are_still_hashed_before_they_are_sent(done_job, settings):
+    # Given the shared cache unreachable: nothing listens on its port
+    from jobs import downloads
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": f"redis://127.0.0.1:{port}/0"}}
+    job, files = done_job
+    folder = Path(settings.MEDIA_ROOT) / job.artifacts_path
+    paths = [entry["path"] for entry in job.manifest["files"]]
+
+    # Then intact files pass, and a changed one is refused all the same
+    downloads.ensure_intact(job, folder, paths)
+    (folder / "config.json").write_bytes(b"[]")
+    with pytest.raises(downloads.DamagedCheckpoint, match="config.json"):
+        downloads.ensure_intact(job, folder, paths)
