@@ -34,6 +34,9 @@ def bench_env() -> dict[str, str]:
         "COMPRESSOR_MODEL_STORE": str(MODEL_STORE),
         "DATABASE_URL": f"{PG_URL}/{DB_NAME}",
         "CELERY_KEY_PREFIX": KEY_PREFIX,
+        # The cache's keys too (rate windows, files found intact): under the default prefix, the bench user's
+        # thousands of submissions counted toward user 1 of every other checkout on this Redis (make demo's).
+        "COMPRESSOR_CACHE_PREFIX": KEY_PREFIX.rstrip(":"),
         "DJANGO_ENV": "development",
         # 200 submissions in a burst: the per-user creation throttle and active-jobs quota would refuse most.
         "COMPRESSOR_JOB_CREATE_RATE": "1000000/hour",
