@@ -200,7 +200,7 @@ def _live_context(job: Job) -> dict[str, Any]:
         "queue_position": selectors.queue_position(job=job),
         "timeline": presentation.timeline(job, stage_started),
         "seconds_left": presentation.seconds_left(job),
-        "log_lines": logtext.public_lines(selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES)),
+        "log_lines": selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES),
         "stage_label": Job.Stage(job.stage).label if job.stage in Job.Stage.values else job.stage,
         "stage_detail": presentation.stage_detail(job),
     }
@@ -263,7 +263,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if job.status == Job.Status.SUCCEEDED:
         context.update(_results_context(job))
     if job.status == Job.Status.FAILED:
-        context["failed_log"] = logtext.public_lines(selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES))
+        context["failed_log"] = selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES)
     context["preset_info"] = PRESETS.get(job.preset)
     context["search_request"] = trials.request_text(job.search)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])

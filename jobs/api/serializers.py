@@ -17,7 +17,6 @@ from engine.submission import FLOOR_METRICS, MAX_TRIALS
 from jobs import selectors
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, HubPush, HubToken, Job, JobLogLine
-from jobs.redaction import redact
 
 # One choice set for the preset fields (the job's preset and a sweep's): one enum in the OpenAPI schema.
 PRESET_CHOICES = sorted(PRESETS)
@@ -256,10 +255,6 @@ class JobLogLineSerializer(serializers.ModelSerializer):
     class Meta:
         model = JobLogLine
         fields = ["id", "created_at", "stage", "text"]
-
-    def to_representation(self, line: JobLogLine) -> dict:
-        # Stored redacted (jobs.services); read through the same rules as the job page and the log download.
-        return {**super().to_representation(line), "text": redact(line.text)}
 
 
 class PresetSerializer(serializers.Serializer):

@@ -40,7 +40,9 @@ def logged_job(alice, make_job):
         f"Saving the checkpoint to {settings.MEDIA_ROOT}/jobs/{job.pk}/checkpoint",
         "Loading /srv/other/cache/models--x/snapshots/abc/config.json from https://huggingface.co/a/b",
     ]
-    JobLogLine.objects.bulk_create(JobLogLine(job=job, stage="calibrating", text=text) for text in texts)
+    services.job_record_progress(
+        job_id=job.pk, task_id=job.celery_task_id, log_lines=[("calibrating", text) for text in texts]
+    )
     return job
 
 
