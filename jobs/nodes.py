@@ -35,6 +35,7 @@ from engine.plan import ModelFootprint, ModelShape, plan_memory, search_plan, sh
 from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
+from jobs.compiled import compiled_once, instances
 from jobs.models import Job, WorkerNode
 from jobs.node_model import NODE_QUEUE_PREFIX, own_queue
 
@@ -224,7 +225,7 @@ def _size_order(candidate: Candidate) -> tuple[int, int, int, int]:
 def job_route(job: Job, *, back_to: str | None = None) -> Route:
     """The queue for this job among the registered workers of its device class; PreflightError when none can
     hold it (see the module's docstring and choose_queue)."""
-    nodes = [n for n in WorkerNode.objects.all() if job.device_class in n.queues]
+    nodes = [n for n in instances(WorkerNode, _registered_nodes, {}) if job.device_class in n.queues]
     if not nodes:
         return Route(job.device_class)  # nobody registered yet: the shared queue, whoever comes first
     return choose_queue(
@@ -235,6 +236,11 @@ def job_route(job: Job, *, back_to: str | None = None) -> Route:
         search=bool(job.search),
         back_to=back_to,
     )
+
+
+@compiled_once
+def _registered_nodes():
+    return WorkerNode.objects.all()
 
 
 def job_reroute(job: Job, *, back_to: str | None = None) -> Route:

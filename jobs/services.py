@@ -9,7 +9,6 @@ these same functions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.core.files.uploadedfile import UploadedFile
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.utils import timezone
 from kombu.exceptions import OperationalError
@@ -33,6 +32,7 @@ from redis.exceptions import RedisError
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
 from jobs import artifact_store, nodes
+from jobs.compiled import compiled_once, fetch_one
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
@@ -78,15 +78,31 @@ def job_submit(
 
     Raises PreflightError (with .field) when the job cannot succeed, and RateLimited when the owner is over
     the creation rate or a quota (active jobs, stored bytes); it never takes a queue place then, and only
-    created jobs count toward the rate. Deduplication: unless force is set, a succeeded job of the same owner
-    with the same model revision, resolved recipe, calibration data and evaluation is returned instead
-    (Submission.created is False) and no work is queued.
+    created jobs count toward the rate (a request holds its place while it is checked). Deduplication:
+    unless force is set, a succeeded job of the same owner with the same model revision, resolved recipe,
+    calibration data and evaluation is returned instead (Submission.created is False) and no work is queued.
     """
     _check_policy(owner=owner, data=data)
     rate = creation_window(owner.pk)
-    # Refused before the submission check when already over; checked again where a place is taken.
-    if rate.count() >= rate.limit:
+    # The place is taken first (one round trip to the cache), so that a user over the rate costs no hub call;
+    # a request that creates nothing gives it back.
+    place = rate.take()
+    if place is None:
         raise _creation_rate_error(rate)
+    try:
+        submission = _submit_checked(owner=owner, data=data, force=force, retry_of=retry_of, attempt=attempt)
+    except BaseException:
+        Window.give_back(place)
+        raise
+    if not submission.created:
+        Window.give_back(place)
+    return submission
+
+
+def _submit_checked(
+    *, owner: AbstractBaseUser, data: JobInput, force: bool, retry_of: Job | None, attempt: int
+) -> Submission:
+    """job_submit once the owner's place in the creation window is taken."""
     job = _job_from_input(owner=owner, data=data)
     report = check_submission(job.to_spec(device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
@@ -106,24 +122,17 @@ def job_submit(
     route = nodes.job_route(job)  # a queue whose workers can hold it; refused when no registered worker can
     job.queue = route.queue
     job.celery_task_id = _new_task_id()
-    place = rate.take()
-    if place is None:
-        raise _creation_rate_error(rate)
     lines = [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")]
     lines += [("waiting", route.why)] if route.why else []
     lines += [("waiting", f"Warning: {warning}") for warning in report.warnings]
-    try:
-        with transaction.atomic():
-            job.save()
-            JobLogLine.objects.bulk_create(_log_rows(job.pk, lines))  # a new job's log needs no trimming
-            # The owner's submissions wait for each other only from here to the commit: the lock, then the
-            # quotas counted with this job in them.
-            _lock_quotas(owner)
-            _check_quotas(owner)
-            transaction.on_commit(lambda: _enqueue(job))
-    except BaseException:
-        Window.give_back(place)  # not created: it does not count toward the rate
-        raise
+    with transaction.atomic():
+        job.save()
+        JobLogLine.objects.bulk_create(_log_rows(job.pk, lines))  # a new job's log needs no trimming
+        # The owner's submissions wait for each other only from here to the commit: the lock, then the
+        # quotas counted with this job in them.
+        _lock_quotas(owner)
+        _check_quotas(owner)
+        transaction.on_commit(lambda: _enqueue(job))
     return Submission(job=job, created=True)
 
 
@@ -170,7 +179,15 @@ def _lock_quotas(owner: AbstractBaseUser) -> None:
     PostgreSQL: a row lock on the user. SQLite ignores select_for_update, but its transactions begin
     IMMEDIATE (settings), which takes the database's write lock at once.
     """
-    get_user_model().objects.select_for_update().filter(pk=owner.pk).values_list("pk", flat=True).first()
+    fetch_one(_owner_lock, {_ANY_OWNER: owner.pk})
+
+
+_ANY_OWNER = -7  # stands for the owner's id in the queries compiled once (jobs.compiled)
+
+
+@compiled_once
+def _owner_lock():
+    return get_user_model().objects.select_for_update().filter(pk=_ANY_OWNER).values_list("pk")
 
 
 def user_stored_bytes(user: AbstractBaseUser) -> int:
@@ -194,27 +211,20 @@ def _check_quotas(owner: AbstractBaseUser) -> None:
     _refuse_over_storage(stored)
 
 
-_ANY_OWNER = -7  # stands for the owner's id in the quota query, compiled once per process and database
-
-
 def _quota_counts(owner_id: int) -> tuple[int, int]:
-    """(active jobs, stored bytes: checkpoints and uploads) of one owner, in one query compiled once per
-    process: it runs while the owner's lock holds their other submissions, and compiling it costs more than
-    running it."""
-    sql, params = _quota_query(connection.vendor)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [owner_id if value == _ANY_OWNER else value for value in params])
-        active, checkpoints, uploads = cursor.fetchone()
+    """(active jobs, stored bytes: checkpoints and uploads) of one owner, in one query: it runs while the
+    owner's lock holds their other submissions."""
+    active, checkpoints, uploads = fetch_one(_quota_query, {_ANY_OWNER: owner_id})
     return int(active or 0), int(checkpoints or 0) + int(uploads or 0)
 
 
-@functools.cache
-def _quota_query(vendor: str) -> tuple[str, tuple]:
+@compiled_once
+def _quota_query():
     def per_owner(rows, aggregate):
         totals = rows.filter(owner=OuterRef("pk")).order_by().values("owner").annotate(total=aggregate)
         return Subquery(totals.values("total")[:1])
 
-    counted = (
+    return (
         get_user_model()
         .objects.filter(pk=_ANY_OWNER)
         .annotate(
@@ -224,7 +234,6 @@ def _quota_query(vendor: str) -> tuple[str, tuple]:
         )
         .values_list("active", "checkpoints", "uploads")
     )
-    return counted.query.sql_with_params()
 
 
 def _check_stored_bytes(owner: AbstractBaseUser, *, adding: int = 0) -> None:

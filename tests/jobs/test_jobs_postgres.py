@@ -1,4 +1,4 @@
-"""The worker integration tests (all but the GPTQ retry) and the state machine again, on PostgreSQL.
+"""The worker integration tests (all but the GPTQ retry), the state machine and the quota lock again, on PostgreSQL.
 
 Django reads its database settings once per process, so this runs them in a second pytest process with
 DATABASE_URL pointing at the local PostgreSQL (pytest-django creates and drops test_<name> there).
@@ -46,6 +46,8 @@ def test_worker_integration_and_state_machine_on_postgresql(tmp_path):
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--create-db",
         "tests/jobs/test_jobs_worker.py", "tests/jobs/test_jobs_services.py",
+        # The owner's lock is PostgreSQL's row lock (SQLite's transactions lock the whole database instead).
+        "tests/policy/test_limits.py::test_fifty_parallel_submissions_stop_at_the_active_jobs_quota",
         # The GPTQ retry run is the slowest worker test and exercises nothing database-specific beyond
         # what the others do; it runs on SQLite, and job_retry runs here in the services tests.
         "-k", "not retried_as_a_new_linked_job",

@@ -76,6 +76,25 @@ def test_refused_and_duplicate_requests_do_not_count(alice_api, settings):
     assert api.post("/api/v1/jobs/", FP8, format="json").status_code == 429
 
 
+def test_a_request_answered_by_an_earlier_identical_job_gives_its_place_back(alice_api, settings):
+    # Given a rate of 2 an hour and one job created, which then succeeded
+    settings.COMPRESSOR_JOB_CREATE_RATE = "2/hour"
+    alice, api = alice_api
+    first = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic"}, format="json")
+    assert first.status_code == 201, first.content
+    Job.objects.filter(pk=first.json()["id"]).update(status=Job.Status.SUCCEEDED)
+
+    # When the same job is asked for twice more: both answered by the earlier job, none created
+    for _ in range(2):
+        again = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic"}, format="json")
+        assert again.status_code == 200 and again.json()["duplicate"] is True, again.content
+        assert again.json()["id"] == first.json()["id"]
+
+    # Then only the created job counted: one more is created, and the one after is refused
+    assert api.post("/api/v1/jobs/", FP8, format="json").status_code == 201
+    assert api.post("/api/v1/jobs/", FP8, format="json").status_code == 429
+
+
 def test_a_window_expires_and_a_place_given_back_after_it_ended_leaves_nothing_behind():
     import redis
 
