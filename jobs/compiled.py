@@ -19,32 +19,40 @@ from django.db.models import Model, QuerySet
 CompiledQuery = Callable[..., tuple[str, list]]
 
 
-def compiled_once(build: Callable[[], QuerySet]) -> CompiledQuery:
-    """Decorator: build() returns a queryset with placeholder values; the decorated function takes a mapping
-    {placeholder: value} and returns the queryset's SQL (compiled at its first call on each database vendor)
-    with its parameters, each placeholder replaced.
+def compiled_once(build: Callable[..., QuerySet]) -> CompiledQuery:
+    """Decorator: build(*shape) returns a queryset with placeholder values; the decorated function takes a
+    mapping {placeholder: value} and the shape, and returns the queryset's SQL (compiled at its first call on
+    each database vendor and shape) with its parameters, each placeholder replaced.
 
-    A placeholder must be a valid value of its field that no other parameter of the query equals.
+    The shape is what changes the SQL itself, such as the length of an IN list; a placeholder must be a valid
+    value of its field that no other parameter of the query equals.
     """
 
     @functools.cache
-    def sql_for(vendor: str) -> tuple[str, tuple]:
+    def sql_for(vendor: str, *shape: Hashable) -> tuple[str, tuple]:
         # Compiled at first use, inside the caller's transaction: select_for_update compiles only there.
-        return build().query.sql_with_params()
+        return build(*shape).query.sql_with_params()
 
     @functools.wraps(build)
-    def bound(values: dict[Hashable, Any]) -> tuple[str, list]:
-        sql, params = sql_for(connection.vendor)
+    def bound(values: dict[Hashable, Any], *shape: Hashable) -> tuple[str, list]:
+        sql, params = sql_for(connection.vendor, *shape)
         return sql, [values.get(param, param) if isinstance(param, Hashable) else param for param in params]
 
     return bound
 
 
-def fetch_one(query: CompiledQuery, values: dict[Hashable, Any]) -> tuple | None:
+def fetch_one(query: CompiledQuery, values: dict[Hashable, Any], *shape: Hashable) -> tuple | None:
     """The first row of a compiled query, as a tuple; None when it has none."""
     with connection.cursor() as cursor:
-        cursor.execute(*query(values))
+        cursor.execute(*query(values, *shape))
         return cursor.fetchone()
+
+
+def fetch_all(query: CompiledQuery, values: dict[Hashable, Any], *shape: Hashable) -> list[tuple]:
+    """The rows of a compiled query, as tuples."""
+    with connection.cursor() as cursor:
+        cursor.execute(*query(values, *shape))
+        return cursor.fetchall()
 
 
 def instances(model: type[Model], query: CompiledQuery, values: dict[Hashable, Any]) -> list[Model]:

@@ -175,6 +175,36 @@ def test_a_floor_search_is_sized_with_the_trials_copy_of_the_weights(user, built
 
 
 @pytest.mark.django_db
+def test_the_least_busy_worker_is_counted_from_its_running_and_waiting_jobs(user, builtin_model):
+    # Given one worker too small for the built-in model and two big ones: a@x runs two jobs, b@y has one waiting
+    # in its own queue (and a third big worker's running job counts for that worker only)
+    _announce("small@x", 500)
+    _announce("a@x", 900)
+    _announce("b@y", 900)
+    _announce("c@z", 900, queues=("gpu",))
+    data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
+    for worker in ("a@x", "a@x", "c@z"):
+        running = services.job_submit(owner=user, data=data, force=True).job
+        assert services.job_start(job_id=running.pk, task_id=running.celery_task_id, worker=worker) is not None
+    waiting = services.job_submit(owner=user, data=data, force=True).job
+    Job.objects.filter(pk=waiting.pk).update(queue="node.b@y")
+
+    # Then the next job goes to b@y (1 against 2), the next to a@x (2 and 2: by name), the next to b@y (3 to 2)
+    queues = [services.job_submit(owner=user, data=data, force=True).job.queue for _ in range(3)]
+    assert queues == ["node.b@y", "node.a@x", "node.b@y"]
+
+    # And a job sent again is not counted behind itself: with a@x running one job and b@y holding only the job
+    # being routed, b@y is the least busy (0 against 1; counted with itself, 1 and 1 would go to a@x by name)
+    waiting_jobs = Job.objects.filter(status=Job.Status.QUEUED, queue__in=["node.a@x", "node.b@y"])
+    waiting_jobs.exclude(pk=waiting.pk).update(status=Job.Status.CANCELLED)
+    Job.objects.filter(pk=Job.objects.filter(worker="a@x", status=Job.Status.RUNNING).first().pk).update(
+        status=Job.Status.SUCCEEDED
+    )
+    waiting.refresh_from_db()
+    assert nodes.job_route(waiting).queue == "node.b@y"
+
+
+@pytest.mark.django_db
 def test_workers_of_another_device_class_do_not_count(user, builtin_model):
     _announce("small-gpu@x", 500, queues=("gpu",))
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
