@@ -224,15 +224,13 @@ class JobSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.DictField(child=serializers.CharField()))
     def get_links(self, job: Job) -> dict:
         request = self.context.get("request")
-
-        def url(name: str) -> str:
-            path = reverse(f"api:job-{name}", kwargs={"pk": job.pk})
-            return request.build_absolute_uri(path) if request else path
-
-        links = {"self": url("detail"), "logs": url("logs"), "page": f"/jobs/{job.pk}/"}
+        path = reverse("api:job-detail", kwargs={"pk": job.pk})
+        # The job's actions are the router's paths under its own (one reverse() per job: a list page has 25).
+        detail = request.build_absolute_uri(path) if request else path
+        links = {"self": detail, "logs": f"{detail}logs/", "page": f"/jobs/{job.pk}/"}
         if job.status == Job.Status.SUCCEEDED:
-            links.update(archive=url("archive"), manifest=url("manifest"), results=url("results"))
-            links["files"] = url("detail") + "files/{path}"
+            links.update(archive=f"{detail}archive/", manifest=f"{detail}manifest/", results=f"{detail}results/")
+            links["files"] = detail + "files/{path}"
         return links
 
     def get_duplicate(self, job: Job) -> bool:

@@ -103,6 +103,21 @@ def test_create_returns_the_job_with_its_queue_position(api, user, make_job):
     assert body["owner"] == "alice" and body["links"]["page"] == f"/jobs/{body['id']}/"
 
 
+def test_a_succeeded_jobs_links_are_the_apis_own_addresses_and_each_answers(api, user, make_job, checkpoint):
+    from django.urls import reverse
+
+    job = make_job(user)
+    checkpoint(job)
+    links = api.get(f"/api/v1/jobs/{job.pk}/").json()["links"]
+
+    for name in ("detail", "logs", "archive", "manifest", "results"):
+        link = links["self" if name == "detail" else name]
+        assert link == f"http://testserver{reverse(f'api:job-{name}', kwargs={'pk': job.pk})}"
+        assert api.get(link).status_code == 200, link
+    assert api.get(links["files"].format(path="config.json")).status_code == 200
+    assert links["page"] == f"/jobs/{job.pk}/" and len(links) == 7
+
+
 def test_status_and_results_are_read_only(api, user, make_job):
     job = make_job(user)
     assert api.patch(f"/api/v1/jobs/{job.pk}/", {"status": "succeeded"}, format="json").status_code == 405
