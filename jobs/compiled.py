@@ -18,6 +18,8 @@ from django.db.models import Model, QuerySet
 
 CompiledQuery = Callable[..., tuple[str, list]]
 
+ANY_ID = -7  # the placeholder for a row's id (a user's, a job's): ids are positive, so no other parameter is it
+
 
 def compiled_once(build: Callable[..., QuerySet]) -> CompiledQuery:
     """Decorator: build(*shape) returns a queryset with placeholder values; the decorated function takes a
@@ -56,5 +58,5 @@ def fetch_all(query: CompiledQuery, values: dict[Hashable, Any], *shape: Hashabl
 
 
 def instances(model: type[Model], query: CompiledQuery, values: dict[Hashable, Any]) -> list[Model]:
-    """The model instances of a compiled query (its extra columns as attributes, as annotate() gives)."""
+    """The model instances of a compiled query."""
     return list(model.objects.raw(*query(values)))

@@ -35,7 +35,7 @@ from engine.plan import ModelFootprint, ModelShape, plan_memory, search_plan, sh
 from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
-from jobs.compiled import compiled_once, fetch_all, instances
+from jobs.compiled import ANY_ID, compiled_once, fetch_all, instances
 from jobs.models import Job, WorkerNode
 from jobs.node_model import NODE_QUEUE_PREFIX, own_queue
 
@@ -255,9 +255,6 @@ def job_reroute(job: Job, *, back_to: str | None = None) -> Route:
         return Route(job.device_class, f"No registered worker can hold it now ({exc.message})")
 
 
-_ANY_JOB = -7  # stands for the job's id in the compiled query of the nodes' active jobs
-
-
 def _host_placeholders(count: int) -> list[str]:
     return [f"<host-{index}>" for index in range(count)]
 
@@ -269,13 +266,13 @@ def _active_on_nodes(count: int):
     running_or_waiting = Q(status=Job.Status.RUNNING, worker__in=hostnames) | Q(
         status=Job.Status.QUEUED, queue__in=[own_queue(name) for name in hostnames]
     )
-    return Job.objects.filter(running_or_waiting).exclude(pk=_ANY_JOB).values_list("status", "worker", "queue")
+    return Job.objects.filter(running_or_waiting).exclude(pk=ANY_ID).values_list("status", "worker", "queue")
 
 
 def _candidates(nodes: list[WorkerNode], job: Job) -> list[Candidate]:
     now = timezone.now()
     hostnames = [n.hostname for n in nodes]
-    places: dict[object, object] = {_ANY_JOB: job.pk or 0}  # a job sent again is not behind itself (0: no job)
+    places: dict[object, object] = {ANY_ID: job.pk or 0}  # a job sent again is not behind itself (0: no job)
     for placeholder, hostname in zip(_host_placeholders(len(hostnames)), hostnames, strict=True):
         places[placeholder], places[own_queue(placeholder)] = hostname, own_queue(hostname)
     counts = Counter(

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
 from jobs import artifact_store, nodes
-from jobs.compiled import compiled_once, fetch_one
+from jobs.compiled import ANY_ID, compiled_once, fetch_one
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
@@ -180,20 +180,17 @@ def _lock_quotas(owner: AbstractBaseUser) -> None:
     PostgreSQL: a row lock on the user. SQLite ignores select_for_update, but its transactions begin
     IMMEDIATE (settings), which takes the database's write lock at once.
     """
-    fetch_one(_owner_lock, {_ANY_OWNER: owner.pk})
-
-
-_ANY_OWNER = -7  # stands for the owner's id in the queries compiled once (jobs.compiled)
+    fetch_one(_owner_lock, {ANY_ID: owner.pk})
 
 
 @compiled_once
 def _owner_lock():
-    return get_user_model().objects.select_for_update().filter(pk=_ANY_OWNER).values_list("pk")
+    return get_user_model().objects.select_for_update().filter(pk=ANY_ID).values_list("pk")
 
 
 def user_stored_bytes(user: AbstractBaseUser) -> int:
     """What a user keeps on the server: checkpoint weights of their succeeded jobs plus their uploads."""
-    checkpoints, uploads = fetch_one(_stored_bytes_query, {_ANY_OWNER: user.pk})
+    checkpoints, uploads = fetch_one(_stored_bytes_query, {ANY_ID: user.pk})
     return int(checkpoints or 0) + int(uploads or 0)
 
 
@@ -201,7 +198,7 @@ def _check_active_jobs(owner: AbstractBaseUser) -> None:
     """A new job (already saved, counted among the active ones) within COMPRESSOR_USER_MAX_ACTIVE_JOBS queued
     or running (call under _lock_quotas)."""
     most = settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS
-    active = int(fetch_one(_active_jobs_query, {_ANY_OWNER: owner.pk})[0] or 0) - 1  # without the new job
+    active = int(fetch_one(_active_jobs_query, {ANY_ID: owner.pk})[0] or 0) - 1  # without the new job
     if active >= most:
         raise RateLimited(
             f"You have {active} jobs queued or running, the most allowed ({most}); wait for one to finish or "
@@ -218,7 +215,7 @@ def _per_owner(rows: QuerySet, aggregate: Aggregate) -> Subquery:
 @compiled_once
 def _active_jobs_query():
     active = _per_owner(Job.objects.filter(status__in=Job.ACTIVE), Count("pk"))
-    return get_user_model().objects.filter(pk=_ANY_OWNER).annotate(active=active).values_list("active")
+    return get_user_model().objects.filter(pk=ANY_ID).annotate(active=active).values_list("active")
 
 
 @compiled_once
@@ -228,7 +225,7 @@ def _stored_bytes_query():
     # which adds bytes, reads it under the lock.
     return (
         get_user_model()
-        .objects.filter(pk=_ANY_OWNER)
+        .objects.filter(pk=ANY_ID)
         .annotate(
             checkpoints=_per_owner(Job.objects.filter(status=Status.SUCCEEDED), Sum("checkpoint_bytes")),
             uploads=_per_owner(CalibrationDataset.objects, Sum("size_bytes")),
