@@ -24,7 +24,9 @@ from tests.jobs.conftest import api_for, checkpoint  # noqa: F401 - fixtures sha
 from tests.support import LiveWorker, start_worker_process, wait_until, worker_env
 
 FAULT_QUEUE = "faults"
-HEARTBEAT_S = 0.5
+# The worker writes its progress once per heartbeat, so a stage shorter than one goes unrecorded: loading the
+# built-in model takes about 0.4 s on a fast machine, and the cancel-in-each-stage test must see it running.
+HEARTBEAT_S = 0.2
 HEARTBEAT_TIMEOUT_S = 6  # what the tests' reaper calls use: a silent job is reaped after this
 BUILTIN = "smollm2-135m-instruct"
 # A GPTQ job on the built-in model: its calibrating stage lasts tens of seconds (minutes on a loaded machine).
