@@ -4,20 +4,16 @@ shape and the engine's spec. The serializer, the form, the admin and the service
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 
 from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
-
-if TYPE_CHECKING:
-    from jobs.models import CalibrationDataset, Job
-
-# Defaults that also appear in the Job model's field definitions (jobs.models), kept equal to them.
-CALIBRATION_BUILTIN, CALIBRATION_UPLOAD = "builtin", "upload"
-PRIORITY_NORMAL = 5
+from jobs.artifact_store import local_copy
+from jobs.models import CalibrationDataset, Job
 
 # Job model field for each input field whose name differs (the others have the same name on both).
 _JOB_FIELD = {"model": "model_source", "revision": "model_revision"}
@@ -51,7 +47,7 @@ class JobInput:
     revision: str = ""
     preset: str = ""
     recipe_yaml: str = ""
-    calibration_kind: str = CALIBRATION_BUILTIN
+    calibration_kind: str = Job.CalibrationKind.BUILTIN.value
     calibration_file: CalibrationDataset | None = None
     calibration_hub_dataset: str = ""
     calibration_split: str = "train"
@@ -60,7 +56,7 @@ class JobInput:
     calibration_max_seq_len: int = 256
     evaluation: dict[str, Any] | None = None
     ignore_indivisible: bool = False
-    priority: int = PRIORITY_NORMAL
+    priority: int = Job.PRIORITY_NORMAL
     device_class: str = ""
     gpus: int | None = None  # None: as many as the memory plan needs
     # A floor search or a sweep (engine.spec.SearchSpec's shape: floor, budget, presets); None: one compression.
@@ -87,7 +83,7 @@ class JobInput:
         values.update(
             model_source=self.model.strip(),
             model_revision=self.revision.strip(),
-            calibration_file=self.calibration_file if self.calibration_kind == CALIBRATION_UPLOAD else None,
+            calibration_file=self.calibration_file if self.calibration_kind == Job.CalibrationKind.UPLOAD else None,
             device_class=self.device_class or settings.COMPRESSOR_DEFAULT_DEVICE_CLASS,
         )
         return values
@@ -106,7 +102,7 @@ class JobInput:
     def to_spec(self, *, device: str = "auto") -> CompressionSpec:
         """The engine's view of this request (plain data, no Django)."""
         common = {"samples": self.calibration_samples, "max_seq_len": self.calibration_max_seq_len}
-        if self.calibration_kind == CALIBRATION_UPLOAD:
+        if self.calibration_kind == Job.CalibrationKind.UPLOAD:
             path = str(_calibration_path(self.calibration_file)) if self.calibration_file else None
             calibration = CalibrationSpec(kind="jsonl", path=path, **common)
         else:
@@ -137,9 +133,16 @@ class JobInput:
         )
 
 
-def _calibration_path(dataset: CalibrationDataset) -> Path:
-    from jobs.artifact_store import local_copy
+def job_spec(job: Job, *, device: str = "auto") -> CompressionSpec:
+    """The engine's view of a job (plain data, no Django): once submitted, with the recorded recipe and the
+    pinned commit, so the worker runs what the submission check saw."""
+    spec = JobInput.from_job(job).to_spec(device=device)
+    return dataclasses.replace(
+        spec, revision=job.model_commit or spec.revision, resolved_recipe=job.resolved_recipe or None
+    )
 
+
+def _calibration_path(dataset: CalibrationDataset) -> Path:
     return local_copy(dataset.file.name, sha256=dataset.sha256)
 
 

@@ -6,7 +6,6 @@ late message from a killed or cancelled task changes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from pathlib import PurePosixPath
 
@@ -16,8 +15,7 @@ from django.db import models
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 
-from engine.spec import BUILTIN_MODEL, CompressionSpec
-from jobs.inputs import CALIBRATION_BUILTIN, PRIORITY_NORMAL, JobInput
+from engine.spec import BUILTIN_MODEL
 from jobs.node_model import WorkerNode  # noqa: F401 - the workers' registry is a model of this app
 
 
@@ -76,13 +74,13 @@ class Job(models.Model):
         CPU = "cpu", "CPU"
 
     class CalibrationKind(models.TextChoices):
-        BUILTIN = CALIBRATION_BUILTIN, "Built-in text"
+        BUILTIN = "builtin", "Built-in text"
         UPLOAD = "upload", "Uploaded JSONL file"
         HUB = "hub", "Hugging Face dataset"
         NONE = "none", "None (data-free presets)"
 
     # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse (see services).
-    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, PRIORITY_NORMAL, 9
+    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, 5, 9
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
 
@@ -193,14 +191,6 @@ class Job(models.Model):
     def artifacts_relpath(self) -> str:
         """Where this job's checkpoint goes, relative to MEDIA_ROOT (a fresh folder per job)."""
         return str(PurePosixPath("jobs") / str(self.pk) / "checkpoint")
-
-    def to_spec(self, *, device: str = "auto") -> CompressionSpec:
-        """The engine's view of this job (plain data, no Django): once submitted, with the recorded recipe and
-        the pinned commit, so the worker runs what the submission check saw."""
-        spec = JobInput.from_job(self).to_spec(device=device)
-        return dataclasses.replace(
-            spec, revision=self.model_commit or spec.revision, resolved_recipe=self.resolved_recipe or None
-        )
 
 
 class JobLogLine(models.Model):

@@ -31,9 +31,9 @@ from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
-from jobs import artifact_store, nodes
+from jobs import artifact_store, messages, nodes
 from jobs.compiled import ANY_ID, compiled_once, fetch_one
-from jobs.inputs import JobInput, api_calibration
+from jobs.inputs import JobInput, api_calibration, job_spec
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
 from jobs.redaction import redact
@@ -105,7 +105,7 @@ def _submit_checked(
     """job_submit once the owner's place in the creation window is taken."""
     _refuse_over_storage(user_stored_bytes(owner))
     job = _job_from_input(owner=owner, data=data)
-    report = check_submission(job.to_spec(device=_engine_device(job.device_class)))
+    report = check_submission(job_spec(job, device=_engine_device(job.device_class)))
     job.resolved_recipe = report.recipe_yaml
     job.model_commit = report.model.commit or ""
     job.model_facts = nodes.facts_with_shape(report.model)
@@ -252,7 +252,7 @@ def _refuse_over_storage(stored: int, *, adding: int = 0) -> None:
 
 def _check_policy(*, owner: AbstractBaseUser, data: JobInput) -> None:
     """Operator rules preflight does not know about (the engine serves trusted command-line users too)."""
-    # Local model folders: refused by the engine from the text alone (Job.to_spec passes the setting), so the
+    # Local model folders: refused by the engine from the text alone (JobInput.to_spec passes the setting), so the
     # answer never tells which paths exist on the server.
     if data.calibration_kind == Job.CalibrationKind.UPLOAD:
         if data.calibration_file is None:
@@ -327,11 +327,13 @@ def _enqueue(job: Job) -> bool:
     The job stays queued in the database either way (the database is the truth): job_sweep_stranded sends
     it again once the broker answers, so a Redis outage never turns a request into a 500 or loses a job.
     """
-    from jobs.tasks import compress_job
-
     try:
-        compress_job.apply_async(
-            args=(job.pk,), task_id=job.celery_task_id, queue=job.queue, priority=broker_priority(job.priority)
+        messages.send(
+            messages.COMPRESS,
+            job.pk,
+            task_id=job.celery_task_id,
+            queue=job.queue,
+            priority=broker_priority(job.priority),
         )
     except BROKER_ERRORS as exc:
         logger.warning("Could not send job %s to the queue: %s", job.pk, exc)
@@ -490,12 +492,9 @@ def job_cancel(*, job: Job, by: AbstractBaseUser | None = None) -> Job:
 
 
 def _stop_after_cancel(job_id: int, task_id: str) -> None:
-    from compressor_app.celery import app
-    from jobs.tasks import stop_cancelled_job
-
     try:
-        app.control.revoke(task_id)  # a worker that receives the queued message drops it
-        stop_cancelled_job.apply_async(args=(job_id,), countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
+        messages.revoke(task_id)  # a worker that receives the queued message drops it
+        messages.send(messages.STOP_CANCELLED, job_id, countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
     except BROKER_ERRORS as exc:
         # The cancel stands (the claim and every heartbeat check the database); only the fallback is lost.
         logger.warning("Job %s cancelled while the queue is unreachable: %s", job_id, exc)
@@ -523,10 +522,8 @@ def job_set_priority(*, job: Job, priority: int) -> bool:
 
 
 def _requeue(job: Job, old_task_id: str) -> None:
-    from compressor_app.celery import app
-
     try:
-        app.control.revoke(old_task_id)
+        messages.revoke(old_task_id)
     except BROKER_ERRORS as exc:
         logger.warning("Could not revoke the old message of job %s: %s", job.pk, exc)
     _enqueue(job)

@@ -19,7 +19,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from enum import StrEnum
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
@@ -30,18 +29,13 @@ from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
 from engine.model_cache import ModelCache
-from jobs import artifact_store, nodes, services
+from jobs import artifact_store, messages, nodes, services
+from jobs.inputs import job_spec
 from jobs.models import Job
 from jobs.progress import JobProgress
 from jobs.resume import job_take_resume_folder
 
 logger = logging.getLogger(__name__)
-
-
-class Queue(StrEnum):
-    GPU = "gpu"  # compression on a GPU worker (one per GPU, concurrency 1)
-    CPU = "cpu"  # compression on a CPU-only worker
-    LIGHT = "light"  # housekeeping: the reaper, stopping cancelled jobs
 
 
 class JobRequest(Request):
@@ -115,7 +109,7 @@ class JobTask(Task):
 @shared_task(
     bind=True,
     base=JobTask,
-    name="jobs.compress",  # routed to "gpu" by settings.CELERY_TASK_ROUTES; job_submit picks gpu or cpu
+    name=messages.COMPRESS,  # routed to "gpu" by settings.CELERY_TASK_ROUTES; job_submit picks gpu or cpu
     acks_late=True,
     reject_on_worker_lost=True,
     # The soft limit raises SoftTimeLimitExceeded in the task: it records "time limit" and cleans up.
@@ -149,7 +143,7 @@ def compress_job(self, job_id: int) -> None:
 
             device = "cpu" if job.device_class == Job.DeviceClass.CPU else "auto"
             out_dir = artifact_store.work_folder(job)
-            spec = job.to_spec(device=device)
+            spec = job_spec(job, device=device)
             result = compress(
                 spec,
                 out_dir,
@@ -264,7 +258,7 @@ def _resource_failure(exc: BaseException) -> str | None:
     return None
 
 
-@shared_task(name="jobs.stop_cancelled", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
+@shared_task(name=messages.STOP_CANCELLED, ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def stop_cancelled_job(job_id: int) -> None:
     """The fallback after a cancel: if the job's task still runs, terminate its worker child."""
     from compressor_app.celery import app
@@ -381,7 +375,7 @@ class PushTask(Task):
 
 @shared_task(
     base=PushTask,
-    name="jobs.push_to_hub",  # the "light" queue (CELERY_TASK_ROUTES; jobs.hub_push sends it there too)
+    name=messages.PUSH_TO_HUB,  # the "light" queue (CELERY_TASK_ROUTES; jobs.hub_push sends it there too)
     # A push is claimed (queued -> running) before it starts, so a redelivered message does nothing.
     acks_late=True,
     # The soft limit raises in the task (the failure hook records it); the hard one kills a stuck child.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.inputs import job_spec
 from jobs.models import Job
 from tests.hub_server import folder_blobs, llama_1b_files
 
@@ -45,7 +46,7 @@ def test_a_1b_hub_model_is_recorded_in_under_a_second_with_its_commit_pinned(api
     assert job.status == "queued" and job.model_commit == repo.branches["main"]
     assert response.json()["model_commit"] == job.model_commit and response.json()["revision"] == ""
     assert job.model_facts["num_parameters"] == 1_235_814_400 and job.model_facts["dtypes"] == {"BF16": 1_235_814_400}
-    assert job.to_spec().revision == job.model_commit and job.to_spec().resolved_recipe == job.resolved_recipe
+    assert job_spec(job).revision == job.model_commit and job_spec(job).resolved_recipe == job.resolved_recipe
 
 
 @pytest.mark.django_db
