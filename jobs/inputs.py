@@ -133,10 +133,15 @@ class JobInput:
         )
 
 
-def job_spec(job: Job, *, device: str = "auto") -> CompressionSpec:
-    """The engine's view of a job (plain data, no Django): once submitted, with the recorded recipe and the
-    pinned commit, so the worker runs what the submission check saw."""
-    spec = JobInput.from_job(job).to_spec(device=device)
+def engine_device(device_class: str) -> str:
+    """The engine's device for a job's device class: a CPU job on the CPU, a GPU job on whatever it finds."""
+    return "cpu" if device_class == Job.DeviceClass.CPU else "auto"
+
+
+def job_spec(job: Job) -> CompressionSpec:
+    """The engine's view of a job (plain data, no Django), on its device class's device: once submitted, with
+    the recorded recipe and the pinned commit, so the worker runs what the submission check saw."""
+    spec = JobInput.from_job(job).to_spec(device=engine_device(job.device_class))
     return dataclasses.replace(
         spec, revision=job.model_commit or spec.revision, resolved_recipe=job.resolved_recipe or None
     )

@@ -36,6 +36,7 @@ from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
 from jobs.compiled import ANY_ID, compiled_once, fetch_all, instances
+from jobs.inputs import engine_device
 from jobs.models import Job, WorkerNode
 from jobs.node_model import NODE_QUEUE_PREFIX, own_queue
 
@@ -192,10 +193,9 @@ def _refusal(
     candidate: Candidate, footprint: ModelFootprint, device_class: str, gpus: int | None, search: bool
 ) -> PreflightError | None:
     """Why this worker cannot hold the job (the memory plan's own refusal), or None when it can."""
-    device = "cpu" if device_class == Job.DeviceClass.CPU else "auto"
     plan = search_plan if search else plan_memory
     try:
-        plan(footprint, candidate.resources, device=device, gpus=gpus)
+        plan(footprint, candidate.resources, device=engine_device(device_class), gpus=gpus)
     except PreflightError as exc:
         return exc
     return None

@@ -105,7 +105,7 @@ def _submit_checked(
     """job_submit once the owner's place in the creation window is taken."""
     _refuse_over_storage(user_stored_bytes(owner))
     job = _job_from_input(owner=owner, data=data)
-    report = check_submission(job_spec(job, device=_engine_device(job.device_class)))
+    report = check_submission(job_spec(job))
     job.resolved_recipe = report.recipe_yaml
     job.model_commit = report.model.commit or ""
     job.model_facts = nodes.facts_with_shape(report.model)
@@ -303,10 +303,6 @@ def _fingerprint(job: Job, report: SubmissionCheck) -> str:
     if job.search is not None:  # only then, so that earlier jobs keep their fingerprints
         payload["search"] = job.search
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _engine_device(device_class: str) -> str:
-    return "cpu" if device_class == Job.DeviceClass.CPU else "auto"
 
 
 def _new_task_id() -> str:

@@ -141,9 +141,8 @@ def compress_job(self, job_id: int) -> None:
         with _soft_limit_noticed_by(progress), _model_cache(progress) as model_cache:
             from engine.runner import compress
 
-            device = "cpu" if job.device_class == Job.DeviceClass.CPU else "auto"
             out_dir = artifact_store.work_folder(job)
-            spec = job_spec(job, device=device)
+            spec = job_spec(job)
             result = compress(
                 spec,
                 out_dir,
