@@ -82,12 +82,13 @@ class Job(models.Model):
     # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse (see services).
     PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, 5, 9
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    # No index of its own: job_owner_recent and job_owner_quota begin with it.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs", db_index=False)
 
     # What to do.
     model_source = models.CharField(max_length=500, default=BUILTIN_MODEL)
     model_revision = models.CharField(max_length=200, blank=True)
-    preset = models.CharField(max_length=64, blank=True, db_index=True)
+    preset = models.CharField(max_length=64, blank=True)
     recipe_yaml = models.TextField(blank=True, help_text="A custom llm-compressor recipe (instead of a preset).")
     resolved_recipe = models.TextField(blank=True, help_text="The recipe recorded at submission; what the worker runs.")
     calibration_kind = models.CharField(max_length=16, choices=CalibrationKind.choices, default=CalibrationKind.BUILTIN)
@@ -111,14 +112,15 @@ class Job(models.Model):
     search = models.JSONField(
         null=True, blank=True, help_text="A floor search or sweep (floor, budget, presets), or null for one run."
     )
-    spec_fingerprint = models.CharField(max_length=64, blank=True, db_index=True)
+    spec_fingerprint = models.CharField(max_length=64, blank=True)
     # A hub model's revision as the commit it named at submission: the worker downloads exactly that one.
     model_commit = models.CharField(max_length=40, blank=True)
     # The model's metadata seen at submission (engine.models.ModelFacts.summary): parameters, dtypes, bytes.
     model_facts = models.JSONField(null=True, blank=True)
 
     # Where it stands.
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # No index of its own: job_queue_order begins with it.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.WAITING)
     message = models.CharField(max_length=500, blank=True)
     step = models.PositiveIntegerField(null=True, blank=True)
@@ -131,7 +133,7 @@ class Job(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     # The queue and the worker.
-    celery_task_id = models.CharField(max_length=64, blank=True, db_index=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
     queue = models.CharField(max_length=200, blank=True)  # a node's own queue is named after its worker
     worker = models.CharField(max_length=200, blank=True)
     attempt = models.PositiveSmallIntegerField(default=1, help_text="1 for a new job, +1 for each retry.")
@@ -164,6 +166,11 @@ class Job(models.Model):
             models.Index(fields=["owner", "-created_at"], name="job_owner_recent"),
             # The quotas (active jobs, stored bytes) of one owner, from the index alone on PostgreSQL.
             models.Index(fields=["owner", "status", "checkpoint_bytes"], name="job_owner_quota"),
+            # Equality lookups only: a CharField's db_index would add a second, LIKE-only index on PostgreSQL
+            # (varchar_pattern_ops) that nothing queries and every INSERT writes.
+            models.Index(fields=["preset"], name="job_preset"),
+            models.Index(fields=["spec_fingerprint"], name="job_fingerprint"),
+            models.Index(fields=["celery_task_id"], name="job_task_id"),
         ]
 
     def __str__(self) -> str:

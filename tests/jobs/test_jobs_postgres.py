@@ -1,4 +1,5 @@
-"""The worker integration tests (all but the GPTQ retry), the state machine and the quota lock again, on PostgreSQL.
+"""The worker integration tests (all but the GPTQ retry), the state machine, the quota lock and the migrations
+again, on PostgreSQL.
 
 Django reads its database settings once per process, so this runs them in a second pytest process with
 DATABASE_URL pointing at the local PostgreSQL (pytest-django creates and drops test_<name> there).
@@ -45,7 +46,7 @@ def test_worker_integration_and_state_machine_on_postgresql(tmp_path):
     }
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--create-db",
-        "tests/jobs/test_jobs_worker.py", "tests/jobs/test_jobs_services.py",
+        "tests/jobs/test_jobs_worker.py", "tests/jobs/test_jobs_services.py", "tests/jobs/test_migrations.py",
         # The owner's lock is PostgreSQL's row lock (SQLite's transactions lock the whole database instead).
         "tests/policy/test_limits.py::test_fifty_parallel_submissions_stop_at_the_active_jobs_quota",
         # The GPTQ retry run is the slowest worker test and exercises nothing database-specific beyond
