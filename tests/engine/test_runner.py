@@ -76,8 +76,11 @@ def test_stages_follow_what_ran_and_progress_moves_through_the_evaluation(gptq_r
     assert after - before > 0.2  # evaluation is weighed by its cost, not squeezed into the last percent
     plan = result.settings["memory_plan"]
     assert result.settings["device"] == "cpu" and plan["mode"] == "sequential" and "host memory" in plan["summary"]
-    # no "checking" stage on a CPU run: vLLM needs a GPU, and the results say so
-    assert result.settings["vllm_check"] == {"ran": False, "reason": "vLLM needs a GPU; this job ran on the CPU."}
+    # no "checking" stage without a vLLM environment, and the results say so
+    assert result.settings["vllm_check"] == {
+        "ran": False,
+        "reason": "This worker has no vLLM environment (COMPRESSOR_VLLM_PYTHON is not set to one).",
+    }
     card = (result.output_dir / "README.md").read_text()
     assert "**Compressed on:** cpu" in card
 
@@ -221,3 +224,18 @@ def test_a_failed_vllm_check_is_reported_by_its_last_line_without_server_folders
     reason = vllm_failure_reason(message, staging)
     assert reason == "ValueError: Unknown quantization scheme in config.json (see …/x.py)"
     assert str(tmp_path) not in reason and "/opt/" not in reason
+
+
+def test_a_vllm_argument_refused_by_pydantic_is_reported_by_the_reason_not_the_documentation_link(tmp_path):
+    from engine.stages import vllm_failure_reason
+
+    message = (
+        "The vLLM process failed (exit 1): pydantic_core._pydantic_core.ValidationError: 1 validation error\n"
+        "tensor_parallel_size\n"
+        "  Input should be greater than or equal to 1 [type=greater_than_equal, input_value=0, input_type=int]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/greater_than_equal\n"
+    )
+    reason = vllm_failure_reason(message, tmp_path / "staging")
+    assert (
+        reason == "Input should be greater than or equal to 1 [type=greater_than_equal, input_value=0, input_type=int]"
+    )

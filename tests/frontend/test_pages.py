@@ -241,7 +241,8 @@ def test_the_timeline_starts_a_run_with_preparing_and_times_each_stage_from_its_
     [
         ({"ran": True, "tokens_per_s": 1834.2, "generations": ["Paris."]}, "loads and generates, 1834 generated"),
         ({"ran": True, "error": "ValueError: unsupported scheme"}, "vLLM could not load or run the checkpoint: Value"),
-        ({"ran": False, "reason": "vLLM needs a GPU; this job ran on the CPU."}, "Not checked in vLLM: vLLM needs"),
+        ({"ran": True, "device": "cpu", "tokens_per_s": 69.5}, "Checked in vLLM on the CPU: the checkpoint loads"),
+        ({"ran": False, "reason": "vLLM's CPU backend has no kernels"}, "Not checked in vLLM: vLLM&#x27;s CPU backend"),
     ],
 )
 def test_the_job_page_says_whether_vllm_loaded_the_checkpoint(client_for, alice, succeeded_job, check, shown):

