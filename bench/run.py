@@ -23,7 +23,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import RESULTS_DIR, Figure, error_figure, machine_info  # noqa: E402
 
-PARTS = ("job_time", "throughput", "dashboard", "downloads", "s3_downloads", "gpu", "hub_submission", "memory_1b")
+PARTS = (
+    "job_time", "throughput", "dashboard", "downloads", "s3_downloads", "gpu", "hub_submission", "memory_1b",
+    "vllm_cpu",
+)  # fmt: skip
 
 
 def run_part(name: str, stack, args, hub) -> list[Figure]:
@@ -59,6 +62,10 @@ def run_part(name: str, stack, args, hub) -> list[Figure]:
         from bench import part_memory_1b
 
         return part_memory_1b.run(stack)
+    if name == "vllm_cpu":
+        from bench import part_vllm_cpu
+
+        return part_vllm_cpu.run()
     raise ValueError(name)
 
 

@@ -17,6 +17,9 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from engine.errors import EngineError
 from engine.vllm_child import NOT_INSTALLED_EXIT
@@ -39,6 +42,32 @@ def vllm_installed(python: str | None = None) -> bool:
         return subprocess.run([python or vllm_python(), "-c", probe], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def float_quantized_parts(checkpoint: Path) -> str:
+    """ "weights", "activations" or "weights and activations" where a compressed-tensors checkpoint quantizes
+    them to a floating-point type (FP8, NVFP4); "" for integer schemes and unquantized models."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    parts = [
+        part
+        for part, key in (("weights", "weights"), ("activations", "input_activations"))
+        if any((group.get(key) or {}).get("type") == "float" for group in groups.values())
+    ]
+    return " and ".join(parts)
+
+
+def cpu_engine_args() -> dict[str, Any]:
+    """vLLM's arguments for a check on the CPU backend, where they mean other things than on a GPU."""
+    memory = psutil.virtual_memory()
+    return {
+        # Without it the CPU backend compiles the model first: 40 s more for a 135 M model, for a check of
+        # loading and generating, not of top speed.
+        "enforce_eager": True,
+        # The fraction of host memory vLLM may take; it refuses to start when that is more than is free.
+        "gpu_memory_utilization": round(0.5 * memory.available / memory.total, 3),
+        "max_model_len": 1024,  # the check's prompts and answers are short: a small KV cache
+    }
 
 
 def run_child(

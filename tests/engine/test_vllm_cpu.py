@@ -16,10 +16,9 @@ import pytest
 
 from engine.errors import CancelledError
 from engine.evaluation import PROMPTS
-from engine.isolated import VLLM_PYTHON_ENV, run_child
+from engine.isolated import VLLM_PYTHON_ENV, cpu_engine_args, run_child
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec
-from engine.stages import cpu_engine_args
 
 pytestmark = pytest.mark.slow
 
