@@ -203,7 +203,7 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
             "a GPU worker checks this checkpoint.",
         }
     started = time.perf_counter()
-    reporter.emit("checking", f"Loading the checkpoint in vLLM on the {device.upper()} and generating")
+    reporter.emit("checking", f"Loading the checkpoint in vLLM on the {'GPU' if plan.gpu else 'CPU'} and generating")
     request = {
         "action": "check",
         "model": str(staging),
