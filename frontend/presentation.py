@@ -222,7 +222,11 @@ def _vllm_check(check: Any) -> str:
         return f"vLLM could not load or run the checkpoint: {check['error']}"
     speed = check.get("tokens_per_s")
     rate = f", {speed:.0f} generated tokens/s" if isinstance(speed, int | float) else ""
-    where = " on the CPU" if check.get("device") == "cpu" else ""
+    on_cpu = check.get("device") == "cpu"
+    where = " on the CPU" if on_cpu else ""
+    ranks = check.get("tensor_parallel_size")
+    if isinstance(ranks, int) and ranks > 1:
+        where += f", tensor parallel over {ranks} {'CPU ranks' if on_cpu else 'GPUs'}"
     return f"Checked in vLLM{where}: the checkpoint loads and generates{rate}."
 
 

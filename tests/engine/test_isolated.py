@@ -7,6 +7,7 @@ check in vLLM itself runs with vLLM's CPU build in test_vllm_cpu.py.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ import psutil
 import pytest
 
 from engine.errors import CancelledError, EngineError
-from engine.isolated import run_child, vllm_installed
+from engine.isolated import CPU_BINDING_ENV, CPU_TENSOR_PARALLEL_ENV, cpu_tensor_parallel, run_child, vllm_installed
 from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
 
 TASK = LOCAL_TASKS[0]
@@ -92,3 +93,50 @@ def test_an_interpreter_that_does_not_exist_is_named_in_the_error(tmp_path):
     with pytest.raises(EngineError) as refused:
         run_child({"action": "check", "model": str(tmp_path), "prompts": []}, python=missing)
     assert missing in refused.value.message and not vllm_installed(missing)
+
+
+def _checkpoint_with_heads(folder, heads: int):
+    (folder / "config.json").write_text(json.dumps({"num_attention_heads": heads}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("asked", "heads", "cores", "ranks", "binding"),
+    [
+        (None, 32, [0, 1, 2, 3], 1, None),  # unset: one rank, vLLM's own binding
+        ("2", 32, [0, 1, 2, 3], 2, "0,1|2,3"),
+        ("4", 32, [4, 5, 6, 7, 8, 9, 10, 11], 4, "4,5|6,7|8,9|10,11"),  # the worker's own cores, split evenly
+        ("2", 9, [0, 1, 2, 3], 1, None),  # 9 heads cannot be split in two
+        ("4", 6, list(range(8)), 3, "0,1|2,3|4,5"),  # the most ranks that divide the heads
+        ("8", 32, [0, 1], 2, "0|1"),  # never more ranks than cores
+    ],
+)
+def test_vllms_cpu_ranks_follow_the_setting_the_heads_and_the_cores(
+    tmp_path, monkeypatch, asked, heads, cores, ranks, binding
+):
+    if asked is None:
+        monkeypatch.delenv(CPU_TENSOR_PARALLEL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, asked)
+    monkeypatch.delenv(CPU_BINDING_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cores))
+
+    chosen, env = cpu_tensor_parallel(_checkpoint_with_heads(tmp_path, heads))
+
+    assert chosen == ranks
+    assert env == ({CPU_BINDING_ENV: binding} if binding else {})
+
+
+def test_an_operators_own_core_binding_is_left_to_vllm(tmp_path, monkeypatch):
+    monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, "2")
+    monkeypatch.setenv(CPU_BINDING_ENV, "0-15,32-47|16-31,48-63")  # a NUMA machine's nodes, not contiguous
+
+    assert cpu_tensor_parallel(_checkpoint_with_heads(tmp_path, 32)) == (2, {})
+
+
+@pytest.mark.parametrize("asked", ["0", "two", "-1"])
+def test_a_cpu_rank_count_that_is_not_a_whole_number_is_refused_naming_the_setting(tmp_path, monkeypatch, asked):
+    monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, asked)
+
+    with pytest.raises(EngineError, match=f"{CPU_TENSOR_PARALLEL_ENV} is '{asked}': it must be a whole number"):
+        cpu_tensor_parallel(_checkpoint_with_heads(tmp_path, 32))

@@ -17,7 +17,7 @@ import pytest
 
 from engine.errors import CancelledError
 from engine.evaluation import PROMPTS, evaluate
-from engine.isolated import VLLM_PYTHON_ENV, cpu_engine_args, run_child
+from engine.isolated import CPU_TENSOR_PARALLEL_ENV, VLLM_PYTHON_ENV, cpu_engine_args, cpu_tensor_parallel, run_child
 from engine.lm_tasks import LOCAL_TASKS
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
@@ -43,6 +43,32 @@ def vllm_cpu_python() -> str:
     if not python.exists():
         pytest.fail(f"No vLLM CPU environment at {python}: `make vllm-cpu-env` builds it (make test does).")
     return str(python)
+
+
+@pytest.fixture(scope="module")
+def four_head_model(builtin_model, tmp_path_factory) -> Path:
+    """A small random Llama whose 4 attention heads (of 64, a size vLLM's CPU attention has kernels for)
+    split over 2 tensor-parallel ranks; the built-in model's 9 heads do not."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model)
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("four-heads")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def _processes_of(python: str) -> list[psutil.Process]:
@@ -125,29 +151,59 @@ def test_an_fp8_checkpoint_is_not_given_to_vllms_cpu_backend_and_the_results_say
     assert "a GPU worker checks this checkpoint" in check["reason"]
 
 
-def test_a_cancel_while_vllm_loads_stops_every_process_of_it(builtin_model, vllm_cpu_python):
-    # Given a check of the built-in model running in vllm-cpu
+def test_a_checkpoint_is_checked_in_vllm_with_tensor_parallelism_over_two_cpu_ranks(
+    four_head_model, vllm_cpu_python, tmp_path, monkeypatch
+):
+    # Given a CPU worker whose operator asks vLLM for 2 tensor-parallel ranks (one per core here)
+    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+    monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, "2")
+    no_data = CalibrationSpec(kind="none")
+    spec = CompressionSpec(
+        model=str(four_head_model), recipe_yaml=INT8_DYNAMIC_RECIPE, calibration=no_data, device="cpu"
+    )
+
+    # When a job compresses a model whose heads split in two
+    result = compress(spec, tmp_path / "ckpt")
+
+    # Then vLLM itself ran the checkpoint over 2 ranks and generated, and the results say so
+    check = result.settings["vllm_check"]
+    assert check["ran"] and "error" not in check, check
+    assert check["tensor_parallel_size"] == 2 and check["tokens_per_s"] > 0
+    assert len(check["generations"]) == len(PROMPTS)
+    saved = json.loads((result.output_dir / "results.json").read_text())
+    assert saved["settings"]["vllm_check"]["tensor_parallel_size"] == 2
+    assert _processes_of(vllm_cpu_python) == []
+
+
+def test_a_cancel_while_vllm_loads_over_two_ranks_stops_every_process_of_it(
+    four_head_model, vllm_cpu_python, monkeypatch
+):
+    # Given a check running in vllm-cpu with 2 tensor-parallel ranks: the child, vLLM's engine core and its
+    # two worker processes (spawned by the engine core, not by the child)
+    monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, "2")
+    ranks, binding = cpu_tensor_parallel(four_head_model)
     seen: set[int] = set()
 
-    def cancel_once_vllm_has_spawned_its_engine() -> None:
+    def cancel_once_vllm_has_spawned_its_ranks() -> None:
         running = _processes_of(vllm_cpu_python)
         seen.update(process.pid for process in running)
-        if len(running) >= 2:  # the child and vLLM's engine core process
+        if len(running) >= 4:
             raise CancelledError("The job was cancelled.")
 
     request = {
         "action": "check",
-        "model": str(builtin_model),
+        "model": str(four_head_model),
+        "tensor_parallel_size": ranks,
         "engine_args": cpu_engine_args(),
         "prompts": list(PROMPTS),
         "max_tokens": 64,
     }
     # When the job is cancelled during the load
     with pytest.raises(CancelledError):
-        run_child(request, python=vllm_cpu_python, on_wait=cancel_once_vllm_has_spawned_its_engine)
+        run_child(request, python=vllm_cpu_python, env=binding, on_wait=cancel_once_vllm_has_spawned_its_ranks)
 
     # Then none of vLLM's processes is left
-    assert len(seen) >= 2, "vLLM had spawned its engine before the cancel"
+    assert len(seen) >= 4, f"vLLM had spawned its engine and both ranks before the cancel (saw {len(seen)})"
     deadline = time.monotonic() + 30
     while _processes_of(vllm_cpu_python) and time.monotonic() < deadline:
         time.sleep(0.5)

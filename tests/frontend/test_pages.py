@@ -242,6 +242,11 @@ def test_the_timeline_starts_a_run_with_preparing_and_times_each_stage_from_its_
         ({"ran": True, "tokens_per_s": 1834.2, "generations": ["Paris."]}, "loads and generates, 1834 generated"),
         ({"ran": True, "error": "ValueError: unsupported scheme"}, "vLLM could not load or run the checkpoint: Value"),
         ({"ran": True, "device": "cpu", "tokens_per_s": 69.5}, "Checked in vLLM on the CPU: the checkpoint loads"),
+        (
+            {"ran": True, "device": "cpu", "tensor_parallel_size": 2, "tokens_per_s": 4.0},
+            "Checked in vLLM on the CPU, tensor parallel over 2 CPU ranks: the checkpoint loads",
+        ),
+        ({"ran": True, "device": "cuda", "tensor_parallel_size": 8}, "tensor parallel over 8 GPUs: the checkpoint"),
         ({"ran": False, "reason": "vLLM's CPU backend has no kernels"}, "Not checked in vLLM: vLLM&#x27;s CPU backend"),
     ],
 )
