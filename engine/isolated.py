@@ -91,7 +91,7 @@ def cpu_tensor_parallel(checkpoint: Path) -> tuple[int, dict[str, str]]:
     cores = sorted(os.sched_getaffinity(0))
     config = json.loads((checkpoint / "config.json").read_text())
     heads = int(config.get("num_attention_heads") or 1)
-    ranks = max(n for n in range(1, max(min(asked, len(cores)), 1) + 1) if heads % n == 0)
+    ranks = max(n for n in range(1, min(asked, len(cores)) + 1) if heads % n == 0)
     if ranks == 1 or os.environ.get(CPU_BINDING_ENV):
         return ranks, {}
     share = len(cores) // ranks
