@@ -398,9 +398,9 @@ def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progre
     if gpus:
         memory, ranks, binding = "gpu_memory_utilization=0.4", len(gpus), {}
     else:  # vLLM's CPU build on a CPU worker: the arguments of the check in vLLM
-        cpu = cpu_engine_args()
-        memory = f"gpu_memory_utilization={cpu['gpu_memory_utilization']},enforce_eager={cpu['enforce_eager']}"
         ranks, binding = cpu_tensor_parallel(path)
+        cpu = cpu_engine_args(ranks)
+        memory = f"gpu_memory_utilization={cpu['gpu_memory_utilization']},enforce_eager={cpu['enforce_eager']}"
     model_args = (
         f"pretrained={path},dtype=auto,{memory},tensor_parallel_size={ranks},"
         f"max_model_len={_max_model_len(path)},add_bos_token=True"

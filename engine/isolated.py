@@ -59,15 +59,17 @@ def float_quantized_parts(checkpoint: Path) -> str:
     return " and ".join(parts)
 
 
-def cpu_engine_args() -> dict[str, Any]:
-    """vLLM's arguments for a check on the CPU backend, where they mean other things than on a GPU."""
+def cpu_engine_args(ranks: int = 1) -> dict[str, Any]:
+    """vLLM's arguments for a check on the CPU backend, where they mean other things than on a GPU; ranks: its
+    tensor-parallel ranks (cpu_tensor_parallel)."""
     memory = psutil.virtual_memory()
     return {
         # Without it the CPU backend compiles the model first: 40 s more for a 135 M model, for a check of
         # loading and generating, not of top speed.
         "enforce_eager": True,
-        # The fraction of host memory vLLM may take; it refuses to start when that is more than is free.
-        "gpu_memory_utilization": round(0.5 * memory.available / memory.total, 3),
+        # The fraction of host memory vLLM may take, per rank: it refuses to start when that is more than is
+        # free, and each rank takes it for its KV cache (two ranks of half the memory each were OOM-killed).
+        "gpu_memory_utilization": round(0.5 * memory.available / memory.total / ranks, 3),
         "max_model_len": 1024,  # the check's prompts and answers are short: a small KV cache
     }
 

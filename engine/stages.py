@@ -217,7 +217,7 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
             "action": "check",
             "model": str(staging),
             "tensor_parallel_size": ranks,
-            "engine_args": {} if plan.gpu else cpu_engine_args(),
+            "engine_args": {} if plan.gpu else cpu_engine_args(ranks),
             "prompts": list(PROMPTS),
             "max_tokens": 64,
         }

@@ -20,49 +20,51 @@ def builtin_model() -> Path:
     return prepare_builtin_model()
 
 
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, builtin_model: Path) -> Path:
-    """A tiny random-weight Llama with the built-in model's tokenizer: fast to compress on a CPU."""
+def random_llama(tmp_path_factory, builtin_model: Path):
+    """make(name, **config): a random-weight Llama (seed 0, bfloat16) of that LlamaConfig, with the built-in
+    model's tokenizer, in a new folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(builtin_model)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+
+    def make(name: str, **config) -> Path:
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **config)).to(torch.bfloat16).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    return make
 
 
 @pytest.fixture(scope="session")
-def tiny_model_with_layers(tiny_model_dir: Path, tmp_path_factory):
+def tiny_model_dir(random_llama) -> Path:
+    """A tiny random-weight Llama with the built-in model's tokenizer: fast to compress on a CPU."""
+    return random_llama("tiny-llama", **TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_layers(random_llama):
     """make(n): the tiny model's architecture with n decoder layers (random weights), so that a run can be
     stopped in the middle; made once per n."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     made: dict[int, Path] = {}
 
     def make(layers: int) -> Path:
         if layers not in made:
-            config = LlamaConfig.from_pretrained(tiny_model_dir)
-            config.num_hidden_layers = layers
-            torch.manual_seed(0)
-            path = tmp_path_factory.mktemp(f"tiny-llama-{layers}-layers")
-            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-            AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-            made[layers] = path
+            made[layers] = random_llama(f"tiny-llama-{layers}-layers", **{**TINY_LLAMA, "num_hidden_layers": layers})
         return made[layers]
 
     return make

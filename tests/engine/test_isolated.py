@@ -16,7 +16,14 @@ import psutil
 import pytest
 
 from engine.errors import CancelledError, EngineError
-from engine.isolated import CPU_BINDING_ENV, CPU_TENSOR_PARALLEL_ENV, cpu_tensor_parallel, run_child, vllm_installed
+from engine.isolated import (
+    CPU_BINDING_ENV,
+    CPU_TENSOR_PARALLEL_ENV,
+    cpu_engine_args,
+    cpu_tensor_parallel,
+    run_child,
+    vllm_installed,
+)
 from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
 
 TASK = LOCAL_TASKS[0]
@@ -140,3 +147,15 @@ def test_a_cpu_rank_count_that_is_not_a_whole_number_is_refused_naming_the_setti
 
     with pytest.raises(EngineError, match=f"{CPU_TENSOR_PARALLEL_ENV} is '{asked}': it must be a whole number"):
         cpu_tensor_parallel(_checkpoint_with_heads(tmp_path, 32))
+
+
+def test_each_cpu_rank_asks_vllm_for_its_share_of_the_host_memory(monkeypatch):
+    # vLLM's CPU backend takes the fraction for each rank's KV cache: two ranks of half the memory each were
+    # killed for lack of memory
+    class Memory:
+        available, total = 16 * 2**30, 32 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", Memory)
+
+    assert cpu_engine_args()["gpu_memory_utilization"] == 0.25
+    assert cpu_engine_args(2)["gpu_memory_utilization"] == 0.125

@@ -46,29 +46,20 @@ def vllm_cpu_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def four_head_model(builtin_model, tmp_path_factory) -> Path:
+def four_head_model(random_llama) -> Path:
     """A small random Llama whose 4 attention heads (of 64, a size vLLM's CPU attention has kernels for)
     split over 2 tensor-parallel ranks; the built-in model's 9 heads do not."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model)
-    config = LlamaConfig(
+    return random_llama(
+        "four-heads",
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
-        vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("four-heads")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _processes_of(python: str) -> list[psutil.Process]:
@@ -194,7 +185,7 @@ def test_a_cancel_while_vllm_loads_over_two_ranks_stops_every_process_of_it(
         "action": "check",
         "model": str(four_head_model),
         "tensor_parallel_size": ranks,
-        "engine_args": cpu_engine_args(),
+        "engine_args": cpu_engine_args(ranks),
         "prompts": list(PROMPTS),
         "max_tokens": 64,
     }
