@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from engine.errors import EngineError
+from engine.plan import tensor_parallel_problem
 from engine.vllm_child import NOT_INSTALLED_EXIT
 
 VLLM_PYTHON_ENV = "COMPRESSOR_VLLM_PYTHON"
@@ -92,8 +93,8 @@ def cpu_tensor_parallel(checkpoint: Path) -> tuple[int, dict[str, str]]:
     asked = int(raw)
     cores = sorted(os.sched_getaffinity(0))
     config = json.loads((checkpoint / "config.json").read_text())
-    heads = int(config.get("num_attention_heads") or 1)
-    ranks = max(n for n in range(1, min(asked, len(cores)) + 1) if heads % n == 0)
+    heads = int(config.get("num_attention_heads") or 0)
+    ranks = max(n for n in range(1, min(asked, len(cores)) + 1) if tensor_parallel_problem(heads, n) is None)
     if ranks == 1 or os.environ.get(CPU_BINDING_ENV):
         return ranks, {}
     share = len(cores) // ranks
