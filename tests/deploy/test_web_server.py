@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -10,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import requests
 
+from compressor_app.gunicorn import LongLivedObjects
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +68,58 @@ def test_the_images_web_server_starts_its_workers_and_answers_the_health_check(t
         text = log.read_text()
         assert "Using worker: gthread" in text, text[-2000:]
         assert len(re.findall(r"Booting worker with pid", text)) == 2, text[-2000:]
+        # And each worker has moved what it loaded out of the garbage collector's sight
+        frozen_by = set(re.findall(r"\[(\d+)\] \[INFO\] \d+ long-lived objects moved out", text))
+        assert len(frozen_by) == 2, text[-2000:]
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+class _Loaded:
+    """An object the collector tracks (gc.get_objects lists it until it is frozen)."""
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args) -> None:
+        self.lines.append(message % args)
+
+
+@pytest.fixture
+def unfrozen():
+    yield
+    gc.unfreeze()
+
+
+def test_a_worker_freezes_what_it_loaded_at_start_and_after_its_first_requests(unfrozen):
+    # Given a worker's long-lived objects, frozen at its start and after 1 and 10 requests
+    long_lived = LongLivedObjects(after_requests=(1, 10))
+    log = _Log()
+    loaded_at_start = _Loaded()
+    assert any(loaded_at_start is obj for obj in gc.get_objects())
+
+    # When it starts
+    long_lived.freeze(log)
+
+    # Then what it had loaded is out of the collector's sight, and the log says how much
+    assert gc.get_freeze_count() > 0
+    assert not any(loaded_at_start is obj for obj in gc.get_objects())
+    assert log.lines == [f"{gc.get_freeze_count()} long-lived objects moved out of the garbage collector's sight"]
+
+    # When it serves requests, counted by several threads (a count can be skipped)
+    loaded_by_a_request = _Loaded()
+    for served in (1, 1, 3):
+        long_lived.served(served, log)
+
+    # Then it froze again once, after its first request, and nothing more until its tenth
+    assert len(log.lines) == 2
+    assert not any(loaded_by_a_request is obj for obj in gc.get_objects())
+    for served in (5, 9):
+        long_lived.served(served, log)
+    assert len(log.lines) == 2
+    long_lived.served(12, log)
+    long_lived.served(40, log)
+    assert len(log.lines) == 3
