@@ -40,13 +40,10 @@ class LongLivedObjects:
         log.info("%d long-lived objects moved out of the garbage collector's sight", gc.get_freeze_count())
 
     def served(self, requests: int, log) -> None:
-        if not self._due or requests < self._due[0]:
-            return
-        with self._lock:  # gthread: the requests of several threads end at once
+        with self._lock:  # gthread: the requests of several threads end at once, and a count can be skipped
             if not self._due or requests < self._due[0]:
                 return
-            while self._due and requests >= self._due[0]:
-                self._due.pop(0)
+            self._due = [count for count in self._due if count > requests]
             self.freeze(log)
 
 
