@@ -47,6 +47,7 @@ def test_worker_integration_and_state_machine_on_postgresql(tmp_path):
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--create-db",
         "tests/jobs/test_jobs_worker.py", "tests/jobs/test_jobs_services.py", "tests/jobs/test_migrations.py",
+        "tests/jobs/postgres_connections.py",  # the kept connections' health check: PostgreSQL only
         # The owner's lock is PostgreSQL's row lock (SQLite's transactions lock the whole database instead).
         "tests/policy/test_limits.py::test_fifty_parallel_submissions_stop_at_the_active_jobs_quota",
         # The GPTQ retry run is the slowest worker test and exercises nothing database-specific beyond
