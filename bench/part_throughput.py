@@ -85,18 +85,16 @@ class Burst:
 def _processes(stack: Stack) -> dict[str, list[psutil.Process]]:
     """The processes that share the machine's cores during a burst, by what they are."""
     web = psutil.Process(stack.web.pid)
-    named = {"PostgreSQL": [], "Redis": []}
-    for proc in psutil.process_iter(["name"]):
+    named = {"PostgreSQL": [], "Redis": [], "local hub": []}
+    for proc in psutil.process_iter(["name", "cmdline"]):
         name = proc.info["name"] or ""
         if name.startswith("postgres"):
             named["PostgreSQL"].append(proc)
         elif name.startswith("redis-server"):
             named["Redis"].append(proc)
-    return {
-        "web server": [web, *web.children(recursive=True)],
-        "bench (clients, local hub)": [psutil.Process()],
-        **named,
-    }
+        elif "bench.hub_process" in (proc.info["cmdline"] or []):
+            named["local hub"].append(proc)
+    return {"web server": [web, *web.children(recursive=True)], "bench (clients)": [psutil.Process()], **named}
 
 
 def _cpu_seconds(processes: dict[str, list[psutil.Process]]) -> dict[str, float]:

@@ -39,7 +39,8 @@ def test_a_connection_the_server_ended_is_replaced_before_the_next_request_queri
     url = database_url(connection.settings_dict).replace("postgres://", "postgresql://")
     with psycopg.connect(url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", [before])
-    wait_until(lambda: _has_input(connection.connection), timeout=30, what="the ended connection's socket to be readable")
+    ended = "the ended connection's socket to be readable"
+    wait_until(lambda: _has_input(connection.connection), timeout=30, what=ended)
     assert not connection.is_usable()
 
     close_old_connections()  # what each request starts with (request_started), then its first query
