@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from engine.errors import PreflightError
@@ -266,7 +266,10 @@ def _active_on_nodes(count: int):
     running_or_waiting = Q(status=Job.Status.RUNNING, worker__in=hostnames) | Q(
         status=Job.Status.QUEUED, queue__in=[own_queue(name) for name in hostnames]
     )
-    return Job.objects.filter(running_or_waiting).exclude(pk=ANY_ID).values_list("status", "worker", "queue")
+    # Counted by the database: one row per (status, worker, queue), however many jobs wait (a burst of
+    # submissions fills a node's queue, and each of them routes the next).
+    jobs = Job.objects.filter(running_or_waiting).exclude(pk=ANY_ID)
+    return jobs.values_list("status", "worker", "queue").annotate(jobs=Count("id")).order_by()
 
 
 def _candidates(nodes: list[WorkerNode], job: Job) -> list[Candidate]:
@@ -275,10 +278,9 @@ def _candidates(nodes: list[WorkerNode], job: Job) -> list[Candidate]:
     places: dict[object, object] = {ANY_ID: job.pk or 0}  # a job sent again is not behind itself (0: no job)
     for placeholder, hostname in zip(_host_placeholders(len(hostnames)), hostnames, strict=True):
         places[placeholder], places[own_queue(placeholder)] = hostname, own_queue(hostname)
-    counts = Counter(
-        worker if status == Job.Status.RUNNING else queue.removeprefix(NODE_QUEUE_PREFIX)
-        for status, worker, queue in fetch_all(_active_on_nodes, places, len(hostnames))
-    )
+    counts: Counter[str] = Counter()
+    for status, worker, queue, jobs in fetch_all(_active_on_nodes, places, len(hostnames)):
+        counts[worker if status == Job.Status.RUNNING else queue.removeprefix(NODE_QUEUE_PREFIX)] += jobs
     return [
         Candidate(
             hostname=n.hostname,
