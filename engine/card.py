@@ -19,7 +19,7 @@ from engine.lm_tasks import LOCAL_TASKS
 from engine.plan import FIGURE_LABELS, MODE_LABELS
 from engine.presets import Preset
 from engine.spec import BUILTIN_HUB_ID, BUILTIN_MODEL, CalibrationSpec
-from engine.units import RECOVERY_DEFINITION, percent_text, size_text
+from engine.units import RECOVERY_DEFINITION, percent_text, size_text, vllm_where
 
 LINK_HOSTS = ("github.com", "docs.vllm.ai")  # where the card's own links point
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|#!~])")
@@ -445,7 +445,8 @@ def _evaluation(evaluation: dict | None, base_model: str, model_name: str) -> st
         parts += ["### Generations (greedy)", *generations]
     tasks = [m for m in evaluation.get("metrics", []) if m.get("task")]
     if tasks:
-        parts += ["To reproduce the task scores on a GPU with vLLM:", _lm_eval_commands(tasks, model_name)]
+        vllm_run = evaluation.get("settings", {}).get("vllm")
+        parts += ["To reproduce the task scores on a GPU with vLLM:", _lm_eval_commands(tasks, model_name, vllm_run)]
     return "\n\n".join(parts)
 
 
@@ -462,9 +463,10 @@ def _evaluation_settings(evaluation: dict) -> str:
     tasks = [m["label"] for m in evaluation.get("metrics", []) if m.get("task")]
     if tasks:
         limit = f", at most {settings['limit']} examples each" if settings.get("limit") else ""
+        where = vllm_where(settings.get("vllm")) if settings.get("backend") == "vllm" else ""
         lines.append(
             f"- [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) tasks "
-            f"({settings.get('backend')} backend{limit}): {', '.join(_md(task) for task in tasks)}."
+            f"({settings.get('backend')} backend{where}{limit}): {', '.join(_md(task) for task in tasks)}."
         )
     lines.append(f"- {RECOVERY_DEFINITION}")
     return "\n".join(lines)
@@ -492,8 +494,17 @@ def _quote(text: str) -> str:
     return "\n".join(quoted)
 
 
-def _lm_eval_commands(tasks: list[dict], model_name: str) -> str:
-    args = f"pretrained={model_name},dtype=auto,gpu_memory_utilization=0.4,add_bos_token=True,max_model_len=4096"
+def _lm_eval_commands(tasks: list[dict], model_name: str, vllm_run: dict | None) -> str:
+    """lm-eval's command for each task, with the vLLM arguments the job ran them with (the seed cards' command;
+    a model evaluated over 8 GPUs needs tensor_parallel_size=8 on the reader's GPUs too)."""
+    run = vllm_run if isinstance(vllm_run, dict) else {}
+    ranks = run.get("tensor_parallel_size") if run.get("device") == "gpu" else 1
+    parallel = f",tensor_parallel_size={ranks}" if isinstance(ranks, int) and ranks > 1 else ""
+    length = run.get("max_model_len") or 4096
+    args = (
+        f"pretrained={model_name},dtype=auto,gpu_memory_utilization=0.4{parallel},add_bos_token=True,"
+        f"max_model_len={length}"
+    )
     lines = []
     if any(m["name"] in LOCAL_TASKS for m in tasks):
         lines.append(

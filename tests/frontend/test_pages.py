@@ -257,3 +257,35 @@ def test_the_job_page_says_whether_vllm_loaded_the_checkpoint(client_for, alice,
     job.save()
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
     assert shown in html[html.index('id="vllm-check"') :]
+
+
+@pytest.mark.parametrize(
+    ("backend", "run", "shown"),
+    [
+        (
+            "vllm",
+            {"device": "gpu", "tensor_parallel_size": 8},
+            "lm-eval tasks scored in vLLM, tensor parallel over 8 GPUs.",
+        ),
+        ("vllm", {"device": "gpu", "tensor_parallel_size": 1}, "lm-eval tasks scored in vLLM on one GPU."),
+        (
+            "vllm",
+            {"device": "cpu", "tensor_parallel_size": 2},
+            "lm-eval tasks scored in vLLM on the CPU, tensor parallel over 2 CPU ranks.",
+        ),
+        ("hf", None, None),
+    ],
+)
+def test_the_job_page_says_where_vllm_scored_the_tasks(client_for, alice, succeeded_job, backend, run, shown):
+    job = succeeded_job(alice)
+    job.results = {
+        **job.results,
+        "settings": {**job.results.get("settings", {}), "device": "cuda (H100)"},
+        "evaluation": {"metrics": [], "settings": {"device": "cuda", "backend": backend, "vllm": run}},
+    }
+    job.save()
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+    if shown is None:
+        assert 'id="tasks-in-vllm"' not in html
+    else:
+        assert shown in html[html.index('id="tasks-in-vllm"') :]
