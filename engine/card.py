@@ -463,7 +463,7 @@ def _evaluation_settings(evaluation: dict) -> str:
     tasks = [m["label"] for m in evaluation.get("metrics", []) if m.get("task")]
     if tasks:
         limit = f", at most {settings['limit']} examples each" if settings.get("limit") else ""
-        where = vllm_where(settings.get("vllm")) if settings.get("backend") == "vllm" else ""
+        where = vllm_where(settings.get("vllm"))  # recorded by vllm-backend runs only
         lines.append(
             f"- [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) tasks "
             f"({settings.get('backend')} backend{where}{limit}): {', '.join(_md(task) for task in tasks)}."

@@ -103,13 +103,13 @@ def evaluate(
     metrics = offline.get("metrics", []) + _task_metrics(tasks, baseline, compressed)
     # How vLLM ran the compressed model's tasks (measured now, never cached); not in the baseline cache's key:
     # a baseline scored over 8 GPUs scores the same over 1.
-    vllm_runs = [record["vllm"] for record in compressed.values() if "vllm" in record]
+    vllm_run = next((record["vllm"] for record in compressed.values() if "vllm" in record), None)
     return {
         "metrics": metrics,
         "average": _average(metrics),
         "generations": offline.get("generations", []),
         "tasks_failed": failed,
-        "settings": {**settings, "scored_tokens": offline.get("tokens", 0), "vllm": next(iter(vllm_runs), None)},
+        "settings": {**settings, "scored_tokens": offline.get("tokens", 0), "vllm": vllm_run},
         "baseline_cache_hit": bool(parts) and not missing,
     }
 

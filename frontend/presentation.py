@@ -230,8 +230,8 @@ def _vllm_check(check: Any) -> str:
 def _tasks_in_vllm(evaluation: dict[str, Any]) -> str:
     """How lm-eval's vllm backend ran the compressed model's tasks, in one sentence (none for the hf backend)."""
     settings = evaluation.get("settings") if isinstance(evaluation.get("settings"), dict) else {}
-    run = settings.get("vllm")
-    if settings.get("backend") != "vllm" or not isinstance(run, dict):
+    run = settings.get("vllm")  # recorded by vllm-backend runs only
+    if not isinstance(run, dict):
         return ""
     return f"lm-eval tasks scored in vLLM{vllm_where(run) or ' on one GPU'}."
 

@@ -1,5 +1,6 @@
 """The model card: the seed cards' sections and table, from an evaluation result (no model needed)."""
 
+import pytest
 import yaml
 
 from engine.card import results_table, write_model_card
@@ -99,31 +100,33 @@ def test_card_has_every_section_with_the_numbers(tmp_path):
     )
 
 
-def test_a_card_of_tasks_scored_in_vllm_over_8_gpus_gives_the_command_that_ran_them(tmp_path):
-    # Given tasks lm-eval scored in vLLM with tensor parallelism over the job's 8 GPUs (a 405 B model)
-    run = {"device": "gpu", "tensor_parallel_size": 8, "max_model_len": 2048}
+@pytest.mark.parametrize(
+    ("run", "settings_line", "model_args"),
+    [
+        # a 405 B model over the job's 8 GPUs: the reader's GPUs need the same 8 ranks and context length
+        (
+            {"device": "gpu", "tensor_parallel_size": 8, "max_model_len": 2048},
+            "(vllm backend, tensor parallel over 8 GPUs):",
+            "gpu_memory_utilization=0.4,tensor_parallel_size=8,add_bos_token=True,max_model_len=2048 --tasks",
+        ),
+        # CPU ranks split a model that fits one GPU: the reader's GPU needs no tensor parallelism
+        (
+            {"device": "cpu", "tensor_parallel_size": 2, "max_model_len": 4096},
+            "(vllm backend on the CPU, tensor parallel over 2 CPU ranks):",
+            "gpu_memory_utilization=0.4,add_bos_token=True,max_model_len=4096 --tasks",
+        ),
+    ],
+)
+def test_a_card_of_tasks_scored_in_vllm_says_how_and_gives_the_command_that_ran_them(
+    tmp_path, run, settings_line, model_args
+):
     evaluation = {**EVALUATION, "settings": {**EVALUATION["settings"], "backend": "vllm", "vllm": run}}
 
     card = card_for(tmp_path, evaluation=evaluation)
 
-    # Then the card says so, and its command asks vLLM for the same 8 ranks and context length
-    assert "(vllm backend, tensor parallel over 8 GPUs):" in card
-    assert (
-        "--model_args pretrained=smol-sparse24-fp8-dynamic,dtype=auto,gpu_memory_utilization=0.4,"
-        "tensor_parallel_size=8,add_bos_token=True,max_model_len=2048 --tasks arc_challenge" in card
-    )
-
-
-def test_a_card_of_tasks_scored_on_cpu_ranks_gives_a_one_gpu_command(tmp_path):
-    # (the CPU ranks split a model that fits one GPU: the reader's GPU needs no tensor parallelism)
-    run = {"device": "cpu", "tensor_parallel_size": 2, "max_model_len": 4096}
-    evaluation = {**EVALUATION, "settings": {**EVALUATION["settings"], "backend": "vllm", "vllm": run}}
-
-    card = card_for(tmp_path, evaluation=evaluation)
-
-    assert "(vllm backend on the CPU, tensor parallel over 2 CPU ranks):" in card
-    assert "tensor_parallel_size" not in card
-    assert "gpu_memory_utilization=0.4,add_bos_token=True,max_model_len=4096 --tasks arc_challenge" in card
+    assert settings_line in card
+    assert f"--model_args pretrained=smol-sparse24-fp8-dynamic,dtype=auto,{model_args} arc_challenge" in card
+    assert card.count("tensor_parallel_size") == (2 if run["device"] == "gpu" else 0)  # one per task command
 
 
 def test_card_without_evaluation_or_preset_still_reads_well(tmp_path):
