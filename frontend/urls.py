@@ -16,5 +16,6 @@ urlpatterns = [
     path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
     path("jobs/<int:pk>/push/", views.job_push, name="job-push"),
     path("hub-token/", views.hub_token, name="hub-token"),
+    path("api-token/", views.api_token, name="api-token"),
     path("compare/", views.compare, name="compare"),
 ]

@@ -391,6 +391,34 @@ def hub_token(request: HttpRequest) -> HttpResponse:
     return render(request, "frontend/hub_token.html", context, status=400 if form.errors else 200)
 
 
+# --- the API token ----------------------------------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_token(request: HttpRequest) -> HttpResponse:
+    """Create, rotate or revoke one's own API token (for the CLI and the API). A new key is shown in the answer
+    to the POST that made it and never again: the page after shows only its last four characters."""
+    new_key = None
+    if request.method == "POST" and request.POST.get("action") == "revoke":
+        if services.token_revoke(user=request.user):
+            messages.success(request, "Your API token is revoked: programs using it are refused from now on.")
+        return redirect("frontend:api-token")
+    if request.method == "POST":
+        new_key = services.token_rotate(user=request.user)
+    token = selectors.api_token_of(user=request.user)
+    context = {
+        "token": token,
+        "hint": f"…{token.key[-4:]}" if token else "",
+        "new_key": new_key,
+        "server_url": request.build_absolute_uri("/").rstrip("/"),
+    }
+    response = render(request, "frontend/api_token.html", context)
+    if new_key:
+        response["Cache-Control"] = "no-store"  # the key is in this page alone: no cache may keep it
+    return response
+
+
 # --- compare --------------------------------------------------------------------------------------------
 
 

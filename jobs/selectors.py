@@ -321,3 +321,10 @@ def calibration_dataset_preview(*, dataset: CalibrationDataset, rows: int = 5, m
     except OSError:
         return []
     return preview
+
+
+def api_token_of(*, user: AbstractBaseUser):
+    """The user's DRF API token row (its key and when it was made), or None."""
+    from rest_framework.authtoken.models import Token
+
+    return Token.objects.filter(user=user).first()

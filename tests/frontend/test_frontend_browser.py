@@ -10,11 +10,15 @@ checks each with axe-core (zero violations) and for what must stay on a phone's 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
 
 from tests.frontend.conftest import shoot, worker_log
+from tests.support import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -157,6 +161,49 @@ def test_result_failure_compare_and_narrow_pages(new_page, sign_in, make_user, s
     shoot(narrow, "12-jobs-list-narrow.png")
     narrow.goto("/jobs/new/")
     shoot(narrow, "13-new-job-form-narrow.png", full_page=False)
+
+
+def test_an_api_token_made_on_its_page_works_in_the_cli_and_a_rotated_one_is_refused(
+    new_page, sign_in, make_user, make_job, live_server
+):
+    alice = make_user("alice")
+    job = make_job(alice, status="queued")
+    page = new_page(width=390)
+    sign_in(page, "alice")
+
+    def cli_status(key: str):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESSOR_TOKEN")}
+        env |= {"COMPRESSOR_URL": live_server.url, "COMPRESSOR_TOKEN": key, "PYTHONPATH": str(REPO)}
+        command = [sys.executable, "-m", "compressor_cli.main", "status", str(job.pk)]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+    # Given alice without a token, she creates one on its page, beside the hub token's: it is shown once
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="API token").click()
+    page.get_by_role("button", name="Create a token").click()
+    first = page.locator("#new-api-token").inner_text()
+    shoot(page, "390-api-token-new.png")
+
+    # Then the CLI signs in with it
+    run = cli_status(first)
+    assert run.returncode == 0 and "queued" in run.stdout.lower(), run.stderr
+
+    # When she reloads, only its last four characters are shown
+    page.goto("/api-token/")
+    assert page.locator("#new-api-token").count() == 0 and first[-4:] in page.locator("#api-token-hint").inner_text()
+
+    # When she rotates it (confirming), the new key works and the old one is refused with a 401
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Make a new token (rotate)").click()
+    second = page.locator("#new-api-token").inner_text()
+    assert second != first and cli_status(second).returncode == 0
+    refused = cli_status(first)
+    assert refused.returncode == 3 and "The server refused the token (401)" in refused.stderr, refused.stderr
+
+    # When she revokes it, the page says so and the CLI is refused
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Revoke the token").click()
+    assert "You have no API token." in page.locator("#api-token-hint").inner_text()
+    assert cli_status(second).returncode == 3
 
 
 # --- every page at 1440 px and 390 px: screenshots, axe-core, nothing key off-screen ------------------------
@@ -335,6 +382,7 @@ def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, mak
         "cancel-confirm": f"/jobs/{running.pk}/cancel/",
         "compare": "/compare/",
         "hub-token": "/hub-token/",
+        "api-token": "/api-token/",
         "not-found": "/jobs/999999/",
     }
     problems: list[str] = []

@@ -35,7 +35,7 @@ def _html(response) -> str:
 
 
 def test_pages_ask_anonymous_visitors_to_sign_in(client):
-    for url in ("/", "/jobs/new/", "/compare/", "/jobs/1/"):
+    for url in ("/", "/jobs/new/", "/compare/", "/jobs/1/", "/api-token/"):
         response = client.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/accounts/login/"), url
 
@@ -562,3 +562,38 @@ def test_the_pages_stages_are_the_engines_stages_in_order():
     from engine.spec import STAGES
 
     assert tuple(Job.Stage.values) == ("waiting", *STAGES)
+
+
+# --- the API token page ---------------------------------------------------------------------------------------
+
+
+def test_the_api_token_page_shows_a_new_key_once_and_a_rotated_or_revoked_key_is_refused(alice, client_for):
+    from rest_framework.test import APIClient
+
+    client = client_for(alice)
+
+    def api_status(key: str) -> int:
+        api = APIClient()
+        api.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+        return api.get("/api/v1/jobs/").status_code
+
+    # Given no token: the page offers to create one
+    assert "You have no API token." in _html(client.get("/api-token/"))
+
+    # When she creates one, the answer shows the key, uncached; the API takes it; the page after shows its hint only
+    created = client.post("/api-token/", {"action": "create"})
+    first = re.search(r'id="new-api-token">([0-9a-f]{40})<', _html(created)).group(1)
+    assert created["Cache-Control"] == "no-store"
+    assert api_status(first) == 200
+    again = _html(client.get("/api-token/"))
+    assert first not in again and f"…{first[-4:]}" in again
+
+    # When she rotates it, the new key works and the old one is refused
+    second = re.search(r'id="new-api-token">([0-9a-f]{40})<', _html(client.post("/api-token/", {"action": "rotate"})))
+    assert second.group(1) != first
+    assert api_status(first) == 401 and api_status(second.group(1)) == 200
+
+    # When she revokes it, it is refused too, and the page says so
+    revoked = client.post("/api-token/", {"action": "revoke"}, follow=True)
+    assert "Your API token is revoked" in _html(revoked) and "You have no API token." in _html(revoked)
+    assert api_status(second.group(1)) == 401

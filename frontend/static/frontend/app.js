@@ -155,7 +155,19 @@
     });
   }
 
+  /* --- copy buttons: hidden in the HTML (without the script they could not copy), shown here --- */
+
+  function setupCopy(button) {
+    var target = document.querySelector(button.getAttribute("data-copy"));
+    if (!target || !navigator.clipboard) { return; }
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      navigator.clipboard.writeText(target.textContent.trim()).then(function () { button.textContent = "Copied"; });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("button[data-copy]").forEach(setupCopy);
     document.querySelectorAll("form[data-confirm]").forEach(setupConfirm);
     document.querySelectorAll("[data-live-url]").forEach(startLive);
     document.querySelectorAll("form.job-form").forEach(setupForm);
