@@ -66,8 +66,15 @@ test: model browser vllm-cpu-env
 
 RUN_DIR := $(COMPRESSOR_DATA_DIR)/run
 
+# The README's commands run without make's environment (`.venv/bin/python manage.py createsuperuser`): the
+# settings read .env, written once here (development mode and a key of its own, readable by its owner only;
+# git- and docker-ignored). Kept when it exists: a new key would make stored hub tokens unreadable.
+.env:
+	@umask 077 && $(PYTHON) -c 'import secrets; print("DJANGO_ENV=development"); print("DJANGO_SECRET_KEY=" + secrets.token_urlsafe(50))' > $@
+	@echo "Wrote $@: development settings for the manage.py commands you run by hand."
+
 # The service on the embedded default: web + workers in the background, then the demo job through the API.
-demo: model
+demo: model .env
 	scripts/ensure_services.sh
 	$(PY) manage.py migrate --noinput
 	scripts/services.sh start
@@ -76,7 +83,7 @@ demo: model
 	@echo "Web and workers keep running (pids and logs in $(RUN_DIR)); 'make stop' stops them."
 
 # Everyday use: web and workers in the foreground.
-up: model
+up: model .env
 	scripts/ensure_services.sh
 	$(PY) manage.py migrate --noinput
 	scripts/services.sh up
