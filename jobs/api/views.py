@@ -7,16 +7,16 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, Throttled, ValidationError
+from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from engine.errors import EngineError
 from engine.presets import PRESETS
 from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
+from jobs.api.exceptions import Conflict
 from jobs.api.schema import ErrorSerializer
 from jobs.api.serializers import (
     CalibrationDatasetSerializer,
@@ -30,24 +30,10 @@ from jobs.api.serializers import (
     JobSummarySerializer,
     PresetSerializer,
 )
-from jobs.inputs import request_field
 from jobs.models import CalibrationDataset, Job
-from jobs.ratelimit import RateLimited
 
-
-def _field_error(exc: EngineError) -> ValidationError:
-    return ValidationError({request_field(exc.field) or "non_field_errors": [exc.message]})
-
-
-def _too_many(exc: RateLimited) -> Throttled:
-    """429 with the reason (the creation rate or a quota) and Retry-After."""
-    return Throttled(wait=exc.retry_after, detail=exc.message)
-
-
-class Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_code = "conflict"
-    default_detail = "The job is not in a state that allows this."
+# The domain's errors (EngineError, JobStateError, RateLimited, ...) are answered by jobs.api.exceptions, for
+# every view alike: the views let them pass.
 
 
 class AnyContentNegotiation(BaseContentNegotiation):
@@ -105,14 +91,9 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def create(self, request: Request) -> Response:
         serializer = JobCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        try:
-            submission = services.job_submit(
-                owner=request.user, data=serializer.to_job_input(), force=serializer.validated_data["force"]
-            )
-        except EngineError as exc:
-            raise _field_error(exc) from None
-        except RateLimited as exc:
-            raise _too_many(exc) from None
+        submission = services.job_submit(
+            owner=request.user, data=serializer.to_job_input(), force=serializer.validated_data["force"]
+        )
         context = {"request": request, "duplicate": not submission.created}
         return Response(
             JobSerializer(submission.job, context=context).data,
@@ -122,24 +103,14 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @extend_schema(request=None, responses={200: JobSerializer, 409: ErrorSerializer})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
-        try:
-            job = services.job_cancel(job=self.get_object(), by=request.user)
-        except services.JobStateError as exc:
-            raise Conflict(exc.message) from None
+        job = services.job_cancel(job=self.get_object(), by=request.user)
         return Response(JobSerializer(job, context={"request": request}).data)
 
     @extend_schema(request=None, responses={201: JobSerializer, 400: OpenApiTypes.OBJECT, 409: ErrorSerializer})
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """A new job with the same request, linked to this failed or cancelled one (retry_of, attempt + 1)."""
-        try:
-            job = services.job_retry(job=self.get_object())
-        except services.JobStateError as exc:
-            raise Conflict(exc.message) from None
-        except EngineError as exc:
-            raise _field_error(exc) from None
-        except RateLimited as exc:
-            raise _too_many(exc) from None
+        job = services.job_retry(job=self.get_object())
         return Response(JobSerializer(job, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -242,10 +213,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         job = self.get_object()  # another user's job answers 404 before the body is looked at
         serializer = HubPushCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            push = hub_push.hub_push_request(job=job, by=request.user, **serializer.validated_data)
-        except hub_push.PushRefused as exc:
-            raise _field_error(exc) from None
+        push = hub_push.hub_push_request(job=job, by=request.user, **serializer.validated_data)
         return Response(HubPushSerializer(push).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses=HubPushSerializer(many=True))
@@ -259,9 +227,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         job = self.get_object()
         try:
             return respond(job)
-        except downloads.NotDownloadable as exc:
-            raise Conflict(str(exc)) from None
-        except FileNotFoundError:
+        except FileNotFoundError:  # a path the manifest does not list; NotDownloadable is the handler's 409
             raise Http404("No such file in this checkpoint.") from None
 
 
@@ -305,10 +271,7 @@ class HubTokenView(APIView):
     def put(self, request: Request) -> Response:
         serializer = HubTokenInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            record = hub_tokens.hub_token_set(owner=request.user, **serializer.validated_data)
-        except EngineError as exc:
-            raise _field_error(exc) from None
+        record = hub_tokens.hub_token_set(owner=request.user, **serializer.validated_data)
         return Response(HubTokenSerializer(record).data)
 
     @extend_schema(request=None, responses={204: None}, operation_id="hub_token_delete")
@@ -332,13 +295,8 @@ class CalibrationDatasetViewSet(
         return selectors.calibration_datasets_for_user(user=self.request.user)
 
     def perform_create(self, serializer: CalibrationDatasetSerializer) -> None:
-        try:
-            serializer.instance = services.calibration_dataset_create(
-                owner=self.request.user,
-                name=serializer.validated_data.get("name", ""),
-                upload=serializer.validated_data["file"],
-            )
-        except EngineError as exc:
-            raise ValidationError({"file": [exc.message]}) from None
-        except RateLimited as exc:
-            raise _too_many(exc) from None
+        serializer.instance = services.calibration_dataset_create(
+            owner=self.request.user,
+            name=serializer.validated_data.get("name", ""),
+            upload=serializer.validated_data["file"],
+        )

@@ -135,6 +135,32 @@ def test_job_creation_is_throttled(api, settings):
     assert api.get("/api/v1/jobs/").status_code == 200  # reading is not throttled
 
 
+def test_the_domains_errors_are_answered_alike_by_every_view(api, user, make_job, settings):
+    # Given a rate of one job an hour, already used, a queued job and a cancelled one
+    settings.COMPRESSOR_JOB_CREATE_RATE = "1/hour"
+    assert api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "force": True}, format="json").status_code == 201
+    queued = make_job(user)
+    cancelled = make_job(user, status=Job.Status.CANCELLED)
+
+    # When each view meets a refusal of the services
+    created = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "force": True}, format="json")
+    retried = api.post(f"/api/v1/jobs/{cancelled.pk}/retry/")
+    not_retriable = api.post(f"/api/v1/jobs/{queued.pk}/retry/")
+    not_pushable = api.post(f"/api/v1/jobs/{queued.pk}/push/", {"repo_id": "me/model"}, format="json")
+    not_downloadable = api.get(f"/api/v1/jobs/{queued.pk}/manifest/")
+
+    # Then a limit is a 429 whose one sentence states the wait once, with Retry-After
+    for refused in (created, retried):
+        detail = refused.json()["detail"]
+        assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+        assert detail.count("try again in") == 1 and "Expected available" not in detail, detail
+        assert detail.count(". ") == 0 and detail.endswith("."), detail
+    # a state that does not allow it a 409, a refused push a 400 and a missing checkpoint a 409, each with its reason
+    assert not_retriable.status_code == 409 and "only failed or cancelled jobs" in not_retriable.json()["detail"]
+    assert not_pushable.status_code == 400 and "only a succeeded job" in not_pushable.json()["non_field_errors"][0]
+    assert not_downloadable.status_code == 409 and "no checkpoint" in not_downloadable.json()["detail"]
+
+
 def test_logs_are_fetched_incrementally_by_cursor(api, user, make_job):
     from jobs import services
 
