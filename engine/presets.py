@@ -7,9 +7,11 @@ handed to oneshot, and written beside the checkpoint as recipe.yaml.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import json
+import math
 import re
 import subprocess
 import sys
@@ -36,14 +38,46 @@ class Preset:
     method: str = ""
     seed_card: str | None = None
     group_size: int | None = None
+    # The group sizes the preset may take, largest first: the first that divides the input width of every layer
+    # it quantizes is the model's (submission.fit_preset). One size for the whole recipe, which one config
+    # group expresses; empty when the format fixes it (NVFP4's 16).
+    group_sizes: tuple[int, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def needs(self) -> list[str]:
         """What a job with this preset needs, in words (the form and the API say the same)."""
         needs = ["calibration data" if self.needs_calibration else "no calibration data (data-free)"]
-        if self.group_size:
+        if len(self.group_sizes) > 1:
+            smaller = " or ".join(str(size) for size in self.group_sizes[1:])
+            needs.append(
+                f"layer input widths divisible by {self.group_size} (else groups of {smaller}, the largest that "
+                "divides every layer it quantizes)"
+            )
+        elif self.group_size:
             needs.append(f"layer input widths divisible by {self.group_size}")
         return needs
+
+    def with_group_size(self, size: int) -> Preset:
+        """The preset with its weights in groups of `size` (one of group_sizes), said in its own words; its
+        named scheme becomes the one config group that says so."""
+        if size == self.group_size:
+            return self
+        if size not in self.group_sizes:
+            raise EngineError(f"{self.name} takes groups of {', '.join(map(str, self.group_sizes))}.", field="preset")
+        modifiers = tuple((name, _regrouped(args, size)) for name, args in self.modifiers)
+        old, new = f"of {self.group_size}", f"of {size}"
+        return dataclasses.replace(
+            self,
+            modifiers=modifiers,
+            group_size=size,
+            description=self.description.replace(old, new),
+            weight_quantization=self.weight_quantization and self.weight_quantization.replace(old, new),
+            notes=(
+                *self.notes,
+                f"Groups of {size} on this model: {self.group_size} does not divide the input width of every "
+                "layer it quantizes.",
+            ),
+        )
 
     def summary(self) -> dict[str, Any]:
         """The preset as plain data, the one description the form, the pages and the API show."""
@@ -85,6 +119,22 @@ _MAX_DUMPED_RECIPES = 512
 
 def _quant(scheme: str) -> dict[str, Any]:
     return {"targets": ["Linear"], "scheme": scheme}
+
+
+# compressed-tensors' integer weight-only schemes, as their one config group would write them but for the size.
+_GROUPED_INT_BITS = {"W4A16": 4, "W8A16": 8}
+
+
+def _regrouped(args: dict[str, Any], size: int) -> dict[str, Any]:
+    """A modifier's arguments with its named grouped scheme ("W4A16") written out in groups of `size`."""
+    scheme = args.get("scheme")
+    bits = _GROUPED_INT_BITS.get(scheme) if isinstance(scheme, str) else None
+    if bits is None:
+        return args
+    targets = list(args.get("targets") or ["Linear"])
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": size}
+    group = {"targets": targets, "weights": {**weights, "dynamic": False}}
+    return {**{k: v for k, v in args.items() if k != "scheme"}, "config_groups": {"group_0": group}}
 
 
 _MSE_FP8_DYNAMIC = {
@@ -172,6 +222,7 @@ PRESETS: dict[str, Preset] = {
             activation_quantization=None,
             method="GPTQ with a 1 % dampening factor",
             group_size=128,
+            group_sizes=(128, 64, 32),
         ),
         Preset(
             name="w8a16-gptq",
@@ -182,6 +233,7 @@ PRESETS: dict[str, Preset] = {
             activation_quantization=None,
             method="GPTQ with a 1 % dampening factor",
             group_size=128,
+            group_sizes=(128, 64, 32),
         ),
         Preset(
             name="smoothquant-int8-w8a8",
@@ -215,6 +267,16 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         known = ", ".join(PRESETS)
         raise EngineError(f"Unknown preset '{name}'. Known presets: {known}.", field="preset") from None
+
+
+def preset_for_recipe(name: str | None, recipe_yaml: str) -> Preset | None:
+    """The preset as the job's recorded recipe ran it: in the group size chosen for its model at submission
+    (the pages and the card say "groups of 64" where 64 was chosen). None for a custom recipe."""
+    preset = PRESETS.get(name or "")
+    if preset is None or not preset.group_sizes or not recipe_yaml:
+        return preset
+    sizes = recipe_group_sizes(recipe_yaml) & set(preset.group_sizes)
+    return preset.with_group_size(max(sizes)) if sizes else preset
 
 
 MAX_RECIPE_BYTES = 64 * 1024
@@ -263,9 +325,58 @@ def load_recipe_yaml(text: str) -> Any:
 @functools.lru_cache(maxsize=256)
 def _parsed_recipe(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
+    except (ValueError, OverflowError):
+        # PyYAML's own constructors: an integer of thousands of digits (Python's int limit), a sexagesimal
+        # float like 1:59:59:... too large for a float, an impossible date.
+        raise EngineError(
+            "The recipe holds a value YAML cannot read as a number or a date (a number of thousands of digits, "
+            "say); numbers in a recipe are short.",
+            field="recipe",
+        ) from None
+    _check_plain_data(data)
+    return data
+
+
+# Larger numbers mean nothing to a recipe (counts, fractions, sizes), and turning a huge one into text fails.
+_MAX_RECIPE_INT = 10**18
+
+
+def _check_plain_data(node: Any, where: str = "") -> None:
+    """A recipe holds what JSON holds: text keys, strings, finite numbers, booleans, null, lists and mappings.
+
+    The safe loader also builds bytes (!!binary), sets (!!set), pairs (!!omap) and dates, which no modifier
+    argument takes, and keys that are not text, which the checks below could not name.
+    """
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise EngineError(
+                    f"The recipe's keys are names; {where or 'its top level'} has the key {str(key)[:100]!r}.",
+                    field="recipe",
+                )
+            _check_plain_data(value, f"{where}.{key}" if where else key)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            _check_plain_data(item, f"{where}[{index}]")
+    elif isinstance(node, bool) or node is None or isinstance(node, str):
+        return
+    elif isinstance(node, int):
+        if abs(node) > _MAX_RECIPE_INT:
+            raise EngineError(f"The recipe's '{where[:200]}' is a number of more than 18 digits.", field="recipe")
+    elif isinstance(node, float):
+        if not math.isfinite(node):
+            raise EngineError(f"The recipe's '{where[:200]}' is {node}; a recipe's numbers are finite.", field="recipe")
+    else:
+        kind = {bytes: "binary data (!!binary)", set: "a set (!!set)", tuple: "pairs (!!omap or !!pairs)"}
+        shown = kind.get(type(node), f"a {type(node).__name__} (a date?)")
+        raise EngineError(
+            f"The recipe's '{where[:200] or 'value'}' is {shown}; a recipe holds only strings, numbers, booleans, "
+            "lists and mappings.",
+            field="recipe",
+        )
 
 
 def check_recipe_text(text: str) -> str:
@@ -396,18 +507,48 @@ def _refuse_code(node: Any, where: str = "") -> None:
 
 def recipe_group_sizes(text: str) -> set[int]:
     """Group sizes used by the recipe's weight quantization (for the divisibility checks); no torch needed."""
+    return {group.group_size for group in recipe_weight_groups(text) if group.group_size}
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """What one scheme or config group of a quantizing modifier covers: the layers its targets match and its
+    modifier's ignore does not (compressed-tensors' rule), quantized in groups of group_size (None: ungrouped)."""
+
+    targets: tuple[str, ...]
+    ignore: tuple[str, ...]
+    group_size: int | None
+
+
+def recipe_weight_groups(text: str) -> list[WeightGroup]:
+    """Each quantizing scheme of the recipe with its targets and ignore list; no torch needed.
+
+    A modifier names a scheme ("W4A16", or {"W4A16": [targets]}) or writes config groups; its targets default
+    to Linear, as llm-compressor's quantizing modifiers do. Modifiers that quantize nothing are left out.
+    """
     facts = library_facts()
     named = facts["scheme_group_sizes"] if facts else {}
-    sizes: set[int] = set()
+    groups: list[WeightGroup] = []
     for args in _modifier_args(load_recipe_yaml(text)):
+        targets, ignore = _names(args.get("targets")) or ("Linear",), _names(args.get("ignore"))
         scheme = args.get("scheme")
-        if isinstance(scheme, str) and named.get(scheme):
-            sizes.add(int(named[scheme]))
+        schemes = {scheme: targets} if isinstance(scheme, str) else scheme if isinstance(scheme, dict) else {}
+        for name, scheme_targets in schemes.items():
+            size = named.get(name) if isinstance(name, str) else None
+            groups.append(WeightGroup(_names(scheme_targets) or targets, ignore, int(size) if size else None))
         for group in (args.get("config_groups") or {}).values():
-            size = (group.get("weights") or {}).get("group_size") if isinstance(group, dict) else None
-            if size:
-                sizes.add(int(size))
-    return sizes
+            if not isinstance(group, dict):
+                continue
+            size = (group.get("weights") or {}).get("group_size")
+            groups.append(WeightGroup(_names(group.get("targets")) or targets, ignore, int(size) if size else None))
+    return groups
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A recipe's targets or ignore: one name, or a list of them."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(item) for item in value) if isinstance(value, list | tuple) else ()
 
 
 def recipe_ignore(text: str) -> set[str]:
