@@ -129,8 +129,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
             try:
                 dataset = services.calibration_dataset_create(owner=request.user, name=upload.name, upload=upload)
             except (EngineError, RateLimited) as exc:
-                form.add_error("calibration_upload", exc.message)
-                return _render_form(request, form, clone_source, status=400)
+                return _refused(request, form, clone_source, exc, field="calibration_upload")
             # From here on the form points at the stored file, so a re-shown form keeps it (and previews it).
             data = request.POST.copy()
             data["calibration_dataset"] = str(dataset.pk)
@@ -143,11 +142,10 @@ def job_new(request: HttpRequest) -> HttpResponse:
                 submission = services.job_clone(job=clone_source, owner=request.user, data=job_input, force=force)
             else:
                 submission = services.job_submit(owner=request.user, data=job_input, force=force)
-        except EngineError as exc:
-            form.add_error(form.field_for_engine(exc.field), exc.message)
         except RateLimited as exc:
-            form.add_error(None, exc.message)
-            return _render_form(request, form, clone_source, status=429)
+            return _refused(request, form, clone_source, exc, field=None)
+        except EngineError as exc:
+            return _refused(request, form, clone_source, exc, field=form.field_for_engine(exc.field))
         else:
             job = submission.job
             if submission.created:
@@ -158,6 +156,19 @@ def job_new(request: HttpRequest) -> HttpResponse:
                     f"An identical job of yours already succeeded: job {job.pk}. Tick “Run even if…” to run it again.",
                 )
             return redirect("frontend:job-detail", pk=job.pk)
+    return _render_form(request, form, clone_source, status=400)
+
+
+def _refused(
+    request: HttpRequest, form: JobForm, clone_source: Job | None, exc: EngineError | RateLimited, *, field: str | None
+) -> HttpResponse:
+    """The form again with the services' refusal beside its field, answered as the API answers it
+    (jobs.api.exceptions): 400, or for a limit 429 with Retry-After."""
+    form.add_error(field, exc.message)
+    if isinstance(exc, RateLimited):
+        response = _render_form(request, form, clone_source, status=429)
+        response["Retry-After"] = str(exc.retry_after)
+        return response
     return _render_form(request, form, clone_source, status=400)
 
 

@@ -57,6 +57,8 @@ def test_creation_rate_covers_api_form_retry_and_clone(alice_api, client_for, ma
     assert api_retry.status_code == 429 and "try again in" in api_retry.json()["detail"]
     assert form_answer.status_code == 429 and "created 2 jobs" in form_answer.content.decode()
     assert clone_answer.status_code == 429
+    # the form's 429 says when to come back as the API's does
+    assert int(form_answer["Retry-After"]) > 0 and int(clone_answer["Retry-After"]) > 0
     assert "The retry was refused: You have created 2 jobs" in page_retry.content.decode()
     assert Job.objects.filter(owner=alice).count() == 3  # the two created and the cancelled one
 
