@@ -125,14 +125,20 @@ def model_facts(
     store: Path | None = None,
 ) -> ModelFacts:
     """What submission may know of a model: a local folder's files, or a hub model's metadata (its commit)."""
+    _check_revision(revision)  # one rule whatever the source: a stored revision is shown and logged
     if source == BUILTIN_MODEL or (allow_local and _is_local(source)):
+        if revision:
+            raise EngineError(
+                f"A revision names a commit of a hub model; '{_display_name(source, allow_local)}' has none. "
+                "Leave revision empty.",
+                field="revision",
+            )
         path = _prepared_builtin(store or default_store()) if source == BUILTIN_MODEL else _local_folder(source)
         config = _read_config(path)
         sizes = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file()}
         facts = ModelFacts(_display_name(source, allow_local), None, config, sizes, _local_tensors(path))
     else:
         _check_hub_id(source, allow_local=allow_local)
-        _check_revision(revision)
         facts = _hub_facts(source, hub.model_metadata(source, revision))
     _check_weight_files(list(facts.file_sizes), allow_pickle=allow_pickle, where=facts.name)
     _check_remote_code(facts.config, source, trust_remote_code=trust_remote_code)
