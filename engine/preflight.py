@@ -18,9 +18,16 @@ from engine.hub import DownloadProgress
 from engine.model_cache import ModelCache
 from engine.models import ResolvedModel, resolve_model
 from engine.plan import ModelFootprint, model_footprint
-from engine.presets import recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
+from engine.presets import get_preset, recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
 from engine.spec import CompressionSpec
-from engine.submission import check_calibration, check_recipe_divides, check_submission, not_a_causal_lm
+from engine.submission import (
+    Layers,
+    check_calibration,
+    check_recipe_divides,
+    check_submission,
+    fit_preset,
+    not_a_causal_lm,
+)
 
 
 @dataclass
@@ -80,9 +87,13 @@ def _preflight(
     )
     _check_architecture(model)
     skeleton = _skeleton(model)
+    layers = _linear_layers(skeleton)
     # The recorded recipe against the real modules: the header's shapes were judged at submission, but a
-    # model without a header (pickle weights only) is first judged here.
-    extra_ignore = check_recipe_divides(recipe_yaml, _linear_widths(skeleton), spec.ignore_indivisible)
+    # model without a header (pickle weights only) is first judged here, its preset fitted here.
+    if spec.preset and recipe_yaml == get_preset(spec.preset).recipe_yaml():
+        preset, ignore = fit_preset(get_preset(spec.preset), layers, spec.ignore_indivisible)
+        recipe_yaml = preset.recipe_yaml(ignore)
+    extra_ignore = check_recipe_divides(recipe_yaml, layers)
     needs_calibration = recipe_needs_calibration(recipe_yaml)
     footprint = model_footprint(
         skeleton,
@@ -123,7 +134,12 @@ def _skeleton(model: ResolvedModel):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _linear_widths(skeleton) -> dict[str, int]:
+def _linear_layers(skeleton) -> Layers:
+    """Each Linear module's input width and class names, which a recipe's targets and ignore may name."""
     import torch
 
-    return {name: m.in_features for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {
+        name: (m.in_features, tuple(cls.__name__ for cls in type(m).__mro__))
+        for name, m in skeleton.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }

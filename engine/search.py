@@ -62,7 +62,8 @@ from engine.submission import (
     PERPLEXITY_FLOOR,
     TASK_FLOOR,
     check_calibration,
-    check_group_sizes,
+    fit_preset,
+    header_layers,
     sweep_presets,
 )
 from engine.units import recovery_percent
@@ -490,7 +491,7 @@ def trial_recipe(move: Move, linear_widths: dict[str, int], *, ignore_indivisibl
         preset = _with_smoothing(preset, move.smoothing)
     if move.bf16_activations:
         preset = weights_only(preset) or preset
-    indivisible = check_group_sizes(linear_widths, {preset.group_size}, ignore_indivisible) if preset.group_size else []
+    preset, indivisible = fit_preset(preset, header_layers(linear_widths), ignore_indivisible)
     if move.kept and move.kept_at == "int8":
         return _with_eight_bit_layers(preset, sorted(set(move.kept) - set(indivisible))).recipe_yaml(indivisible)
     return preset.recipe_yaml(sorted({*indivisible, *move.kept}))

@@ -20,7 +20,7 @@ from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS
 from engine.plan import MemoryPlan
 from engine.preflight import PreflightReport
-from engine.presets import PRESETS
+from engine.presets import preset_for_recipe
 from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -263,7 +263,7 @@ def write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, re
         model_name=f"{Path(report.model.name).name}-{suffix}",  # like the seed cards: base name + scheme
         base_model=report.model.name,
         architecture=report.model.architecture,
-        preset=PRESETS.get(spec.preset or ""),
+        preset=preset_for_recipe(spec.preset, report.recipe_yaml),
         recipe_yaml=report.recipe_yaml,
         calibration=spec.calibration if report.needs_calibration else None,
         evaluation=result.evaluation,

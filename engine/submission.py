@@ -19,7 +19,14 @@ from engine.errors import EngineError, PreflightError
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ModelFacts, model_facts
 from engine.plan import tensor_parallel_problem
-from engine.presets import PRESETS, check_recipe_text, get_preset, recipe_group_sizes, recipe_ignore
+from engine.presets import (
+    PRESETS,
+    Preset,
+    check_recipe_text,
+    get_preset,
+    recipe_ignore,
+    recipe_weight_groups,
+)
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
 
 # The words of the option that leaves such layers unquantized, as the form's checkbox shows them.
@@ -68,13 +75,12 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
     preset = get_preset(spec.preset) if spec.preset else None
     extra_ignore: list[str] = []
     if model.tensors:  # without a header (pickle weights only) the worker checks the shapes
-        widths = model.linear_widths
+        layers = header_layers(model.linear_widths)
         if preset:
-            sizes = {preset.group_size} if preset.group_size else set()
-            extra_ignore = check_group_sizes(widths, sizes, spec.ignore_indivisible)
-            recipe_yaml = preset.recipe_yaml(extra_ignore) if extra_ignore else recipe_yaml
+            preset, extra_ignore = fit_preset(preset, layers, spec.ignore_indivisible)
+            recipe_yaml = preset.recipe_yaml(extra_ignore)
         else:
-            extra_ignore = check_recipe_divides(recipe_yaml, widths, spec.ignore_indivisible)
+            extra_ignore = check_recipe_divides(recipe_yaml, layers)
     needs_calibration = preset.needs_calibration if preset else None
     check_calibration(spec.calibration, needs_calibration)
     return SubmissionCheck(model, recipe_yaml, extra_ignore, needs_calibration)
@@ -116,57 +122,168 @@ def _check_gpus(gpus: int | None, config: dict) -> None:
         raise PreflightError(problem, field="gpus")
 
 
-def check_group_sizes(widths: dict[str, int], group_sizes: set[int], ignore_indivisible: bool) -> list[str]:
+# A layer a Linear target may cover: its name -> (input width, its class names). The header knows no classes:
+# its 2-D weights are Linear layers (header_layers); the worker's modules have their own (engine.preflight).
+Layers = dict[str, tuple[int, tuple[str, ...]]]
+
+# Linear layers vLLM builds without the checkpoint's quantization (and whose scales its loader then refuses): MoE
+# routers, Qwen MoE's shared-expert gate, vision towers and their projectors. llm-compressor's own examples leave
+# them out by these patterns (examples/quantizing_moe, examples/multimodal_vision, quantization_w8a8_fp8/qwen3_5_moe);
+# the presets leave out those the model has.
+VLLM_UNQUANTIZED = (
+    "re:.*mlp.gate$",
+    "re:.*block_sparse_moe.gate$",
+    "re:.*shared_expert_gate$",
+    "re:.*visual.*",
+    "re:.*vision_tower.*",
+    "re:.*multi_modal_projector.*",
+)
+
+
+def header_layers(widths: dict[str, int]) -> Layers:
+    return {name: (width, ("Linear",)) for name, width in widths.items()}
+
+
+def matches(name: str, classes: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
+    """compressed-tensors' rule (compressed_tensors.utils.match.is_match): an exact module name, a 're:' regular
+    expression re.match finds at the start of the name, or the name of one of the module's classes."""
+    for pattern in patterns:
+        if not pattern.startswith("re:"):
+            if pattern == name or pattern in classes:
+                return True
+            continue
+        try:
+            if re.match(pattern[3:], name):
+                return True
+        except re.error as exc:
+            raise PreflightError(
+                f"The recipe's pattern '{pattern[:100]}' is not a regular expression: {exc}.", field="recipe"
+            ) from None
+    return False
+
+
+def unquantized_by_vllm(layers: Layers) -> list[str]:
+    """The VLLM_UNQUANTIZED patterns that match a layer of this model (what its presets' recipes ignore)."""
+    return [p for p in VLLM_UNQUANTIZED if any(matches(name, classes, (p,)) for name, (_w, classes) in layers.items())]
+
+
+def quantized_layers(recipe_yaml: str, layers: Layers) -> dict[str, set[int]]:
+    """The layers the recipe quantizes, each with the group sizes it is quantized in (empty: ungrouped)."""
+    found: dict[str, set[int]] = {}
+    for group in recipe_weight_groups(recipe_yaml):
+        for name, (_width, classes) in layers.items():
+            if matches(name, classes, group.targets) and not matches(name, classes, group.ignore):
+                found.setdefault(name, set()).update([group.group_size] if group.group_size else [])
+    return found
+
+
+def fit_preset(preset: Preset, layers: Layers, ignore_indivisible: bool) -> tuple[Preset, list[str]]:
+    """The preset for this model, and the layers its recipe adds to `ignore`.
+
+    The layers vLLM keeps unquantized are left out; a grouped preset takes the largest of its group sizes that
+    divides the input width of every layer it then quantizes. Where none does, the layers the preset's own
+    size cannot divide are refused by name, or left out too (ignore_indivisible), in the size that leaves out
+    the fewest.
+    """
+    ignore = unquantized_by_vllm(layers)
+    quantized = quantized_layers(preset.recipe_yaml(ignore), layers)
+    if not quantized:
+        raise nothing_to_quantize(preset.name, layers, ignore, field="preset")
+    if not preset.group_size:
+        return preset, ignore
+    widths = {name: layers[name][0] for name in quantized}
+    sizes = preset.group_sizes or (preset.group_size,)
+    indivisible = {size: [name for name, width in widths.items() if width % size] for size in sizes}
+    size = min(sizes, key=lambda size: len(indivisible[size]))  # the first (largest) of the fewest
+    if not indivisible[size]:
+        return preset.with_group_size(size), ignore
+    if not ignore_indivisible:
+        size = preset.group_size  # named by the preset's own size; the others are said to fail too
+    left_out = check_group_sizes(widths, {size}, ignore_indivisible, also_tried=tuple(s for s in sizes if s != size))
+    return preset.with_group_size(size), ignore + left_out
+
+
+def nothing_to_quantize(name: str, layers: Layers, ignore: list[str], *, field: str) -> PreflightError:
+    kept = f" once {', '.join(ignore)} are left out as vLLM keeps them unquantized" if ignore else ""
+    return PreflightError(
+        f"{name} would quantize nothing in this model: its targets match none of its {len(layers)} Linear "
+        f"layers{kept}. This model cannot be compressed by it.",
+        field=field,
+    )
+
+
+def check_group_sizes(
+    widths: dict[str, int], group_sizes: set[int], ignore_indivisible: bool, *, also_tried: tuple[int, ...] = ()
+) -> list[str]:
     """Grouped schemes need each quantized layer's input columns divisible by the group size.
 
-    widths: layer name -> input width. Returns the layers to leave unquantized (ignore_indivisible), or
-    raises naming them.
+    widths: layer name -> input width, of the layers the scheme quantizes. Returns the layers to leave
+    unquantized (ignore_indivisible), or raises naming them, in the words of a preset (whose recipe the service
+    writes: the form's checkbox adds them to its ignore list).
     """
-    if not group_sizes:
-        return []
-    bad = sorted(
-        name
-        for name, width in widths.items()
-        if not name.endswith("lm_head") and any(width % size for size in group_sizes)
-    )
+    widths = {name: width for name, width in widths.items() if not name.endswith("lm_head")}
+    bad = _indivisible(widths, group_sizes)
     if not bad:
         return []
     if ignore_indivisible:
         return _compact_ignore(widths, bad)
-    shown = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", name) for name in bad}))
-    shown_widths = ", ".join(str(width) for width in sorted({widths[name] for name in bad}))
+    others = f" Groups of {_listed(list(also_tried))} do not fit every layer either." if also_tried else ""
     raise PreflightError(
-        f"Group size {', '.join(map(str, sorted(group_sizes)))} does not divide the input width ({shown_widths}) "
-        f"of {len(bad)} layers: {shown}. Choose another preset, or leave these layers unquantized: tick "
+        f"{_indivisible_words(sorted(group_sizes, reverse=True), widths, bad)}{others} Choose another preset, or "
+        "leave these layers unquantized: tick "
         f"“{IGNORE_INDIVISIBLE_LABEL}” on the form (ignore_indivisible in the API, --ignore-indivisible "
         "on the command line).",
         field="preset",
     )
 
 
-def check_recipe_divides(recipe_yaml: str, widths: dict[str, int], ignore_indivisible: bool) -> list[str]:
-    """A recipe's group sizes against the layers' input widths (from the header, or the worker's modules).
+def check_recipe_divides(recipe_yaml: str, layers: Layers) -> list[str]:
+    """A custom recipe's group sizes against the input widths of the layers it quantizes (its own targets and
+    ignore, matched as compressed-tensors matches them), from the header or the worker's modules.
 
-    Returns the layers it leaves unquantized; refuses layers the recipe would quantize that its group size
-    cannot divide (leaving them out is automatic for presets only, whose recipe is made with them ignored).
+    Returns what the recipe leaves unquantized besides lm_head. A recipe that quantizes nothing, or a layer its
+    group size cannot divide, is refused with what to write in the recipe: the service never rewrites a custom
+    recipe, so the preset route's checkbox is not offered here.
     """
-    extra_ignore = check_group_sizes(widths, recipe_group_sizes(recipe_yaml), ignore_indivisible)
-    missing = sorted(set(extra_ignore) - recipe_ignore(recipe_yaml))
-    if missing:
+    quantized = quantized_layers(recipe_yaml, layers)
+    if not quantized:
+        raise nothing_to_quantize("The recipe", layers, [], field="recipe")
+    widths = {name: layers[name][0] for name in quantized if not name.endswith("lm_head")}
+    sizes = {size for name in widths for size in quantized[name]}
+    bad = sorted({name for name in widths for size in quantized[name] if widths[name] % size})
+    if bad:
+        fits = [size for size in (128, 64, 32) if size < max(sizes) and not _indivisible(widths, {size})]
+        other = f", or give its weights groups of {fits[0]}, which divide every layer it quantizes" if fits else ""
+        patterns = ", ".join(f"'{pattern}'" for pattern in _compact_ignore(widths, bad))
         raise PreflightError(
-            "Leaving indivisible layers unquantized is only automatic for presets; add them to your recipe's "
-            f"ignore list: {', '.join(missing)}.",
+            f"{_indivisible_words(sorted(sizes, reverse=True), widths, bad)} Add them to the recipe's ignore list "
+            f"({patterns}){other}.",
             field="recipe",
         )
-    return extra_ignore
+    return sorted(recipe_ignore(recipe_yaml) - {"lm_head"})
+
+
+def _indivisible(widths: dict[str, int], group_sizes: set[int]) -> list[str]:
+    return sorted(name for name, width in widths.items() if any(width % size for size in group_sizes))
+
+
+def _indivisible_words(sizes: list[int], widths: dict[str, int], bad: list[str]) -> str:
+    shown = ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", name) for name in bad}))
+    shown_widths = ", ".join(str(width) for width in sorted({widths[name] for name in bad}))
+    named = f"Group size {sizes[0]} does not" if len(sizes) == 1 else f"Group sizes {_listed(sizes)} do not"
+    return f"{named} divide the input width ({shown_widths}) of {len(bad)} layers: {shown}."
+
+
+def _listed(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes[:-1])) + f" and {sizes[-1]}" if len(sizes) > 1 else str(sizes[0])
 
 
 def _compact_ignore(widths: dict[str, int], bad: list[str]) -> list[str]:
     """Collapse per-layer names into llm-compressor 're:' patterns where a pattern matches only bad layers."""
     bad_set, compact = set(bad), []
     for pattern in sorted({_layer_pattern(name) for name in bad}):
-        matches = {n for n in widths if re.fullmatch(pattern, n)}
-        compact.extend([f"re:^{pattern}$"] if matches <= bad_set else sorted(matches & bad_set))
+        covered = {n for n in widths if re.fullmatch(pattern, n)}
+        compact.extend([f"re:^{pattern}$"] if covered <= bad_set else sorted(covered & bad_set))
     return compact
 
 

@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from engine.errors import EngineError
-from engine.presets import PRESETS
+from engine.presets import PRESETS, preset_for_recipe
 from engine.units import RECOVERY_DEFINITION
 from frontend import charts, presentation, trials
 from frontend.forms import CUSTOM_RECIPE, HubPushForm, HubTokenForm, JobForm, apply_aria, preset_infos
@@ -275,7 +275,7 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
         context.update(_results_context(job))
     if job.status == Job.Status.FAILED:
         context["failed_log"] = selectors.job_log_tail(job=job, lines=FAILED_LOG_LINES)
-    context["preset_info"] = PRESETS.get(job.preset)
+    context["preset_info"] = preset_for_recipe(job.preset, job.resolved_recipe)  # in the group size it ran
     context["search_request"] = trials.request_text(job.search)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
     context.update(_push_context(request, job))

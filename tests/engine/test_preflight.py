@@ -45,24 +45,47 @@ def test_non_causal_lm_is_refused(tiny_model_copy):
         preflight(spec_for(tiny_model_copy, preset="fp8-dynamic"))
 
 
-def test_non_divisible_group_size_names_the_layers(builtin_dir):
-    # The built-in model's hidden size 576 is not divisible by 128; its MLP width 1536 is.
+@pytest.fixture(scope="module")
+def width_80_model(random_llama):
+    """A random Llama of hidden size 80 (MLP 160): 128 and 64 divide none of its layers, 32 only down_proj."""
+    return random_llama(
+        "width-80",
+        hidden_size=80,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+
+
+def test_a_grouped_preset_takes_the_largest_group_size_that_divides_every_layer(builtin_dir):
+    # Given the built-in model: 128 divides its MLP width 1536 but not its hidden size 576; 64 divides both
+    report = preflight(CompressionSpec(preset="w4a16-gptq"))
+
+    # Then w4a16-gptq runs in groups of 64 and quantizes every Linear layer but lm_head
+    assert "group_size: 64" in report.recipe_yaml and "scheme" not in report.recipe_yaml
+    assert report.extra_ignore == []
+
+
+def test_non_divisible_group_size_names_the_layers(width_80_model):
     with pytest.raises(PreflightError) as info:
-        preflight(CompressionSpec(preset="w4a16-gptq"))
+        preflight(spec_for(width_80_model, preset="w4a16-gptq"))
     message = str(info.value)
-    assert "Group size 128" in message and "180 layers" in message
+    assert "Group size 128" in message and "14 layers" in message and "64 and 32 do not fit every layer" in message
     # ...with the width 128 does not divide, and the option in the words the form shows
-    assert "input width (576)" in message
+    assert "input width (80, 160)" in message
     assert "“Leave layers a grouped scheme cannot divide unquantized”" in message
-    assert "model.layers.*.self_attn.q_proj" in message and "down_proj" not in message
+    assert "model.layers.*.self_attn.q_proj" in message and "down_proj" in message
     assert info.value.field == "preset"
 
 
-def test_indivisible_layers_can_be_left_unquantized(builtin_dir):
-    report = preflight(CompressionSpec(preset="w4a16-gptq", ignore_indivisible=True))
+def test_indivisible_layers_can_be_left_unquantized(width_80_model):
+    # In groups of 32, which leave out the fewest layers (all but down_proj)
+    report = preflight(spec_for(width_80_model, preset="w4a16-gptq", ignore_indivisible=True))
     assert r"re:^model\.layers\.\d+\.self_attn\.q_proj$" in report.extra_ignore
     assert not any("down_proj" in pattern for pattern in report.extra_ignore)
-    assert "down_proj" not in report.recipe_yaml and "q_proj" in report.recipe_yaml
+    assert "group_size: 32" in report.recipe_yaml and "q_proj" in report.recipe_yaml
 
 
 def test_calibrated_preset_without_data_is_refused(tiny_model_dir):

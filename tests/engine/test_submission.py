@@ -41,18 +41,16 @@ def test_a_1b_hub_model_is_judged_from_its_header_without_downloading_it(hub, hu
     assert elapsed < 1.0, f"the check took {elapsed:.2f} s"
 
 
-def test_a_preset_the_header_shows_indivisible_is_refused_naming_the_layers(hub, hub_repo_id, builtin_model):
-    # Given the built-in model (hidden size 576, which 128 does not divide) on the hub
+def test_a_preset_the_header_shows_128_cannot_divide_runs_in_groups_of_64(hub, hub_repo_id, builtin_model):
+    # Given the built-in model (hidden size 576, which 128 does not divide and 64 does) on the hub
     repo_id = hub_repo_id("smol")
     hub.add_folder(repo_id, builtin_model)
 
     # When W4A16 is checked for it
-    with pytest.raises(PreflightError) as info:
-        check_submission(CompressionSpec(model=repo_id, preset="w4a16-gptq"))
+    checked = check_submission(CompressionSpec(model=repo_id, preset="w4a16-gptq"))
 
-    # Then the header's shapes name the same 180 layers the worker's check names
-    assert "input width (576)" in str(info.value) and "180 layers" in str(info.value)
-    assert info.value.field == "preset"
+    # Then the header's shapes choose groups of 64, which the recorded recipe says, leaving no layer out
+    assert "group_size: 64" in checked.recipe_yaml and checked.extra_ignore == []
 
 
 @pytest.mark.parametrize(
@@ -103,6 +101,10 @@ def test_a_custom_grouped_recipe_is_judged_from_the_header_as_a_preset_is(builti
     # Given a custom GPTQ W4A16 recipe (groups of 128) for the built-in model (hidden size 576)
     recipe = "quant_stage:\n  quant_modifiers:\n    GPTQModifier: {scheme: W4A16, targets: [Linear]}\n"
 
-    # When it is checked, then the header's shapes refuse it before any worker would load the model
-    with pytest.raises(PreflightError, match=r"Group size 128 does not divide the input width \(576\) of 180 layers"):
+    # When it is checked, then the header's shapes refuse it before any worker would load the model, saying
+    # what to write in the recipe (a custom recipe is never rewritten)
+    with pytest.raises(
+        PreflightError, match=r"Group size 128 does not divide the input width \(576\) of 180 layers"
+    ) as info:
         check_submission(CompressionSpec(recipe_yaml=recipe, calibration=CalibrationSpec(samples=8)))
+    assert "groups of 64" in str(info.value) and info.value.field == "recipe"
