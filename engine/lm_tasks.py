@@ -116,11 +116,13 @@ def write_local_tasks(folder: Path) -> Path:
     return folder
 
 
+@functools.cache
 def known_task_names(folder: Path) -> frozenset[str]:
     """Every task, group and tag name lm-eval can run here, the local tasks included.
 
     lm-eval builds its index by reading thousands of YAML files (15 s or more); the names are kept in a file
-    per lm-eval version beside the local tasks, so only the first call on a machine pays for it.
+    per lm-eval version beside the local tasks, so only the first call on a machine pays for it, and in
+    memory, so a process reads the file once (warm_indexes, as it starts).
     """
     import lm_eval
 
@@ -134,6 +136,17 @@ def known_task_names(folder: Path) -> frozenset[str]:
     names = sorted(TaskManager(include_path=str(write_local_tasks(folder))).all_tasks)
     write_if_changed(cache, json.dumps(names))
     return frozenset(names) | frozenset(LOCAL_TASKS)
+
+
+def warm_indexes() -> None:
+    """Read, or on a new machine build, what the submission check looks names up in: lm-eval's task index and
+    llm-compressor's modifiers (engine.presets.library_facts, a child process of a few seconds). Django calls
+    it as a process starts (jobs.apps), so that no request pays for them."""
+    from engine.evaluation import _tasks_dir
+    from engine.presets import library_facts
+
+    known_task_names(_tasks_dir())
+    library_facts()
 
 
 def _jsonl(rows) -> str:

@@ -43,6 +43,10 @@ class EvaluationSpec:
     heldout_path: str | None = None
     backend: str = "hf"
 
+    def __post_init__(self) -> None:
+        # A task named twice would be run and reported twice: each is kept once, where it first appears.
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(self.tasks)))
+
 
 @dataclass(frozen=True)
 class QualityFloor:
