@@ -1,4 +1,6 @@
+from django.templatetags.static import static
 from django.urls import path
+from django.views.generic import RedirectView
 
 from frontend import views
 
@@ -18,4 +20,6 @@ urlpatterns = [
     path("hub-token/", views.hub_token, name="hub-token"),
     path("api-token/", views.api_token, name="api-token"),
     path("compare/", views.compare, name="compare"),
+    # Pages without a <link rel="icon"> (the admin, the API docs) ask browsers' default address
+    path("favicon.ico", RedirectView.as_view(url=static("frontend/favicon.svg"), permanent=True)),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -264,6 +265,7 @@ def _results_context(job: Job) -> dict[str, Any]:
         "run_settings": presentation.run_settings(results),
         "search": trials.search_of(results),
         "recovery_definition": RECOVERY_DEFINITION,
+        "headline": presentation.headline(results),
     }
 
 
@@ -278,8 +280,17 @@ def job_detail(request: HttpRequest, pk: int) -> HttpResponse:
     context["preset_info"] = preset_for_recipe(job.preset, job.resolved_recipe)  # in the group size it ran
     context["search_request"] = trials.request_text(job.search)
     context["followups"] = list(job.followups.filter(owner=job.owner).order_by("-created_at")[:5])
+    if job.status == Job.Status.SUCCEEDED:
+        context["compare_url"] = _compare_url(request, job)
     context.update(_push_context(request, job))
     return render(request, "frontend/job_detail.html", context)
+
+
+def _compare_url(request: HttpRequest, job: Job) -> str:
+    """Compare with this job in the first column and the newest other succeeded jobs of its model beside it."""
+    others = selectors.job_list_filtered(user=request.user, status=Job.Status.SUCCEEDED, model=job.model_source)
+    ids = [job.pk, *others.exclude(pk=job.pk).values_list("pk", flat=True)[: COMPARE_MAX_JOBS - 1]]
+    return reverse("frontend:compare") + "?" + urlencode([("model", job.model_source), *(("jobs", pk) for pk in ids)])
 
 
 def _push_context(request: HttpRequest, job: Job, form: HubPushForm | None = None) -> dict[str, Any]:

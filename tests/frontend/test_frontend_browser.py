@@ -140,6 +140,10 @@ def test_result_failure_compare_and_narrow_pages(new_page, sign_in, make_user, s
     page.goto(f"/jobs/{full.pk}/")
     assert page.locator("#results-table tbody tr").count() == 2
     assert page.locator("svg.chart").count() == 2
+    # The card is folded until she opens it, from the section nav
+    assert not page.locator(".model-card h1").is_visible()
+    page.get_by_role("navigation", name="Sections of this job").get_by_role("link", name="Model card").click()
+    page.locator("#card summary").click()
     assert page.locator(".model-card h1").inner_text() == "smollm2-135m-instruct-fp8-dynamic"
     shoot(page, "09-job-results-full.png")
 
@@ -360,6 +364,24 @@ def _compare(page, width: int) -> list[str]:
     return problems
 
 
+def _fits(page) -> list[str]:
+    """Nothing wider than the window (document.documentElement.scrollWidth), and no chart text outside its SVG."""
+    problems = []
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    if overflow > 0:
+        culprits = offscreen(page, "body *", inside_scrollers=False)[:5]
+        problems.append(f"the page scrolls sideways by {overflow} px: {culprits}")
+    clipped = page.evaluate(
+        """() => Array.from(document.querySelectorAll("svg text")).filter((text) => {
+            const box = text.getBoundingClientRect(), svg = text.ownerSVGElement.getBoundingClientRect();
+            return box.width > 0 && (box.left < svg.left - 1 || box.right > svg.right + 1
+                || box.top < svg.top - 1 || box.bottom > svg.bottom + 1);
+        }).map((text) => text.textContent.trim().slice(0, 40))"""
+    )
+    problems += [f"chart text outside its SVG: {text!r}" for text in clipped]
+    return problems
+
+
 LAYOUT_CHECKS = {
     "jobs-list": _jobs_list,
     "new-job": _new_job,
@@ -398,16 +420,14 @@ def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, mak
             shoot(page, f"{width}-{name}.png")
             problems += [f"{width} {name}: {v}" for v in axe_violations(page)]
             problems += [f"{width} {name}: {p}" for p in LAYOUT_CHECKS.get(name, _no_checks)(page, width)]
-            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-            if overflow > 0:
-                culprits = offscreen(page, "body *", inside_scrollers=False)[:5]
-                problems.append(f"{width} {name}: the page scrolls sideways by {overflow} px: {culprits}")
+            problems += [f"{width} {name}: {p}" for p in _fits(page)]
         admin = new_page(width=width, height=900)
         sign_in(admin, "operator")
         admin.goto("/admin/jobs/job/queue/")
         admin.wait_for_selector("#workers-table, #workers :text('could not')")
         shoot(admin, f"{width}-admin-queue.png")
         problems += [f"{width} admin queue: {v}" for v in axe_violations(admin)]
+        problems += [f"{width} admin queue: {p}" for p in _fits(admin)]
     assert not problems, "\n".join(problems)
 
 

@@ -538,7 +538,7 @@ def test_the_model_card_on_the_page_keeps_user_strings_as_text(client_for, alice
 
     # When alice opens the job page
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
-    card = re.search(r'<div class="model-card">(.*?)</div>\s*</section>', html, re.S).group(1)
+    card = re.search(r'<div class="model-card">(.*?)</div>\s*</details>', html, re.S).group(1)
 
     # Then the card is there, its own links work, and the user's strings are text: no link, no image, no HTML
     assert '<a href="https://github.com/vllm-project/llm-compressor">' in card
@@ -597,3 +597,27 @@ def test_the_api_token_page_shows_a_new_key_once_and_a_rotated_or_revoked_key_is
     revoked = client.post("/api-token/", {"action": "revoke"}, follow=True)
     assert "Your API token is revoked" in _html(revoked) and "You have no API token." in _html(revoked)
     assert api_status(second.group(1)) == 401
+
+
+def test_the_job_page_is_in_sections_downloads_near_the_top_and_the_long_parts_folded(alice, client_for, succeeded_job):
+    older = succeeded_job(alice, preset="w8a16-gptq")
+    job = succeeded_job(alice)
+
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+
+    # A jump-nav of plain anchors, most used first, each to a section on the page
+    nav = re.search(r'<nav class="jump-nav" aria-label="Sections of this job">(.*?)</nav>', html, re.S).group(1)
+    anchors = re.findall(r'href="#([\w-]+)"', nav)
+    assert anchors == ["job-live", "summary", "results", "charts", "generations", "card", "files", "pushes", "log",
+                       "request"]  # fmt: skip
+    positions = [html.index(f'id="{anchor}"') for anchor in anchors]
+    assert positions == sorted(positions)
+    # The download button comes before the results table; the card and the log are folded (no `open`)
+    assert html.index('id="download-archive"') < html.index('id="results-table"')
+    for folded in ("card", "log"):
+        assert re.search(rf'id="{folded}">\s*<details class="fold">', html), folded
+    # The status is read out when it changes; the favicon is a file of its own
+    assert re.search(r'id="job-status" role="status" aria-live="polite"', html)
+    assert '<link rel="icon" type="image/svg+xml" href="/static/frontend/favicon.svg">' in html
+    # Compare puts this job first, then the others of its model
+    assert f'href="/compare/?model=smollm2-135m-instruct&amp;jobs={job.pk}&amp;jobs={older.pk}"' in html

@@ -50,13 +50,14 @@
           var badge = document.getElementById("job-status");
           if (badge && root && root.getAttribute("data-status")) {
             var status = root.getAttribute("data-status");
+            // Only on a change: the badge is a live region, so each write is read out
             if (badge.className !== "badge badge-" + status) {
               // "Job 12 is queued." is no longer true: drop the flash that said so
               document.querySelectorAll(".message.job-state").forEach(function (m) { m.remove(); });
+              badge.className = "badge badge-" + status;
+              badge.firstChild.textContent = STATUSES.icons[status] || "•";
+              badge.lastChild.textContent = " " + root.getAttribute("data-status-label");
             }
-            badge.className = "badge badge-" + status;
-            badge.firstChild.textContent = STATUSES.icons[status] || "•";
-            badge.lastChild.textContent = " " + root.getAttribute("data-status-label");
           }
           if (reloadWhenDone && root && root.getAttribute("data-active") !== "true") {
             window.location.reload();  // the job ended: the full page shows its results or its failure
