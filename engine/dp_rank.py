@@ -23,6 +23,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from engine import calibration as calib
+from engine.library_patches import broadcast_cpu_modules_too
+from engine.presets import linear_time_recipe
 from engine.resume import LayerStore, SharedStore, decoder_layers, resumable_layers
 from engine.spec import CalibrationSpec
 from engine.stages import Reporter, layer_error_hooks
@@ -45,7 +47,7 @@ def main(request_path: str) -> int:
     else:
         dist.init_process_group(backend="gloo")
         model = AutoModelForCausalLM.from_pretrained(request["model"], **loading)
-        _broadcast_cpu_modules_too()
+        broadcast_cpu_modules_too()
     try:
         _calibrate_and_save(model, AutoTokenizer.from_pretrained(request["model"]), request)
     finally:
@@ -66,7 +68,8 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
         oneshot(
             model=model,
             tokenizer=tokenizer,
-            recipe=request["recipe"],
+            # As engine.stages.run_oneshot: the recipe's 're:' patterns matched by RE2, never by Python's re.
+            recipe=linear_time_recipe(request["recipe"], (name for name, _module in model.named_modules())),
             dataset=dataset,
             num_calibration_samples=len(dataset),
             max_seq_length=spec.max_seq_len,
@@ -118,22 +121,6 @@ def _every_ranks(entries: list) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, entries)
     return [entry for part in gathered for entry in part]
-
-
-def _broadcast_cpu_modules_too() -> None:
-    """After GPTQ splits the modules between the ranks, each owner broadcasts its results, except for modules on
-    the CPU: llm-compressor takes those to be offloaded weights that all ranks share (load_offloaded_model).
-    On a CPU worker every rank holds its own copy of the model, so without the broadcast rank 0 would save the
-    other ranks' modules unquantized by GPTQ. Broadcast every module (gloo carries CPU tensors)."""
-    import functools
-
-    from llmcompressor.modifiers.gptq import base as gptq
-    from llmcompressor.modifiers.quantization.quantization import base as quantization
-    from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
-
-    every_module = functools.partial(broadcast_qparams_and_cleanup, skip_cpu=False)
-    gptq.broadcast_qparams_and_cleanup = every_module
-    quantization.broadcast_qparams_and_cleanup = every_module
 
 
 def rank_share(records: list, rank: int, ranks: int) -> list:

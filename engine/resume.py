@@ -3,7 +3,8 @@
 llm-compressor's sequential pipeline pushes the calibration data through one subgraph (one decoder layer)
 at a time: a calibrating pass whose hooks feed the modifiers (GPTQ's Hessians, observers), the
 modifiers' sequential_epoch_end (GPTQ quantizes the layer's Linears there), then a propagating pass with the
-hooks disabled whose outputs are the next layer's inputs. resumable_layers() wraps the traced subgraphs:
+hooks disabled whose outputs are the next layer's inputs. resumable_layers() wraps the traced subgraphs
+(through engine.library_patches, which owns the one hook into the pipeline):
 
 - after a layer's epoch end, its compressed state (every parameter and buffer the modifiers left on its
   modules: the quantized-dequantized weights, weight_scale, weight_zero_point, global scales; not the
@@ -239,16 +240,15 @@ def resumable_layers(
     layer_errors: the run's per-module compression errors ({"module", "error"}), which GPTQ and SparseGPT
     append to as they compress; a stored layer keeps its own, and they come back with it.
     shared: for a rank of a data-parallel run (engine.dp_rank); None in one process."""
-    import llmcompressor.pipelines.sequential.pipeline as sequential
+    from engine.library_patches import traced_subgraphs
 
     layers = decoder_layers(model)
     resume_at = store.done_prefix()
     run = _ResumingRun(store, layer_errors, shared)
-    original = sequential.trace_subgraphs
 
-    def trace_resumable(*args, **kwargs):
+    def resumable(subgraphs: list) -> list:
         wrapped = []
-        for subgraph in original(*args, **kwargs):
+        for subgraph in subgraphs:
             direct = set(subgraph.submodules(model, recurse=False))
             layer = next((i for i, module in enumerate(layers) if module in direct), None)
             wrapped.append(_ResumableSubgraph(subgraph, layer, layer is not None and layer < resume_at, run))
@@ -259,8 +259,5 @@ def resumable_layers(
             )
         return wrapped
 
-    sequential.trace_subgraphs = trace_resumable
-    try:
+    with traced_subgraphs(model, resumable):
         yield
-    finally:
-        sequential.trace_subgraphs = original

@@ -12,7 +12,7 @@ import gc
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from engine.artifacts import staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError
 from engine.evaluation import default_cache_dir, evaluate
 from engine.model_cache import ModelCache
+from engine.models import linearize_experts
 from engine.plan import MemoryPlan, Placement, placed_model, plan_memory
 from engine.preflight import PreflightReport, preflight
 from engine.resources import WorkerCaps, detect_resources
@@ -33,6 +34,7 @@ from engine.stages import (
     captured_logs,
     check_in_vllm,
     layer_error_hooks,
+    layer_progress,
     model_baseline_key,
     results_payload,
     run_oneshot,
@@ -86,7 +88,7 @@ def compress(
     )
     reporter.emit("preparing", f"Memory plan: {plan.summary}")
     with staging_folder(out_dir) as staging, captured_logs(reporter):
-        reporter.plan(spec, report.needs_calibration)
+        reporter.plan(spec, report.needs_calibration, passes=len(_calibrating_passes(report)))
         reporter.emit("loading", "Loading the model")
         # Offload folders live in the staging folder: removed after use, and with it if the run dies.
         placement = plan.placement(scratch=staging)
@@ -145,13 +147,15 @@ def _compress_and_save(
     model_path = report.model.path
     loading = {"trust_remote_code": spec.trust_remote_code, "use_safetensors": not spec.allow_pickle}
     with placed_model(model_path, placement, **loading) as model:
+        linearize_experts(model, report.model.config)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code)
         timings["load_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
         dataset = _calibration_dataset(spec, report, tokenizer, reporter)
         resumable = _resumable(model, report, plan, dataset, resume_dir, reporter)
-        with _layer_progress(model, reporter), layer_error_hooks(model, reporter), resumable:
+        passes = _calibrating_passes(report) if dataset is not None else []
+        with layer_progress(model, reporter, passes), layer_error_hooks(model, reporter), resumable:
             run_oneshot(model, tokenizer, report, spec, dataset, reporter)
         timings["compress_s"] = time.perf_counter() - started
 
@@ -217,6 +221,13 @@ def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokeniz
     return calib.tokenize_records(report.calibration_records, tokenizer, spec.calibration)
 
 
+def _calibrating_passes(report: PreflightReport) -> list[str]:
+    """The recipe's modifiers that calibrate, each making a pass over the calibration data of its own."""
+    from engine.presets import recipe_calibrating_modifiers
+
+    return recipe_calibrating_modifiers(report.recipe_yaml) if report.needs_calibration else []
+
+
 RESUMABLE_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "SparseGPTModifier")
 
 
@@ -246,9 +257,7 @@ def _resume_fingerprint(
     report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, *, ranks: int
 ) -> str | None:
     """What stored layers must match for this run to use them (engine.resume); None when it does not resume."""
-    from engine.presets import recipe_calibrating_modifiers
-
-    calibrating = recipe_calibrating_modifiers(report.recipe_yaml) if dataset is not None else []
+    calibrating = _calibrating_passes(report) if dataset is not None else []
     if resume_dir is None or len(calibrating) != 1 or calibrating[0] not in RESUMABLE_MODIFIERS:
         return None
     device = run_settings(plan)["device"]
@@ -258,30 +267,3 @@ def _resume_fingerprint(
         calibration_ids=[list(ids) for ids in dataset["input_ids"]],
         device=device if ranks == 1 else f"{device}, {ranks} data-parallel ranks",
     )
-
-
-@contextmanager
-def _layer_progress(model, reporter: Reporter) -> Iterator[None]:
-    """Report "layer i of N" as llm-compressor reaches each decoder layer (and check for cancel there)."""
-    layers = decoder_layers(model)
-    total = len(layers)
-    seen: set[int] = set()
-
-    def hook_for(index: int):
-        def hook(_module, _args):
-            if index not in seen:
-                seen.add(index)
-                reporter.emit(
-                    reporter.stage, f"Layer {index + 1} of {total}", within=index / total, step=index + 1, total=total
-                )
-            else:
-                reporter.check_cancel()
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -20,7 +20,7 @@ from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS
 from engine.plan import MemoryPlan
 from engine.preflight import PreflightReport
-from engine.presets import preset_for_recipe
+from engine.presets import linear_time_recipe, preset_for_recipe
 from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -50,8 +50,50 @@ _EVAL_TASK_S = 22.0  # one model, one task of 100 items
 _DOWNLOAD_STEP = 0.02  # a download's progress is reported (and logged) every 2 % of its bytes
 
 
+class _LayerClock:
+    """When calibration reached each layer of each pass: the pace per layer this job measured."""
+
+    def __init__(self) -> None:
+        self.started = self.last = self.pass_started = time.monotonic()
+        self.pass_index = 0
+
+    def reached(self, pass_index: int) -> None:
+        now = time.monotonic()
+        if pass_index != self.pass_index:
+            self.pass_index, self.pass_started = pass_index, now
+        self.last = now
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def seconds_left(self, index: int, layers: int, pass_index: int, passes: int) -> float:
+        """The calibration still to do when layer `index` of pass `pass_index` begins: this pass's layers at this
+        pass's pace (or the pace so far, at its first layer), the passes after it at the pace so far."""
+        now = time.monotonic()
+        done = pass_index * layers + index
+        pace = (now - self.started) / done
+        this_pass = (now - self.pass_started) / index if index and pass_index == self.pass_index else pace
+        return this_pass * (layers - index) + pace * layers * (passes - pass_index - 1)
+
+    def advance(self, reported: float, seconds_left: float, run_elapsed: float) -> float:
+        """The fraction now: the run's time so far over its time so far and still to go (so that the page's
+        time left, the time so far scaled by the share still to do, is this estimate), and at least what was
+        reported, moved by the share of the rest that the time since then is of the time still to go (an
+        estimate that grew, a slower pass, slows the bar instead of freezing it)."""
+        since = time.monotonic() - self.last
+        moved = reported + (1 - reported) * since / (since + seconds_left) if since + seconds_left > 0 else reported
+        return max(moved, run_elapsed / (run_elapsed + seconds_left) if run_elapsed + seconds_left > 0 else 0.0)
+
+
 class Reporter:
-    """Forwards progress to the caller and raises CancelledError when the caller asks to stop."""
+    """Forwards progress to the caller and raises CancelledError when the caller asks to stop.
+
+    The fraction it reports never goes back. Before calibration the stages are weighed by _STAGE_COST_S; once
+    the layers are being calibrated (layer()), the time this job measured per layer decides: each report moves
+    the bar by the share of what is left that the time since the last report is of the time still to go (the
+    layers of this pass at this pass's measured pace, the passes to come at the pace measured so far, and the
+    stages after calibration scaled by how fast calibration goes against its estimate). The percent then moves
+    evenly with time, and a slower pass (GPTQ after SmoothQuant) slows the bar instead of freezing it."""
 
     def __init__(self, callback: ProgressCallback | None, should_cancel: Callable[[], bool] | None) -> None:
         self.callback = callback
@@ -60,14 +102,21 @@ class Reporter:
         self.layer_errors: list[dict[str, Any]] = []
         self.costs: dict[str, float] = {}
         self._downloaded = -1.0
+        self._started = time.monotonic()  # the run's start (the job's started_at, give or take its queue hand-off)
+        self._reported = 0.0  # the highest fraction reported so far
+        # After calibration's layers: (fraction reported, the table's fraction at that point), so that the stages
+        # after it continue from where the measured layers left the bar.
+        self._anchor: tuple[float, float] | None = None
+        self._calibration: _LayerClock | None = None
 
-    def plan(self, spec: CompressionSpec, needs_calibration: bool) -> None:
-        """Weigh the stages this run will go through (see _STAGE_COST_S)."""
+    def plan(self, spec: CompressionSpec, needs_calibration: bool, passes: int = 1) -> None:
+        """Weigh the stages this run will go through (see _STAGE_COST_S). passes: how many passes over the
+        calibration data the recipe makes (one per calibrating modifier: recipe_calibrating_modifiers)."""
         first = {stage: _STAGE_COST_S[stage] for stage in ("preparing", "loading")}
         if needs_calibration:
             tokens = spec.calibration.samples * spec.calibration.max_seq_len
             share = _CALIBRATION_FIXED_SHARE + (1 - _CALIBRATION_FIXED_SHARE) * tokens / _CALIBRATION_TOKENS
-            self.costs = {**first, "calibrating": _STAGE_COST_S["calibrating"] * share}
+            self.costs = {**first, "calibrating": _STAGE_COST_S["calibrating"] * share * max(passes, 1)}
         else:
             self.costs = {**first, "compressing": _STAGE_COST_S["compressing"]}
         self.costs["saving"] = _STAGE_COST_S["saving"]
@@ -82,7 +131,7 @@ class Reporter:
         self.costs["hashing"] = _STAGE_COST_S["hashing"]
 
     def fraction(self, stage: str, within: float) -> float:
-        """The whole run's fraction done at `within` (0 to 1) of `stage`."""
+        """The whole run's fraction done at `within` (0 to 1) of `stage`, by the plan's weights."""
         if stage == "done":
             return 1.0
         total = sum(self.costs.values()) or 1.0
@@ -94,11 +143,41 @@ class Reporter:
         return min(1.0, before / total)
 
     def emit(self, stage: str, message: str = "", *, within: float = 0.0, **fields: Any) -> None:
+        fraction = self.fraction(stage, within)
+        if self._anchor is not None and fraction > self._anchor[1]:
+            reported, planned = self._anchor  # the plan's rest, squeezed into what the layers left of the bar
+            fraction = reported + (1 - reported) * (fraction - planned) / (1 - planned)
+        self._report(stage, message, fraction, **fields)
+
+    def _report(self, stage: str, message: str, fraction: float, **fields: Any) -> None:
         self.stage = stage
         self.check_cancel()
+        self._reported = max(self._reported, fraction)
         if self.callback:
-            fraction = self.fraction(stage, within)
-            self.callback(ProgressEvent(stage=stage, message=message, fraction=fraction, **fields))
+            self.callback(ProgressEvent(stage=stage, message=message, fraction=self._reported, **fields))
+
+    def layer(self, index: int, layers: int, pass_index: int, passes: list[str]) -> None:
+        """Decoder layer `index` (of `layers`) reached in pass `pass_index` of the recipe's calibrating passes
+        (`passes`: their modifiers' names): "Layer i of N", with the pass when there are several."""
+        words = f"Layer {index + 1} of {layers}"
+        if len(passes) > 1:
+            name = passes[pass_index].removesuffix("Modifier")
+            words += f", pass {pass_index + 1} of {len(passes)} ({name})"
+        done, total = pass_index * layers + index, len(passes) * layers
+        planned = self.fraction(self.stage, done / total)
+        if self._calibration is None:
+            self._calibration = _LayerClock()
+            fraction = planned
+        else:
+            seconds_left = self._calibration.seconds_left(index, layers, pass_index, len(passes))
+            after = sum(self.costs.values()) * (1 - self.fraction(self.stage, 1.0))
+            # The stages after calibration, at the pace calibration goes against the plan's estimate of it.
+            pace = self._calibration.elapsed() / (self.costs.get(self.stage) or 1.0) / (done / total)
+            run_elapsed = time.monotonic() - self._started
+            fraction = self._calibration.advance(self._reported, seconds_left + after * pace, run_elapsed)
+        self._calibration.reached(pass_index)
+        self._anchor = (max(self._reported, fraction), planned)
+        self._report(self.stage, words, fraction, step=index + 1, total=layers)
 
     def evaluation_progress(self, event: ProgressEvent) -> None:
         """The evaluation's own steps (thousandths of it), placed within the run."""
@@ -136,33 +215,57 @@ def run_oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec
             # The samples are already chosen; keep their order so that reruns give the same checkpoint.
             "shuffle_calibration_samples": False,
         }
-    oneshot(model=model, tokenizer=tokenizer, recipe=report.recipe_yaml, **kwargs)
+    # The recipe's 're:' patterns matched by RE2 here, so that compressed-tensors never runs them with Python's re.
+    recipe = linear_time_recipe(report.recipe_yaml, (name for name, _module in model.named_modules()))
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
 
 
 @contextmanager
 def layer_error_hooks(model, reporter: Reporter) -> Iterator[None]:
     """Keep each compressed module's error, under the module's name in the model and at full precision.
 
-    GPTQ and SparseGPT time and measure each module in a CompressionLogger, whose log lines carry only
-    the algorithm's name ("GPTQ") and the error rounded to 2 decimals; the logger itself holds the module
-    and the exact loss, so its exit is wrapped for the length of the run.
-    """
-    from llmcompressor.utils.metric_logging import CompressionLogger
+    GPTQ and SparseGPT log only the algorithm's name ("GPTQ") and the error rounded to 2 decimals; the exact
+    loss and the module come from engine.library_patches."""
+    from engine.library_patches import module_errors
 
-    names = {module: name for name, module in model.named_modules()}
-    original_exit = CompressionLogger.__exit__
+    def record(name: str, error: float) -> None:
+        reporter.layer_errors.append({"module": name, "error": error})
 
-    def exit_and_record(self, *exc_info):
-        loss = getattr(self, "_loss", None)
-        if loss is not None:
-            reporter.layer_errors.append({"module": names.get(self.module, "?"), "error": float(loss)})
-        return original_exit(self, *exc_info)
+    with module_errors(model, record):
+        yield
 
-    CompressionLogger.__exit__ = exit_and_record
+
+@contextmanager
+def layer_progress(model, reporter: Reporter, passes: list[str]) -> Iterator[None]:
+    """Report each decoder layer as llm-compressor reaches it, in every pass over the calibration data (passes:
+    the recipe's calibrating modifiers, each with a pass of its own), and check for cancel at each forward.
+
+    A pass runs the layers in order, every batch through layer i before layer i + 1, so a layer before the
+    last one reached starts the next pass."""
+    from engine.resume import decoder_layers
+
+    layers = decoder_layers(model)
+    passes = passes or ["calibration"]
+    at = {"layer": -1, "pass": 0}
+
+    def hook_for(index: int):
+        def hook(_module, _args):
+            if index == at["layer"]:
+                reporter.check_cancel()
+                return
+            if index < at["layer"]:
+                at["pass"] = min(at["pass"] + 1, len(passes) - 1)
+            at["layer"] = index
+            reporter.layer(index, len(layers), at["pass"], passes)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
     try:
         yield
     finally:
-        CompressionLogger.__exit__ = original_exit
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
