@@ -249,13 +249,14 @@ COMPRESSOR_RETENTION_DAYS = env.int("COMPRESSOR_RETENTION_DAYS", default=30)
 # The highest priority a user who is not staff may ask for (staff and the admin go up to 9).
 COMPRESSOR_USER_MAX_PRIORITY = env.int("COMPRESSOR_USER_MAX_PRIORITY", default=5)
 COMPRESSOR_MAX_UPLOAD_BYTES = env.int("COMPRESSOR_MAX_UPLOAD_BYTES", default=200 * 1024 * 1024)
+# A calibration upload is parsed once, while it streams in, and refused past this many rows (a job calibrates on
+# at most a few thousand) or this much of the web thread's CPU spent parsing it (a million short rows take 0.6 s).
+COMPRESSOR_MAX_UPLOAD_ROWS = env.int("COMPRESSOR_MAX_UPLOAD_ROWS", default=1_000_000)
+COMPRESSOR_UPLOAD_CHECK_CPU_S = env.float("COMPRESSOR_UPLOAD_CHECK_CPU_S", default=5.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
-# An upload over COMPRESSOR_MAX_UPLOAD_BYTES is stopped while it streams in, before it fills the disk.
-FILE_UPLOAD_HANDLERS = [
-    "jobs.uploads.UploadSizeLimit",
-    "django.core.files.uploadhandler.MemoryFileUploadHandler",
-    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
-]
+# An upload over COMPRESSOR_MAX_UPLOAD_BYTES is stopped while it streams in, before it fills the disk; each file
+# is written to a temporary file while it is hashed and parsed (jobs.uploads).
+FILE_UPLOAD_HANDLERS = ["jobs.uploads.UploadSizeLimit", "jobs.uploads.CheckedUploadHandler"]
 # Warm GPU workers: import torch and llm-compressor in each worker child before its first job.
 COMPRESSOR_WORKER_PRELOAD = env.bool("COMPRESSOR_WORKER_PRELOAD", default=True)
 # The memory plan (engine.plan) weighs what the worker measures: host memory available, each GPU's free

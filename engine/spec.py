@@ -22,6 +22,7 @@ class CalibrationSpec:
 
     kind: "builtin" (text the project generates), "jsonl" (a local file of {"text"} or {"messages"} rows),
     "hub" (a Hugging Face dataset id + split + column), or "none" (data-free presets only).
+    rows: a jsonl file's usable rows when they were counted already (an upload); None: counted by reading it.
     """
 
     kind: str = BUILTIN_CALIBRATION
@@ -31,6 +32,7 @@ class CalibrationSpec:
     column: str = "text"
     samples: int = 32
     max_seq_len: int = 256
+    rows: int | None = None
 
 
 @dataclass(frozen=True)

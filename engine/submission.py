@@ -293,7 +293,8 @@ def _layer_pattern(name: str) -> str:
 
 
 def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, load_hub: bool = False) -> list[dict]:
-    """Refuse calibration settings that cannot work; return the rows read (a hub set only with load_hub).
+    """Refuse calibration settings that cannot work; return the rows read (a hub set, and an upload whose rows
+    were counted, only with load_hub: the worker's call).
 
     needs_calibration None (a custom recipe not yet judged by llm-compressor): "none" is left to the worker.
     """
@@ -310,10 +311,14 @@ def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, l
     if cal.kind == "hub" and not load_hub:
         hub.check_dataset(cal.dataset)  # metadata only: the web process never reads a dataset (nor its cache)
         return []
-    records = calib.load_records(cal)
-    if len(records) < cal.samples:
+    if cal.kind == "jsonl" and cal.rows is not None and not load_hub:
+        records, usable = [], cal.rows  # counted when it was uploaded: a submission never reads the file again
+    else:
+        records = calib.load_records(cal)
+        usable = len(records)
+    if usable < cal.samples:
         raise PreflightError(
-            f"The calibration data has {len(records)} usable rows but {cal.samples} samples were requested.",
+            f"The calibration data has {usable} usable rows but {cal.samples} samples were requested.",
             field="calibration",
         )
     return records

@@ -19,6 +19,7 @@ urlpatterns = [
     path("jobs/<int:pk>/push/", views.job_push, name="job-push"),
     path("hub-token/", views.hub_token, name="hub-token"),
     path("api-token/", views.api_token, name="api-token"),
+    path("calibration-files/", views.calibration_files, name="calibration-files"),
     path("compare/", views.compare, name="compare"),
     # Pages without a <link rel="icon"> (the admin, the API docs) ask browsers' default address
     path("favicon.ico", RedirectView.as_view(url=static("frontend/favicon.svg"), permanent=True)),

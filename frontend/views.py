@@ -11,7 +11,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -439,6 +439,26 @@ def api_token(request: HttpRequest) -> HttpResponse:
     if new_key:
         response["Cache-Control"] = "no-store"  # the key is in this page alone: no cache may keep it
     return response
+
+
+# --- calibration uploads ------------------------------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def calibration_files(request: HttpRequest) -> HttpResponse:
+    """One's uploaded calibration files, each with a delete button (refused while an active job uses it)."""
+    files = selectors.calibration_datasets_for_user(user=request.user).filter(owner=request.user)
+    if request.method == "POST":
+        dataset = get_object_or_404(files, pk=_int(request.POST.get("delete")))
+        try:
+            services.calibration_dataset_delete(dataset=dataset)
+        except services.JobStateError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"The file '{dataset.name}' is deleted.")
+        return redirect("frontend:calibration-files")
+    return render(request, "frontend/calibration_files.html", {"files": files})
 
 
 # --- compare --------------------------------------------------------------------------------------------

@@ -103,8 +103,9 @@ class JobInput:
         """The engine's view of this request (plain data, no Django)."""
         common = {"samples": self.calibration_samples, "max_seq_len": self.calibration_max_seq_len}
         if self.calibration_kind == Job.CalibrationKind.UPLOAD:
-            path = str(_calibration_path(self.calibration_file)) if self.calibration_file else None
-            calibration = CalibrationSpec(kind="jsonl", path=path, **common)
+            upload = self.calibration_file
+            path = str(_calibration_path(upload)) if upload else None
+            calibration = CalibrationSpec(kind="jsonl", path=path, rows=upload.rows if upload else None, **common)
         else:
             calibration = CalibrationSpec(
                 kind=self.calibration_kind,

@@ -92,8 +92,10 @@ class Job(models.Model):
     recipe_yaml = models.TextField(blank=True, help_text="A custom llm-compressor recipe (instead of a preset).")
     resolved_recipe = models.TextField(blank=True, help_text="The recipe recorded at submission; what the worker runs.")
     calibration_kind = models.CharField(max_length=16, choices=CalibrationKind.choices, default=CalibrationKind.BUILTIN)
+    # An owner may delete an upload no active job uses (jobs.services.calibration_dataset_delete): the jobs that
+    # ended keep their record, without the file.
     calibration_file = models.ForeignKey(
-        CalibrationDataset, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
+        CalibrationDataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
     )
     calibration_hub_dataset = models.CharField(max_length=300, blank=True)
     calibration_split = models.CharField(max_length=100, default="train")

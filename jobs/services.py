@@ -37,6 +37,7 @@ from jobs.inputs import JobInput, api_calibration, job_spec
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
 from jobs.ratelimit import RateLimited, Window
 from jobs.redaction import redact
+from jobs.uploads import calibration_check
 
 logger = logging.getLogger(__name__)
 
@@ -716,34 +717,40 @@ def job_remove_artifacts(*, job: Job, keep_resume: bool = False) -> None:
 
 
 def calibration_dataset_create(*, owner: AbstractBaseUser, name: str, upload: UploadedFile) -> CalibrationDataset:
-    """Store an uploaded JSONL calibration file; raise EngineError (field "file") when it is unusable."""
-    from engine.calibration import read_jsonl
-
+    """Store an uploaded JSONL calibration file with its sha256 and usable rows, counted once as it streamed in
+    (jobs.uploads); raise EngineError (field "file") when it is unusable."""
     if upload.size and upload.size > settings.COMPRESSOR_MAX_UPLOAD_BYTES:
         raise EngineError(
             f"The file is larger than the limit of {settings.COMPRESSOR_MAX_UPLOAD_BYTES // 2**20} MiB.", field="file"
         )
+    check = calibration_check(upload)
     with transaction.atomic():
         _lock_quotas(owner)
         _check_stored_bytes(owner, adding=upload.size or 0)
-    digest = hashlib.sha256()
-    for chunk in upload.chunks():
-        digest.update(chunk)
-    upload.seek(0)
     dataset = CalibrationDataset(
         owner=owner,
         name=(name or upload.name or "calibration.jsonl")[:200],  # a browser's file name can be longer
-        sha256=digest.hexdigest(),
+        sha256=check.sha256,
         size_bytes=upload.size,
+        rows=check.rows,
     )
     dataset.file.save("upload.jsonl", upload, save=False)
-    try:
-        dataset.rows = len(read_jsonl(artifact_store.local_copy(dataset.file.name, sha256=dataset.sha256)))
-    except EngineError as exc:
-        dataset.file.delete(save=False)
-        raise EngineError(exc.message, field="file") from None
     dataset.save()
     return dataset
+
+
+def calibration_dataset_delete(*, dataset: CalibrationDataset) -> None:
+    """Delete an upload and its file (its bytes leave the owner's quota); refused with JobStateError while a
+    queued or running job uses it. Jobs that ended keep their record, without the file."""
+    with transaction.atomic():
+        _lock_quotas(dataset.owner)
+        if dataset.jobs.filter(status__in=Job.ACTIVE).exists():
+            raise JobStateError(
+                f"The file '{dataset.name}' is used by a queued or running job; delete it once that job has ended."
+            )
+        stored_name = dataset.file.name
+        dataset.delete()
+        transaction.on_commit(lambda: _remove_files([], [stored_name]))
 
 
 # --- the log -------------------------------------------------------------------------------------------

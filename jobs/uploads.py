@@ -1,13 +1,22 @@
-"""A size limit applied while an upload streams in: an oversized file stops before it reaches the disk.
+"""Calibration uploads as they stream in: a size limit (an oversized file stops before it reaches the disk),
+and one pass that hashes and parses each file while it is written, bounded in rows and in CPU time.
 
-Installed first in settings.FILE_UPLOAD_HANDLERS, so it covers the API, the job form and the admin alike.
+Both are installed in settings.FILE_UPLOAD_HANDLERS, so they cover the API, the job form and the admin alike.
+The row count stored with the upload is what a job submission checks: no request reads the file again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
+
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.core.files.uploadhandler import FileUploadHandler
+from django.core.files.uploadedfile import UploadedFile
+from django.core.files.uploadhandler import FileUploadHandler, TemporaryFileUploadHandler
+
+from engine.calibration import JsonlRows
+from engine.errors import EngineError
 
 # Room for the multipart boundaries and the other form fields around the file.
 _FORM_OVERHEAD_BYTES = 64 * 1024
@@ -48,3 +57,78 @@ class UploadSizeLimit(FileUploadHandler):
 
     def file_complete(self, file_size: int) -> None:
         return None
+
+
+class CalibrationCheck:
+    """One pass over an upload's bytes: their sha256 and the usable calibration rows, or why the file cannot
+    be used (the first problem: the rest streams in unparsed, already bounded by the size limit).
+
+    At most COMPRESSOR_MAX_UPLOAD_ROWS rows, and at most COMPRESSOR_UPLOAD_CHECK_CPU_S of this thread's CPU
+    spent parsing (a slow client's time on the wire is not counted).
+    """
+
+    def __init__(self) -> None:
+        self.sha256 = ""
+        self.rows = 0
+        self.error: EngineError | None = None
+        self._digest = hashlib.sha256()
+        self._parser = JsonlRows(max_rows=settings.COMPRESSOR_MAX_UPLOAD_ROWS)
+        self._cpu_s = 0.0
+
+    def feed(self, data: bytes) -> None:
+        self._digest.update(data)
+        if self.error is not None:
+            return
+        started = time.thread_time()
+        try:
+            self._parser.feed(data)
+        except EngineError as exc:
+            self.error = exc
+        self._cpu_s += time.thread_time() - started
+        if self.error is None and self._cpu_s > settings.COMPRESSOR_UPLOAD_CHECK_CPU_S:
+            self.error = EngineError(
+                f"Checking the file took too long (stopped at line {self._parser.lines:,}); upload fewer or "
+                "simpler rows."
+            )
+
+    def finish(self) -> CalibrationCheck:
+        self.sha256 = self._digest.hexdigest()
+        if self.error is None:
+            try:
+                self.rows = self._parser.finish()
+            except EngineError as exc:
+                self.error = exc
+        return self
+
+
+class CheckedUploadHandler(TemporaryFileUploadHandler):
+    """Django's temporary-file handler that also runs each file's CalibrationCheck on the chunks it writes;
+    the uploaded file carries it as .calibration_check."""
+
+    def new_file(self, *args, **kwargs) -> None:
+        super().new_file(*args, **kwargs)
+        self._check = CalibrationCheck()
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
+        self._check.feed(raw_data)
+        return super().receive_data_chunk(raw_data, start)
+
+    def file_complete(self, file_size: int) -> UploadedFile:
+        upload = super().file_complete(file_size)
+        upload.calibration_check = self._check.finish()
+        return upload
+
+
+def calibration_check(upload: UploadedFile) -> CalibrationCheck:
+    """The upload's check, made while it streamed in; a file that came another way (a script, a test) is
+    checked now, in one pass. Raises EngineError (field "file") when the file cannot be used."""
+    check = getattr(upload, "calibration_check", None)
+    if check is None:
+        check = CalibrationCheck()
+        for chunk in upload.chunks():
+            check.feed(chunk)
+        check.finish()
+        upload.seek(0)
+    if check.error is not None:
+        raise EngineError(check.error.message, field="file")
+    return check

@@ -281,9 +281,17 @@ class HubTokenView(APIView):
 
 
 class CalibrationDatasetViewSet(
-    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
 ):
-    """Uploaded calibration files (JSONL of {"text"} or {"messages"} rows); each user sees their own."""
+    """Uploaded calibration files (JSONL of {"text"} or {"messages"} rows); each user sees their own.
+
+    An upload is checked once as it streams in (at most COMPRESSOR_MAX_UPLOAD_ROWS rows); its usable rows are
+    stored, and a job naming it is checked against that count.
+    """
 
     serializer_class = CalibrationDatasetSerializer
     parser_classes = [MultiPartParser, FormParser]
@@ -300,3 +308,12 @@ class CalibrationDatasetViewSet(
             name=serializer.validated_data.get("name", ""),
             upload=serializer.validated_data["file"],
         )
+
+    @extend_schema(responses={204: None, 409: ErrorSerializer})
+    def destroy(self, request: Request, *args, **kwargs) -> Response:
+        """Delete your upload and its file (its bytes leave your quota); 409 while a queued or running job uses it.
+        Jobs that ended keep their record without it."""
+        return super().destroy(request, *args, **kwargs)
+
+    def perform_destroy(self, instance: CalibrationDataset) -> None:
+        services.calibration_dataset_delete(dataset=instance)
