@@ -15,17 +15,7 @@ from dataclasses import dataclass
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from frontend.presentation import MetricRow
-
-
-def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    if abs(value) >= 0.01:
-        return f"{value:.4g}"
-    return f"{value:.2e}"
+from frontend.presentation import MetricRow, metric_text
 
 
 def _svg(width: int, height: int, title: str, desc: str, body: list[str], css_class: str) -> SafeString:
@@ -102,7 +92,7 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
         body.append(
             f'<rect class="bar" x="{x + step * 0.1:.2f}" y="{top + plot_h - bar_h:.2f}" '
             f'width="{max(step * 0.8, 0.5):.2f}" height="{bar_h:.2f}">'
-            f"<title>{escape(name)}: {_fmt(value)}</title></rect>"
+            f"<title>{escape(name)}: {metric_text(value)}</title></rect>"
         )
         match = _LAYER_INDEX.search(name)
         if match and match.group(1) not in labelled_layers:
@@ -131,7 +121,8 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
         width,
         height,
         "Quantization error per module, log scale",
-        f"{len(errors)} modules; error is the {LAYER_ERROR_UNIT}; the largest is {_fmt(worst[1])} in {worst[0]}.",
+        f"{len(errors)} modules; error is the {LAYER_ERROR_UNIT}; "
+        f"the largest is {metric_text(worst[1])} in {worst[0]}.",
         body,
         "chart-layers",
     )
@@ -180,16 +171,18 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
         bars.append((40, "bar-compressed", row.compressed))
         if not has_baseline:
             note = "baseline: none" if row.baseline is None else "baseline: 0 by definition, no bar"
-            body.append(f'<text class="tick" x="{label_w - 8}" y="{y + 34}" text-anchor="end">{note}</text>')
+            # In the empty baseline row, from the left edge: end-anchored beside the bars it ran off the SVG
+            body.append(f'<text class="tick note" x="8" y="{y + 33}">{note}</text>')
         for offset, css, value in bars:
             length = bar_w * abs(value) / peak
             body.append(
                 f'<text class="tick" x="{label_w - 8}" y="{y + offset + 11}" text-anchor="end">'
                 f"{css.removeprefix('bar-')}</text>"
                 f'<rect class="{css}" x="{label_w}" y="{y + offset}" width="{length:.1f}" height="14">'
-                f"<title>{escape(row.label)} {css.removeprefix('bar-')}: {_fmt(value)}{escape(row.unit)}</title></rect>"
+                f"<title>{escape(row.label)} {css.removeprefix('bar-')}: "
+                f"{metric_text(value)}{escape(row.unit)}</title></rect>"
                 f'<text class="tick value" x="{label_w + length + 4:.1f}" y="{y + offset + 11}">'
-                f"{_fmt(value)}{escape(row.unit)}</text>"
+                f"{metric_text(value)}{escape(row.unit)}</text>"
             )
         axis_y = y + 58
         body.append(f'<line class="axis" x1="{label_w}" y1="{axis_y}" x2="{label_w + bar_w}" y2="{axis_y}"/>')
@@ -198,7 +191,7 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
             body.append(
                 f'<line class="axis" x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 4}"/>'
                 f'<text class="tick axis-tick" x="{x:.1f}" y="{axis_y + 15}" text-anchor="middle">'
-                f"{_fmt(peak * fraction)}{escape(row.unit)}</text>"
+                f"{peak * fraction:g}{escape(row.unit)}</text>"
             )
     return _svg(
         width,
@@ -208,6 +201,33 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
         body,
         "chart-metrics",
     )
+
+
+# An 11 px label's average character width, a little generous: enough to keep labels apart, not to measure them.
+LABEL_CHAR_W = 6.6
+LABEL_LINE_H = 13
+
+
+def _nice_step(span: float) -> float:
+    """An axis step of 1, 2, 2.5 or 5 x 10^k giving 3 to 6 ticks over span: 50 MB, not 74 MB."""
+    if span <= 0:
+        return 1.0
+    raw = span / 4
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(f * magnitude for f in (1, 2, 2.5, 5, 10) if f * magnitude >= raw)
+
+
+def _label_place(
+    x: float, y: float, text_w: float, width: float, placed: list[tuple[float, float, float]]
+) -> tuple[float, float, str]:
+    """Where a point's label goes: right of it, or left of it where it would leave the SVG; moved down a line
+    while it would overlap a label already placed (two jobs of about the same size and quality)."""
+    left, anchor = (x + 9, "start") if x + 9 + text_w <= width else (x - 9, "end")
+    start = left if anchor == "start" else left - text_w
+    while any(start < end and start + text_w > begin and abs(y - at) < LABEL_LINE_H for begin, end, at in placed):
+        y += LABEL_LINE_H
+    placed.append((start, start + text_w, y))
+    return left, y, anchor
 
 
 @dataclass
@@ -231,7 +251,9 @@ def size_quality_chart(
     strip = 34 if unevaluated else 0
     width, height, left, bottom, top, right = 640, 300 + strip, 64, 44 + strip, 16, 150
     plot_w, plot_h = width - left - right, height - top - bottom
-    max_x = max(p.size_bytes for p in points) * 1.1 or 1
+    top_mb = max(p.size_bytes for p in points) * 1.05 / 1e6
+    step_mb = _nice_step(top_mb)
+    max_x = step_mb * max(1, math.ceil(top_mb / step_mb)) * 1e6
     qualities = [p.quality for p in points if p.quality is not None] or [100.0]
     low = math.floor(min(min(qualities), floor or 90, 90) / 5) * 5
     high = math.ceil(max(max(qualities), 100) / 5) * 5
@@ -253,21 +275,23 @@ def size_quality_chart(
         f'<text class="label axis-label" x="14" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
         f'transform="rotate(-90 14 {top + plot_h / 2:.0f})">recovery (%)</text>',
     ]
+    placed: list[tuple[float, float, float]] = []  # the labels drawn so far: left, right, baseline y
     if unevaluated:
         y = py(None)
+        placed.append((left + plot_w + 6, left + plot_w + 6 + 13 * LABEL_CHAR_W, y + 4))
         body.append(
             f'<rect class="strip" x="{left}" y="{y - 12}" width="{plot_w}" height="24"/>'
-            f'<text class="tick" x="{left - 6}" y="{y + 4}" text-anchor="end">not evaluated</text>'
+            # In the right margin: the left one is narrower than the words (it read "evaluated")
+            f'<text class="tick" x="{left + plot_w + 6}" y="{y + 4}">not evaluated</text>'
         )
     for tick in range(int(low), int(high) + 1, 5 if span <= 40 else 10):
         y = py(tick)
         body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}"/>')
         body.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick}</text>')
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = left + plot_w * fraction
+    for index in range(round(max_x / (step_mb * 1e6)) + 1):
+        x = px(index * step_mb * 1e6)
         body.append(
-            f'<text class="tick" x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">'
-            f"{max_x * fraction / 1e6:.0f}</text>"
+            f'<text class="tick" x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{index * step_mb:g}</text>'
         )
     if len(frontier) > 1:
         line = " ".join(f"{px(p.size_bytes):.1f},{py(p.quality):.1f}" for p in frontier)
@@ -283,10 +307,12 @@ def size_quality_chart(
         css = "point-baseline" if point.baseline else "point-none" if point.quality is None else "point"
         css += " point-recommended" if point.recommended else ""
         quality = "not evaluated" if point.quality is None else f"{point.quality:.1f} %"
+        label_x, label_y, anchor = _label_place(x, y + 4, len(point.label) * LABEL_CHAR_W, width, placed)
         body.append(
             f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="6"><title>{escape(point.label)}: '
             f"{point.size_bytes / 1e6:.1f} MB, {quality}</title></circle>"
-            f'<text class="tick" x="{x + 9:.1f}" y="{y + 4:.1f}">{escape(point.label)}</text>'
+            f'<text class="tick" x="{label_x:.1f}" y="{label_y:.1f}" text-anchor="{anchor}">'
+            f"{escape(point.label)}</text>"
         )
     return _svg(
         width,

@@ -353,6 +353,19 @@ def seconds_left(job) -> float | None:
     return elapsed * (100.0 - percent) / percent if elapsed > 0 else None
 
 
+def metric_text(value: Any) -> str:
+    """A metric's value, the one way the pages and charts write it: four significant figures, trailing zeros
+    kept so that a column lines up (17.90, 546.0, 0.02680), whole numbers from 1000 up (1814)."""
+    number = _number(value)
+    if number is None:
+        return "–" if value is None or value == "" else str(value)
+    if number == 0:
+        return "0"
+    if abs(number) >= 1000:
+        return f"{number:.0f}"
+    return f"{number:#.4g}".rstrip(".")
+
+
 def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return ""

@@ -17,7 +17,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from engine.errors import EngineError
 from engine.presets import PRESETS, preset_for_recipe
-from engine.units import RECOVERY_DEFINITION
+from engine.units import RECOVERY_DEFINITION, size_text
 from frontend import charts, presentation, trials
 from frontend.forms import CUSTOM_RECIPE, HubPushForm, HubTokenForm, JobForm, apply_aria, preset_infos
 from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
@@ -476,12 +476,14 @@ def _calibration_text(job: Job) -> str:
     return f"{source} {job.calibration_samples} × {job.calibration_max_seq_len}"
 
 
-def _best_index(values: list[float | None], higher_is_better: bool) -> int | None:
-    """The column holding the best value of a row (None when fewer than two columns have one)."""
+def _best_indexes(values: list[float | None], higher_is_better: bool, shown) -> set[int]:
+    """The columns holding the best value of a row, ties included: values that read the same on the page
+    (shown: the row's formatter, so 163.2 MB and 163.2 MB both get the ★); none when fewer than two have one."""
     present = [(value, index) for index, value in enumerate(values) if value is not None]
     if len(present) < 2:
-        return None
-    return (max(present) if higher_is_better else min(present))[1]
+        return set()
+    best = shown((max if higher_is_better else min)(present)[0])
+    return {index for value, index in present if shown(value) == best}
 
 
 def _points_on_plane(columns: list[dict[str, Any]]) -> list[trials.TrialPoint]:
@@ -556,13 +558,14 @@ def compare(request: HttpRequest) -> HttpResponse:
     metric_table = []
     for name, label in labels.items():
         cells = [rows.get(name) for rows in per_job]
-        best = _best_index([cell.compressed if cell else None for cell in cells], higher_is_better[name])
+        compressed = [cell.compressed if cell else None for cell in cells]
+        best = _best_indexes(compressed, higher_is_better[name], presentation.metric_text)
         metric_table.append(
             {
                 "label": label,
                 "higher_is_better": higher_is_better[name],
                 "baseline": baseline.get(name),
-                "cells": [{"row": cell, "best": index == best} for index, cell in enumerate(cells)],
+                "cells": [{"row": cell, "best": index in best} for index, cell in enumerate(cells)],
             }
         )
     columns = [
@@ -574,9 +577,10 @@ def compare(request: HttpRequest) -> HttpResponse:
         }
         for index, job in enumerate(chosen)
     ]
-    smallest = _best_index([c["sizes"].after if c["sizes"] else None for c in columns], higher_is_better=False)
+    sizes_after = [c["sizes"].after if c["sizes"] else None for c in columns]
+    smallest = _best_indexes(sizes_after, higher_is_better=False, shown=size_text)
     for index, column in enumerate(columns):
-        column["smallest"] = index == smallest
+        column["smallest"] = index in smallest
     points = []
     before = next((c["sizes"].before for c in columns if c["sizes"]), None)
     if before:

@@ -10,7 +10,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 from engine.card import LINK_HOSTS
 from engine.units import percent_text, size_text
-from frontend.presentation import duration_text
+from frontend.presentation import duration_text, metric_text
 from jobs.models import Job
 
 register = template.Library()
@@ -56,18 +56,8 @@ def pct(value, digits: int = 1) -> str:
 
 @register.filter
 def metric(value) -> str:
-    """A metric value with sensible precision: 0.6683 -> "0.668", 12.345 -> "12.35", 1234.5 -> "1234"."""
-    if value is None or value == "":
-        return "–"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if abs(number) >= 1000:
-        return f"{number:.0f}"
-    if abs(number) >= 10:
-        return f"{number:.2f}"
-    return f"{number:.3g}" if number else "0"
+    """A metric value (frontend.presentation.metric_text): 0.02683 -> "0.02683", 17.9 -> "17.90", 1814.2 -> "1814"."""
+    return metric_text(value)
 
 
 @register.filter

@@ -250,7 +250,16 @@ def _staged_jobs(alice, make_job, succeeded_job):
     from jobs.models import Job, JobLogLine
 
     full = succeeded_job(alice, preset="int8-w8a8-gptq", after=164_000_000, quality=0.991)
+    kl = {"name": "kl_divergence", "label": "KL divergence from the baseline", "baseline": 0.0, "compressed": 0.0268,
+          "recovery": None, "higher_is_better": False}  # fmt: skip
+    full.results["evaluation"]["metrics"].append(kl)  # its chart's "baseline: 0 by definition" note
+    full.save()
     succeeded_job(alice, preset="fp8-dynamic", after=170_500_000, quality=0.997)
+    # Beside it on the compare chart (labels that would overlap), and one on the "not evaluated" strip
+    succeeded_job(alice, preset="fp8-dynamic", after=165_000_000, quality=0.990)
+    bare = succeeded_job(alice, preset="w8a16-gptq", after=164_000_000, quality=0.99)
+    bare.results.pop("evaluation")
+    bare.save()
     _staged_pushes(alice, full)
     # A run as a worker leaves it: submitted a minute ago, started 50 s ago, one log line per stage so far.
     now = timezone.now()
@@ -361,7 +370,16 @@ def _compare(page, width: int) -> list[str]:
     problems = _chart_text(page, width)
     if first_job["x"] + 40 > width:
         problems.append("no job column is visible beside the metric names")
-    return problems
+    overlapping = page.evaluate(
+        """() => {
+            const boxes = Array.from(document.querySelectorAll("svg.chart-scatter text"))
+                .map((text) => [text.textContent, text.getBoundingClientRect()]);
+            const hit = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+            return boxes.flatMap(([name, box], i) => boxes.slice(i + 1)
+                .filter(([, other]) => hit(box, other)).map(([other]) => name + " / " + other));
+        }"""
+    )
+    return problems + [f"chart labels overlap: {pair}" for pair in overlapping]
 
 
 def _fits(page) -> list[str]:

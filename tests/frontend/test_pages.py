@@ -183,6 +183,24 @@ def test_compare_tells_jobs_apart_marks_the_best_and_keeps_the_chosen_order(clie
         assert cells.count(" best") == 1
 
 
+def test_compare_gives_the_star_to_every_tied_job_and_ticks_its_axis_on_round_sizes(client_for, alice, succeeded_job):
+    # Given two jobs whose checkpoints read the same, 163.2 MB (a few kB apart), and a larger one
+    first = succeeded_job(alice, preset="fp8-dynamic", after=163_180_000, quality=0.99)
+    succeeded_job(alice, preset="int8-w8a8-gptq", after=163_240_000, quality=0.98)
+    succeeded_job(alice, preset="w8a16-gptq", after=170_000_000, quality=0.97)
+
+    html = _html(client_for(alice).get("/compare/", {"model": "smollm2-135m-instruct", "floor": "97.5"}))
+
+    # Then both get the ★ for size
+    size_row = re.search(r"<tr><th scope=\"row\"[^>]*>Checkpoint size.*?</tr>", html, re.S).group(0)
+    assert size_row.count("★") == 2 and size_row.count("163.2 MB") == 2
+    # ...the size axis (to the baseline's 269 MB) is ticked on round numbers, not on fractions of the largest size
+    ticks = re.findall(r'<text class="tick" x="[0-9.]+" y="[0-9.]+" text-anchor="middle">([^<]+)</text>', html)
+    assert ticks == ["0", "100", "200", "300"], ticks
+    # ...and the recommendation writes its recovery as the table does (one decimal)
+    assert f"#{first.pk} fp8-dynamic</strong>, 163.2 MB at 99.0 %, the smallest that keeps it" in html
+
+
 # --- checksums a user can check ------------------------------------------------------------------------------
 
 
