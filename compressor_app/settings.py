@@ -302,6 +302,12 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 25,
     "DEFAULT_SCHEMA_CLASS": "jobs.api.schema.ErrorAnswersSchema",
+    # DRF's three, the JSON one answering a body nested too deeply with a 400 (not a RecursionError's 500).
+    "DEFAULT_PARSER_CLASSES": [
+        "jobs.api.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     # Refused requests answer in JSON, also a body over DATA_UPLOAD_MAX_MEMORY_SIZE (Django's page is HTML).
     "EXCEPTION_HANDLER": "jobs.api.exceptions.exception_handler",
 }

@@ -1,6 +1,8 @@
 from django.contrib import admin
 from django.contrib.auth.views import LoginView
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import include, path
+from django.views.defaults import page_not_found
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from frontend.forms import SignInForm
@@ -17,3 +19,14 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("", include("frontend.urls")),
 ]
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """An address no route matches: under /api/ in the API's JSON shape (its views answer their own 404s so),
+    elsewhere Django's page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "No such address in the API (see /api/v1/docs/)."}, status=404)
+    return page_not_found(request, exception)
+
+
+handler404 = not_found

@@ -322,7 +322,11 @@ def file_response(job: Job, *, path: str, range_header: str | None, if_range: st
     if wanted is not None and if_range is not None and if_range != etag:
         wanted = None  # the client's copy is of another version: send the whole file
     if wanted == "unsatisfiable":
-        response = HttpResponse(status=416)
+        response = HttpResponse(
+            f"The range starts past the end of the file ({size} bytes).\n",
+            status=416,
+            content_type="text/plain; charset=utf-8",
+        )
         response["Content-Range"] = f"bytes */{size}"
     elif wanted is None:
         response = FileResponse(source.open("rb"), content_type=content_type)

@@ -201,6 +201,8 @@ def test_a_range_with_thousands_of_digits_is_answered_not_a_500(
     assert response.status_code == status
     if status == 416:
         assert response["Content-Range"] == f"bytes */{size}"
+        assert response["Content-Type"].startswith("text/plain")
+        assert f"past the end of the file ({size} bytes)" in response.content.decode()
     else:
         assert int(response["Content-Length"]) == size and response["Content-Range"] == f"bytes 0-{size - 1}/{size}"
 
@@ -299,6 +301,35 @@ def test_a_request_body_over_10_mb_gets_a_json_400(api):
     assert response.status_code == 400
     assert response["Content-Type"].startswith("application/json")
     assert "10 MB" in response.json()["detail"]
+
+
+def test_json_nested_100000_deep_is_a_400_on_every_json_endpoint(api, user, make_job, checkpoint):
+    job = make_job(user)
+    checkpoint(job)
+    deep = "[" * 100_000 + "]" * 100_000
+
+    answers = {
+        (method, path): getattr(api, method)(path, deep, content_type="application/json")
+        for method, path in [
+            ("post", "/api/v1/jobs/"),
+            ("put", "/api/v1/hub-token/"),
+            ("post", f"/api/v1/jobs/{job.pk}/push/"),
+        ]
+    }
+
+    for call, response in answers.items():
+        assert response.status_code == 400, (call, response.status_code)
+        assert "nested too deeply" in response.json()["detail"], call
+
+
+def test_an_address_no_api_route_matches_answers_a_json_404(api, client):
+    for path in ("/api/v1/jobs/0.5/", "/api/v1/no-such-thing/", "/api/v2/jobs/"):
+        response = api.get(path)
+        assert response.status_code == 404 and response["Content-Type"] == "application/json", path
+        assert "No such address" in response.json()["detail"]
+    # the pages keep Django's page, and a missing slash is still added by a redirect
+    assert api.get("/no-such-page/")["Content-Type"].startswith("text/html")
+    assert api.get("/api/v1/presets").status_code == 301
 
 
 def test_the_openapi_schema_documents_errors_integer_ids_the_zip_and_preset_or_recipe(api):
