@@ -285,6 +285,7 @@ def _staged_jobs(alice, make_job, succeeded_job):
         line = JobLogLine.objects.create(job=running, stage=stage, text=text)
         JobLogLine.objects.filter(pk=line.pk).update(created_at=now - timezone.timedelta(seconds=seconds_ago))
     make_job(alice, preset="nvfp4")
+    make_job(alice, preset="", recipe_yaml="quant_stage: {}")  # a custom recipe: no preset to name it by
     failed = make_job(
         alice, preset="fp8-static", status="failed", error="Calibration needs at least 1 row; the file has none."
     )
@@ -446,6 +447,10 @@ def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, mak
         shoot(admin, f"{width}-admin-queue.png")
         problems += [f"{width} admin queue: {v}" for v in axe_violations(admin)]
         problems += [f"{width} admin queue: {p}" for p in _fits(admin)]
+        admin.goto("/admin/jobs/job/")
+        shoot(admin, f"{width}-admin-jobs.png")
+        problems += [f"{width} admin jobs: {v}" for v in axe_violations(admin)]
+        problems += [f"{width} admin jobs: {p}" for p in _fits(admin)]
     assert not problems, "\n".join(problems)
 
 

@@ -154,3 +154,16 @@ def test_every_page_numbers_the_queue_the_same_way(user, make_job):
     for job in Job.objects.filter(pk__in=[j.pk for j in jobs]):
         assert selectors.queue_position(job=job) == positions[job.pk]
     assert [positions[j.pk] for j in jobs] == [2, 1, 3, 1, 4]
+
+
+def test_the_preset_filter_names_every_link_and_custom_recipes_filter_too(operator, user, make_job):
+    fp8 = make_job(user, preset="fp8-dynamic")
+    custom = make_job(user, preset="", recipe_yaml="quant_stage: {}")
+
+    html = operator.get("/admin/jobs/job/").text
+    links = re.findall(r'<a href="\?preset=([^"]*)"[^>]*>([^<]*)</a>', html)
+
+    assert ("custom", "custom recipe") in links and ("fp8-dynamic", "fp8-dynamic") in links
+    assert all(name.strip() for _value, name in links)
+    listed = operator.get("/admin/jobs/job/?preset=custom").text
+    assert f"/admin/jobs/job/{custom.pk}/change/" in listed and f"/admin/jobs/job/{fp8.pk}/change/" not in listed
