@@ -153,16 +153,19 @@ def test_the_form_describes_each_preset_and_what_it_needs(client_for, alice, set
     assert 'name="local_path"' in _html(client_for(alice).get("/jobs/new/"))
 
 
-def test_a_preflight_error_appears_beside_its_field_and_nothing_is_queued(client_for, alice, builtin_model):
-    # Given the built-in model, whose layer widths 128 does not divide
+def test_a_preflight_error_appears_beside_its_field_and_nothing_is_queued(client_for, alice, random_llama, settings):
+    # Given a model of hidden size 80, whose layer widths none of 128, 64 and 32 divides
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = True
+    model = random_llama("width-80", hidden_size=80, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4)
     # When alice asks for w4a16-gptq through the form
-    response = client_for(alice).post("/jobs/new/", {**FORM, "preset": "w4a16-gptq"})
+    form = {**FORM, "model_source": "local", "local_path": str(model), "preset": "w4a16-gptq"}
+    response = client_for(alice).post("/jobs/new/", form)
 
     # Then the form comes back with the group-size error beside the preset, tied to its inputs
     html = _html(response)
     assert response.status_code == 400
     error = re.search(r'<p class="field-error" id="preset-error">(.*?)</p>', html, re.S)
-    assert error and "Group size 128" in error.group(1) and "(576)" in error.group(1)
+    assert error and "Group size 128" in error.group(1) and "(80, 160)" in error.group(1)
     # ...naming the checkbox that lets it through by its label on this form
     label = re.search(r'<label for="id_ignore_indivisible"[^>]*>(.*?)</label>', html, re.S)
     assert label and f"“{label.group(1).strip()}”" in error.group(1)
@@ -352,10 +355,10 @@ def test_a_running_job_shows_layer_progress_and_time_left(client_for, alice, mak
     assert "layer 6 of 30" in html and 'aria-valuenow="20"' in html
     assert re.search(r"about 4 min 0\d s left", html)  # 60 s for 20 % of the job -> 240 s for the rest
     assert "(6/30): Calibrating" in html and "tl-current" in html
-    # The stages this GPTQ job goes through, labelled as they are: calibration compresses too
+    # The stages this GPTQ job goes through, labelled as they are: calibration compresses too, vLLM checks
     labels = re.findall(r'<span class="tl-label">(.*?)</span>', html)
     assert labels == ["Waiting in the queue", "Preparing", "Loading", "Calibrating and compressing", "Saving",
-                      "Evaluating", "Writing the card and hashing the files"]  # fmt: skip
+                      "Checking in vLLM", "Evaluating", "Writing the card and hashing the files"]  # fmt: skip
 
 
 def test_an_evaluating_job_says_how_far_the_evaluation_is(client_for, alice, make_job):
