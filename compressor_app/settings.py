@@ -68,6 +68,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "compressor_app.middleware.SecurityHeaders",
     *(["whitenoise.middleware.WhiteNoiseMiddleware"] if env.bool("DJANGO_WHITENOISE", default=False) else []),
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.frontend.conftest import browser, new_page, sign_in, succeeded_job  # noqa: F401 - fixtures (the pages)
 from tests.jobs.conftest import api, api_for, checkpoint, other_user, user  # noqa: F401 - fixtures
 
 
