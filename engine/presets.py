@@ -9,15 +9,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
+import itertools
 import json
 import math
 import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import re2
 import yaml
 
 from engine.errors import EngineError
@@ -391,42 +395,285 @@ def check_recipe_text(text: str) -> str:
     _refuse_code(data)
     if len(_modifier_args(data)) > MAX_RECIPE_MODIFIERS:
         raise EngineError(f"The recipe has more than {MAX_RECIPE_MODIFIERS} modifiers.", field="recipe")
-    _check_modifier_names(data)
+    _check_modifiers(data)
     return text
 
 
-def _check_modifier_names(data: dict) -> None:
-    """Each modifier is one llm-compressor has, given only arguments it takes (their values: the worker)."""
+def _check_modifiers(data: dict) -> None:
+    """The recipe names at least one modifier, each one llm-compressor has, given only arguments it takes, each
+    of a type its pydantic model admits (read from llm-compressor by library_facts), named schemes it knows,
+    and 're:' patterns RE2 compiles. llm-compressor's own models need torch: the worker runs them too."""
+    found = 0
     facts = library_facts()
-    if facts is None:
-        return  # llm-compressor is not installed here: the worker's validate_recipe_yaml judges it all
-    known = facts["modifiers"]
     for stage_key, stage in data.items():
-        groups = stage.items() if str(stage_key).endswith("_stage") and isinstance(stage, dict) else ()
+        groups = stage.items() if stage_key.endswith("_stage") and isinstance(stage, dict) else ()
         for group_key, group in groups:
-            modifiers = group.items() if str(group_key).endswith("_modifiers") and isinstance(group, dict) else ()
+            modifiers = group.items() if group_key.endswith("_modifiers") and isinstance(group, dict) else ()
             for name, args in modifiers:
-                if name not in known:
-                    raise EngineError(
-                        f"llm-compressor has no modifier '{str(name)[:100]}'; it has {', '.join(sorted(known))}.",
-                        field="recipe",
-                    )
-                allowed = known[name]
-                given = args if isinstance(args, dict) else {}
-                unknown = sorted(set(given) - set(allowed)) if allowed is not None else []
-                if unknown:
-                    raise EngineError(
-                        f"llm-compressor's {name} takes no argument {', '.join(repr(str(a)[:100]) for a in unknown)}; "
-                        f"it takes {', '.join(allowed)}.",
-                        field="recipe",
-                    )
+                found += 1
+                if facts is not None:  # else llm-compressor is not installed here: the worker judges it all
+                    _check_modifier(name, args, facts)
+    if not found:
+        raise EngineError(
+            "The recipe names no modifier; llm-compressor reads the layout "
+            "'NAME_stage: GROUP_modifiers: ModifierName: {arguments}'.",
+            field="recipe",
+        )
+    _check_patterns(data)
+
+
+def _check_modifier(name: str, args: Any, facts: dict[str, Any]) -> None:
+    known = facts["modifiers"]
+    if name not in known:
+        raise EngineError(
+            f"llm-compressor has no modifier '{name[:100]}'; it has {', '.join(sorted(known))}.", field="recipe"
+        )
+    if args is None:
+        return  # every argument left at its default
+    if not isinstance(args, dict):
+        raise EngineError(f"{name}'s arguments are a mapping of names to values, not {_shown(args)}.", field="recipe")
+    allowed = known[name]
+    unknown = sorted(set(args) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise EngineError(
+            f"llm-compressor's {name} takes no argument {', '.join(repr(a[:100]) for a in unknown)}; "
+            f"it takes {', '.join(allowed)}.",
+            field="recipe",
+        )
+    kinds = facts["arguments"].get(name, {})
+    for arg, value in args.items():
+        expected = kinds.get(arg)
+        if expected is not None and not _value_kinds(value) & set(expected):
+            # A whole number is a number too; null is said last.
+            said = [k for k in expected if k != "null" and not (k == "integer" and "number" in expected)]
+            words = " or ".join(_KIND_WORDS.get(k, f"'{k[1:]}'") for k in said + ["null"] * ("null" in expected))
+            raise EngineError(f"{name}'s {arg} is {words}, not {_shown(value)}.", field="recipe")
+    if "scheme" in args:
+        _check_scheme(name, args["scheme"], facts["scheme_group_sizes"])
+
+
+_KIND_WORDS = {
+    "null": "null",
+    "boolean": "true or false",
+    "integer": "a whole number",
+    "number": "a number",
+    "string": "a string",
+    "mapping": "a mapping",
+    "list": "a list",
+    "list of strings": "a list of strings",
+    "list of numbers": "a list of numbers",
+    "list of lists": "a list of lists",
+    "list of mappings": "a list of mappings",
+}
+
+
+def _value_kinds(value: Any) -> set[str]:
+    """The kinds (as library_facts' child names them) a parsed YAML value is."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number"}
+    if isinstance(value, str):
+        return {"string", f"={value}"}
+    if isinstance(value, dict):
+        return {"mapping"}
+    items = [_value_kinds(item) for item in value]
+    return {"list"} | {f"list of {kind}s" for kind in _LISTED if all(kind in item for item in items)}
+
+
+_LISTED = ("string", "number", "list", "mapping")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def _check_scheme(name: str, scheme: Any, schemes: dict[str, Any]) -> None:
+    """llm-compressor's rule (QuantizationMixin.validate_scheme): a compressed-tensors preset scheme name, or a
+    mapping of such names to the targets each covers."""
+    given = [scheme] if isinstance(scheme, str) else list(scheme) if isinstance(scheme, dict) else []
+    for scheme_name in given:
+        if scheme_name.upper() not in schemes:
+            raise EngineError(
+                f"{name}'s scheme '{scheme_name[:100]}' is not a compressed-tensors preset scheme; "
+                f"use one of {', '.join(sorted(schemes))}, or config_groups.",
+                field="recipe",
+            )
+    if isinstance(scheme, dict):
+        for scheme_name, targets in scheme.items():
+            if not _value_kinds(targets) & {"string", "list of strings"}:
+                raise EngineError(
+                    f"{name}'s scheme {scheme_name} covers a target name or a list of them, not {_shown(targets)}.",
+                    field="recipe",
+                )
+
+
+# --- 're:' patterns -------------------------------------------------------------------------------------------
+# compressed-tensors reads a target or an ignore entry that starts with 're:' as a regular expression, which it
+# matches at the start of each module's name with Python's re (compressed_tensors.utils.match.match_name). That
+# engine backtracks: 're:(a+)+$' or 're:(.*a){25}' against 32-character names runs for hours. A recipe's patterns
+# are matched by RE2 instead, in time linear in the name: the web process refuses what RE2 cannot compile
+# (backreferences, lookarounds), and the worker hands llm-compressor only names, or patterns that cannot
+# backtrack, that RE2 matched (linear_time_recipe).
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the user's error, said in the answer, not the server's log
+_PATTERN_LISTS = ("targets", "ignore")
+
+
+@functools.lru_cache(maxsize=1024)
+def compiled_pattern(pattern: str) -> Any:
+    """A 're:' pattern's expression (without the prefix), compiled by RE2; EngineError when RE2 cannot."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise EngineError(
+            f"The recipe's pattern 're:{pattern[:100]}' is refused ({reason}): patterns are matched in linear "
+            "time (RE2), without backreferences or lookarounds.",
+            field="recipe",
+        ) from None
+
+
+def pattern_matches(target: str, name: str) -> bool:
+    """compressed-tensors' match_name (an exact name, or a 're:' pattern found at the start of the name), with
+    the pattern matched by RE2."""
+    if target.startswith("re:"):
+        return compiled_pattern(target[3:]).match(name) is not None
+    return target == name
+
+
+def _check_patterns(node: Any) -> None:
+    """Every 're:' string of the recipe (targets, ignore, scheme targets, SmoothQuant and AWQ mappings)
+    compiles under RE2."""
+    if isinstance(node, dict):
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            _check_patterns(item)
+    elif isinstance(node, str) and node.startswith("re:"):
+        compiled_pattern(node[3:])
+
+
+def linear_time_recipe(recipe_yaml: str, module_names: Iterable[str]) -> str:
+    """The recipe for oneshot, with each 're:' pattern replaced by what RE2 matches among the model's modules.
+
+    In a targets or ignore list a pattern becomes the names it matches (what vLLM also reads from the
+    checkpoint's config); anywhere else (SmoothQuant's and AWQ's mappings) a pattern that matches exactly those
+    names and cannot backtrack. A pattern that matches nothing becomes 're:(?!)', which matches nothing at once.
+    """
+    data = load_recipe_yaml(recipe_yaml)
+    if not _has_pattern(data):
+        return recipe_yaml
+    names = list(dict.fromkeys(module_names))  # in the model's order: the recorded lists read layer by layer
+    return yaml.safe_dump(_without_patterns(data, names), sort_keys=False)
+
+
+def _has_pattern(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(_has_pattern(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_has_pattern(item) for item in node)
+    return isinstance(node, str) and node.startswith("re:")
+
+
+def _without_patterns(node: Any, names: list[str], key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _without_patterns(v, names, k) for k, v in node.items()}
+    if key in _PATTERN_LISTS and isinstance(node, str | list):
+        entries = [node] if isinstance(node, str) else node
+        spliced = [name for entry in entries for name in _matched(entry, names)]
+        return list(dict.fromkeys(spliced))
+    if isinstance(node, list):
+        return [_without_patterns(item, names) for item in node]
+    if isinstance(node, str) and node.startswith("re:"):
+        return "re:" + _exact_pattern(_matched(node, names))
+    return node
+
+
+def _matched(entry: Any, names: list[str]) -> list[str]:
+    """A targets or ignore entry as names: a pattern's matches ('re:(?!)' if none), anything else as it is."""
+    if not (isinstance(entry, str) and entry.startswith("re:")):
+        return [entry]
+    pattern = compiled_pattern(entry[3:])
+    return [name for name in names if pattern.match(name) is not None] or ["re:(?!)"]
+
+
+def _exact_pattern(names: list[str]) -> str:
+    """A Python expression re.match accepts exactly these names with (to their end), built as a radix tree:
+    the branches at each point start with different characters, so re tries one at most past its first."""
+    if "re:(?!)" in names:
+        return "(?!)"
+    return _radix(set(names))
+
+
+def _radix(names: set[str]) -> str:
+    branches = [r"\Z"] if "" in names else []
+    for first, group in itertools.groupby(sorted(n for n in names if n), key=lambda n: n[0]):
+        prefix, rest = first, [n[1:] for n in group]
+        while all(rest) and len({r[0] for r in rest}) == 1:
+            prefix, rest = prefix + rest[0][0], [r[1:] for r in rest]
+        branches.append(re.escape(prefix) + _radix(set(rest)))
+    return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
 
 
 # Run in a child process: llm-compressor's modifiers, each with its arguments (None: any are accepted), and
 # compressed-tensors' named schemes with their weights' group size. The registries are what Recipe.from_dict
 # itself looks modifiers up in (ModifierFactory.create).
 _LIBRARY_FACTS = """
-import json
+import dataclasses, enum, json, types, typing
+import pydantic
+
+
+def kinds(annotation):
+    # The YAML values a pydantic annotation admits, in engine.presets' words; None: not judged from the text.
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return kinds(args[0])
+    if origin in (typing.Union, types.UnionType):
+        found = [kinds(arg) for arg in args]
+        return None if None in found else sorted(set().union(*found))
+    if origin is typing.Literal:
+        return ["=" + a for a in args] if all(isinstance(a, str) for a in args) else None
+    if annotation is type(None):
+        return ["null"]
+    simple = {bool: ["boolean"], int: ["integer"], float: ["integer", "number"], str: ["string"]}
+    if annotation in simple:
+        return simple[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return sorted("=" + str(member.value) for member in annotation)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        items = tuple(kinds(args[0]) or ()) if origin is list and args else ()
+        choices = items and all(item.startswith("=") for item in items)
+        return [LIST_OF.get(("string",) if choices else items, "list")]
+    model = dataclasses.is_dataclass(annotation) or (
+        isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel)
+    )
+    if origin is dict or annotation is dict or model:
+        return ["mapping"]
+    return None  # torch types, callables, sentinels: llm-compressor judges them in the worker
+
+
+LIST_OF = {
+    ("string",): "list of strings",
+    ("integer", "number"): "list of numbers",
+    ("list",): "list of lists",
+    ("mapping",): "list of mappings",
+}
+
+
+def argument_kinds(registry):
+    return {
+        name: {f.alias or arg: kinds(f.annotation) for arg, f in cls.model_fields.items() if not arg.endswith("_")}
+        for name, cls in registry.items() if name != "Modifier"
+    }
+
+
 from compressed_tensors.quantization import preset_name_to_scheme
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 from llmcompressor.modifiers import ModifierFactory
@@ -439,14 +686,14 @@ modifiers = {
 }
 weights = {name: preset_name_to_scheme(name, ["Linear"]).weights for name in PRESET_SCHEMES}
 groups = {name: w.group_size if w is not None else None for name, w in weights.items()}
-print(json.dumps({"modifiers": modifiers, "scheme_group_sizes": groups}))
+print(json.dumps({"modifiers": modifiers, "scheme_group_sizes": groups, "arguments": argument_kinds(registry)}))
 """
 
 
 @functools.cache
 def library_facts() -> dict[str, Any] | None:
-    """llm-compressor's modifiers and the arguments each takes, and each named scheme's group size; None
-    when llm-compressor is not installed.
+    """llm-compressor's modifiers and the arguments each takes (with the YAML values each admits, read from
+    its pydantic annotations), and each named scheme's group size; None when llm-compressor is not installed.
 
     Importing llm-compressor imports torch, which the web process never does: a child process reads them
     once per llm-compressor version (a few seconds), and a file beside the model store keeps them.
@@ -458,7 +705,9 @@ def library_facts() -> dict[str, Any] | None:
         version = importlib.metadata.version("llmcompressor")
     except importlib.metadata.PackageNotFoundError:
         return None
-    cache = default_store().parent / f"llmcompressor-facts-{version}.json"
+    # Per llm-compressor version and per version of the script that reads it (a new fact, a new file).
+    script = hashlib.sha256(_LIBRARY_FACTS.encode()).hexdigest()[:8]
+    cache = default_store().parent / f"llmcompressor-facts-{version}-{script}.json"
     try:
         return json.loads(cache.read_text())
     except (OSError, ValueError):
@@ -477,15 +726,9 @@ def validate_recipe_yaml(text: str) -> str:
     from llmcompressor.recipe import Recipe
 
     try:
-        recipe = Recipe.from_dict(data)
+        Recipe.from_dict(data)  # it has a modifier: check_recipe_text read the same layout
     except Exception as exc:  # llm-compressor raises many types (pydantic, KeyError, ValueError)
         raise EngineError(f"llm-compressor rejected the recipe: {exc}", field="recipe") from None
-    if not recipe.modifiers:
-        raise EngineError(
-            "The recipe names no modifiers; expected the layout "
-            "'NAME_stage: GROUP_modifiers: ModifierName: {arguments}'.",
-            field="recipe",
-        )
     return text
 
 

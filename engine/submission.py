@@ -24,6 +24,7 @@ from engine.presets import (
     Preset,
     check_recipe_text,
     get_preset,
+    pattern_matches,
     recipe_ignore,
     recipe_weight_groups,
 )
@@ -146,20 +147,9 @@ def header_layers(widths: dict[str, int]) -> Layers:
 
 def matches(name: str, classes: tuple[str, ...], patterns: tuple[str, ...]) -> bool:
     """compressed-tensors' rule (compressed_tensors.utils.match.is_match): an exact module name, a 're:' regular
-    expression re.match finds at the start of the name, or the name of one of the module's classes."""
-    for pattern in patterns:
-        if not pattern.startswith("re:"):
-            if pattern == name or pattern in classes:
-                return True
-            continue
-        try:
-            if re.match(pattern[3:], name):
-                return True
-        except re.error as exc:
-            raise PreflightError(
-                f"The recipe's pattern '{pattern[:100]}' is not a regular expression: {exc}.", field="recipe"
-            ) from None
-    return False
+    expression found at the start of the name (matched by RE2, in linear time: engine.presets.pattern_matches),
+    or the name of one of the module's classes."""
+    return any(pattern_matches(pattern, name) or pattern in classes for pattern in patterns)
 
 
 def unquantized_by_vllm(layers: Layers) -> list[str]:

@@ -87,9 +87,12 @@ def test_a_job_runs_to_success_and_its_archive_matches_the_manifest(live_worker,
 
 
 def test_a_refusal_only_the_worker_can_make_fails_the_job_in_the_same_words(live_worker, api, wait_job):
-    # Given a custom recipe whose modifier and arguments exist but whose scheme only llm-compressor can judge
-    # (importing it imports torch, which the web process never does)
-    recipe = "quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {scheme: NO_SUCH_SCHEME, targets: [Linear]}\n"
+    # Given a custom recipe whose modifier and arguments exist, of the right types, but whose config group's
+    # weight type only llm-compressor can judge (importing it imports torch, which the web process never does)
+    recipe = (
+        "quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {targets: [Linear], config_groups: "
+        "{group_0: {targets: [Linear], weights: {num_bits: 8, type: nosuchtype}}}}\n"
+    )
     created = _create(api, {"recipe_yaml": recipe, "calibration": {"kind": "none"}})
 
     # When the worker prepares it
@@ -97,7 +100,7 @@ def test_a_refusal_only_the_worker_can_make_fails_the_job_in_the_same_words(live
 
     # Then the job failed in its preparing stage with llm-compressor's reason, as a 400 would have said it
     assert failed.status == "failed" and failed.stage == "preparing", (failed.status, failed.stage, failed.error)
-    assert "llm-compressor rejected the recipe" in failed.error and "preset scheme name" in failed.error
+    assert "llm-compressor rejected the recipe" in failed.error and "not a valid QuantizationType" in failed.error
 
 
 def test_a_failed_job_is_retried_as_a_new_linked_job(live_worker, api, wait_job, media_root):

@@ -4,6 +4,7 @@ anything is queued; never a 500, never a worker pinned by a pattern."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -65,3 +66,87 @@ def test_the_form_answers_a_huge_integer_beside_the_recipe_field(user):
     assert 'id="recipe_yaml-error"' in response.content.decode()
     assert "cannot read as a number" in response.content.decode()
     assert not Job.objects.exists()
+
+
+# Recipes that parse but could never run: refused at submission by their structure, without llm-compressor.
+NEVER_RUN = [
+    ("no modifier at all", "a: 1e999999\n", "names no modifier"),
+    ("a scheme that is a path", _recipe("QuantizationModifier: {scheme: ../../etc/passwd, targets: [Linear]}"), "etc"),
+    ("targets that are a number", _recipe("QuantizationModifier: {scheme: W8A16, targets: 5}"), "targets is"),
+    ("ignore that is a mapping", _recipe("GPTQModifier: {scheme: W8A16, ignore: {a: 1}}"), "ignore is"),
+    ("a dampening that is a word", _recipe("GPTQModifier: {scheme: W8A16, dampening_frac: high}"), "dampening_frac"),
+    ("a strength given as text", _recipe("SmoothQuantModifier: {smoothing_strength: '0.8'}"), "smoothing_strength"),
+    ("a sparsity list with a word", _recipe("SparseGPTModifier: {sparsity: [0.5, x]}"), "sparsity is"),
+    ("arguments that are a list", _recipe("QuantizationModifier: [1, 2]"), "arguments are a mapping"),
+    ("a scheme mapping naming no scheme", _recipe("QuantizationModifier: {scheme: {NOPE: [Linear]}}"), "'NOPE'"),
+    ("a choice it does not have", _recipe("AWQModifier: {duo_scaling: sometimes}"), "duo_scaling is 'both'"),
+    ("a backreference", _recipe("QuantizationModifier: {scheme: W8A16, ignore: ['re:(a)\\1']}"), "RE2"),
+    ("a lookahead", _recipe("QuantizationModifier: {scheme: W8A16, targets: ['re:(?=x)Linear']}"), "RE2"),
+    (
+        "a lookbehind in a mapping",
+        _recipe("SmoothQuantModifier: {mappings: [[['re:(?<=a)q_proj'], 're:.*input_layernorm']]}"),
+        "RE2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "recipe", "expected"), NEVER_RUN, ids=[case[0] for case in NEVER_RUN])
+def test_a_recipe_that_could_never_run_is_a_400_naming_the_recipe(api, name, recipe, expected):
+    response = api.post("/api/v1/jobs/", {"recipe_yaml": recipe}, format="json")
+
+    assert response.status_code == 400, (name, response.content)
+    assert expected in json.dumps(response.json()["recipe_yaml"]), response.json()
+    assert not Job.objects.exists()
+
+
+# Python's re backtracks on these for hours against a module name of 30 characters; RE2 answers at once.
+CATASTROPHIC = ["re:(a+)+$", "re:(.*a){25}", r"re:([\w.]+)+!"]
+
+
+def test_patterns_that_backtrack_for_hours_in_python_are_judged_at_once(api):
+    recipe = _recipe(
+        "QuantizationModifier: {scheme: FP8_DYNAMIC, targets: ['re:.*mlp\\.down_proj$'], ignore: "
+        + json.dumps(["lm_head", *CATASTROPHIC])
+        + "}"
+    )
+    started = time.process_time()
+
+    response = api.post("/api/v1/jobs/", {"recipe_yaml": recipe, "calibration": {"kind": "none"}}, format="json")
+
+    # The submission check matched every pattern against each of the built-in model's Linear layers
+    assert response.status_code == 201, response.content
+    assert time.process_time() - started < 1
+
+
+def test_a_worker_given_patterns_that_backtrack_for_hours_compresses_in_seconds(tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from engine.runner import compress
+    from engine.spec import CalibrationSpec, CompressionSpec
+
+    # Given a data-free recipe for the tiny model whose ignore list holds patterns Python's re would match
+    # against each module name for hours, and whose targets are a pattern too
+    recipe = _recipe(
+        "QuantizationModifier: {scheme: FP8_DYNAMIC, targets: ['re:.*mlp\\.down_proj$'], ignore: "
+        + json.dumps(["lm_head", *CATASTROPHIC, "re:model\\.layers\\.1\\."])
+        + "}"
+    )
+    spec = CompressionSpec(model=str(tiny_model_dir), recipe_yaml=recipe, calibration=CalibrationSpec(kind="none"))
+
+    # When a worker runs it
+    started = time.perf_counter()
+    compress(spec, tmp_path / "ckpt")
+    elapsed = time.perf_counter() - started
+
+    # Then it ends in seconds, with exactly the layer the patterns leave quantized: layer 0's down_proj
+    assert elapsed < 120, f"the run took {elapsed:.0f} s"
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as weights:
+        scaled = {key.removesuffix(".weight_scale") for key in weights.keys() if key.endswith(".weight_scale")}
+    assert scaled == {"model.layers.0.mlp.down_proj"}
+    # And the checkpoint's config names layers, not the user's patterns (vLLM matches them with Python's re too)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    [group] = config["config_groups"].values()
+    assert group["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert "model.layers.1.mlp.down_proj" in config["ignore"] and "re:" not in json.dumps(config)
+    # And the recorded recipe is the user's own
+    assert (tmp_path / "ckpt" / "recipe.yaml").read_text() == recipe
