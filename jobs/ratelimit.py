@@ -1,14 +1,17 @@
-"""Counting events per window in the shared cache (Redis), so every web process counts together.
+"""Counting events in a sliding window in the shared cache (Redis), so every web process counts together.
 
-A fixed window ("30/hour": at most 30 in each clock hour) counted with Redis' atomic INCR: two processes can
-never both take the last place. The policies (what is limited, for whom) live in jobs.services and jobs.auth.
+"30/hour" means at most 30 in any 60 minutes, not in each clock hour (where 60 fit around the hour). Each
+window is a Redis sorted set of its events' times (Redis' own clock, so web nodes need not agree on theirs),
+at most `limit` of them; each change is one Lua script, so two processes can never both take the last place.
+The policies (what is limited, for whom) live in jobs.services and jobs.auth.
 """
 
 from __future__ import annotations
 
 import functools
-import time
+import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis
 from django.conf import settings
@@ -36,9 +39,56 @@ def parse_rate(rate: str) -> tuple[int, int]:
     return int(count), int(digits or 1) * _PERIODS[unit]
 
 
+class Place(NamedTuple):
+    """A place taken in a window (to give it back)."""
+
+    key: str
+    member: str
+
+
+# Every script first drops the events older than the period (ARGV[1]) and reads the time from Redis.
+_NOW_AND_TRIM = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local period, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - period)
+local count = redis.call('ZCARD', KEYS[1])
+"""
+# A place when fewer than the limit are in the window: 1, else 0.
+_TAKE = (
+    _NOW_AND_TRIM
+    + """
+if count >= limit then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('EXPIRE', KEYS[1], math.ceil(period) + 1)
+return 1
+"""
+)
+# One event whatever the count (a failed sign-in); only the newest `limit` are kept: the rest decide nothing.
+_HIT = (
+    _NOW_AND_TRIM
+    + """
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(limit + 1))
+redis.call('EXPIRE', KEYS[1], math.ceil(period) + 1)
+return math.min(count + 1, limit)
+"""
+)
+# {count, whole seconds until a place is free (0: one is free now)}.
+_STATE = (
+    _NOW_AND_TRIM
+    + """
+if count < limit then return {count, 0} end
+local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+if #oldest == 0 then return {count, math.ceil(period)} end  -- a limit of 0: never a place
+return {count, math.max(1, math.ceil(tonumber(oldest[2]) + period - now))}
+"""
+)
+
+
 @dataclass(frozen=True)
 class Window:
-    """The current window of one limit for one subject (a user id, an address)."""
+    """The sliding window of one limit for one subject (a user id, an address)."""
 
     name: str
     subject: str
@@ -48,51 +98,46 @@ class Window:
     def limit(self) -> int:
         return parse_rate(self.rate)[0]
 
-    def _key_and_wait(self) -> tuple[str, int]:
-        period = parse_rate(self.rate)[1]
-        now = time.time()
-        window = int(now // period)
+    @property
+    def _key(self) -> str:
         # Under the cache's key prefix, like every key of this service in the shared Redis.
-        return cache.make_key(f"rate:{self.name}:{self.subject}:{window}"), int((window + 1) * period - now) + 1
+        return cache.make_key(f"rate:{self.name}:{self.subject}")
+
+    def _run(self, script: str, *extra: str):
+        limit, period = parse_rate(self.rate)
+        return _scripts()[script](keys=[self._key], args=[period, limit, *extra])
 
     def count(self) -> int:
-        key, _ = self._key_and_wait()
-        return int(_redis().get(key) or 0)
+        """The events in the last period."""
+        return int(self._run(_STATE)[0])
 
     def seconds_left(self) -> int:
-        return self._key_and_wait()[1]
+        """Whole seconds until a place is free: when the oldest event that fills the window leaves it (0: now)."""
+        return int(self._run(_STATE)[1])
 
     def hit(self) -> int:
-        """Count one event; the new count."""
-        return _count_one(*self._key_and_wait())
+        """Count one event; the count now (at most the limit)."""
+        return int(self._run(_HIT, uuid.uuid4().hex))
 
-    def take(self) -> str | None:
-        """Take a place in this window; its key (to give it back), or None when the window is full."""
-        key, wait = self._key_and_wait()
-        if _count_one(key, wait) > self.limit:
-            self.give_back(key)
-            return None
-        return key
+    def take(self) -> Place | None:
+        """Take a place in this window (give_back returns it), or None when the window is full."""
+        member = uuid.uuid4().hex
+        return Place(self._key, member) if self._run(_TAKE, member) else None
 
     @staticmethod
-    def give_back(key: str) -> None:
-        """Return a place taken by take() (the request it was taken for did not go through); nothing when the
-        window has ended meanwhile (a DECR then would make a key that never expires)."""
-        _redis().eval(_DECR_IF_EXISTS, 1, key)
-
-
-def _count_one(key: str, wait: int) -> int:
-    pipe = _redis().pipeline()
-    pipe.set(key, 0, ex=wait + 1, nx=True)  # lives a second past its window, so the count always finds it
-    pipe.incr(key)
-    return int(pipe.execute()[1])
-
-
-_DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+    def give_back(place: Place) -> None:
+        """Return a place taken by take() (the request it was taken for did not go through); nothing when it
+        has left the window meanwhile."""
+        _redis().zrem(place.key, place.member)
 
 
 @functools.cache
 def _redis() -> redis.Redis:
-    """The shared cache's Redis, spoken to directly: a window's count with its expiry is one round trip
-    (Django's cache API takes three: add, exists, incr)."""
+    """The shared cache's Redis, spoken to directly: a window's check-and-take is one script, one round trip."""
     return redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+
+
+@functools.cache
+def _scripts() -> dict[str, redis.commands.core.Script]:
+    """The scripts, registered once per process (sent by their sha1 after the first call)."""
+    return {script: _redis().register_script(script) for script in (_TAKE, _HIT, _STATE)}

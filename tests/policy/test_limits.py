@@ -97,24 +97,34 @@ def test_a_request_answered_by_an_earlier_identical_job_gives_its_place_back(ali
     assert api.post("/api/v1/jobs/", FP8, format="json").status_code == 429
 
 
-def test_a_window_expires_and_a_place_given_back_after_it_ended_leaves_nothing_behind():
+def test_the_window_slides_twice_the_limit_never_fits_around_a_boundary_and_a_place_comes_back():
     import redis
 
     from jobs.ratelimit import Window
+    from tests.support import wait_until
 
     client = redis.Redis.from_url(django_settings.CACHES["default"]["LOCATION"])
-    window = Window(name="test-expiry", subject="alice", rate="2/hour")
-    # Two places taken, the third refused; the count lives no longer than its window (and a second)
+
+    def clock() -> float:  # the windows run on Redis' clock
+        seconds, micros = client.time()
+        return seconds + micros / 1e6
+
+    window = Window(name="test-sliding", subject=f"alice-{os.getpid()}", rate="2/4s")
+    # Given both places taken just before a 4-second boundary (where a fixed window would start afresh)
+    wait_until(lambda: 2.9 <= clock() % 4 < 3.4, timeout=8, interval=0.02, what="just before a 4 s boundary")
     first, second = window.take(), window.take()
-    assert first == second and window.take() is None and window.count() == 2
-    assert 0 < client.ttl(first) <= window.seconds_left() + 1
-    # Given back: one place is free again
+    assert first and second and window.count() == 2
+
+    # When the boundary has passed, a third is still refused, told when the oldest leaves the window
+    wait_until(lambda: clock() % 4 < 1, timeout=3, interval=0.02, what="just after the boundary")
+    assert window.take() is None and 1 <= window.seconds_left() <= 4
+    assert 0 < client.ttl(first.key) <= 5  # the set lives a period (and a second) past its last event
+
+    # Then a place given back is free again, and the first one comes back once it is 4 s old
     Window.give_back(second)
-    assert window.count() == 1
-    # A place given back once its window has ended (the key expired) makes no key that would never expire
-    client.delete(first)
-    Window.give_back(first)
-    assert client.exists(first) == 0
+    assert window.count() == 1 and window.take() is not None and window.take() is None
+    assert wait_until(window.take, timeout=6, interval=0.1, what="the first place leaving the window")
+    assert window.count() == 2
 
 
 def test_processes_share_one_count(alice_api, settings):
