@@ -33,6 +33,17 @@ _SAME_NAMES = (
 BUILTIN_MODELS = [(BUILTIN_MODEL, "SmolLM2-135M-Instruct: 135 M parameters, ships with the service")]
 
 
+def _is_hub_id(text: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def preset_infos() -> list[dict[str, Any]]:
     """Each preset with what it needs, for the form's descriptions."""
     return [preset.summary() for preset in PRESETS.values()]
@@ -180,9 +191,16 @@ class JobForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
+        # Fields of the parts the choices hide (the page's script hides them too) are not used: their errors
+        # would point at nothing on the page, and must not stop the job.
+        for name in self._unused_fields():
+            self._errors.pop(name, None)
         source = data.get("model_source")
         if source == self.SOURCE_HUB and not data.get("hub_id", "").strip():
             self.add_error("hub_id", "Give the model's id on the hub, such as owner/name.")
+        elif source == self.SOURCE_HUB and not _is_hub_id(data.get("hub_id", "").strip()):
+            # Said with the other fields' errors, not after them (the service checks the id again, and more)
+            self.add_error("hub_id", "Not a Hugging Face model id: write it as owner/name, such as Qwen/Qwen3-0.6B.")
         if source == self.SOURCE_LOCAL and not data.get("local_path", "").strip():
             self.add_error("local_path", "Give the folder's path on the workers.")
         if data.get("preset") == CUSTOM_RECIPE and not data.get("recipe_yaml", "").strip():
@@ -197,6 +215,30 @@ class JobForm(forms.Form):
         if kind == Job.CalibrationKind.HUB and not data.get("calibration_hub_dataset", "").strip():
             self.add_error("calibration_hub_dataset", "Give the dataset's id on the hub.")
         return data
+
+    def _unused_fields(self) -> set[str]:
+        """The fields the chosen model source, calibration kind and preset leave out (by the submitted choices;
+        an unknown choice leaves nothing out)."""
+        source, kind, preset = (self.data.get(name) for name in ("model_source", "calibration_kind", "preset"))
+        sized = {"calibration_samples", "calibration_max_seq_len"}
+        per_source = {
+            self.SOURCE_BUILTIN: {"builtin_model"},
+            self.SOURCE_HUB: {"hub_id", "revision"},
+            self.SOURCE_LOCAL: {"local_path"},
+        }
+        per_kind = {
+            Job.CalibrationKind.BUILTIN: sized,
+            Job.CalibrationKind.UPLOAD: {"calibration_upload", "calibration_dataset"} | sized,
+            Job.CalibrationKind.HUB: {"calibration_hub_dataset", "calibration_split", "calibration_column"} | sized,
+            Job.CalibrationKind.NONE: set(),
+        }
+        unused: set[str] = set()
+        for choice, fields in ((source, per_source), (kind, per_kind)):
+            if choice in fields:
+                unused |= set().union(*fields.values()) - fields[choice]
+        if preset and preset != CUSTOM_RECIPE:
+            unused.add("recipe_yaml")
+        return unused & set(self.fields)
 
     def model_name(self) -> str:
         data = self.cleaned_data
