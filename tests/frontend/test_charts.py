@@ -53,8 +53,8 @@ def test_metric_chart_gives_each_metric_its_own_axis_and_direction():
     # Given perplexity (lower is better), a KL divergence whose baseline is 0 by definition, and agreement
     rows = [
         MetricRow("perplexity", "Perplexity (held-out text)", 12.8, 13.1, 97.7, False),
-        MetricRow("kl_divergence", "KL divergence from the baseline", 0.0, 0.027, None, False),
-        MetricRow("top1_agreement", "Next-token agreement", 1.0, 0.96, None, True),
+        MetricRow("kl_divergence", "KL divergence from the baseline", 0.0, 0.027, None, False, against_baseline=True),
+        MetricRow("top1_agreement", "Next-token agreement", 1.0, 0.96, None, True, against_baseline=True),
     ]
 
     svg = str(metric_chart(rows))
@@ -64,9 +64,10 @@ def test_metric_chart_gives_each_metric_its_own_axis_and_direction():
     # ...each panel has an axis with its own ticks from 0 (perplexity to 15, KL to 0.03, agreement to 1)
     axis_ticks = re.findall(r'class="tick axis-tick"[^>]*>([^<]+)</text>', svg)
     assert axis_ticks == ["0", "7.5", "15", "0", "0.015", "0.03", "0", "0.5", "1"]
-    # ...and the KL divergence has no empty baseline bar to be scaled against, only a note
-    assert svg.count('class="bar-baseline" x="150"') == 2
-    assert "baseline: 0 by definition" in svg
+    # ...and the two measured against the baseline itself draw no baseline bar (KL's would be empty, the
+    # agreement's a full one that measured nothing), only a note of its value by definition
+    assert svg.count('class="bar-baseline" x="150"') == 1
+    assert "baseline: 0 by definition" in svg and "baseline: 1.000 by definition" in svg
     # ...its compressed bar is read on its axis: 0.027 of 0.03
     kl_bar = re.findall(r'<rect class="bar-compressed" x="150" y="[0-9.]+" width="([0-9.]+)"', svg)[1]
     assert abs(float(kl_bar) / 480 - 0.9) < 0.01
