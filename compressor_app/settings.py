@@ -324,6 +324,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # drf-spectacular's own hook, then the rule no serializer field states (exactly one of preset and recipe_yaml).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "jobs.api.schema.job_create_needs_one_recipe",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "HubPushStatusEnum": "jobs.models.HubPush.Status",
         "JobStatusEnum": "jobs.models.Job.Status",

@@ -19,14 +19,16 @@ _ERRORS = {
 
 
 class ErrorAnswersSchema(AutoSchema):
-    """drf-spectacular's schema plus the error answers: 400, 401, 403, 404 (by id), 429 (POST)."""
+    """drf-spectacular's schema plus the error answers: 400 (a body or a query), 401, 403, 404 (by id, or a page
+    past the last), 429 (POST)."""
 
     def _get_response_bodies(self, direction="response"):
         responses = super()._get_response_bodies(direction)
         codes = ["401", "403"]
-        if self.method == "POST" or any(p.get("in") == "query" for p in self._get_parameters()):
+        parameters = self._get_parameters()
+        if self.method in ("POST", "PUT", "PATCH") or any(p.get("in") == "query" for p in parameters):
             codes.append("400")
-        if "{" in self.path:
+        if "{" in self.path or any(p.get("name") == "page" for p in parameters):
             codes.append("404")
         if self.method == "POST":
             codes.append("429")
@@ -36,3 +38,14 @@ class ErrorAnswersSchema(AutoSchema):
                 responses[code] = self._get_response_for_code(body, code, direction=direction)
                 responses[code]["description"] = description
         return dict(sorted(responses.items()))
+
+
+def job_create_needs_one_recipe(result, generator, request, public):
+    """A postprocessing hook: a job's request names exactly one of a preset and a custom recipe (the serializer's
+    rule, JobCreateSerializer.validate), stated in the schema, so a client or a fuzzer knows it before asking."""
+    result["components"]["schemas"]["JobCreateRequest"]["oneOf"] = [
+        {"required": ["preset"], "properties": {"preset": {"$ref": "#/components/schemas/PresetEnum"}}},
+        # A recipe counts when it has a character other than white space.
+        {"required": ["recipe_yaml"], "properties": {"recipe_yaml": {"type": "string", "pattern": "\\S"}}},
+    ]
+    return result

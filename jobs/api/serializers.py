@@ -15,6 +15,7 @@ from engine.presets import MAX_RECIPE_BYTES, PRESETS
 from engine.spec import BUILTIN_MODEL
 from engine.submission import FLOOR_METRICS, MAX_TRIALS
 from jobs import selectors
+from jobs.hub_tokens import MAX_TOKEN_CHARS, MIN_TOKEN_CHARS
 from jobs.inputs import JobInput, api_calibration
 from jobs.models import CalibrationDataset, HubPush, HubToken, Job, JobLogLine
 
@@ -279,7 +280,11 @@ class CalibrationDatasetSerializer(serializers.ModelSerializer):
 
 class HubTokenInputSerializer(serializers.Serializer):
     token = serializers.CharField(
-        write_only=True, max_length=500, trim_whitespace=True, help_text="A hub token with write access (hf_...)."
+        write_only=True,
+        min_length=MIN_TOKEN_CHARS,
+        max_length=MAX_TOKEN_CHARS,
+        trim_whitespace=True,
+        help_text="A hub token with write access (hf_...).",
     )
     endpoint = serializers.CharField(
         required=False, allow_blank=True, default="", max_length=200, help_text="Empty: the server's hub."

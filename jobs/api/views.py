@@ -61,7 +61,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         if getattr(self, "swagger_fake_view", False):  # the schema generator: no user, but the id's type
             return Job.objects.none()
         wanted = self.request.query_params.get("status")
-        if self.action == "list" and wanted and wanted not in Job.Status.values:
+        if self.action == "list" and wanted is not None and wanted not in Job.Status.values:  # "" too
             raise ValidationError({"status": [f"Use one of: {', '.join(Job.Status.values)}."]})
         if self.action == "push":
             return selectors.job_list_owned_by(user=self.request.user)

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from jobs.models import CalibrationDataset, Job
@@ -103,7 +104,7 @@ def _recipe(modifier: str) -> str:
         ("unknown modifier", _recipe("EvilModifier: {targets: [Linear]}"), "EvilModifier"),
         ("unknown argument", _recipe("QuantizationModifier: {scheme: W8A16, targets: [Linear], hook: x}"), "hook"),
         ("invalid YAML", "compression_stage: [unclosed\n", "not valid YAML"),
-        ("deep nesting", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than"),
+        ("deep nesting", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nest"),
         (
             "hundreds of modifiers",
             "".join(f"s{i}_stage:\n  m_modifiers:\n    GPTQModifier: {{scheme: W4A16}}\n" for i in range(600)),
@@ -351,5 +352,25 @@ def test_the_openapi_schema_documents_errors_integer_ids_the_zip_and_preset_or_r
     assert "application/zip" in operation("/jobs/{id}/archive/")["responses"]["200"]["content"]
     create = operation("/jobs/", "post")["description"]
     assert "either a `preset` or a custom `recipe_yaml`" in create
+    # What the server enforces, the schema says: 400 on a PUT, 404 past the last page, a hub token's least length,
+    # the status filter's values (never empty) and exactly one of preset and recipe_yaml
+    assert "400" in operation("/hub-token/", "put")["responses"] and "404" in operation("/jobs/")["responses"]
+    assert schema["components"]["schemas"]["HubTokenInputRequest"]["properties"]["token"]["minLength"] == 12
+    status = next(p for p in operation("/jobs/")["parameters"] if p["name"] == "status")
+    assert "" not in status["schema"]["enum"]
+    assert api.get("/api/v1/jobs/?status=").status_code == 400
+    validator = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/JobCreateRequest", **schema})
+    for body, valid in [
+        ({"preset": "fp8-dynamic"}, True),
+        ({"recipe_yaml": "a: 1"}, True),
+        ({"preset": "", "recipe_yaml": "a: 1"}, True),
+        ({"preset": "fp8-dynamic", "recipe_yaml": "a: 1"}, False),
+        ({"preset": "fp8-dynamic", "recipe_yaml": "  "}, True),
+        ({}, False),
+        ({"preset": "", "recipe_yaml": " "}, False),
+    ]:
+        assert validator.is_valid(body) is valid, body
+        if not valid:  # and the server refuses what the schema refuses
+            assert "preset" in api.post("/api/v1/jobs/", body, format="json").json(), body
     job = schema["components"]["schemas"]["Job"]["properties"]["id"]
     assert job["type"] == "integer"

@@ -2,7 +2,9 @@
 
 Every operation is called with schema-conforming and with schema-violating data (a few examples each, from a
 fixed seed): no server error, violating data refused, no operation answers without credentials, every answer
-matches its documented schema.
+matches its documented schema. Then workflows (schemathesis' state machine, its links inferred from the schema:
+create an upload or a job, read it, cancel, retry, delete it, read it again) as each user in turn, whose ids
+are drawn from both users' objects: the same checks, and each answer's status and content type documented.
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ from schemathesis.checks import (
     use_after_free,
 )
 from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 
 from tests.support import QUEUES
 
 CHECKS = [not_a_server_error, negative_data_rejection, ignored_auth, use_after_free, response_schema_conformance]
+STATEFUL_CHECKS = [*CHECKS, status_code_conformance, content_type_conformance]
 FILES = ("config.json", "model.safetensors", "manifest.json")
 
 # A few examples per operation and mode: the run stays within a minute or two on a loaded machine.
 MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "5"))
+# Workflows per user and their most steps.
+STATEFUL_EXAMPLES = int(os.environ.get("SCHEMATHESIS_STATEFUL_EXAMPLES", "20"))
+STATEFUL_STEPS = int(os.environ.get("SCHEMATHESIS_STATEFUL_STEPS", "8"))
 
 
 @pytest.fixture
@@ -122,3 +129,35 @@ def test_the_api_holds_against_generated_requests(api_schema, two_users):
             except Exception as exc:  # noqa: BLE001 - every operation's failures are reported together
                 failures.append(f"{operation.label} ({mode.value}): {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_api_holds_through_generated_workflows_of_each_user(api_schema, two_users):
+    workflows = api_schema.as_state_machine()
+    calls: list[tuple[str, str, int]] = []
+    for token in two_users["tokens"]:
+
+        class AsOneUser(workflows):
+            headers = {"Authorization": f"Token {token}"}
+
+            def get_call_kwargs(self, case):
+                return {"headers": self.headers, "timeout": 120}
+
+            def after_call(self, response, case):
+                calls.append((self.headers["Authorization"], case.operation.label, response.status_code))
+
+            def validate_response(self, response, case, additional_checks=None, **kwargs):
+                case.validate_response(response, checks=STATEFUL_CHECKS, transport_kwargs=kwargs)
+
+        AsOneUser.run(
+            settings=settings(
+                max_examples=STATEFUL_EXAMPLES,
+                stateful_step_count=STATEFUL_STEPS,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+        )
+    # Both users ran workflows, and jobs were created on the way (the links then follow them by id)
+    assert {auth for auth, _, _ in calls} == {f"Token {token}" for token in two_users["tokens"]}
+    assert any(label == "POST /api/v1/jobs/" and status == 201 for _, label, status in calls)
