@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,26 @@ def float_quantized_parts(checkpoint: Path) -> str:
         if any((group.get(key) or {}).get("type") == "float" for group in groups.values())
     ]
     return " and ".join(parts)
+
+
+def int8_moe_experts(checkpoint: Path) -> bool:
+    """Whether a compressed-tensors checkpoint holds MoE experts quantized to int8 with int8 activations (W8A8),
+    for which vLLM's CPU build has no MoE backend (vLLM 0.32: "No Int8 MoE backend supports the deployment
+    configuration"); a GPU worker's vLLM has one."""
+    from safetensors import safe_open
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    if not any((group.get("input_activations") or {}).get("type") == "int" for group in groups.values()):
+        return False
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(file, framework="numpy") as handle:
+            if any(_EXPERT_SCALE.search(name) for name in handle.keys()):  # noqa: SIM118 - not a mapping
+                return True
+    return False
+
+
+_EXPERT_SCALE = re.compile(r"\.experts\.\d+\.[^.]+\.weight_scale$")
 
 
 def cpu_engine_args(ranks: int = 1) -> dict[str, Any]:

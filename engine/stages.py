@@ -299,6 +299,7 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
         cpu_engine_args,
         cpu_tensor_parallel,
         float_quantized_parts,
+        int8_moe_experts,
         run_child,
         vllm_installed,
     )
@@ -310,6 +311,12 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
         return {
             "ran": False,
             "reason": f"vLLM's CPU backend has no kernels for floating-point quantized {float_parts} (FP8, FP4); "
+            "a GPU worker checks this checkpoint.",
+        }
+    if device == "cpu" and int8_moe_experts(staging):
+        return {
+            "ran": False,
+            "reason": "vLLM's CPU backend has no kernels for int8 MoE experts with int8 activations (W8A8); "
             "a GPU worker checks this checkpoint.",
         }
     started = time.perf_counter()
