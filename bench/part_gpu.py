@@ -288,13 +288,25 @@ def compress_figures(check: Check) -> list[Figure]:
     return figures
 
 
+def chat_prompts(model: Path, texts: list[str]) -> list[str]:
+    """The prompts in the model's chat template: an instruct model given bare text may answer with its end token
+    at once, and leave no tokens to time."""
+    template = model / "chat_template.jinja"
+    if not template.is_file():
+        return texts
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # what transformers renders chat templates with
+
+    render = ImmutableSandboxedEnvironment().from_string(template.read_text()).render
+    return [render(messages=[{"role": "user", "content": text}], add_generation_prompt=True) for text in texts]
+
+
 def vllm_check(check: Check, model: Path, *, tensor_parallel: int = 1) -> dict:
     request = {
         "action": "check",
         "model": str(model),
         "tensor_parallel_size": tensor_parallel,
         "engine_args": check.options.vllm_engine_args(),
-        "prompts": check.options.prompt_list(),
+        "prompts": chat_prompts(model, check.options.prompt_list()),
         "max_tokens": check.options.max_tokens,
     }
     started = time.monotonic()

@@ -132,3 +132,12 @@ def test_the_bench_part_reads_not_applicable_without_a_gpu():
 
     assert figure.verdict == "n/a"
     assert figure.measured.startswith("n/a: make gpu-check needs an NVIDIA GPU")
+
+
+def test_vllm_gets_the_prompts_in_the_models_chat_template(builtin_model, tmp_path):
+    # An instruct model given bare text may answer with its end token at once: nothing to time
+    (prompt,) = part_gpu.chat_prompts(builtin_model, ["Write a short story about rain."])
+    assert prompt.endswith("<|im_start|>user\nWrite a short story about rain.<|im_end|>\n<|im_start|>assistant\n")
+
+    # A model without a chat template gets the text as it is
+    assert part_gpu.chat_prompts(tmp_path, ["plain"]) == ["plain"]
