@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -169,8 +170,11 @@ def _create_repo(api, repo_id: str, *, private: bool) -> None:
 def hub_error(exc: BaseException, *, repo_id: str, endpoint: str) -> str:
     """A failure of the hub or the network in words a user can act on."""
     import httpx
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    later = "push again later, and tell an operator if it keeps failing"
+    if isinstance(exc, OfflineModeIsEnabled):
+        return f"The hub ({endpoint}) could not be reached: this server works offline (HF_HUB_OFFLINE); {later}."
     if isinstance(exc, HfHubHTTPError) and exc.response is not None:
         status = exc.response.status_code
         if status == 401:
@@ -186,9 +190,25 @@ def hub_error(exc: BaseException, *, repo_id: str, endpoint: str) -> str:
             )
         said = (exc.server_message or "").strip().splitlines()
         return f"The hub answered {status} for {repo_id}: {said[0] if said else exc.response.reason_phrase}."
-    if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
-        return f"The hub ({endpoint}) could not be reached ({type(exc).__name__}: {exc}); push again later."
-    return f"The push to {repo_id} stopped on an unexpected error: {type(exc).__name__}: {exc}"
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return f"The hub ({endpoint}) did not answer in time; {later}."
+    if isinstance(exc, httpx.ConnectError | ConnectionError):
+        if _name_not_found(exc):
+            return f"The hub ({endpoint}) could not be reached: this server finds no address for its name; {later}."
+        return f"The hub ({endpoint}) could not be reached: nothing answered at its address; {later}."
+    if isinstance(exc, httpx.TransportError):
+        return f"The connection to the hub ({endpoint}) broke off during the push; {later}."
+    # The traceback is in the worker's log (hub_push_run logs it); the user gets a sentence, not Python's words.
+    return f"The push to {repo_id} stopped on an unexpected error; {later}."
+
+
+def _name_not_found(exc: BaseException) -> bool:
+    """Whether a connection failed on the host name (a DNS failure), anywhere in the exception's chain."""
+    while exc is not None:
+        if isinstance(exc, socket.gaierror):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _end(push: HubPush, expected: str, *, pushed: Pushed | None = None, error: str = "", secret: str = "") -> HubPush:
