@@ -291,31 +291,32 @@ _MAX_RECIPE_DEPTH = 32
 _CODE_IN_STRING = re.compile(r"calc\s*\(|__\w+__|\blambda\b")
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (no Python object tags) that also refuses aliases and deep nesting.
+# libyaml's parser and composer (C) where PyYAML has them, with PyYAML's safe constructors (no Python object tags):
+# a recipe of 64 KB takes a tenth of the pure-Python parser's CPU.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    Nested aliases multiply a small document into billions of nodes (the "billion laughs"); a recipe
-    never needs them, so the first alias stops the parse before anything is expanded. Nesting is capped
-    before the composer's recursion would run out of stack.
+
+def _refuse_aliases_and_depth(text: str) -> None:
+    """Read the recipe's events (no values built yet): refuse aliases and nesting deeper than _MAX_RECIPE_DEPTH.
+
+    Nested aliases multiply a small document into billions of nodes (the "billion laughs"); a recipe never needs
+    them, so the first alias stops the parse before anything is built. Nesting is capped before the composer's
+    recursion could run out of stack.
     """
-
-    _depth = 0
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
+    depth = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(
                 None, None, "aliases (*name) are not allowed in a recipe; write the values out", event.start_mark
             )
-        if self._depth >= _MAX_RECIPE_DEPTH:
-            raise yaml.composer.ComposerError(
-                None, None, f"the recipe is nested more than {_MAX_RECIPE_DEPTH} levels deep", event.start_mark
-            )
-        self._depth += 1
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > _MAX_RECIPE_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the recipe is nested more than {_MAX_RECIPE_DEPTH} levels deep", event.start_mark
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def load_recipe_yaml(text: str) -> Any:
@@ -329,7 +330,8 @@ def load_recipe_yaml(text: str) -> Any:
 @functools.lru_cache(maxsize=256)
 def _parsed_recipe(text: str) -> Any:
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        _refuse_aliases_and_depth(text)
+        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - PyYAML's safe loader, in C where it can
     except yaml.YAMLError as exc:
         raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
     except (ValueError, OverflowError):
@@ -523,6 +525,10 @@ def _check_scheme(name: str, scheme: Any, schemes: dict[str, Any]) -> None:
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False  # a refused pattern is the user's error, said in the answer, not the server's log
+# Bounds on what the web process compiles: a pattern for module names is a few dozen instructions; 64 KB holds
+# a few thousand ('.{1000}' is refused), and compiling the most a recipe may hold takes milliseconds.
+_RE2_OPTIONS.max_mem = 64 * 1024
+MAX_RECIPE_PATTERNS = 64
 _PATTERN_LISTS = ("targets", "ignore")
 
 
@@ -548,16 +554,25 @@ def pattern_matches(target: str, name: str) -> bool:
     return target == name
 
 
-def _check_patterns(node: Any) -> None:
+def _check_patterns(data: Any) -> None:
     """Every 're:' string of the recipe (targets, ignore, scheme targets, SmoothQuant and AWQ mappings)
-    compiles under RE2."""
+    compiles under RE2, and there are at most MAX_RECIPE_PATTERNS of them."""
+    patterns = _patterns(data)
+    if len(patterns) > MAX_RECIPE_PATTERNS:
+        raise EngineError(
+            f"The recipe has {len(patterns)} different 're:' patterns; at most {MAX_RECIPE_PATTERNS} are allowed.",
+            field="recipe",
+        )
+    for pattern in patterns:
+        compiled_pattern(pattern[3:])
+
+
+def _patterns(node: Any) -> set[str]:
     if isinstance(node, dict):
         node = list(node.values())
     if isinstance(node, list):
-        for item in node:
-            _check_patterns(item)
-    elif isinstance(node, str) and node.startswith("re:"):
-        compiled_pattern(node[3:])
+        return {pattern for item in node for pattern in _patterns(item)}
+    return {node} if isinstance(node, str) and node.startswith("re:") else set()
 
 
 def linear_time_recipe(recipe_yaml: str, module_names: Iterable[str]) -> str:
@@ -568,18 +583,10 @@ def linear_time_recipe(recipe_yaml: str, module_names: Iterable[str]) -> str:
     names and cannot backtrack. A pattern that matches nothing becomes 're:(?!)', which matches nothing at once.
     """
     data = load_recipe_yaml(recipe_yaml)
-    if not _has_pattern(data):
+    if not _patterns(data):
         return recipe_yaml
     names = list(dict.fromkeys(module_names))  # in the model's order: the recorded lists read layer by layer
     return yaml.safe_dump(_without_patterns(data, names), sort_keys=False)
-
-
-def _has_pattern(node: Any) -> bool:
-    if isinstance(node, dict):
-        return any(_has_pattern(value) for value in node.values())
-    if isinstance(node, list):
-        return any(_has_pattern(item) for item in node)
-    return isinstance(node, str) and node.startswith("re:")
 
 
 def _without_patterns(node: Any, names: list[str], key: str = "") -> Any:

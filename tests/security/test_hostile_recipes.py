@@ -80,6 +80,8 @@ NEVER_RUN = [
     ("arguments that are a list", _recipe("QuantizationModifier: [1, 2]"), "arguments are a mapping"),
     ("a scheme mapping naming no scheme", _recipe("QuantizationModifier: {scheme: {NOPE: [Linear]}}"), "'NOPE'"),
     ("a choice it does not have", _recipe("AWQModifier: {duo_scaling: sometimes}"), "duo_scaling is 'both'"),
+    ("65 patterns", _recipe(f"QuantizationModifier: {{ignore: {[f're:x{i}' for i in range(65)]}}}"), "at most 64"),
+    ("a pattern of 8,000 instructions", _recipe("QuantizationModifier: {ignore: ['re:.{1000}x']}"), "RE2"),
     ("a backreference", _recipe("QuantizationModifier: {scheme: W8A16, ignore: ['re:(a)\\1']}"), "RE2"),
     ("a lookahead", _recipe("QuantizationModifier: {scheme: W8A16, targets: ['re:(?=x)Linear']}"), "RE2"),
     (
@@ -114,6 +116,25 @@ def test_patterns_that_backtrack_for_hours_in_python_are_judged_at_once(api):
     response = api.post("/api/v1/jobs/", {"recipe_yaml": recipe, "calibration": {"kind": "none"}}, format="json")
 
     # The submission check matched every pattern against each of the built-in model's Linear layers
+    assert response.status_code == 201, response.content
+    assert time.process_time() - started < 1
+
+
+def test_a_recipe_of_1200_groups_each_matched_against_every_layer_costs_the_web_process_under_a_second(api):
+    # Given 64 KB of recipe: the most patterns allowed in the ignore list, and 1,200 config groups
+    patterns = [f"re:.*mlp\\.(up|gate)_proj{i}" for i in range(61)] + CATASTROPHIC
+    groups = ", ".join(f"g{i}: {{targets: [Linear], weights: {{num_bits: 8}}}}" for i in range(1200))
+    recipe = _recipe(f"QuantizationModifier: {{ignore: {json.dumps(patterns)}, config_groups: {{{groups}}}}}")
+    assert 60_000 < len(recipe) < 64 * 1024
+    # (a web process that has served a submission: the built-in model's header is read once per process)
+    body = {"preset": "fp8-dynamic", "calibration": {"kind": "none"}}
+    assert api.post("/api/v1/jobs/", body, format="json").status_code == 201
+    started = time.process_time()
+
+    # When it is submitted for the built-in model (the group-size check matches each group against 211 layers)
+    response = api.post("/api/v1/jobs/", {"recipe_yaml": recipe, "calibration": {"kind": "none"}}, format="json")
+
+    # Then it is judged in well under a second of CPU (30 s when every group matched its lists layer by layer)
     assert response.status_code == 201, response.content
     assert time.process_time() - started < 1
 
