@@ -8,6 +8,7 @@ import pytest
 
 from engine.errors import PreflightError
 from engine.preflight import preflight
+from engine.presets import PRESETS, preset_for_recipe
 from engine.spec import CalibrationSpec, CompressionSpec
 from engine.submission import IGNORE_INDIVISIBLE_LABEL, check_submission
 
@@ -97,3 +98,16 @@ def test_the_worker_matches_targets_on_the_real_modules_class_names(tiny_model_d
     )
     spec = CompressionSpec(model=str(tiny_model_dir), recipe_yaml=grouped, resolved_recipe=grouped, calibration=DATA)
     assert preflight(spec).extra_ignore == []
+
+
+def test_the_group_size_chosen_for_the_model_is_what_the_pages_and_the_card_say(builtin_model):
+    # Given w4a16-gptq recorded for the built-in model (groups of 64: 128 does not divide 576)
+    recorded = check_submission(CompressionSpec(preset="w4a16-gptq", calibration=DATA)).recipe_yaml
+
+    # Then the preset as the job ran it (the job page's and the card's words) says groups of 64
+    summary = preset_for_recipe("w4a16-gptq", recorded).summary()
+    assert summary["group_size"] == 64 and "groups of 64" in summary["description"]
+    assert "per group of 64 columns" in summary["weight_quantization"]
+    assert any(note.startswith("Groups of 64 on this model") for note in summary["notes"])
+    # ...while the form, before a model is chosen, says which sizes it may take
+    assert "(else groups of 64 or 32" in " ".join(PRESETS["w4a16-gptq"].needs())
