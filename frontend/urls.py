@@ -22,5 +22,5 @@ urlpatterns = [
     path("calibration-files/", views.calibration_files, name="calibration-files"),
     path("compare/", views.compare, name="compare"),
     # Pages without a <link rel="icon"> (the admin, the API docs) ask browsers' default address
-    path("favicon.ico", RedirectView.as_view(url=static("frontend/favicon.svg"), permanent=True)),
+    path("favicon.ico", RedirectView.as_view(url=static("frontend/favicon.svg"), permanent=True), name="favicon"),
 ]

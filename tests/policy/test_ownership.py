@@ -136,6 +136,21 @@ def own_hub_token_only(w: World) -> None:
     assert hub_tokens.hub_token_reveal(hub_tokens.hub_token_for(owner=w.alice)) == alice_token
 
 
+def own_api_token_page(w: World) -> None:
+    """The API token page shows bob's own token, never alice's (nor its last characters)."""
+    page = w.bob_page.get("/api-token/")
+    assert page.status_code == 200 and w.alice_token[-4:].encode() not in page.content
+
+
+def own_uploads_only(w: World) -> None:
+    """The calibration files page lists bob's uploads alone; deleting alice's (page or API) finds nothing."""
+    page = w.bob_page.get("/calibration-files/")
+    assert page.status_code == 200 and f'value="{w.dataset.pk}"'.encode() not in page.content
+    assert w.bob_page.post("/calibration-files/", {"delete": w.dataset.pk}).status_code == 404
+    assert w.bob_api.delete(f"/api/v1/calibration-datasets/{w.dataset.pk}/").status_code == 404
+    assert type(w.dataset).objects.filter(pk=w.dataset.pk).exists()
+
+
 def no_push(method: str, url: Callable[[World], str], *, api: bool = True) -> Case:
     """Pushing alice's job or reading its pushes: 404, and nothing is queued."""
     check_404 = not_found(method, url, api=api)
@@ -213,6 +228,9 @@ CASES: dict[str, Case] = {
     "frontend:job-list": never_shows(lambda w: "/"),
     "frontend:job-rows": never_shows(lambda w: "/jobs/rows/?status=queued"),
     "frontend:compare": never_shows(lambda w: f"/compare/?model={SECRET}/model&jobs={w.succeeded.pk}"),
+    "frontend:api-token": own_api_token_page,
+    "frontend:calibration-files": own_uploads_only,
+    "frontend:favicon": no_user_data("/favicon.ico"),
     "admin": staff_only,
     # Signing in and out, and the password pages: about the signed-in user alone.
     "login": no_user_data("/accounts/login/"),
