@@ -4,6 +4,8 @@ functions the API calls), and leave presentation to frontend.presentation and th
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
@@ -339,11 +341,8 @@ def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
         if not job.is_active:
             return redirect("frontend:job-detail", pk=job.pk)
         return render(request, "frontend/job_cancel.html", {"job": job, "JobStatus": Job.Status})
-    try:
+    with _refusal_shown(request):
         services.job_cancel(job=job, by=request.user)
-    except services.JobStateError as exc:
-        messages.error(request, exc.message)
-    else:
         messages.success(request, f"Job {job.pk} is cancelled.", extra_tags=JOB_STATE_MESSAGE)
     return redirect("frontend:job-detail", pk=job.pk)
 
@@ -352,16 +351,21 @@ def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
-    try:
+    with _refusal_shown(request, "The retry was refused: "):
         new_job = services.job_retry(job=job)
-    except services.JobStateError as exc:
-        messages.error(request, exc.message)
-    except (EngineError, RateLimited) as exc:
-        messages.error(request, f"The retry was refused: {exc.message}")
-    else:
         messages.success(request, f"Job {new_job.pk} retries job {job.pk}: it is queued.", extra_tags=JOB_STATE_MESSAGE)
         return redirect("frontend:job-detail", pk=new_job.pk)
     return redirect("frontend:job-detail", pk=job.pk)
+
+
+@contextmanager
+def _refusal_shown(request: HttpRequest, prefix: str = "") -> Iterator[None]:
+    """A refusal by the services (the job's state, a check, a limit) ends the block as the page's error message;
+    the page then goes on as the view says (for the form, _refused)."""
+    try:
+        yield
+    except (services.JobStateError, EngineError, RateLimited) as exc:
+        messages.error(request, prefix + exc.message)
 
 
 @login_required

@@ -374,3 +374,15 @@ def test_the_openapi_schema_documents_errors_integer_ids_the_zip_and_preset_or_r
             assert "preset" in api.post("/api/v1/jobs/", body, format="json").json(), body
     job = schema["components"]["schemas"]["Job"]["properties"]["id"]
     assert job["type"] == "integer"
+
+
+def test_a_page_action_the_jobs_state_does_not_allow_is_refused_in_words(client, user, make_job):
+    queued, done = make_job(user), make_job(user, status=Job.Status.SUCCEEDED)
+    client.force_login(user)
+
+    retried = client.post(f"/jobs/{queued.pk}/retry/", follow=True).content.decode()
+    cancelled = client.post(f"/jobs/{done.pk}/cancel/", {"confirm": "yes"}, follow=True).content.decode()
+
+    assert f"The retry was refused: Job {queued.pk} is queued; only failed or cancelled jobs" in retried
+    assert Job.objects.count() == 2 and Job.objects.get(pk=done.pk).status == Job.Status.SUCCEEDED
+    assert f"Job {done.pk} has already succeeded; it cannot be cancelled." in cancelled
