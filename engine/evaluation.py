@@ -42,7 +42,7 @@ from engine.errors import CancelledError, EngineError
 from engine.isolated import VLLM_PYTHON_ENV, vllm_installed
 from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
 from engine.plan import Placement, placed_model, ready_for_inference
-from engine.spec import EvaluationSpec, ProgressEvent
+from engine.spec import EvaluationSpec, ProgressEvent, Stage
 from engine.units import recovery_percent
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -586,7 +586,7 @@ class _Progress:
         """The part still runs elsewhere (a child process): the callback gets its chance to stop the job."""
         if self.callback:
             step = max(self.reported, 0)
-            self.callback(ProgressEvent(stage="evaluating", step=step, total=self.SCALE, message=self.message))
+            self.callback(ProgressEvent(stage=Stage.EVALUATING, step=step, total=self.SCALE, message=self.message))
 
     def within(self, done: int, total: int) -> None:
         """done of total units of the current part are finished."""
@@ -596,7 +596,7 @@ class _Progress:
         step = int(self.SCALE * (self.index + fraction) / self.parts)
         if self.callback and (force or step > self.reported):
             self.reported = step
-            self.callback(ProgressEvent(stage="evaluating", step=step, total=self.SCALE, message=self.message))
+            self.callback(ProgressEvent(stage=Stage.EVALUATING, step=step, total=self.SCALE, message=self.message))
 
 
 def _counting_hflm(hflm: type) -> type:

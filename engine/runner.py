@@ -27,7 +27,7 @@ from engine.preflight import PreflightReport, preflight
 from engine.resources import WorkerCaps, detect_resources
 from engine.resume import LayerStore, decoder_layers, resumable_layers, resume_fingerprint
 from engine.search import search_compress
-from engine.spec import CompressionResult, CompressionSpec
+from engine.spec import CompressionResult, CompressionSpec, Stage
 from engine.stages import (
     ProgressCallback,
     Reporter,
@@ -79,17 +79,17 @@ def compress(
     if out_dir.exists():
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
     reporter.plan(spec, spec.calibration.kind != "none")  # refined once preflight knows the recipe
-    reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
+    reporter.emit(Stage.PREPARING, "Preparing: the model, the checks that need its weights, the calibration data")
     report = report or preflight(spec, store=store, progress=reporter.download, model_cache=model_cache)
     caps = caps or WorkerCaps()
     resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
     plan = plan_memory(
         report.footprint, resources, device=spec.device, gpus=spec.gpus, data_parallel=caps.data_parallel
     )
-    reporter.emit("preparing", f"Memory plan: {plan.summary}")
+    reporter.emit(Stage.PREPARING, f"Memory plan: {plan.summary}")
     with staging_folder(out_dir) as staging, captured_logs(reporter):
         reporter.plan(spec, report.needs_calibration, passes=len(_calibrating_passes(report)))
-        reporter.emit("loading", "Loading the model")
+        reporter.emit(Stage.LOADING, "Loading the model")
         # Offload folders live in the staging folder: removed after use, and with it if the run dies.
         placement = plan.placement(scratch=staging)
         _compress_and_save(spec, report, plan, placement, staging, reporter, timings, resume_dir)
@@ -104,7 +104,7 @@ def compress(
         result.settings["vllm_check"] = check_in_vllm(staging, plan, reporter, timings)
         if spec.evaluation is not None:
             started = time.perf_counter()
-            reporter.emit("evaluating", "Evaluating baseline and compressed model")
+            reporter.emit(Stage.EVALUATING, "Evaluating baseline and compressed model")
             result.evaluation = evaluate(
                 spec.evaluation,
                 baseline_dir=report.model.path,
@@ -116,14 +116,14 @@ def compress(
             )
             timings["evaluate_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        reporter.emit("hashing", "Writing the model card and hashing the files")
+        reporter.emit(Stage.HASHING, "Writing the model card and hashing the files")
         write_card(staging, spec, report, result)
         (staging / "results.json").write_text(json.dumps(results_payload(spec, report, result), indent=2))
         result.manifest = write_manifest(staging, model=spec.model, preset=spec.preset)
         timings["hash_s"] = time.perf_counter() - started
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)  # the checkpoint is complete: nothing left to resume
-    reporter.emit("done", f"Checkpoint ready in {out_dir}")
+    reporter.emit(Stage.DONE, f"Checkpoint ready in {out_dir}")
     return result
 
 
@@ -160,7 +160,7 @@ def _compress_and_save(
         timings["compress_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        reporter.emit("saving", "Writing the compressed checkpoint")
+        reporter.emit(Stage.SAVING, "Writing the compressed checkpoint")
         # With disk offload each shard is gathered in host memory before it is written: keep them small.
         shards = {"max_shard_size": plan.shard_bytes} if plan.shard_bytes else {}
         model.save_pretrained(staging, save_compressed=True, **shards)
@@ -193,7 +193,7 @@ def _compress_data_parallel(
     # of ranks differ from what this run computes by GPTQ's rounding.
     dataset = _calibration_dataset(spec, report, tokenizer, reporter)
     fingerprint = _resume_fingerprint(report, plan, dataset, resume_dir, ranks=plan.data_parallel)
-    reporter.emit("calibrating", f"Calibrating and compressing over {plan.data_parallel} data-parallel ranks")
+    reporter.emit(Stage.CALIBRATING, f"Calibrating and compressing over {plan.data_parallel} data-parallel ranks")
     layer_errors = calibrate_data_parallel(
         model_path=report.model.path,
         recipe_yaml=report.recipe_yaml,
@@ -217,7 +217,9 @@ def _compress_data_parallel(
 def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: Reporter):
     if not report.needs_calibration:
         return None
-    reporter.emit("calibrating", "Tokenizing calibration data (llm-compressor calibrates and compresses each layer)")
+    reporter.emit(
+        Stage.CALIBRATING, "Tokenizing calibration data (llm-compressor calibrates and compresses each layer)"
+    )
     return calib.tokenize_records(report.calibration_records, tokenizer, spec.calibration)
 
 

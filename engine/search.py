@@ -44,7 +44,7 @@ from engine.plan import placed_model, search_plan
 from engine.preflight import PreflightReport, preflight
 from engine.presets import PRESETS, Preset, get_preset
 from engine.resources import WorkerCaps, detect_resources
-from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec
+from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec, Stage
 from engine.stages import (
     ProgressCallback,
     Reporter,
@@ -317,14 +317,14 @@ def search_compress(
     if out_dir.exists():
         raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
     reporter.plan(spec, spec.calibration.kind != "none")
-    reporter.emit("preparing", "Preparing: the model, the checks that need its weights, the calibration data")
+    reporter.emit(Stage.PREPARING, "Preparing: the model, the checks that need its weights, the calibration data")
     report = preflight(spec, store=store, progress=reporter.download, model_cache=model_cache)
     if not report.calibration_records and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
         # The job's own preset is data-free, but a preset of the sweep calibrates: read its rows too.
         report.calibration_records = check_calibration(spec.calibration, True, load_hub=True)
     resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
     plan = search_plan(report.footprint, resources, device=spec.device)
-    reporter.emit("preparing", f"Memory plan: {plan.summary}")
+    reporter.emit(Stage.PREPARING, f"Memory plan: {plan.summary}")
     timings: dict[str, float] = {}
     evaluation = spec.evaluation or EvaluationSpec()  # the floor is judged on the offline suite's windows
     with staging_folder(out_dir) as staging, captured_logs(reporter):
@@ -346,7 +346,7 @@ def search_compress(
         )
         result.settings["vllm_check"] = check_in_vllm(staging, plan, reporter, timings)
         started = time.perf_counter()
-        reporter.emit("evaluating", "Evaluating baseline and the chosen checkpoint")
+        reporter.emit(Stage.EVALUATING, "Evaluating baseline and the chosen checkpoint")
         result.evaluation = evaluate(
             evaluation,
             baseline_dir=report.model.path,
@@ -359,19 +359,19 @@ def search_compress(
         timings["evaluate_s"] = time.perf_counter() - started
         result.settings["search"] = state.summary(chosen)
         started = time.perf_counter()
-        reporter.emit("hashing", "Writing the model card and hashing the files")
+        reporter.emit(Stage.HASHING, "Writing the model card and hashing the files")
         write_card(staging, chosen_spec, chosen_report, result)
         payload = results_payload(chosen_spec, chosen_report, result)
         (staging / "results.json").write_text(json.dumps(payload, indent=2))
         result.manifest = write_manifest(staging, model=spec.model, preset=chosen.move.preset)
         timings["hash_s"] = time.perf_counter() - started
-    reporter.emit("done", f"Checkpoint ready in {out_dir}: trial {chosen.number} of {len(state.trials)}")
+    reporter.emit(Stage.DONE, f"Checkpoint ready in {out_dir}: trial {chosen.number} of {len(state.trials)}")
     return result
 
 
 def _weigh_trials(reporter: Reporter, spec: CompressionSpec, report: PreflightReport) -> None:
     """Progress: the compression stage holds every trial of the budget, each scored on the held-out windows."""
-    stage = "calibrating" if report.needs_calibration else "compressing"
+    stage = Stage.CALIBRATING if report.needs_calibration else Stage.COMPRESSING
     trials = (spec.search or SearchSpec()).budget.max_trials
     reporter.costs[stage] = trials * (reporter.costs.get(stage, 0.0) + _TRIAL_SCORE_S)
 
@@ -383,7 +383,7 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
 
     spec, report = state.spec, state.report
     started = time.perf_counter()
-    reporter.emit("loading", "Loading the model (once for every trial)")
+    reporter.emit(Stage.LOADING, "Loading the model (once for every trial)")
     loading = {"trust_remote_code": spec.trust_remote_code, "use_safetensors": not spec.allow_pickle}
     with placed_model(report.model.path, placement, **loading) as original:
         original.eval()
@@ -395,10 +395,10 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
         with torch.no_grad():
             reference = heldout_scores(original, tokenizer, evaluation)
             if state.floor_metric == TASK_FLOOR:
-                reporter.emit("loading", "Scoring the baseline on the floor's tasks (once for every trial)")
+                reporter.emit(Stage.LOADING, "Scoring the baseline on the floor's tasks (once for every trial)")
                 tasks = runnable_tasks(evaluation)  # once: which tasks can run here does not change by trial
                 state.task_baseline = _task_scores(original, tokenizer, state, evaluation, tasks)
-        stage = "calibrating" if report.needs_calibration else "compressing"
+        stage = Stage.CALIBRATING if report.needs_calibration else Stage.COMPRESSING
         while (move := state.next_move()) is not None:
             number = len(state.trials) + 1
             budget = state.search.budget.max_trials

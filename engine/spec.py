@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in model's original on the hub
 BUILTIN_CALIBRATION = "builtin"
-# The stages a run goes through, in order (jobs.models.Job.Stage gives each its label). "preparing" downloads
-# a hub model and the calibration data and runs the checks that need the weights (engine.preflight); "calibrating"
-# runs llm-compressor with calibration data, which calibrates and compresses each layer in one pass;
-# "compressing" runs a data-free recipe; "hashing" writes the card and the sha256 manifest.
-STAGES = ("preparing", "loading", "calibrating", "compressing", "saving", "checking", "evaluating", "hashing", "done")
+
+
+class Stage(StrEnum):
+    """The stages of a job in the order they happen, each with its label: the one declaration of them (Job.Stage,
+    the progress weights of engine.stages, the pages' timeline and every stage name in the code derive from it).
+
+    "waiting" is the queue's, before any run. "preparing" downloads a hub model and the calibration data and runs
+    the checks that need the weights (engine.preflight); "calibrating" runs llm-compressor with calibration data,
+    which calibrates and compresses each layer (one pass per calibrating modifier), so its label says both;
+    "compressing" runs a data-free recipe; "checking" loads the checkpoint in vLLM where the worker has it;
+    "hashing" writes the card and the sha256 manifest."""
+
+    label: str
+
+    def __new__(cls, value: str, label: str) -> Stage:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.label = label
+        return member
+
+    WAITING = "waiting", "Waiting in the queue"
+    PREPARING = "preparing", "Preparing"
+    LOADING = "loading", "Loading"
+    CALIBRATING = "calibrating", "Calibrating and compressing"
+    COMPRESSING = "compressing", "Compressing"
+    SAVING = "saving", "Saving"
+    CHECKING = "checking", "Checking in vLLM"
+    EVALUATING = "evaluating", "Evaluating"
+    HASHING = "hashing", "Writing the card and hashing the files"
+    DONE = "done", "Done"
+
+
+# The stages a run reports (ProgressEvent.stage), in order: all but the queue's.
+STAGES = tuple(stage for stage in Stage if stage is not Stage.WAITING)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from engine.evaluation import PROMPTS, WINDOWS
 from engine.plan import MemoryPlan
 from engine.preflight import PreflightReport
 from engine.presets import linear_time_recipe, preset_for_recipe
-from engine.spec import CompressionResult, CompressionSpec, ProgressEvent
+from engine.spec import CompressionResult, CompressionSpec, ProgressEvent, Stage
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
@@ -36,12 +36,12 @@ ProgressCallback = Callable[[ProgressEvent], None]
 # Preparing a local model (its checks and calibration rows) costs about what loading does; a download's
 # share is not known ahead, and its message says bytes i of N.
 _STAGE_COST_S = {
-    "preparing": 1.0,
-    "loading": 1.0,
-    "calibrating": 38.0,
-    "compressing": 0.5,
-    "saving": 0.6,
-    "hashing": 0.2,
+    Stage.PREPARING: 1.0,
+    Stage.LOADING: 1.0,
+    Stage.CALIBRATING: 38.0,
+    Stage.COMPRESSING: 0.5,
+    Stage.SAVING: 0.6,
+    Stage.HASHING: 0.2,
 }
 _CALIBRATION_TOKENS = 32 * 256
 _CALIBRATION_FIXED_SHARE = 0.15
@@ -98,7 +98,7 @@ class Reporter:
     def __init__(self, callback: ProgressCallback | None, should_cancel: Callable[[], bool] | None) -> None:
         self.callback = callback
         self.should_cancel = should_cancel
-        self.stage = "preparing"
+        self.stage = Stage.PREPARING
         self.layer_errors: list[dict[str, Any]] = []
         self.costs: dict[str, float] = {}
         self._downloaded = -1.0
@@ -112,27 +112,27 @@ class Reporter:
     def plan(self, spec: CompressionSpec, needs_calibration: bool, passes: int = 1) -> None:
         """Weigh the stages this run will go through (see _STAGE_COST_S). passes: how many passes over the
         calibration data the recipe makes (one per calibrating modifier: recipe_calibrating_modifiers)."""
-        first = {stage: _STAGE_COST_S[stage] for stage in ("preparing", "loading")}
+        first = {stage: _STAGE_COST_S[stage] for stage in (Stage.PREPARING, Stage.LOADING)}
         if needs_calibration:
             tokens = spec.calibration.samples * spec.calibration.max_seq_len
             share = _CALIBRATION_FIXED_SHARE + (1 - _CALIBRATION_FIXED_SHARE) * tokens / _CALIBRATION_TOKENS
-            self.costs = {**first, "calibrating": _STAGE_COST_S["calibrating"] * share * max(passes, 1)}
+            self.costs = {**first, Stage.CALIBRATING: _STAGE_COST_S[Stage.CALIBRATING] * share * max(passes, 1)}
         else:
-            self.costs = {**first, "compressing": _STAGE_COST_S["compressing"]}
-        self.costs["saving"] = _STAGE_COST_S["saving"]
+            self.costs = {**first, Stage.COMPRESSING: _STAGE_COST_S[Stage.COMPRESSING]}
+        self.costs[Stage.SAVING] = _STAGE_COST_S[Stage.SAVING]
         # The vLLM check runs on GPU workers only and is not measured here: progress holds where saving left it.
-        self.costs["checking"] = 0.0
+        self.costs[Stage.CHECKING] = 0.0
         evaluation = spec.evaluation
         if evaluation is not None:
             windows = min(evaluation.limit or WINDOWS, WINDOWS)
             offline = _EVAL_OFFLINE_S * (windows + len(PROMPTS)) / (WINDOWS + len(PROMPTS)) if evaluation.offline else 0
             task = _EVAL_TASK_S * min(evaluation.limit or 100, 100) / 100
-            self.costs["evaluating"] = 2 * (offline + task * len(set(evaluation.tasks)))
-        self.costs["hashing"] = _STAGE_COST_S["hashing"]
+            self.costs[Stage.EVALUATING] = 2 * (offline + task * len(set(evaluation.tasks)))
+        self.costs[Stage.HASHING] = _STAGE_COST_S[Stage.HASHING]
 
     def fraction(self, stage: str, within: float) -> float:
         """The whole run's fraction done at `within` (0 to 1) of `stage`, by the plan's weights."""
-        if stage == "done":
+        if stage == Stage.DONE:
             return 1.0
         total = sum(self.costs.values()) or 1.0
         before = 0.0
@@ -191,7 +191,7 @@ class Reporter:
             self.check_cancel()
             return
         self._downloaded = within
-        self.emit("preparing", f"Downloading bytes {done:,} of {total:,} ({file})", within=within)
+        self.emit(Stage.PREPARING, f"Downloading bytes {done:,} of {total:,} ({file})", within=within)
 
     def log(self, line: str) -> None:
         if self.callback:
@@ -205,7 +205,7 @@ class Reporter:
 def run_oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec, dataset, reporter: Reporter):
     from llmcompressor import oneshot
 
-    reporter.emit("compressing" if dataset is None else "calibrating", "Running llm-compressor")
+    reporter.emit(Stage.COMPRESSING if dataset is None else Stage.CALIBRATING, "Running llm-compressor")
     kwargs: dict[str, Any] = {}
     if dataset is not None:
         kwargs = {
@@ -320,7 +320,9 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
             "a GPU worker checks this checkpoint.",
         }
     started = time.perf_counter()
-    reporter.emit("checking", f"Loading the checkpoint in vLLM on the {'GPU' if plan.gpu else 'CPU'} and generating")
+    reporter.emit(
+        Stage.CHECKING, f"Loading the checkpoint in vLLM on the {'GPU' if plan.gpu else 'CPU'} and generating"
+    )
     try:
         ranks, binding = (plan.tensor_parallel_size, {}) if plan.gpu else cpu_tensor_parallel(staging)
         request = {

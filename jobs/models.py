@@ -16,6 +16,7 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 
 from engine.spec import BUILTIN_MODEL
+from engine.spec import Stage as EngineStage
 from jobs.node_model import WorkerNode  # noqa: F401 - the workers' registry is a model of this app
 
 
@@ -53,21 +54,8 @@ class Job(models.Model):
     ACTIVE = frozenset({Status.QUEUED, Status.RUNNING})
     TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
 
-    class Stage(models.TextChoices):
-        """The stages of a run in the order they happen (engine.spec.STAGES), with their labels: the one
-        place the pages take them from. With calibration data llm-compressor calibrates and compresses
-        each layer in one pass, so that stage says both; a data-free recipe only compresses."""
-
-        WAITING = "waiting", "Waiting in the queue"
-        PREPARING = "preparing", "Preparing"
-        LOADING = "loading", "Loading"
-        CALIBRATING = "calibrating", "Calibrating and compressing"
-        COMPRESSING = "compressing", "Compressing"
-        SAVING = "saving", "Saving"
-        CHECKING = "checking", "Checking in vLLM"
-        EVALUATING = "evaluating", "Evaluating"
-        HASHING = "hashing", "Writing the card and hashing the files"
-        DONE = "done", "Done"
+    # The stages of a run with their labels, as engine.spec.Stage declares them (the pages take them from here).
+    Stage = models.TextChoices("Stage", [(stage.name, (stage.value, stage.label)) for stage in EngineStage])
 
     class DeviceClass(models.TextChoices):
         GPU = "gpu", "GPU"

@@ -17,7 +17,7 @@ from typing import Any
 from django.db import connection
 
 from engine.errors import CancelledError
-from engine.spec import ProgressEvent
+from engine.spec import ProgressEvent, Stage
 from jobs import services
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class JobProgress:
         self._lock = threading.Lock()
         self._fields: dict[str, Any] = {}
         self._lines: list[tuple[str, str]] = []
-        self._stage = "preparing"
+        self._stage = Stage.PREPARING
         self._message = ""
         self._percent = 0.0
         self._cancelled = threading.Event()

@@ -124,9 +124,9 @@ def _submit_checked(
     route = nodes.job_route(job)  # a queue whose workers can hold it; refused when no registered worker can
     job.queue = route.queue
     job.celery_task_id = _new_task_id()
-    lines = [("waiting", f"Queued on '{job.queue}' with priority {job.priority}.")]
-    lines += [("waiting", route.why)] if route.why else []
-    lines += [("waiting", f"Warning: {warning}") for warning in report.warnings]
+    lines = [(Job.Stage.WAITING, f"Queued on '{job.queue}' with priority {job.priority}.")]
+    lines += [(Job.Stage.WAITING, route.why)] if route.why else []
+    lines += [(Job.Stage.WAITING, f"Warning: {warning}") for warning in report.warnings]
     with transaction.atomic():
         job.save()
         JobLogLine.objects.bulk_create(_log_rows(job.pk, lines))  # a new job's log needs no trimming
@@ -337,7 +337,7 @@ def _enqueue(job: Job) -> bool:
         job.message = QUEUE_UNREACHABLE
         with transaction.atomic():
             if Job.objects.filter(pk=job.pk, status=Status.QUEUED).update(message=QUEUE_UNREACHABLE):
-                _append_log(job.pk, [("waiting", QUEUE_UNREACHABLE)])
+                _append_log(job.pk, [(Job.Stage.WAITING, QUEUE_UNREACHABLE)])
         return False
     return True
 
@@ -423,7 +423,7 @@ def job_finish(
             artifacts_path=artifacts_path,
         )
         if done:
-            _append_log(job_id, [("done", "Succeeded: the checkpoint is ready to download.")])
+            _append_log(job_id, [(Job.Stage.DONE, "Succeeded: the checkpoint is ready to download.")])
     return bool(done)
 
 
@@ -513,7 +513,7 @@ def job_set_priority(*, job: Job, priority: int) -> bool:
             return False
         old_task_id = job.celery_task_id
         job.priority, job.celery_task_id = priority, new_task_id
-        _append_log(job.pk, [("waiting", f"Priority changed to {priority}.")])
+        _append_log(job.pk, [(Job.Stage.WAITING, f"Priority changed to {priority}.")])
         transaction.on_commit(lambda: _requeue(job, old_task_id))
     return True
 
@@ -601,9 +601,11 @@ def _requeue_lost(job: Job, seen, what_happened: str) -> bool:
         )
         if done:
             job.celery_task_id, job.queue = new_task_id, route.queue
-            _append_log(job.pk, [("waiting", f"Re-queued for attempt {job.requeue_count + 2}: {what_happened}.")])
+            _append_log(
+                job.pk, [(Job.Stage.WAITING, f"Re-queued for attempt {job.requeue_count + 2}: {what_happened}.")]
+            )
             if route.why:
-                _append_log(job.pk, [("waiting", route.why)])
+                _append_log(job.pk, [(Job.Stage.WAITING, route.why)])
             transaction.on_commit(lambda: _enqueue(job))
     return bool(done)
 
@@ -637,7 +639,8 @@ def job_sweep_stranded(*, older_than_s: float | None = None) -> list[int]:
             if done:
                 job.celery_task_id, job.queue = new_task_id, route.queue
                 _append_log(
-                    job.pk, [("waiting", "Its queue message was lost (queue unreachable or reset); sent again.")]
+                    job.pk,
+                    [(Job.Stage.WAITING, "Its queue message was lost (queue unreachable or reset); sent again.")],
                 )
                 transaction.on_commit(lambda job=job: _enqueue(job))
                 sent.append(job.pk)
@@ -660,7 +663,9 @@ def job_reroute_from_offline_nodes() -> list[int]:
                 queue=route.queue, celery_task_id=new_task_id
             )
             if done:
-                _append_log(job.pk, [("waiting", f"The worker of '{job.queue}' is offline; sent to '{route.queue}'.")])
+                _append_log(
+                    job.pk, [(Job.Stage.WAITING, f"The worker of '{job.queue}' is offline; sent to '{route.queue}'.")]
+                )
                 job.queue, job.celery_task_id = route.queue, new_task_id
                 transaction.on_commit(lambda job=job, old=old_task_id: _requeue(job, old))
                 moved.append(job.pk)
