@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from engine.card import search_table
 from engine.errors import EngineError
+from engine.limits import CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, SEARCH_MAX_TRIALS
 from engine.models import download_builtin_gguf, ensure_builtin_model
 from engine.presets import PRESETS
 from engine.resources import WorkerCaps
@@ -41,8 +42,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
         default="builtin",
         help="'builtin', a .jsonl file, 'hub:DATASET[:SPLIT[:COLUMN]]' or 'none'",
     )
-    parser.add_argument("--samples", type=int, default=32, help="calibration samples (default 32)")
-    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    samples, tokens = CALIBRATION_SAMPLES.default, CALIBRATION_MAX_SEQ_LEN.default
+    parser.add_argument("--samples", type=int, default=samples, help=f"calibration samples (default {samples})")
+    parser.add_argument("--max-seq-len", type=int, default=tokens, help=f"tokens per sample (default {tokens})")
     parser.add_argument(
         "--ignore-indivisible",
         action="store_true",
@@ -62,7 +64,8 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
         help="what --floor is judged on: held-out perplexity, or the average recovery of --tasks",
     )
     search.add_argument("--sweep", default="", help="comma-separated further presets to try besides --preset")
-    search.add_argument("--max-trials", type=int, default=6, help="most trials of a search (default 6)")
+    trials = SEARCH_MAX_TRIALS.default
+    search.add_argument("--max-trials", type=int, default=trials, help=f"most trials of a search (default {trials})")
     search.add_argument("--max-seconds", type=float, help="most seconds of a search")
     search.add_argument("--max-size-ratio", type=float, help="largest checkpoint tried, a fraction of the original")
     caps = parser.add_argument_group("caps on this machine's resources, for the memory plan (decimal MB)")

@@ -7,6 +7,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from engine.limits import (
+    CALIBRATION_COLUMN,
+    CALIBRATION_MAX_SEQ_LEN,
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SPLIT,
+    SEARCH_MAX_TRIALS,
+)
+
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the built-in model's original on the hub
 BUILTIN_CALIBRATION = "builtin"
@@ -58,10 +66,10 @@ class CalibrationSpec:
     kind: str = BUILTIN_CALIBRATION
     path: str | None = None
     dataset: str | None = None
-    split: str = "train"
-    column: str = "text"
-    samples: int = 32
-    max_seq_len: int = 256
+    split: str = CALIBRATION_SPLIT
+    column: str = CALIBRATION_COLUMN
+    samples: int = CALIBRATION_SAMPLES.default
+    max_seq_len: int = CALIBRATION_MAX_SEQ_LEN.default
     rows: int | None = None
 
 
@@ -94,7 +102,7 @@ class SearchBudget:
     """How much a search may spend: trials (each a compression and a held-out measurement) and/or seconds;
     max_size_ratio: the largest checkpoint worth trying, as a fraction of the original's size."""
 
-    max_trials: int = 6
+    max_trials: int = SEARCH_MAX_TRIALS.default
     max_seconds: float | None = None
     max_size_ratio: float | None = None
 

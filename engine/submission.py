@@ -16,6 +16,7 @@ from pathlib import Path
 from engine import calibration as calib
 from engine import hub
 from engine.errors import EngineError, PreflightError
+from engine.limits import CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, SEARCH_MAX_TRIALS
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
 from engine.models import ModelFacts, model_facts
 from engine.plan import tensor_parallel_problem
@@ -317,8 +318,11 @@ def check_calibration(cal: CalibrationSpec, needs_calibration: bool | None, *, l
             "choose the built-in set, upload a JSONL file or name a hub dataset.",
             field="calibration",
         )
-    if cal.samples < 1 or cal.max_seq_len < 8:
-        raise PreflightError("Use at least 1 sample of at least 8 tokens.", field="calibration")
+    if cal.samples < CALIBRATION_SAMPLES.least or cal.max_seq_len < CALIBRATION_MAX_SEQ_LEN.least:
+        raise PreflightError(
+            f"Use at least {CALIBRATION_SAMPLES.least} sample of at least {CALIBRATION_MAX_SEQ_LEN.least} tokens.",
+            field="calibration",
+        )
     if cal.kind == "hub" and not load_hub:
         hub.check_dataset(cal.dataset)  # metadata only: the web process never reads a dataset (nor its cache)
         return []
@@ -365,7 +369,6 @@ FLOOR_METRICS = {
     PERPLEXITY_FLOOR: "perplexity recovery on the held-out text",
     TASK_FLOOR: "average recovery of the evaluation's lm-eval tasks",
 }
-MAX_TRIALS = 50
 MAX_SWEEP_PRESETS = len(PRESETS)
 
 
@@ -388,8 +391,10 @@ def check_search(spec: CompressionSpec) -> None:
         if search.floor.metric == TASK_FLOOR:
             _check_task_floor(spec.evaluation)
     budget = search.budget
-    if not 1 <= budget.max_trials <= MAX_TRIALS:
-        raise PreflightError(f"max_trials must be between 1 and {MAX_TRIALS}.", field="search")
+    if not SEARCH_MAX_TRIALS.least <= budget.max_trials <= SEARCH_MAX_TRIALS.most:
+        raise PreflightError(
+            f"max_trials must be between {SEARCH_MAX_TRIALS.least} and {SEARCH_MAX_TRIALS.most}.", field="search"
+        )
     if budget.max_seconds is not None and budget.max_seconds <= 0:
         raise PreflightError("max_seconds must be positive.", field="search")
     if budget.max_size_ratio is not None and not 0 < budget.max_size_ratio <= 1:

@@ -9,9 +9,18 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
+from engine.limits import (
+    CALIBRATION_COLUMN,
+    CALIBRATION_MAX_SEQ_LEN,
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SPLIT,
+    EVALUATION_LIMIT,
+    PRIORITY,
+    SEARCH_MAX_TRIALS,
+)
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
-from engine.submission import IGNORE_INDIVISIBLE_LABEL, MAX_TRIALS
+from engine.submission import IGNORE_INDIVISIBLE_LABEL
 from jobs.auth import login_wait_s
 from jobs.inputs import request_field
 from jobs.models import Job
@@ -101,10 +110,14 @@ class JobForm(forms.Form):
         label="…or one of your uploaded files", queryset=None, required=False, empty_label="(none)"
     )
     calibration_hub_dataset = forms.CharField(label="Hub dataset id", required=False, max_length=300)
-    calibration_split = forms.CharField(label="Split", initial="train", max_length=100)
-    calibration_column = forms.CharField(label="Text column", initial="text", max_length=100)
-    calibration_samples = forms.IntegerField(label="Samples", initial=32, min_value=1, max_value=4096)
-    calibration_max_seq_len = forms.IntegerField(label="Tokens per sample", initial=256, min_value=8, max_value=32768)
+    calibration_split = forms.CharField(label="Split", initial=CALIBRATION_SPLIT, max_length=100)
+    calibration_column = forms.CharField(label="Text column", initial=CALIBRATION_COLUMN, max_length=100)
+    calibration_samples = forms.IntegerField(
+        label="Samples", initial=CALIBRATION_SAMPLES.default, **CALIBRATION_SAMPLES.field_bounds()
+    )
+    calibration_max_seq_len = forms.IntegerField(
+        label="Tokens per sample", initial=CALIBRATION_MAX_SEQ_LEN.default, **CALIBRATION_MAX_SEQ_LEN.field_bounds()
+    )
 
     evaluate_offline = forms.BooleanField(
         label="Offline suite: perplexity on held-out text and sample generations",
@@ -118,7 +131,10 @@ class JobForm(forms.Form):
         help_text="Comma-separated task names, for example gsm8k, arc_easy. Empty for none.",
     )
     evaluation_limit = forms.IntegerField(
-        label="Examples per task", required=False, min_value=1, help_text="Empty for the whole task."
+        label="Examples per task",
+        required=False,
+        **EVALUATION_LIMIT.field_bounds(),
+        help_text="Empty for the whole task.",
     )
     evaluation_backend = forms.ChoiceField(
         label="lm-eval backend",
@@ -150,11 +166,11 @@ class JobForm(forms.Form):
         help_text="One load of the model and one baseline for all; the compare page shows their frontier.",
     )
     search_max_trials = forms.IntegerField(
-        label="Most trials", initial=6, min_value=1, max_value=MAX_TRIALS, required=False
+        label="Most trials", initial=SEARCH_MAX_TRIALS.default, **SEARCH_MAX_TRIALS.field_bounds(), required=False
     )
     search_max_seconds = forms.IntegerField(label="Most seconds", min_value=1, required=False)
 
-    priority = forms.IntegerField(label="Priority", initial=Job.PRIORITY_NORMAL, min_value=0, max_value=9)
+    priority = forms.IntegerField(label="Priority", initial=PRIORITY.default, **PRIORITY.field_bounds())
     device_class = forms.ChoiceField(label="Worker", choices=Job.DeviceClass.choices)
     gpus = forms.TypedChoiceField(
         label="GPUs",

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 
+from engine.limits import CALIBRATION_COLUMN, CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, CALIBRATION_SPLIT
 from engine.spec import BUILTIN_MODEL, CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec
 from jobs.artifact_store import local_copy
 from jobs.models import CalibrationDataset, Job
@@ -50,10 +51,10 @@ class JobInput:
     calibration_kind: str = Job.CalibrationKind.BUILTIN.value
     calibration_file: CalibrationDataset | None = None
     calibration_hub_dataset: str = ""
-    calibration_split: str = "train"
-    calibration_column: str = "text"
-    calibration_samples: int = 32
-    calibration_max_seq_len: int = 256
+    calibration_split: str = CALIBRATION_SPLIT
+    calibration_column: str = CALIBRATION_COLUMN
+    calibration_samples: int = CALIBRATION_SAMPLES.default
+    calibration_max_seq_len: int = CALIBRATION_MAX_SEQ_LEN.default
     evaluation: dict[str, Any] | None = None
     ignore_indivisible: bool = False
     priority: int = Job.PRIORITY_NORMAL

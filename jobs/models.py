@@ -15,6 +15,7 @@ from django.db import models
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 
+from engine.limits import CALIBRATION_COLUMN, CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, CALIBRATION_SPLIT, PRIORITY
 from engine.spec import BUILTIN_MODEL
 from engine.spec import Stage as EngineStage
 from jobs.node_model import WorkerNode  # noqa: F401 - the workers' registry is a model of this app
@@ -68,7 +69,7 @@ class Job(models.Model):
         NONE = "none", "None (data-free presets)"
 
     # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse (see services).
-    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = 0, 5, 9
+    PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = PRIORITY.least, PRIORITY.default, PRIORITY.most
 
     # No index of its own: job_owner_recent and job_owner_quota begin with it.
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs", db_index=False)
@@ -86,14 +87,14 @@ class Job(models.Model):
         CalibrationDataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
     )
     calibration_hub_dataset = models.CharField(max_length=300, blank=True)
-    calibration_split = models.CharField(max_length=100, default="train")
-    calibration_column = models.CharField(max_length=100, default="text")
-    calibration_samples = models.PositiveIntegerField(default=32)
-    calibration_max_seq_len = models.PositiveIntegerField(default=256)
+    calibration_split = models.CharField(max_length=100, default=CALIBRATION_SPLIT)
+    calibration_column = models.CharField(max_length=100, default=CALIBRATION_COLUMN)
+    calibration_samples = models.PositiveIntegerField(default=CALIBRATION_SAMPLES.default)
+    calibration_max_seq_len = models.PositiveIntegerField(default=CALIBRATION_MAX_SEQ_LEN.default)
     evaluation = models.JSONField(null=True, blank=True, help_text="EvaluationSpec fields, or null for none.")
     ignore_indivisible = models.BooleanField(default=False)
     priority = models.PositiveSmallIntegerField(
-        default=PRIORITY_NORMAL, validators=[MinValueValidator(0), MaxValueValidator(9)]
+        default=PRIORITY_NORMAL, validators=[MinValueValidator(PRIORITY_LOW), MaxValueValidator(PRIORITY_HIGH)]
     )
     device_class = models.CharField(max_length=8, choices=DeviceClass.choices, default=DeviceClass.GPU)
     gpus = models.PositiveSmallIntegerField(

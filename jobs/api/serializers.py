@@ -11,9 +11,18 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from engine.limits import (
+    CALIBRATION_COLUMN,
+    CALIBRATION_MAX_SEQ_LEN,
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SPLIT,
+    EVALUATION_LIMIT,
+    PRIORITY,
+    SEARCH_MAX_TRIALS,
+)
 from engine.presets import MAX_RECIPE_BYTES, PRESETS
 from engine.spec import BUILTIN_MODEL
-from engine.submission import FLOOR_METRICS, MAX_TRIALS
+from engine.submission import FLOOR_METRICS
 from jobs import selectors
 from jobs.hub_tokens import MAX_TOKEN_CHARS, MIN_TOKEN_CHARS
 from jobs.inputs import JobInput, api_calibration
@@ -62,10 +71,12 @@ class CalibrationInputSerializer(InputSerializer):
         max_length=200,
         help_text="kind 'hub': a Hugging Face dataset id, namespace/name (never a path).",
     )
-    split = serializers.CharField(required=False, default="train", max_length=100)
-    column = serializers.CharField(required=False, default="text", max_length=100)
-    samples = serializers.IntegerField(min_value=1, max_value=4096, default=32)
-    max_seq_len = serializers.IntegerField(min_value=8, max_value=32768, default=256)
+    split = serializers.CharField(required=False, default=CALIBRATION_SPLIT, max_length=100)
+    column = serializers.CharField(required=False, default=CALIBRATION_COLUMN, max_length=100)
+    samples = serializers.IntegerField(**CALIBRATION_SAMPLES.field_bounds(), default=CALIBRATION_SAMPLES.default)
+    max_seq_len = serializers.IntegerField(
+        **CALIBRATION_MAX_SEQ_LEN.field_bounds(), default=CALIBRATION_MAX_SEQ_LEN.default
+    )
 
 
 class EvaluationInputSerializer(InputSerializer):
@@ -77,7 +88,9 @@ class EvaluationInputSerializer(InputSerializer):
         max_length=50,
         help_text="lm-eval task names; unknown names are refused.",
     )
-    limit = serializers.IntegerField(min_value=1, max_value=1_000_000, required=False, allow_null=True, default=None)
+    limit = serializers.IntegerField(
+        **EVALUATION_LIMIT.field_bounds(), required=False, allow_null=True, default=EVALUATION_LIMIT.default
+    )
     backend = serializers.ChoiceField(choices=["hf", "vllm"], default="hf")
 
 
@@ -89,7 +102,7 @@ class FloorInputSerializer(InputSerializer):
 
 
 class BudgetInputSerializer(InputSerializer):
-    max_trials = serializers.IntegerField(min_value=1, max_value=MAX_TRIALS, default=6)
+    max_trials = serializers.IntegerField(**SEARCH_MAX_TRIALS.field_bounds(), default=SEARCH_MAX_TRIALS.default)
     max_seconds = serializers.FloatField(min_value=1, required=False, allow_null=True, default=None)
     max_size_ratio = serializers.FloatField(
         min_value=0.01, max_value=1.0, required=False, allow_null=True, default=None,
@@ -148,7 +161,9 @@ class JobCreateSerializer(InputSerializer):
         ),
     )
     ignore_indivisible = serializers.BooleanField(default=False)
-    priority = serializers.IntegerField(min_value=0, max_value=9, default=Job.PRIORITY_NORMAL, help_text="9 first.")
+    priority = serializers.IntegerField(
+        **PRIORITY.field_bounds(), default=PRIORITY.default, help_text=f"{PRIORITY.most} first."
+    )
     device_class = serializers.ChoiceField(choices=Job.DeviceClass.choices, required=False)
     gpus = serializers.IntegerField(
         min_value=1,

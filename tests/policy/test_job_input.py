@@ -88,3 +88,46 @@ def test_clone_and_edit_form_starts_from_the_old_request(request_of_every_field)
 
     assert form.is_valid(), form.errors
     assert form.to_job_input() == request
+
+
+BOUNDED = [  # (engine.limits' bound, the form's field, the API's field)
+    ("CALIBRATION_SAMPLES", "calibration_samples", ("calibration", "samples")),
+    ("CALIBRATION_MAX_SEQ_LEN", "calibration_max_seq_len", ("calibration", "max_seq_len")),
+    ("EVALUATION_LIMIT", "evaluation_limit", ("evaluation", "limit")),
+    ("SEARCH_MAX_TRIALS", "search_max_trials", ("search", "budget", "max_trials")),
+    ("PRIORITY", "priority", ("priority",)),
+]
+
+
+@pytest.mark.parametrize(("bound", "form_field", "api_path"), BOUNDED)
+def test_the_form_and_the_api_offer_and_accept_what_engine_limits_says(bound, form_field, api_path):
+    from engine import limits
+    from frontend.forms import JobForm
+    from jobs.api.serializers import JobCreateSerializer
+
+    expected = getattr(limits, bound)
+    field = JobForm.base_fields[form_field]
+    assert (field.initial, field.min_value, field.max_value) == (expected.default, expected.least, expected.most)
+    serializer_field = JobCreateSerializer()
+    for name in api_path:
+        serializer_field = serializer_field.fields[name]
+    assert (serializer_field.default, serializer_field.min_value, serializer_field.max_value) == (
+        expected.default,
+        expected.least,
+        expected.most,
+    )
+
+
+@pytest.mark.django_db
+def test_a_request_that_names_no_sizes_gets_the_same_defaults_everywhere(make_user):
+    from engine.cli import build_parser
+    from engine.limits import CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, PRIORITY, SEARCH_MAX_TRIALS
+
+    expected = (CALIBRATION_SAMPLES.default, CALIBRATION_MAX_SEQ_LEN.default)
+    job = Job(owner=make_user("bob"))
+    spec = JobInput(preset="int8-w8a8-gptq").to_spec()
+    cli = build_parser().parse_args(["--preset", "int8-w8a8-gptq"])
+    assert (job.calibration_samples, job.calibration_max_seq_len) == expected
+    assert (spec.calibration.samples, spec.calibration.max_seq_len) == expected
+    assert (cli.samples, cli.max_seq_len, cli.max_trials) == (*expected, SEARCH_MAX_TRIALS.default)
+    assert job.priority == JobInput().priority == PRIORITY.default
