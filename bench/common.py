@@ -8,10 +8,9 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "var" / "bench"
@@ -90,21 +89,6 @@ def percentile(values: Iterable[float], pct: float) -> float:
         return math.nan
     rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
     return ordered[rank - 1]
-
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
-    """Poll until predicate() is truthy and return it; TimeoutError after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = predicate()
-        except Exception:  # noqa: BLE001 - not ready yet (connection refused and the like)
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def mb(n: float) -> str:

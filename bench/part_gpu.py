@@ -49,13 +49,13 @@ from bench.common import (  # noqa: E402
     Figure,
     machine_info,
     verdict,
-    wait_for,
 )
 from engine.errors import EngineError  # noqa: E402
 from engine.isolated import VLLM_PYTHON_ENV, run_child, vllm_installed  # noqa: E402
 from engine.plan import tensor_parallel_problem  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 from engine.spec import BUILTIN_MODEL  # noqa: E402
+from tests.support import wait_until  # noqa: E402
 
 SEED_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.seed_card)
 STEPS = ("compress", "vllm", "tensor-parallel", "job")
@@ -440,8 +440,9 @@ def job_figures(check: Check) -> list[Figure]:
     argv += ["-n", f"gpu-check-{os.getpid()}@%h", "-l", "info", "--without-gossip", "--without-mingle"]
     worker = Process("gpu-check-worker", argv, env)
     try:
-        # wait_for takes a predicate's exception for "not yet": a worker that exited ends the wait instead.
-        wait_for(lambda: not worker.alive() or " ready." in worker.log_text(), timeout=180, what="the GPU worker")
+        # A worker that exited ends the wait too; its log file may not exist yet ("not yet").
+        ready = lambda: not worker.alive() or " ready." in worker.log_text()  # noqa: E731
+        wait_until(ready, timeout=180, what="the GPU worker", not_yet=(OSError,))
         if not worker.alive():
             raise RuntimeError(f"The worker exited:\n{worker.log_text()[-2000:]}")
         started = time.monotonic()
@@ -454,7 +455,7 @@ def job_figures(check: Check) -> list[Figure]:
             job.refresh_from_db()
             return not worker.alive() or job.status in Job.TERMINAL
 
-        wait_for(ended, timeout=900, interval=0.5, what=f"job {job.pk} to end")
+        wait_until(ended, timeout=900, interval=0.5, what=f"job {job.pk} to end")
         wall = time.monotonic() - started
         if job.status not in Job.TERMINAL:
             raise RuntimeError(f"The worker exited during job {job.pk}:\n{worker.log_text()[-2000:]}")

@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 
 from django.test import override_settings
 
-from bench.common import PYTHON, Figure, bench_env, median, wait_for
+from bench.common import PYTHON, Figure, bench_env, median
 from bench.part_downloads import checkpoint_dir, ensure_checkpoint, http_request, read_all, register_job
 from bench.stack import Process, Stack, free_port
+from tests.support import wait_until
 
 
 def _upload(job, manifest: dict, scratch: Path, s3) -> float:
@@ -74,7 +75,11 @@ def run(stack: Stack, *, pairs: int = 3) -> list[Figure]:
     moto = Process("moto", s3.command(str(PYTHON)), {})
     web = None
     try:
-        wait_for(lambda: s3.create_bucket() or True, timeout=60, what="the moto S3 server")
+        from botocore.exceptions import EndpointConnectionError
+
+        # moto refuses connections until it listens
+        created = lambda: s3.create_bucket() or True  # noqa: E731
+        wait_until(created, timeout=60, what="the moto S3 server", not_yet=(EndpointConnectionError,))
         s3_job = register_job(stack.user, manifest)
         Job.objects.filter(pk=s3_job.pk).update(artifacts_path=s3_job.artifacts_relpath())
         upload_s = _upload(s3_job, manifest, scratch, s3)
@@ -82,7 +87,8 @@ def run(stack: Stack, *, pairs: int = 3) -> list[Figure]:
         port = free_port()
         argv = [str(PYTHON), "manage.py", "runserver", "--noreload", "--insecure", f"127.0.0.1:{port}"]
         web = Process("web-s3", argv, {**bench_env(), **s3.env(scratch)})
-        wait_for(lambda: _get(port, "/api/v1/presets/", stack.token), timeout=90, what="the web server on the bucket")
+        presets = lambda: _get(port, "/api/v1/presets/", stack.token)  # noqa: E731
+        wait_until(presets, timeout=90, what="the web server on the bucket", not_yet=(OSError,))
         shard = next(entry for entry in manifest["files"] if entry["path"].endswith(".safetensors"))
         shard_path, archive_path = f"files/{shard['path']}", "archive/"
         cases = {

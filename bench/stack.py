@@ -17,7 +17,8 @@ from typing import Any
 
 import requests
 
-from bench.common import DATA_DIR, DB_NAME, KEY_PREFIX, LOG_DIR, PG_URL, REPO, bench_env, wait_for
+from bench.common import DATA_DIR, DB_NAME, KEY_PREFIX, LOG_DIR, PG_URL, REPO, bench_env
+from tests.support import wait_until
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -204,10 +205,8 @@ class Stack:
             return self.api.get("/api/v1/presets/", timeout=5).status_code == 200
 
         try:
-            wait_for(ready, timeout=90, what="the web server")
-        except RuntimeError:
-            raise
-        except TimeoutError as exc:
+            wait_until(ready, timeout=90, what="the web server", not_yet=(OSError,))  # refused until it listens
+        except AssertionError as exc:
             raise RuntimeError(f"{exc}\n{self.web.log_text()[-2000:]}") from None
 
     def start_worker(self) -> None:
@@ -222,7 +221,7 @@ class Stack:
                 raise RuntimeError(f"The worker exited:\n{self.worker.log_text()[-2000:]}")
             return " ready." in self.worker.log_text()
 
-        wait_for(ready, timeout=120, what="the Celery worker")
+        wait_until(ready, timeout=120, what="the Celery worker", not_yet=(OSError,))  # no log file yet
 
     def worker_pool_pids(self) -> list[int]:
         import psutil
@@ -248,7 +247,9 @@ class Stack:
                     return True
             return False
 
-        wait_for(warm, timeout=timeout, interval=0.5, what="the worker child to import torch")
+        # A child that ended meanwhile (NoSuchProcess) is "not yet": the pool starts another.
+        what = "the worker child to import torch"
+        wait_until(warm, timeout=timeout, interval=0.5, what=what, not_yet=(psutil.Error,))
 
     def stop_worker(self) -> None:
         if self.worker:

@@ -19,11 +19,24 @@ REPO = Path(__file__).resolve().parents[1]
 QUEUES = ("gpu", "cpu", "light")
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str = "condition"):
-    """Poll until predicate() is truthy and return its value; fail after timeout seconds, naming what."""
+def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float,
+    interval: float = 0.25,
+    what: str = "condition",
+    not_yet: tuple[type[BaseException], ...] = (),
+):
+    """Poll until predicate() is truthy and return its value; fail after timeout seconds, naming what.
+
+    not_yet: exceptions the predicate raises while the thing is still starting (a refused connection); any
+    other exception ends the wait at once. The bench's harness waits with this function too."""
     deadline = time.monotonic() + timeout
     while True:
-        value = predicate()
+        try:
+            value = predicate()
+        except not_yet:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

@@ -56,12 +56,17 @@ def _add_jobs(owner, count: int, status: str) -> None:
     )
 
 
-def _list_queries(api, path: str = "/api/v1/jobs/") -> int:
-    api.get(path)  # warm: token lookup caches, content types
+def _list_page(api, path: str = "/api/v1/jobs/") -> tuple[dict, list[str]]:
+    """The list's answer and the SQL of its second request (the first warms token lookups, content types)."""
+    api.get(path)
     with CaptureQueriesContext(connection) as ctx:
         response = api.get(path)
     assert response.status_code == 200, response.content[:300]
-    return len(ctx.captured_queries)
+    return response.json(), [query["sql"] for query in ctx.captured_queries]
+
+
+def _list_queries(api, path: str = "/api/v1/jobs/") -> int:
+    return len(_list_page(api, path)[1])
 
 
 @pytest.mark.parametrize("status", ["succeeded", "failed"])
@@ -82,10 +87,20 @@ def test_api_list_queries_do_not_grow_with_queued_jobs(api, owner):
 
 
 def test_api_list_last_page_costs_the_same_as_the_first(api, owner):
-    _add_jobs(owner, 200, "succeeded")
-    first = _list_queries(api, "/api/v1/jobs/?page=1")
-    last = _list_queries(api, "/api/v1/jobs/?page=8")
-    assert first == last
+    # Given 190 jobs: seven full pages of 25 and a last one of 15
+    _add_jobs(owner, 190, "succeeded")
+
+    # When the first and the last page are read
+    first, first_sql = _list_page(api, "/api/v1/jobs/?page=1")
+    last, last_sql = _list_page(api, "/api/v1/jobs/?page=8")
+
+    # Then the last page holds the other 15 jobs, read past the first 175 rows in the database (OFFSET)...
+    assert first["count"] == last["count"] == 190
+    assert len(first["results"]) == 25 and len(last["results"]) == 15
+    assert {job["id"] for job in first["results"]}.isdisjoint(job["id"] for job in last["results"])
+    assert any("OFFSET 175" in sql for sql in last_sql), last_sql
+    # ...with as many queries as the first: nothing per row, nothing per page number
+    assert len(last_sql) == len(first_sql)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -34,8 +34,32 @@ def done_job(cli_user, make_job, checkpoint):
     return job, folder
 
 
+@pytest.fixture
+def requests_to() -> Iterator[Callable[[str], list[str]]]:
+    """requests_to(path): a list that grows by one as the live server (a thread of this process) starts each
+    request for path."""
+    from django.core.signals import request_started
+
+    receivers = []
+
+    def watch(path: str) -> list[str]:
+        seen: list[str] = []
+
+        def receiver(sender, environ=None, **kwargs) -> None:
+            if environ and environ.get("PATH_INFO") == path:
+                seen.append(environ["REQUEST_METHOD"])
+
+        request_started.connect(receiver, weak=False)
+        receivers.append(receiver)
+        return seen
+
+    yield watch
+    for receiver in receivers:
+        request_started.disconnect(receiver)
+
+
 def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_once(
-    compressor, cli_user, make_job, settings
+    compressor, cli_user, make_job, settings, requests_to
 ):
     # Given a running job whose server keeps only its newest 4 log lines
     from jobs.services import _append_log
@@ -45,15 +69,19 @@ def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_o
     _append_log(job.pk, [("preparing", "line 0")])
 
     # When its log is followed while lines arrive, until the job ends
+    log_reads = requests_to(f"/api/v1/jobs/{job.pk}/log/")
     follower = compressor.start("logs", str(job.pk), "--follow", "--interval", "0.1")
     printed: list[str] = []
     reader = threading.Thread(target=lambda: printed.extend(follower.stdout), daemon=True)
     reader.start()
-    for number in range(1, 12):  # each line once the one before is out (lines the server drops unseen are lost)
+    for number in range(1, 13):  # each line once the one before is out (lines the server drops unseen are lost)
         last = f"line {number - 1}\n"
         wait_until(lambda last=last: last in "".join(printed), timeout=60, what=f"the follower to print {last!r}")
-        _append_log(job.pk, [("compressing", f"line {number}")])
-    time.sleep(0.3)  # a poll or two more, to print nothing twice
+        if number < 12:
+            _append_log(job.pk, [("compressing", f"line {number}")])
+    # Two more reads of the unchanged log while the job still runs: nothing may be printed twice
+    reads = len(log_reads)
+    wait_until(lambda: len(log_reads) >= reads + 2, timeout=60, what="the follower to read the log twice more")
     Job.objects.filter(pk=job.pk).update(status="succeeded")
     follower.wait(timeout=60)
     reader.join(timeout=10)

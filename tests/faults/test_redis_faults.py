@@ -7,6 +7,7 @@ These run against a private redis-server on a free port: the shared one is never
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -100,6 +101,21 @@ def _hold(worker) -> int:
     return pid
 
 
+def _unacknowledged_for_s(task_id: str) -> float:
+    """How long ago, by Redis's record, a worker took task_id's message without acknowledging it yet (0 while it
+    waits or is done): what a worker compares with its visibility timeout before it hands the message out again."""
+    from compressor_app.celery import app
+
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        prefix = getattr(channel, "global_keyprefix", "")  # kombu does not prefix HGETALL and ZSCORE itself
+        for tag, raw in channel.client.hgetall(prefix + channel.unacked_key).items():
+            if json.loads(raw)[0]["headers"]["id"] == task_id:
+                delivered = channel.client.zscore(prefix + channel.unacked_index_key, tag)
+                return time.time() - delivered if delivered is not None else 0.0
+    return 0.0
+
+
 def _runs(job) -> int:
     return Job.objects.get(pk=job.pk).log_lines.filter(text__startswith="Started on").count()
 
@@ -176,7 +192,11 @@ def test_a_job_delivered_twice_runs_once_and_leaves_one_checkpoint(
     job = queue_job(owner, model_source="smollm2-135m-instruct")
     _wait_running(job, fault_worker)
     held = _hold(fault_worker)
-    time.sleep(3)
+    wait_until(
+        lambda: _unacknowledged_for_s(job.celery_task_id) > 2.5,
+        timeout=60,
+        what="Redis to record the message as delivered for longer than 2.5 s",
+    )
 
     # When that second worker starts, Redis hands it the message again (it looks abandoned: the worker
     # restores unacknowledged messages older than its visibility timeout as it starts polling)

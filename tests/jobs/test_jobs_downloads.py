@@ -86,21 +86,35 @@ def test_if_range_with_an_old_etag_gets_the_whole_file(api, done_job):
     assert response.status_code == 200 and _body(response) == files["model.safetensors"]
     etag = response["ETag"]
     again = api.get(f"/api/v1/jobs/{job.pk}/files/model.safetensors", HTTP_RANGE="bytes=0-9", HTTP_IF_RANGE=etag)
-    assert again.status_code == 206
+    assert again.status_code == 206 and _body(again) == files["model.safetensors"][:10]
+    assert again["Content-Range"] == f"bytes 0-9/{len(files['model.safetensors'])}"
 
 
 def test_only_manifest_files_are_served(api, done_job, media_root):
-    job, _files = done_job
-    (media_root / "secret.txt").write_text("no")
-    assert api.get(f"/api/v1/jobs/{job.pk}/files/sub/tokenizer.json").status_code == 200
-    assert api.get(f"/api/v1/jobs/{job.pk}/files/../../secret.txt").status_code == 404
-    assert api.get(f"/api/v1/jobs/{job.pk}/files/nothing.bin").status_code == 404
+    # Given a checkpoint and, beside it on the server, a file that is none of its files
+    job, files = done_job
+    (media_root / "secret.txt").write_text("the server's secret")
+
+    # When a file of the manifest is asked for, it comes whole, named, with its sha256 as its ETag
+    got = api.get(f"/api/v1/jobs/{job.pk}/files/sub/tokenizer.json")
+    body = _body(got)
+    assert got.status_code == 200 and body == files["sub/tokenizer.json"]
+    assert got["ETag"] == f'"{hashlib.sha256(body).hexdigest()}"'
+    assert got["Content-Length"] == str(len(body)) and got["Content-Type"] == "application/json"
+    assert got["Content-Disposition"] == 'attachment; filename="tokenizer.json"'
+
+    # Then a path out of the checkpoint, or one the manifest does not list, is not found and sends nothing of it
+    for path in ("../../secret.txt", "nothing.bin"):
+        refused = api.get(f"/api/v1/jobs/{job.pk}/files/{path}")
+        assert refused.status_code == 404 and b"secret" not in _body(refused)
 
 
 def test_downloads_exist_only_for_succeeded_jobs(api, user, make_job):
     job = make_job(user, status="running")
-    assert api.get(f"/api/v1/jobs/{job.pk}/archive/").status_code == 409
-    assert api.get(f"/api/v1/jobs/{job.pk}/manifest/").status_code == 409
+    for path in ("archive/", "manifest/"):
+        refused = api.get(f"/api/v1/jobs/{job.pk}/{path}")
+        assert refused.status_code == 409 and not refused.streaming
+        assert "has no checkpoint to download (it is running)" in refused.json()["detail"], refused.json()
 
 
 def test_session_authenticated_browsers_download_too(client, user, done_job):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from engine.errors import PreflightError
-from jobs import services
+from jobs import messages, services
 from jobs.models import Job, JobLogLine
 from jobs.services import JobInput
 
@@ -33,7 +36,45 @@ def test_submit_queues_the_job_after_commit_with_its_broker_priority(user, djang
     assert "QuantizationModifier" in job.resolved_recipe and job.spec_fingerprint
     assert job.queue == "gpu" and job.celery_task_id
     assert len(callbacks) == 1
-    assert services.broker_priority(8) == 1  # Redis polls 0 first: 9 - priority
+
+    # ...and once it commits, Redis holds the compress message for this job on the list of broker priority 1
+    # (Redis polls 0 first: a job's 9 runs first), where a worker of its queue will take it
+    with _consumers_paused(job.queue):
+        callbacks[0]()
+        key, message = _waiting_message(job.celery_task_id, job.queue)
+    assert key == f"{job.queue}:1" and message["properties"]["priority"] == 1
+    assert message["headers"]["task"] == messages.COMPRESS and message["headers"]["argsrepr"] == f"({job.pk},)"
+
+
+@contextmanager
+def _consumers_paused(queue: str) -> Iterator[None]:
+    """The session's live worker (tests/jobs) stops taking this queue's messages meanwhile: the message the
+    test reads stays in Redis."""
+    from compressor_app.celery import app
+
+    replies = app.control.cancel_consumer(queue, reply=True, timeout=1) or []
+    try:
+        yield
+    finally:
+        if names := [name for reply in replies for name in reply]:
+            app.control.add_consumer(queue, destination=names, reply=True, timeout=5)
+
+
+def _waiting_message(task_id: str, queue: str) -> tuple[str, dict]:
+    """(the Redis list, the message) of the waiting message task_id, taken out of Redis (the test's job rolls
+    back; nobody must run it)."""
+    from compressor_app.celery import app
+
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        prefix = getattr(channel, "global_keyprefix", "")  # kombu does not prefix LRANGE and LREM itself
+        for key in sorted({channel._q_for_pri(queue, step) for step in channel.priority_steps}):
+            for raw in channel.client.lrange(prefix + key, 0, -1):
+                message = json.loads(raw)
+                if message["headers"]["id"] == task_id:
+                    channel.client.lrem(prefix + key, 1, raw)
+                    return key, message
+    raise AssertionError(f"No message for task {task_id} waits in Redis")
 
 
 def test_submit_refuses_a_job_preflight_rejects(user):
