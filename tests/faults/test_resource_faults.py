@@ -7,7 +7,6 @@ import json
 import resource
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -99,11 +98,20 @@ SOAK_JOBS = 30
 
 
 def test_soak_idle_worker_memory_stays_flat_over_many_jobs(fault_worker, owner, queue_job, tiny_model_dir):
-    def idle_rss_mib() -> float:
-        wait_until(lambda: not fault_worker.active(), timeout=60, what="the worker to be idle")
-        time.sleep(1)
+    def rss_mib() -> float:
         processes = [psutil.Process(fault_worker.process.pid), *psutil.Process(fault_worker.process.pid).children()]
         return sum(p.memory_info().rss for p in processes) / MiB
+
+    def idle_rss_mib() -> float:
+        wait_until(lambda: not fault_worker.active(), timeout=60, what="the worker to be idle")
+        # Idle once its memory stops moving: two readings a quarter second apart within 1 MiB
+        readings = [rss_mib()]
+
+        def settled() -> float | None:
+            readings.append(rss_mib())
+            return readings[-1] if abs(readings[-1] - readings[-2]) < 1 else None
+
+        return wait_until(settled, timeout=60, what="the idle worker's memory to settle")
 
     # Given one job done on the worker (its child warm)
     assert _wait_status(queue_job(owner), "succeeded", "failed").status == "succeeded"
