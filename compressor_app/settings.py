@@ -13,6 +13,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from jobs import task_names
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -185,8 +187,11 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_DEFAULT_QUEUE = "light"
-CELERY_TASK_ROUTES = {"jobs.compress": {"queue": "gpu"}, "jobs.*": {"queue": "light"}}
+CELERY_TASK_DEFAULT_QUEUE = task_names.Queue.LIGHT.value
+CELERY_TASK_ROUTES = {
+    task_names.COMPRESS: {"queue": task_names.Queue.GPU.value},
+    "jobs.*": {"queue": task_names.Queue.LIGHT.value},
+}
 # Time limits of one compression job: soft (the task records "took too long" and cleans up), then hard
 # (the worker kills the child). Both stay below the Redis visibility timeout: a message not acknowledged
 # within it is handed to a second worker, which must never happen to a job that is still running.
@@ -220,20 +225,20 @@ COMPRESSOR_WORKER_MAX_MEMORY_MB = env.int("COMPRESSOR_WORKER_MAX_MEMORY_MB", def
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = COMPRESSOR_WORKER_MAX_MEMORY_MB * 1024  # KiB
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-jobs": {
-        "task": "jobs.reap_stale_jobs",
+        "task": task_names.REAP_STALE_JOBS,
         "schedule": float(COMPRESSOR_REAPER_INTERVAL_S),
-        "options": {"queue": "light", "expires": float(COMPRESSOR_REAPER_INTERVAL_S)},
+        "options": {"queue": task_names.Queue.LIGHT.value, "expires": float(COMPRESSOR_REAPER_INTERVAL_S)},
     },
     # Retention (COMPRESSOR_RETENTION_DAYS): expired checkpoints and uploads, with their rows.
     "expire-artifacts": {
-        "task": "jobs.expire_artifacts",
+        "task": task_names.EXPIRE_ARTIFACTS,
         "schedule": 3600.0,
-        "options": {"queue": "light", "expires": 3600.0},
+        "options": {"queue": task_names.Queue.LIGHT.value, "expires": 3600.0},
     },
     "housekeeping": {
-        "task": "jobs.housekeeping",
+        "task": task_names.HOUSEKEEPING,
         "schedule": float(COMPRESSOR_HOUSEKEEPING_INTERVAL_S),
-        "options": {"queue": "light", "expires": float(COMPRESSOR_HOUSEKEEPING_INTERVAL_S)},
+        "options": {"queue": task_names.Queue.LIGHT.value, "expires": float(COMPRESSOR_HOUSEKEEPING_INTERVAL_S)},
     },
 }
 

@@ -66,7 +66,7 @@ from engine.submission import (
     header_layers,
     sweep_presets,
 )
-from engine.units import recovery_percent
+from engine.units import recovery_percent, size_text
 
 TRIAL_LINE = "Trial "  # how each trial's log line begins (the engine's CLI prints them as they come)
 _PROBE_SAMPLES, _PROBE_TOKENS = 2, 256
@@ -407,7 +407,7 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
             state.trials.append(trial)
             tasks = "" if trial.task_recovery is None else f", task recovery {trial.task_recovery:.2f} %"
             reporter.log(
-                f"{TRIAL_LINE}{number}: {move.change}: {trial.size_bytes / 1e6:.1f} MB, "
+                f"{TRIAL_LINE}{number}: {move.change}: {size_text(trial.size_bytes)}, "
                 f"perplexity recovery {trial.recovery:.2f} %{tasks}" + _floor_words(trial)
             )
             _drop_unchosen_folders(state)

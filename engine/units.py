@@ -62,6 +62,21 @@ def size_text(num_bytes: float | None) -> str:
     return f"{int(num_bytes)} B"
 
 
+def duration_text(seconds: float | None) -> str:
+    """Seconds as a person reads them, parts that are zero left out: 42 -> "42 s", 245 -> "4 min 05 s",
+    600 -> "10 min", 3720 -> "1 h 02 min", 21600 -> "6 h" (seconds are left out past an hour); None -> ""."""
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s" if seconds else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if minutes else f"{hours} h"
+
+
 def vllm_where(run: dict | None) -> str:
     """Where vLLM ran (engine.evaluation's record of a vllm-backend run, or a check in vLLM), to follow "in vLLM":
     " on the CPU", ", tensor parallel over 8 GPUs", or nothing for one GPU or a result without the record."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from engine.units import size_text
 from frontend.presentation import MetricRow, metric_text
 
 
@@ -314,7 +315,7 @@ def size_quality_chart(
         label_x, label_y, anchor = _label_place(x, y + 4, len(point.label) * LABEL_CHAR_W, width, placed)
         body.append(
             f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="6"><title>{escape(point.label)}: '
-            f"{point.size_bytes / 1e6:.1f} MB, {quality}</title></circle>"
+            f"{size_text(point.size_bytes)}, {quality}</title></circle>"
             f'<text class="tick" x="{label_x:.1f}" y="{label_y:.1f}" text-anchor="{anchor}">'
             f"{escape(point.label)}</text>"
         )

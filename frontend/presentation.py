@@ -371,16 +371,3 @@ def metric_text(value: Any) -> str:
     if abs(number) >= 1000:
         return f"{number:.0f}"
     return f"{number:#.4g}".rstrip(".")
-
-
-def duration_text(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"

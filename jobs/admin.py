@@ -16,7 +16,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from engine.errors import EngineError
-from engine.units import size_text
+from engine.units import duration_text, size_text
 from jobs import selectors, services
 from jobs.models import CalibrationDataset, HubPush, HubToken, Job, WorkerNode
 from jobs.ratelimit import RateLimited
@@ -119,8 +119,7 @@ class JobAdmin(admin.ModelAdmin):
 
     @admin.display(description="Duration")
     def duration(self, job: Job) -> str:
-        seconds = job.duration_s
-        return "" if seconds is None else f"{seconds:.0f} s"
+        return duration_text(job.duration_s)
 
     @admin.display(description="Latest log lines")
     def recent_log(self, job: Job) -> str:

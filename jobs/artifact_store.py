@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from django.conf import settings
 from django.core.files.storage import default_storage
 
+from engine.units import size_text
 from jobs.models import Job
 
 MANIFEST_NAME = "manifest.json"
@@ -51,7 +52,7 @@ def publish(job: Job, folder: Path, manifest: dict, *, log: Callable[[str], None
     if not uses_bucket():
         return
     if log is not None:
-        log(f"Uploading the checkpoint ({len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.0f} MB).")
+        log(f"Uploading the checkpoint ({len(manifest['files'])} files, {size_text(manifest['total_bytes'])}).")
     relpath = job.artifacts_relpath()
     for entry in manifest["files"]:
         _upload(folder / entry["path"], f"{relpath}/{entry['path']}", entry["sha256"])

@@ -7,20 +7,11 @@ rather than through the task objects: importing jobs.tasks from jobs.services wo
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from compressor_app.celery import app
+from jobs.task_names import COMPRESS, PUSH_TO_HUB, STOP_CANCELLED, Queue
 
-# The names jobs.tasks registers its tasks under (name=...); settings.CELERY_TASK_ROUTES routes by them too.
-COMPRESS = "jobs.compress"
-STOP_CANCELLED = "jobs.stop_cancelled"
-PUSH_TO_HUB = "jobs.push_to_hub"
-
-
-class Queue(StrEnum):
-    GPU = "gpu"  # compression on a GPU worker (one per GPU, concurrency 1)
-    CPU = "cpu"  # compression on a CPU-only worker
-    LIGHT = "light"  # housekeeping: the reaper, stopping cancelled jobs, hub pushes
+# What the services send, by the names jobs.task_names declares (jobs.tasks registers its tasks under them).
+__all__ = ("COMPRESS", "PUSH_TO_HUB", "STOP_CANCELLED", "Queue", "revoke", "send")
 
 
 def send(task_name: str, object_id: int, *, task_id: str | None = None, **options) -> None:

@@ -13,10 +13,10 @@ from django.shortcuts import get_object_or_404
 
 from engine.units import size_text
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
+from jobs.task_names import COMPRESS, QUEUE_NAMES
 
 logger = logging.getLogger(__name__)
 
-QUEUE_NAMES = ("gpu", "cpu", "light")
 # The order workers take waiting jobs in: priority (9 first), then submission time, then id. The one home of
 # it: the lists, the job page, the API and the admin all number waiting jobs through the functions below.
 QUEUE_ORDER = ("-priority", "created_at", "id")
@@ -260,8 +260,7 @@ def worker_overview(*, timeout: float = 1.0) -> tuple[list[WorkerInfo], str]:
             info.running.append({"task_id": task["id"], "name": task["name"], "job": jobs_by_task.get(task["id"])})
         if name not in active:
             info.running = [
-                {"task_id": j.celery_task_id, "name": "jobs.compress", "job": j}
-                for j in running_by_worker.get(name, [])
+                {"task_id": j.celery_task_id, "name": COMPRESS, "job": j} for j in running_by_worker.get(name, [])
             ]
         workers.append(info)
     return workers, error

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
+from engine.units import duration_text, size_text
 from jobs import artifact_store, messages, nodes
 from jobs.compiled import ANY_ID, compiled_once, fetch_one
 from jobs.inputs import JobInput, api_calibration, job_spec
@@ -244,7 +245,7 @@ def _refuse_over_storage(stored: int, *, adding: int = 0) -> None:
     most = settings.COMPRESSOR_USER_MAX_STORED_BYTES
     if stored >= most or stored + adding > most:
         raise RateLimited(
-            f"You store {stored / 1e9:.3g} GB of checkpoints and uploads and the quota is {most / 1e9:.3g} GB; "
+            f"You store {size_text(stored)} of checkpoints and uploads and the quota is {size_text(most)}; "
             f"checkpoints are deleted {settings.COMPRESSOR_RETENTION_DAYS} days after their job ended, "
             "or ask an operator.",
             retry_after=3600,
@@ -451,15 +452,7 @@ def job_discard_run_output(*, job_id: int, task_id: str, keep_resume: bool = Fal
 
 
 def time_limit_error(limit_s: float) -> str:
-    return f"The job ran into its time limit of {_duration(limit_s)} and was stopped."
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:g} h"
-    if seconds >= 60:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
+    return f"The job ran into its time limit of {duration_text(limit_s)} and was stopped."
 
 
 # --- operators and owners --------------------------------------------------------------------------------

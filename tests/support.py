@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.task_names import QUEUE_NAMES
+
 REPO = Path(__file__).resolve().parents[1]
-QUEUES = ("gpu", "cpu", "light")
+QUEUES = QUEUE_NAMES
 
 
 def wait_until(

@@ -9,8 +9,8 @@ from django.utils.html import escape, json_script
 from django.utils.safestring import SafeString, mark_safe
 
 from engine.card import LINK_HOSTS
-from engine.units import percent_text, size_text
-from frontend.presentation import duration_text, metric_text
+from engine.units import duration_text, percent_text, size_text
+from frontend.presentation import metric_text
 from jobs.models import Job
 
 register = template.Library()

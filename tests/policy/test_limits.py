@@ -202,8 +202,8 @@ def test_stored_bytes_quota_refuses_jobs_and_uploads(alice_api, make_job, settin
     make_job(alice, status=Job.Status.SUCCEEDED, results={"size_after_bytes": 20_000})
     job = api.post("/api/v1/jobs/", FP8, format="json")
 
-    assert upload.status_code == 429 and "the quota is 0.01 GB" in upload.json()["detail"]
-    assert job.status_code == 429 and "You store 0.01 GB" in job.json()["detail"]
+    assert upload.status_code == 429 and "the quota is 10.0 MB" in upload.json()["detail"]
+    assert job.status_code == 429 and "You store 10.0 MB" in job.json()["detail"]
 
 
 def test_the_priority_cap_is_the_services_rule_for_every_caller(alice_api, client_for, make_job, make_user):
