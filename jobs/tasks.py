@@ -29,7 +29,7 @@ from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
 from engine.model_cache import ModelCache
-from jobs import artifact_store, messages, nodes, services
+from jobs import artifact_store, nodes, services, task_names
 from jobs.inputs import job_spec
 from jobs.models import Job
 from jobs.progress import JobProgress
@@ -109,7 +109,7 @@ class JobTask(Task):
 @shared_task(
     bind=True,
     base=JobTask,
-    name=messages.COMPRESS,  # routed to "gpu" by settings.CELERY_TASK_ROUTES; job_submit picks gpu or cpu
+    name=task_names.COMPRESS,  # routed to "gpu" by settings.CELERY_TASK_ROUTES; job_submit picks gpu or cpu
     acks_late=True,
     reject_on_worker_lost=True,
     # The soft limit raises SoftTimeLimitExceeded in the task: it records "time limit" and cleans up.
@@ -258,7 +258,7 @@ def _resource_failure(exc: BaseException) -> str | None:
     return None
 
 
-@shared_task(name=messages.STOP_CANCELLED, ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
+@shared_task(name=task_names.STOP_CANCELLED, ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def stop_cancelled_job(job_id: int) -> None:
     """The fallback after a cancel: if the job's task still runs, terminate its worker child."""
     from compressor_app.celery import app
@@ -274,13 +274,13 @@ def stop_cancelled_job(job_id: int) -> None:
     services.job_remove_artifacts(job=job)
 
 
-@shared_task(name="jobs.reap_stale_jobs", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
+@shared_task(name=task_names.REAP_STALE_JOBS, ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def reap_stale_jobs() -> None:
     for job_id, action in services.job_reap_stale():
         logger.warning("Reaper: job %s %s (no heartbeat)", job_id, action)
 
 
-@shared_task(name="jobs.housekeeping", ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
+@shared_task(name=task_names.HOUSEKEEPING, ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def housekeeping() -> None:
     """Send queued jobs again whose message was lost or whose worker went offline; remove temporary folders
     of runs that are over; end pushes whose worker died."""
@@ -367,7 +367,7 @@ def _preload_engine(**_kwargs) -> None:
     thread.start()
 
 
-@shared_task(name="jobs.expire_artifacts", ignore_result=True)  # the "light" queue, hourly (CELERY_BEAT_SCHEDULE)
+@shared_task(name=task_names.EXPIRE_ARTIFACTS, ignore_result=True)  # the "light" queue, hourly (CELERY_BEAT_SCHEDULE)
 def expire_artifacts() -> None:
     expired = services.artifacts_expire()
     if expired.jobs or expired.uploads:
@@ -392,7 +392,7 @@ class PushTask(Task):
 
 @shared_task(
     base=PushTask,
-    name=messages.PUSH_TO_HUB,  # the "light" queue (CELERY_TASK_ROUTES; jobs.hub_push sends it there too)
+    name=task_names.PUSH_TO_HUB,  # the "light" queue (CELERY_TASK_ROUTES; jobs.hub_push sends it there too)
     # A push is claimed (queued -> running) before it starts, so a redelivered message does nothing.
     acks_late=True,
     # The soft limit raises in the task (the failure hook records it); the hard one kills a stuck child.
