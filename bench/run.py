@@ -5,9 +5,9 @@
 
 Parts: job_time (with memory), throughput, dashboard, downloads, s3_downloads, gpu, hub_submission, memory_1b,
 vllm_cpu, save. The bench starts its own web server and Celery worker against its own PostgreSQL database
-(bench_compressor) and data folder (var/bench/data), and a local hub for hub_submission, and stops them at the end. It reports; it never
-fails the build (exit status 0 unless it cannot start). The table is also written to bench/results/latest.md
-with the machine and the date.
+(bench_compressor) and data folder (var/bench/data), and a local hub for hub_submission, and stops them at the
+end. It reports; it never fails the build (exit status 0 unless it cannot start). The table is also written to
+bench/results/latest.md with the machine and the date.
 """
 
 from __future__ import annotations
