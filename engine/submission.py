@@ -76,6 +76,7 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
     _check_gpus(spec.gpus, model.config)
     preset = get_preset(spec.preset) if spec.preset else None
     extra_ignore: list[str] = []
+    warnings: list[str] = []
     if model.tensors:  # without a header (pickle weights only) the worker checks the shapes
         layers = header_layers(model.linear_widths)
         if preset:
@@ -83,9 +84,10 @@ def _check(spec: CompressionSpec, store: Path | None) -> SubmissionCheck:
             recipe_yaml = preset.recipe_yaml(extra_ignore)
         else:
             extra_ignore = check_recipe_divides(recipe_yaml, layers)
+            warnings = vllm_unquantized_warnings(recipe_yaml, layers)
     needs_calibration = preset.needs_calibration if preset else None
     check_calibration(spec.calibration, needs_calibration)
-    return SubmissionCheck(model, recipe_yaml, extra_ignore, needs_calibration)
+    return SubmissionCheck(model, recipe_yaml, extra_ignore, needs_calibration, warnings)
 
 
 def base_recipe(spec: CompressionSpec) -> str:
@@ -213,6 +215,20 @@ def fit_preset(preset: Preset, layers: Layers, ignore_indivisible: bool) -> tupl
         size = preset.group_size  # named by the preset's own size; the others are said to fail too
     left_out = check_group_sizes(widths, {size}, ignore_indivisible, also_tried=tuple(s for s in sizes if s != size))
     return preset.with_group_size(size), ignore + left_out
+
+
+def vllm_unquantized_warnings(recipe_yaml: str, layers: Layers) -> list[str]:
+    """A custom recipe that quantizes layers vLLM keeps unquantized runs (it is the user's), with a warning: vLLM
+    will refuse its checkpoint. Not a refusal: from the header alone a router is a Linear layer, which in the
+    loaded model it may not be (transformers' routers are often modules of their own, no Linear target)."""
+    quantized = quantized_layers(recipe_yaml, layers)
+    kept = [p for p in VLLM_UNQUANTIZED if any(matches(name, layers[name][1], (p,)) for name in quantized)]
+    if not kept:
+        return []
+    return [
+        f"The recipe quantizes layers vLLM keeps unquantized ({', '.join(kept)}): vLLM refuses such a checkpoint. "
+        "llm-compressor's examples put them in the recipe's ignore list."
+    ]
 
 
 def nothing_to_quantize(name: str, layers: Layers, ignore: list[str], *, field: str) -> PreflightError:

@@ -49,6 +49,11 @@ def test_each_family_is_judged_from_its_hub_header(hub, family_model):
         assert set(checked.extra_ignore) == KEPT_IN_BF16.get(family, set()), family
         assert all(pattern in checked.recipe_yaml for pattern in checked.extra_ignore)
 
+    # ...while a custom recipe that quantizes them runs as written, with a warning that vLLM will refuse it
+    recipe = "quant_stage:\n  quant_modifiers:\n    GPTQModifier: {scheme: W8A8, ignore: [lm_head]}\n"
+    checked = check_submission(CompressionSpec(model=repos["qwen2-moe"], recipe_yaml=recipe, calibration=FEW))
+    assert checked.recipe_yaml == recipe and "re:.*shared_expert_gate$" in checked.warnings[0]
+
     # ...and the vision-language model, which the service does not load as a causal LM, is refused in words
     with pytest.raises(PreflightError, match="not a causal language model") as info:
         check_submission(CompressionSpec(model=repos["qwen2-vl"], preset="int8-w8a8-gptq", calibration=FEW))
