@@ -103,7 +103,7 @@ bench: model
 	scripts/ensure_services.sh
 	$(PY) bench/run.py
 
-# A machine with an NVIDIA GPU (bench/part_gpu.py, about 5 minutes on one H100): the seed presets on CUDA, vLLM's
+# A machine with an NVIDIA GPU (bench/part_gpu.py, 8 minutes at most on one H100): the seed presets on CUDA, vLLM's
 # GPU build on each checkpoint against bf16, a tensor-parallel load where there are 2 GPUs, a job through a real
 # GPU worker; writes bench/results/gpu.md. Without a GPU it refuses in one sentence, before installing vLLM.
 # The vLLM environment: COMPRESSOR_VLLM_PYTHON where set (the GPU image's /opt/vllm), else make vllm-env's.

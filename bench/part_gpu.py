@@ -5,7 +5,8 @@ tensor-parallel load and a job through a real GPU worker; the figures go to benc
     .venv/bin/python bench/part_gpu.py --probe     # only: has this machine a GPU that torch can use?
     .venv/bin/python bench/part_gpu.py --vllm-python var/vllm-venv/bin/python [--skip job] [--compiled]
 
-The steps, each a row of gpu.md with its wall time (about 5 minutes in all on one H100, budget 8):
+The steps, each a row of gpu.md with its wall time (budget: 8 minutes on one H100; as of 2026-12-07 it has not
+run on a GPU yet, so bench/results/gpu.md comes with its first run):
 1. compress: each seed preset (fp8-static, sparse24-fp8-dynamic, int8-w8a8-gptq) on the built-in model by the
    engine's command line, which plans it on the GPU (device auto); its results.json must say cuda.
 2. vllm: vLLM's GPU build (the vLLM environment) loads the bf16 model and each checkpoint through
