@@ -26,10 +26,14 @@ JOB_TIMEOUT_MS = 420_000  # the built-in model, fp8-dynamic and the offline eval
 
 
 def test_sign_in_submit_follow_and_download(
-    new_page, sign_in, live_worker, make_user, builtin_model, django_user_model
+    new_page, sign_in, live_worker, make_user, builtin_model, django_user_model, random_llama, settings
 ):
     from jobs.models import Job
 
+    # A model of hidden size 80, whose layer widths none of w4a16-gptq's group sizes (128, 64, 32) divides
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = True
+    shape = {"hidden_size": 80, "intermediate_size": 160, "num_hidden_layers": 1, "num_attention_heads": 4}
+    width_80 = random_llama("width-80", **shape)
     make_user("alice")
     make_user("bob")
     page = new_page()
@@ -39,11 +43,13 @@ def test_sign_in_submit_follow_and_download(
     assert page.get_by_role("heading", name="No jobs yet").is_visible()
     shoot(page, "02-jobs-empty.png")
 
-    # When she opens the form and asks for w4a16-gptq on the built-in model
+    # When she opens the form and asks for w4a16-gptq on that model
     page.get_by_role("link", name="New job").first.click()
     page.wait_for_url("**/jobs/new/")
     page.locator('input[name="model_source"][value="builtin"]').check()
     shoot(page, "03-new-job-form.png")
+    page.locator('input[name="model_source"][value="local"]').check()
+    page.locator('input[name="local_path"]').fill(str(width_80))
     page.locator('input[name="preset"][value="w4a16-gptq"]').check()
     page.get_by_role("button", name="Check and queue").click()
 
@@ -58,7 +64,8 @@ def test_sign_in_submit_follow_and_download(
     shoot(page, "04-form-error-inline.png", full_page=False)
     assert not Job.objects.exists()
 
-    # When she picks fp8-dynamic instead (data-free) and submits
+    # When she picks the built-in model and fp8-dynamic instead (data-free) and submits
+    page.locator('input[name="model_source"][value="builtin"]').check()
     page.locator('input[name="preset"][value="fp8-dynamic"]').check()
     page.get_by_role("button", name="Check and queue").click()
     page.wait_for_url("**/jobs/*/")
@@ -145,6 +152,11 @@ def test_result_failure_compare_and_narrow_pages(new_page, sign_in, make_user, s
     page.get_by_role("navigation", name="Sections of this job").get_by_role("link", name="Model card").click()
     page.locator("#card summary").click()
     assert page.locator(".model-card h1").inner_text() == "smollm2-135m-instruct-fp8-dynamic"
+    # Each file's whole sha256 is shown, and its Copy button (the script's) puts it on the clipboard
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    sha = full.manifest["files"][0]["sha256"]
+    page.locator("#files").get_by_role("button", name=f"Copy the sha256 of {full.manifest['files'][0]['path']}").click()
+    assert page.evaluate("navigator.clipboard.readText()") == sha
     shoot(page, "09-job-results-full.png")
 
     # A failed job: the reason in plain words and the last lines, with retry and clone
