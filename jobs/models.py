@@ -248,6 +248,7 @@ class HubPush(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        verbose_name_plural = "hub pushes"  # the admin wrote "Hub pushs"
 
     def __str__(self) -> str:
         return f"Push of job {self.job_id} to {self.repo_id} ({self.status})"

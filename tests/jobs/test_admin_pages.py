@@ -167,3 +167,8 @@ def test_the_preset_filter_names_every_link_and_custom_recipes_filter_too(operat
     assert all(name.strip() for _value, name in links)
     listed = operator.get("/admin/jobs/job/?preset=custom").text
     assert f"/admin/jobs/job/{custom.pk}/change/" in listed and f"/admin/jobs/job/{fp8.pk}/change/" not in listed
+
+
+def test_the_admin_home_names_hub_pushes_in_plain_english(operator):
+    html = operator.get("/admin/").text
+    assert ">Hub pushes</a>" in html and "pushs" not in html
