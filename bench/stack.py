@@ -79,6 +79,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gunicorn_argv(port: int) -> list[str]:
+    """The web server as the docker image runs it (gunicorn, compressor_app/gunicorn.py), on loopback."""
+    argv = [str(REPO / ".venv" / "bin" / "gunicorn"), "-c", "python:compressor_app.gunicorn"]
+    return argv + ["--bind", f"127.0.0.1:{port}", "compressor_app.wsgi:application"]
+
+
 class Process:
     """A subprocess in its own process group, with its output in a log file; stop() ends the group."""
 
@@ -193,10 +199,7 @@ class Stack:
     def start_web(self) -> None:
         self.user, self.token = bench_user()
         self.port = free_port()
-        # The web server as the docker image runs it (gunicorn, compressor_app/gunicorn.py), on loopback.
-        argv = [str(REPO / ".venv" / "bin" / "gunicorn"), "-c", "python:compressor_app.gunicorn"]
-        argv += ["--bind", f"127.0.0.1:{self.port}", "compressor_app.wsgi:application"]
-        self.web = Process("web", argv, bench_env())
+        self.web = Process("web", gunicorn_argv(self.port), bench_env())
         self.api = Api(self.base, self.token)
 
         def ready() -> bool:
