@@ -229,14 +229,18 @@ def test_a_bad_upload_is_refused_beside_the_file_field(client_for, alice):
     assert not Job.objects.exists() and not CalibrationDataset.objects.exists()
 
 
-def test_a_good_upload_is_kept_and_previewed_when_the_job_is_refused(client_for, alice, builtin_model):
+def test_a_good_upload_is_kept_and_previewed_when_the_job_is_refused(client_for, alice, random_llama, settings):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = True
+    model = random_llama("width-80", hidden_size=80, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4)
     rows = b"".join(b'{"text": "calibration row %d"}\n' % i for i in range(8))
     upload = SimpleUploadedFile("calib.jsonl", rows, content_type="application/jsonl")
-    # w4a16-gptq fails preflight after the file was stored: the re-shown form keeps it selected and previews it
+    # w4a16-gptq on a model of width 80 fails preflight after the file was stored: the re-shown form keeps it
+    # selected and previews it
+    form = {**FORM, "model_source": "local", "local_path": str(model), "preset": "w4a16-gptq"}
     response = client_for(alice).post(
-        "/jobs/new/", {**FORM, "preset": "w4a16-gptq", "calibration_kind": "upload", "calibration_upload": upload}
+        "/jobs/new/", {**form, "calibration_kind": "upload", "calibration_upload": upload}
     )
     html = _html(response)
     dataset = CalibrationDataset.objects.get(owner=alice)
