@@ -3,9 +3,10 @@ real Redis, a real `celery worker` process and the real engine on the built-in m
 
 Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); each test says what its
 screenshots show. test_every_page_at_desktop_and_phone_width writes <width>-<page>.png for the sign-in page,
-the jobs list, the form, a running and a succeeded job (with its pushes to a hub), compare, the hub token page
-and the admin queue at 1440 and 390 px, and
-checks each with axe-core (zero violations) and for what must stay on a phone's screen.
+the jobs list, the form, a running, a succeeded and a failed job (with its pushes to a hub), compare, the hub and
+API token pages, the admin queue and the admin's job list at 1440 and 390 px, and checks each with axe-core (zero
+violations), for what must stay on a phone's screen, for a page no wider than the window and for chart text
+inside its SVG (and, on compare, not over another label).
 """
 
 from __future__ import annotations
