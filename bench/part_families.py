@@ -41,10 +41,11 @@ def run_one(family: str, preset: str, out: Path) -> dict:
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
+    if done.returncode != 0:  # the engine's refusal is its "error: " line; anything else is a failure
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        outcome = "refused" if errors else "failed"
         reason = errors[-1].removeprefix("error: ") if errors else (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"family": family, "preset": preset, "outcome": "refused", "reason": reason, "seconds": seconds}
+        return {"family": family, "preset": preset, "outcome": outcome, "reason": reason, "seconds": seconds}
     results = json.loads((out / "results.json").read_text())
     check = results["settings"].get("vllm_check") or {}
     if check.get("ran") and "error" not in check:

@@ -42,6 +42,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek-v3": (
         "DeepseekV3Config",
         {
+            "num_key_value_heads": 4,  # multi-head latent attention: as many key-value heads as query heads
             "n_routed_experts": 4,
             "num_experts_per_tok": 2,
             "n_shared_experts": 1,
