@@ -390,13 +390,18 @@ def plan_memory(
 
 
 def search_plan(
-    footprint: ModelFootprint, resources: WorkerResources, *, device: str = "auto", gpus: int | None = None
+    footprint: ModelFootprint,
+    resources: WorkerResources,
+    *,
+    device: str = "auto",
+    gpus: int | None = None,
+    data_parallel: int | None = None,
 ) -> MemoryPlan:
     """The plan of a floor search or a sweep (engine.search): it holds the original weights and a trial's copy
     at once, in the same place, and keeps the chosen trial's checkpoint on disk beside the one being written:
     twice the weights, in memory and on disk; and never disk offload (each trial would read the model back)."""
     doubled = dataclasses.replace(footprint, num_parameters=2 * footprint.num_parameters)
-    plan = plan_memory(doubled, resources, device=device, gpus=gpus)
+    plan = plan_memory(doubled, resources, device=device, gpus=gpus, data_parallel=data_parallel)
     if plan.mode == DISK_OFFLOAD:
         raise PreflightError(
             f"A floor search keeps the model and a copy of it in memory, and here that only fits with disk "

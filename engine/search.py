@@ -1,6 +1,8 @@
 """Floor search and sweep: find the smallest checkpoint that keeps a stated quality, in one load of the model.
 
-A job with a SearchSpec runs here instead of the runner's single compression. The model is loaded once and
+A job with a SearchSpec runs engine.runner's pipeline with the trials as the step that produces its checkpoint
+(search_checkpoint), so preflight, the memory plan, resume, data-parallel calibration, the vLLM check, the
+evaluation, the card and the hashes are the plain run's. The model is loaded once and
 the baseline scored once on the offline suite's held-out windows; each trial compresses a fresh copy of the
 original weights (copied in memory, never reloaded from disk), scores it on the same windows, and saves it,
 keeping only the folder of the checkpoint chosen so far. The trials, in order:
@@ -26,36 +28,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import calibration as calib
-from engine.artifacts import staging_folder, weights_bytes, write_manifest
+from engine.artifacts import weights_bytes
 from engine.errors import EngineError
-from engine.evaluation import default_cache_dir, evaluate, heldout_scores, runnable_tasks, task_score_in_memory
-from engine.model_cache import ModelCache
-from engine.plan import placed_model, search_plan
-from engine.preflight import PreflightReport, preflight
+from engine.evaluation import heldout_scores, runnable_tasks, task_score_in_memory
+from engine.plan import placed_model
+from engine.preflight import PreflightReport
 from engine.presets import PRESETS, Preset, get_preset
-from engine.resources import WorkerCaps, detect_resources
-from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, EvaluationSpec, SearchSpec, Stage
+from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec, Stage
 from engine.stages import (
-    ProgressCallback,
+    Checkpoint,
     Reporter,
-    captured_logs,
-    check_in_vllm,
     layer_error_hooks,
-    model_baseline_key,
-    results_payload,
     run_oneshot,
-    run_settings,
-    write_card,
 )
 from engine.submission import (
     FLOOR_METRICS,
@@ -67,6 +60,9 @@ from engine.submission import (
     sweep_presets,
 )
 from engine.units import recovery_percent, size_text
+
+if TYPE_CHECKING:
+    from engine.runner import Run  # the pipeline that runs a search imports this module
 
 TRIAL_LINE = "Trial "  # how each trial's log line begins (the engine's CLI prints them as they come)
 _PROBE_SAMPLES, _PROBE_TOKENS = 2, 256
@@ -301,72 +297,31 @@ def _kept_words(kept: tuple[str, ...], kept_at: str) -> str:
     return f", with {len(kept)} layers kept {'at 8 bits' if kept_at == 'int8' else 'in bf16'}" if kept else ""
 
 
-def search_compress(
-    spec: CompressionSpec,
-    out_dir: Path,
-    *,
-    progress: ProgressCallback | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    store: Path | None = None,
-    caps: WorkerCaps | None = None,
-    model_cache: ModelCache | None = None,
-) -> CompressionResult:
-    """Search as the module says and write the chosen checkpoint into out_dir (which must not exist yet)."""
-    reporter = Reporter(progress, should_cancel)
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise EngineError(f"The output folder '{out_dir}' already exists; choose a new one.", field="out")
-    reporter.plan(spec, spec.calibration.kind != "none")
-    reporter.emit(Stage.PREPARING, "Preparing: the model, the checks that need its weights, the calibration data")
-    report = preflight(spec, store=store, progress=reporter.download, model_cache=model_cache)
+def prepare_search(spec: CompressionSpec, report: PreflightReport) -> CompressionSpec:
+    """The search's spec as the pipeline (engine.runner) runs it: evaluated on the offline suite's windows at
+    least (the floor is judged on them), with the calibration rows any preset of the sweep needs."""
     if not report.calibration_records and any(PRESETS[p].needs_calibration for p in sweep_presets(spec)):
         # The job's own preset is data-free, but a preset of the sweep calibrates: read its rows too.
         report.calibration_records = check_calibration(spec.calibration, True, load_hub=True)
-    resources = detect_resources(out_dir.parent, device=spec.device, caps=caps)
-    plan = search_plan(report.footprint, resources, device=spec.device)
-    reporter.emit(Stage.PREPARING, f"Memory plan: {plan.summary}")
-    timings: dict[str, float] = {}
-    evaluation = spec.evaluation or EvaluationSpec()  # the floor is judged on the offline suite's windows
-    with staging_folder(out_dir) as staging, captured_logs(reporter):
-        reporter.plan(spec, report.needs_calibration)
-        _weigh_trials(reporter, spec, report)
-        placement = plan.placement(scratch=staging)
-        state = _Search(spec, report, report.model.weights_bytes)
-        chosen = _run_trials(state, placement, staging, evaluation, reporter, timings)
-        _publish_trial(chosen, staging)
-        chosen_spec = dataclasses.replace(spec, preset=chosen.move.preset, evaluation=evaluation)
-        chosen_report = dataclasses.replace(report, recipe_yaml=chosen.recipe_yaml)
-        result = CompressionResult(
-            output_dir=out_dir,
-            size_before_bytes=report.model.weights_bytes,
-            size_after_bytes=weights_bytes(staging),
-            timings=timings,
-            layer_errors=chosen.layer_errors,
-            settings=run_settings(plan),
-        )
-        result.settings["vllm_check"] = check_in_vllm(staging, plan, reporter, timings)
-        started = time.perf_counter()
-        reporter.emit(Stage.EVALUATING, "Evaluating baseline and the chosen checkpoint")
-        result.evaluation = evaluate(
-            evaluation,
-            baseline_dir=report.model.path,
-            compressed_dir=staging,
-            baseline_key=model_baseline_key(report),
-            cache_dir=default_cache_dir(),
-            placement=placement,
-            progress=reporter.evaluation_progress,
-        )
-        timings["evaluate_s"] = time.perf_counter() - started
-        result.settings["search"] = state.summary(chosen)
-        started = time.perf_counter()
-        reporter.emit(Stage.HASHING, "Writing the model card and hashing the files")
-        write_card(staging, chosen_spec, chosen_report, result)
-        payload = results_payload(chosen_spec, chosen_report, result)
-        (staging / "results.json").write_text(json.dumps(payload, indent=2))
-        result.manifest = write_manifest(staging, model=spec.model, preset=chosen.move.preset)
-        timings["hash_s"] = time.perf_counter() - started
-    reporter.emit(Stage.DONE, f"Checkpoint ready in {out_dir}: trial {chosen.number} of {len(state.trials)}")
-    return result
+    return dataclasses.replace(spec, evaluation=spec.evaluation or EvaluationSpec())
+
+
+def search_checkpoint(run: Run) -> Checkpoint:
+    """The step of engine.runner's pipeline that produces a search's checkpoint: the trials, as the module says,
+    and the chosen one's files moved to the top of the staging folder."""
+    spec, report = run.spec, run.report
+    _weigh_trials(run.reporter, spec, report)
+    state = _Search(spec, report, report.model.weights_bytes)
+    chosen = _run_trials(state, run)
+    _publish_trial(chosen, run.staging)
+    return Checkpoint(
+        spec=dataclasses.replace(spec, preset=chosen.move.preset),
+        report=dataclasses.replace(report, recipe_yaml=chosen.recipe_yaml),
+        layer_errors=chosen.layer_errors,
+        settings={"search": state.summary(chosen)},
+        evaluating="Evaluating baseline and the chosen checkpoint",
+        done=f": trial {chosen.number} of {len(state.trials)}",
+    )
 
 
 def _weigh_trials(reporter: Reporter, spec: CompressionSpec, report: PreflightReport) -> None:
@@ -376,12 +331,13 @@ def _weigh_trials(reporter: Reporter, spec: CompressionSpec, report: PreflightRe
     reporter.costs[stage] = trials * (reporter.costs.get(stage, 0.0) + _TRIAL_SCORE_S)
 
 
-def _run_trials(state: _Search, placement, staging: Path, evaluation: EvaluationSpec, reporter, timings) -> Trial:
+def _run_trials(state: _Search, run: Run) -> Trial:
     """Load once, score the baseline once, then run trials until next_move says stop; return the chosen one."""
     import torch
     from transformers import AutoTokenizer
 
-    spec, report = state.spec, state.report
+    spec, report, reporter, timings, placement = state.spec, state.report, run.reporter, run.timings, run.placement
+    evaluation = spec.evaluation
     started = time.perf_counter()
     reporter.emit(Stage.LOADING, "Loading the model (once for every trial)")
     loading = {"trust_remote_code": spec.trust_remote_code, "use_safetensors": not spec.allow_pickle}
@@ -403,7 +359,7 @@ def _run_trials(state: _Search, placement, staging: Path, evaluation: Evaluation
             number = len(state.trials) + 1
             budget = state.search.budget.max_trials
             reporter.emit(stage, f"Trial {number} of at most {budget}: {move.change}", within=(number - 1) / budget)
-            trial = _run_trial(number, move, original, tokenizer, reference, state, staging, evaluation, reporter)
+            trial = _run_trial(number, move, original, tokenizer, reference, state, run)
             state.trials.append(trial)
             tasks = "" if trial.task_recovery is None else f", task recovery {trial.task_recovery:.2f} %"
             reporter.log(
@@ -425,28 +381,37 @@ def _floor_words(trial: Trial) -> str:
     return ": meets the floor" if trial.meets_floor else ": below the floor"
 
 
-def _run_trial(number, move, original, tokenizer, reference, state, staging, evaluation, reporter) -> Trial:
-    """Compress a copy of the original weights as `move` says, score it, save it under staging/.trials/N."""
-    import torch
+def _run_trial(number, move, original, tokenizer, reference, state: _Search, run: Run) -> Trial:
+    """Compress a copy of the original weights as `move` says (the run's own steps: data-parallel where the plan
+    says, resuming from the layers an interrupted run of this trial kept), score it, save it under
+    staging/.trials/N."""
 
     started = time.perf_counter()
     recipe = trial_recipe(move, state.linear_widths, ignore_indivisible=state.spec.ignore_indivisible)
-    model = copy.deepcopy(original)  # the original weights stay untouched for the next trial
-    dataset = _trial_dataset(move, state, tokenizer)
-    layer_reporter = Reporter(None, reporter.should_cancel)
-    with _cancel_checks(model, reporter), layer_error_hooks(model, layer_reporter):
-        run_oneshot(
-            model, tokenizer, dataclasses.replace(state.report, recipe_yaml=recipe), state.spec, dataset, reporter
-        )
-    model.eval()
-    with torch.no_grad():
-        scores = heldout_scores(model, tokenizer, evaluation, reference)
-        tasks = list(state.task_baseline)
-        task_scores = _task_scores(model, tokenizer, state, evaluation, tasks) if tasks else {}
-        if not state.ranking:
-            state.ranking = _sensitivity(model, original, tokenizer, state)
-    folder = staging / ".trials" / str(number)
-    model.save_pretrained(folder, save_compressed=True)
+    report = dataclasses.replace(state.report, recipe_yaml=recipe)
+    calibration = dataclasses.replace(state.spec.calibration, samples=move.samples or state.spec.calibration.samples)
+    dataset = None
+    if PRESETS[move.preset].needs_calibration:
+        dataset = calib.tokenize_records(state.report.calibration_records, tokenizer, calibration)
+    # Each trial keeps its own layers: a search run again after an interruption redoes no finished trial's work.
+    resume_dir = run.resume_dir / f"trial-{number}" if run.resume_dir is not None else None
+    folder = run.staging / ".trials" / str(number)
+    layer_reporter = Reporter(None, run.reporter.should_cancel)
+    if run.plan.data_parallel > 1 and dataset is not None:
+        layer_reporter.layer_errors = run.compress_data_parallel(report, calibration, dataset, folder, resume_dir)
+        loading = {"trust_remote_code": state.spec.trust_remote_code}
+        with placed_model(folder, run.placement, **loading) as model:
+            scores, task_scores = _score_trial(model, original, tokenizer, reference, state, run.spec.evaluation)
+    else:
+        model = copy.deepcopy(original)  # the original weights stay untouched for the next trial
+        with (
+            _cancel_checks(model, run.reporter),
+            layer_error_hooks(model, layer_reporter),
+            run.resumable(model, report, dataset, layer_reporter, resume_dir),
+        ):
+            run_oneshot(model, tokenizer, report, state.spec, dataset, run.reporter)
+        scores, task_scores = _score_trial(model, original, tokenizer, reference, state, run.spec.evaluation)
+        model.save_pretrained(folder, save_compressed=True)
     tokenizer.save_pretrained(folder)
     (folder / "recipe.yaml").write_text(recipe)
     del model
@@ -469,6 +434,21 @@ def _run_trial(number, move, original, tokenizer, reference, state, staging, eva
         task_recovery=task_recovery,
         task_scores=task_scores,
     )
+
+
+def _score_trial(model, original, tokenizer, reference, state: _Search, evaluation: EvaluationSpec):
+    """A trial's compressed model scored on the held-out windows (and the floor's tasks); the first trial's also
+    ranks the layers by sensitivity."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        scores = heldout_scores(model, tokenizer, evaluation, reference)
+        tasks = list(state.task_baseline)
+        task_scores = _task_scores(model, tokenizer, state, evaluation, tasks) if tasks else {}
+        if not state.ranking:
+            state.ranking = _sensitivity(model, original, tokenizer, state)
+    return scores, task_scores
 
 
 def _task_scores(model, tokenizer, state: _Search, evaluation: EvaluationSpec, tasks: list[str]) -> dict[str, float]:
@@ -566,17 +546,6 @@ def _with_smoothing(preset: Preset, strength: float) -> Preset:
         for name, args in preset.modifiers
     )
     return dataclasses.replace(preset, modifiers=modifiers)
-
-
-def _trial_dataset(move: Move, state: _Search, tokenizer):
-    preset = PRESETS[move.preset]
-    if not preset.needs_calibration:
-        return None
-    cal = state.spec.calibration
-    samples = move.samples or cal.samples
-    return calib.tokenize_records(
-        state.report.calibration_records, tokenizer, dataclasses.replace(cal, samples=samples)
-    )
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,16 @@ def results_payload(spec: CompressionSpec, report: PreflightReport, result: Comp
         **result.to_dict(),
         "output_dir": result.output_dir.name,
     }
+
+
+@dataclass
+class Checkpoint:
+    """What the step that produced a run's checkpoint (engine.runner's, or a search's trials) tells the steps
+    after it: the vLLM check, the evaluation, the card and results.json, the hashes."""
+
+    spec: CompressionSpec  # as the card and results.json describe it (a search: the chosen trial's preset)
+    report: PreflightReport  # with the checkpoint's recipe
+    layer_errors: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)  # added to the result's settings after the evaluation
+    evaluating: str = "Evaluating baseline and compressed model"
+    done: str = ""  # what follows "Checkpoint ready in <folder>"
