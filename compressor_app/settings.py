@@ -257,8 +257,8 @@ COMPRESSOR_USER_MAX_PRIORITY = env.int("COMPRESSOR_USER_MAX_PRIORITY", default=5
 COMPRESSOR_MAX_UPLOAD_BYTES = env.int("COMPRESSOR_MAX_UPLOAD_BYTES", default=200 * 1024 * 1024)
 # A calibration upload is parsed once, while it streams in, and refused past this many rows (a job calibrates on
 # at most a few thousand) or this much of the web thread's CPU spent parsing it (a million short rows take 0.6 s).
-COMPRESSOR_MAX_UPLOAD_ROWS = env.int("COMPRESSOR_MAX_UPLOAD_ROWS", default=1_000_000)
-COMPRESSOR_UPLOAD_CHECK_CPU_S = env.float("COMPRESSOR_UPLOAD_CHECK_CPU_S", default=5.0)
+COMPRESSOR_MAX_UPLOAD_ROWS = env.int("COMPRESSOR_MAX_UPLOAD_ROWS", default=500_000)
+COMPRESSOR_UPLOAD_CHECK_CPU_S = env.float("COMPRESSOR_UPLOAD_CHECK_CPU_S", default=0.8)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 # An upload over COMPRESSOR_MAX_UPLOAD_BYTES is stopped while it streams in, before it fills the disk; each file
 # is written to a temporary file while it is hashed and parsed (jobs.uploads).

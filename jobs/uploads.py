@@ -76,9 +76,10 @@ class CalibrationCheck:
         self._cpu_s = 0.0
 
     def feed(self, data: bytes) -> None:
-        self._digest.update(data)
+        # A refused file is neither stored nor named by its hash: the rest of it costs no hashing or parsing.
         if self.error is not None:
             return
+        self._digest.update(data)
         started = time.thread_time()
         try:
             self._parser.feed(data)
@@ -111,6 +112,8 @@ class CheckedUploadHandler(TemporaryFileUploadHandler):
 
     def receive_data_chunk(self, raw_data: bytes, start: int) -> None:
         self._check.feed(raw_data)
+        if self._check.error is not None:
+            return None  # the file is refused: the rest of it is not written to the disk either
         return super().receive_data_chunk(raw_data, start)
 
     def file_complete(self, file_size: int) -> UploadedFile:
