@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import calibration as calib
-from engine.artifacts import staging_folder, weights_bytes, write_manifest
+from engine.artifacts import hashed_weights, staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError
 from engine.evaluation import default_cache_dir, evaluate
 from engine.model_cache import ModelCache
@@ -181,7 +181,7 @@ def compress(
         write_card(staging, produced.spec, produced.report, result)
         payload = results_payload(produced.spec, produced.report, result)
         (staging / "results.json").write_text(json.dumps(payload, indent=2))
-        result.manifest = write_manifest(staging, model=spec.model, preset=produced.spec.preset)
+        result.manifest = write_manifest(staging, hashed=produced.hashed, model=spec.model, preset=produced.spec.preset)
         run.timings["hash_s"] = time.perf_counter() - started
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)  # the checkpoint is complete: nothing left to resume
@@ -226,13 +226,14 @@ def _compress_and_save(run: Run) -> Checkpoint:
         reporter.emit(Stage.SAVING, "Writing the compressed checkpoint")
         # With disk offload each shard is gathered in host memory before it is written: keep them small.
         shards = {"max_shard_size": run.plan.shard_bytes} if run.plan.shard_bytes else {}
-        model.save_pretrained(run.staging, save_compressed=True, **shards)
+        with hashed_weights(run.staging) as hashed:  # each shard hashed as it is written, never read back
+            model.save_pretrained(run.staging, save_compressed=True, **shards)
         tokenizer.save_pretrained(run.staging)
         (run.staging / "recipe.yaml").write_text(report.recipe_yaml)
         timings["save_s"] = time.perf_counter() - started
     del model
     gc.collect()
-    return Checkpoint(spec, report, reporter.layer_errors)
+    return Checkpoint(spec, report, reporter.layer_errors, hashed=hashed)
 
 
 def _calibration_dataset(spec: CompressionSpec, report: PreflightReport, tokenizer, reporter: Reporter):

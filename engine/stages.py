@@ -413,5 +413,7 @@ class Checkpoint:
     report: PreflightReport  # with the checkpoint's recipe
     layer_errors: list[dict[str, Any]]
     settings: dict[str, Any] = field(default_factory=dict)  # added to the result's settings after the evaluation
+    # {path: (size, sha256)} of the weights hashed as they were written (engine.artifacts.hashed_weights)
+    hashed: dict[str, tuple[int, str]] = field(default_factory=dict)
     evaluating: str = "Evaluating baseline and compressed model"
     done: str = ""  # what follows "Checkpoint ready in <folder>"
