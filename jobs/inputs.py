@@ -100,12 +100,16 @@ class JobInput:
         shared["device_class"] = data.get("device_class", "")
         return cls(**shared, **flat, calibration_file=calibration_file)
 
-    def to_spec(self, *, device: str = "auto") -> CompressionSpec:
-        """The engine's view of this request (plain data, no Django)."""
+    def to_spec(self, *, device: str = "auto", fetch_upload: bool = True) -> CompressionSpec:
+        """The engine's view of this request (plain data, no Django).
+
+        fetch_upload False (the web process's submission check): an upload whose rows were counted as it came
+        in is not copied out of a bucket; the check reads the count, and the worker fetches the file."""
         common = {"samples": self.calibration_samples, "max_seq_len": self.calibration_max_seq_len}
         if self.calibration_kind == Job.CalibrationKind.UPLOAD:
             upload = self.calibration_file
-            path = str(_calibration_path(upload)) if upload else None
+            fetch = upload is not None and (fetch_upload or upload.rows is None)
+            path = str(_calibration_path(upload)) if fetch else None
             calibration = CalibrationSpec(kind="jsonl", path=path, rows=upload.rows if upload else None, **common)
         else:
             calibration = CalibrationSpec(
@@ -140,10 +144,10 @@ def engine_device(device_class: str) -> str:
     return "cpu" if device_class == Job.DeviceClass.CPU else "auto"
 
 
-def job_spec(job: Job) -> CompressionSpec:
+def job_spec(job: Job, *, fetch_upload: bool = True) -> CompressionSpec:
     """The engine's view of a job (plain data, no Django), on its device class's device: once submitted, with
     the recorded recipe and the pinned commit, so the worker runs what the submission check saw."""
-    spec = JobInput.from_job(job).to_spec(device=engine_device(job.device_class))
+    spec = JobInput.from_job(job).to_spec(device=engine_device(job.device_class), fetch_upload=fetch_upload)
     return dataclasses.replace(
         spec, revision=job.model_commit or spec.revision, resolved_recipe=job.resolved_recipe or None
     )

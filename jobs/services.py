@@ -107,7 +107,7 @@ def _submit_checked(
     """job_submit once the owner's place in the creation window is taken."""
     _refuse_over_storage(user_stored_bytes(owner))
     job = _job_from_input(owner=owner, data=data)
-    report = check_submission(job_spec(job))
+    report = check_submission(job_spec(job, fetch_upload=False))  # the stored row count, not the file
     job.resolved_recipe = report.recipe_yaml
     job.model_commit = report.model.commit or ""
     job.model_facts = nodes.facts_with_shape(report.model)

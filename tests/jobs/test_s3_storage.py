@@ -302,6 +302,23 @@ def test_a_calibration_upload_is_stored_in_s3_and_used_by_a_job(
     assert artifact_store.local_copy(dataset.file.name, sha256=dataset.sha256).read_text() == rows
 
 
+def test_a_submission_naming_an_upload_in_the_bucket_copies_nothing_to_the_web_process(on_s3, api, scratch):
+    # Given an upload stored in the bucket, its rows counted as it came in
+    upload = io.BytesIO(b'{"text": "a row of calibration text"}\n' * 64)
+    upload.name = "calib.jsonl"
+    created = api.post("/api/v1/calibration-datasets/", {"name": "calib", "file": upload}, format="multipart")
+    assert created.status_code == 201, created.content
+    sha256 = created.json()["sha256"]
+
+    # When a job names it
+    calibration = {"kind": "upload", "dataset_id": created.json()["id"], "samples": 32}
+    submitted = api.post("/api/v1/jobs/", {"preset": "int8-w8a8-gptq", "calibration": calibration}, format="json")
+
+    # Then it is checked against the stored count: the web process fetched no copy of the file
+    assert submitted.status_code == 201, submitted.content
+    assert not list((scratch / "uploads").glob(f"{sha256}*"))
+
+
 def test_orphans_in_the_bucket_are_found_and_removed(on_s3, make_job, user, transactional_db):
     # Given a succeeded job's checkpoint in the bucket
     kept = _published(make_job(user), {"model.safetensors": b"weights"})
