@@ -129,14 +129,24 @@ def _submit_checked(
     lines += [(Job.Stage.WAITING, route.why)] if route.why else []
     lines += [(Job.Stage.WAITING, f"Warning: {warning}") for warning in report.warnings]
     with transaction.atomic():
+        # The owner's submissions (and deletions of their uploads) wait for each other only from here to the
+        # commit: the lock, the upload this job names still there, then the active jobs counted with this one.
+        _lock_quotas(owner)
+        _check_upload_kept(job)
         job.save()
         JobLogLine.objects.bulk_create(_log_rows(job.pk, lines))  # a new job's log needs no trimming
-        # The owner's submissions wait for each other only from here to the commit: the lock, then the
-        # active jobs counted with this job among them.
-        _lock_quotas(owner)
         _check_active_jobs(owner)
         transaction.on_commit(lambda: _enqueue(job))
     return Submission(job=job, created=True)
+
+
+def _check_upload_kept(job: Job) -> None:
+    """An upload deleted while the job that names it was checked refuses the job (not a 500 at the commit)."""
+    upload_id = job.calibration_file_id
+    if upload_id is not None and not CalibrationDataset.objects.filter(pk=upload_id).exists():
+        raise PreflightError(
+            "The calibration file was deleted while the job was checked; upload it again.", field="calibration"
+        )
 
 
 def job_retry(*, job: Job) -> Job:

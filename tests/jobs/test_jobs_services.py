@@ -13,12 +13,27 @@ from django.utils import timezone
 
 from engine.errors import PreflightError
 from jobs import messages, services
-from jobs.models import Job, JobLogLine
+from jobs.models import CalibrationDataset, Job, JobLogLine
 from jobs.services import JobInput
 
 pytestmark = pytest.mark.django_db
 
 FP8 = JobInput(preset="fp8-dynamic", calibration_kind="none")
+
+
+def test_an_upload_deleted_while_its_job_is_checked_refuses_the_job_in_words(user):
+    # Given an upload of the user's, named by a request, then deleted before the job is recorded
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    rows = SimpleUploadedFile("calib.jsonl", b'{"text": "a row of calibration text"}\n' * 40)
+    dataset = services.calibration_dataset_create(owner=user, name="calib", upload=rows)
+    data = JobInput(preset="int8-w8a8-gptq", calibration_kind="upload", calibration_file=dataset)
+    services.calibration_dataset_delete(dataset=CalibrationDataset.objects.get(pk=dataset.pk))  # another request's
+
+    # When the request is submitted, then it is refused naming the calibration, and no job is recorded
+    with pytest.raises(PreflightError, match="deleted") as refused:
+        services.job_submit(owner=user, data=data)
+    assert refused.value.field == "calibration" and not Job.objects.exists()
 
 
 def test_submit_queues_the_job_after_commit_with_its_broker_priority(user, django_capture_on_commit_callbacks):
