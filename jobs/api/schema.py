@@ -1,7 +1,10 @@
-"""The OpenAPI schema's error answers: every operation lists the 4xx it can give, with their bodies."""
+"""The OpenAPI schema's error answers (every operation lists the 4xx it can give, with their bodies) and its
+sign-in schemes, explained where Swagger UI's Authorize shows them."""
 
 from __future__ import annotations
 
+from django.urls import reverse
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import inline_serializer
@@ -49,3 +52,42 @@ def job_create_needs_one_recipe(result, generator, request, public):
         {"required": ["recipe_yaml"], "properties": {"recipe_yaml": {"type": "string", "pattern": "\\S"}}},
     ]
     return result
+
+
+class TokenScheme(OpenApiAuthenticationExtension):
+    """The API token, as Swagger UI's Authorize asks for it: the whole header value, where to get the key."""
+
+    target_class = "jobs.api.authentication.TokenAuthentication"
+    name = "tokenAuth"
+    priority = 1  # over drf-spectacular's own scheme for DRF's TokenAuthentication, which this one subclasses
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": (
+                "Your API token, for programs and the CLI. Create, rotate or revoke it on the page "
+                f"[{reverse('frontend:api-token')}]({reverse('frontend:api-token')}) (signed in); the key is "
+                "shown once. In Authorize, enter `Token <key>`: the word Token, a space, then the key."
+            ),
+        }
+
+
+class SessionScheme(OpenApiAuthenticationExtension):
+    """The pages' session, as Swagger UI's Authorize lists it: nothing to enter when signed in."""
+
+    target_class = "rest_framework.authentication.SessionAuthentication"
+    name = "cookieAuth"
+    priority = 1  # over drf-spectacular's own scheme for it
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": "sessionid",
+            "description": (
+                "The session of the pages: signed in on this server, this docs page's requests use it (with "
+                "the CSRF token the page sends). Nothing to enter here."
+            ),
+        }

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+    inline_serializer,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -46,6 +52,12 @@ class AnyContentNegotiation(BaseContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
+@extend_schema_view(
+    retrieve=extend_schema(
+        summary="Read a job",
+        description="Its status, progress, request, results and checkpoint manifest (another user's job: 404).",
+    )
+)
 class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Compression jobs. Each user sees their own; staff see all. Others' jobs answer 404."""
 
@@ -72,12 +84,18 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return JobSummarySerializer if self.action == "list" else JobSerializer
 
     @extend_schema(
-        parameters=[OpenApiParameter("status", str, enum=Job.Status.values, description="Only jobs in this state.")]
+        summary="List your jobs",
+        description=(
+            "Yours (staff: everyone's), newest first, 25 a page, each without its recipes, results and manifest "
+            "(read one job for them)."
+        ),
+        parameters=[OpenApiParameter("status", str, enum=Job.Status.values, description="Only jobs in this state.")],
     )
     def list(self, request: Request, *args, **kwargs) -> Response:
         return super().list(request, *args, **kwargs)
 
     @extend_schema(
+        summary="Submit a job",
         request=JobCreateSerializer,
         responses={201: JobSerializer, 200: JobSerializer},
         description=(
@@ -100,13 +118,22 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             status=status.HTTP_201_CREATED if submission.created else status.HTTP_200_OK,
         )
 
-    @extend_schema(request=None, responses={200: JobSerializer, 409: ErrorSerializer})
+    @extend_schema(
+        summary="Cancel a job",
+        description="Stops a queued or running job; 409 when it has already ended.",
+        request=None,
+        responses={200: JobSerializer, 409: ErrorSerializer},
+    )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
         job = services.job_cancel(job=self.get_object(), by=request.user)
         return Response(JobSerializer(job, context={"request": request}).data)
 
-    @extend_schema(request=None, responses={201: JobSerializer, 400: OpenApiTypes.OBJECT, 409: ErrorSerializer})
+    @extend_schema(
+        summary="Retry a failed or cancelled job",
+        request=None,
+        responses={201: JobSerializer, 400: OpenApiTypes.OBJECT, 409: ErrorSerializer},
+    )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """A new job with the same request, linked to this failed or cancelled one (retry_of, attempt + 1)."""
@@ -114,6 +141,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return Response(JobSerializer(job, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
+        summary="Follow a job's log",
         parameters=[
             OpenApiParameter("after", int, description="Only lines with a larger id (the last id you have)."),
             OpenApiParameter("limit", int, description="At most this many lines (default 500, max 2000)."),
@@ -145,13 +173,13 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             }
         )
 
-    @extend_schema(responses={(200, "text/plain"): OpenApiTypes.STR})
+    @extend_schema(summary="Download a job's whole log", responses={(200, "text/plain"): OpenApiTypes.STR})
     @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
     def log(self, request: Request, pk: str | None = None):
         """The whole log as text/plain (times in UTC, no server paths), as the job page's download."""
         return logtext.log_response(self.get_object())
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT, 409: ErrorSerializer})
+    @extend_schema(summary="Read a job's results", responses={200: OpenApiTypes.OBJECT, 409: ErrorSerializer})
     @action(detail=True, methods=["get"])
     def results(self, request: Request, pk: str | None = None) -> Response:
         """Sizes, timings, per-layer errors and the evaluation table of a succeeded job."""
@@ -161,6 +189,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         return Response({"id": job.pk, "results": job.results, "manifest": job.manifest})
 
     @extend_schema(
+        summary="Download the checkpoint as one archive",
         parameters=[OpenApiParameter("kind", str, enum=[*downloads.ARCHIVE_KINDS], description="zip (default) or tar")],
         responses={
             (200, "application/zip"): OpenApiTypes.BINARY,
@@ -176,13 +205,17 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             raise ValidationError({"kind": ["Use zip or tar."]})
         return self._download(lambda job: downloads.archive_response(job, kind=kind))
 
-    @extend_schema(responses={(200, "application/json"): OpenApiTypes.OBJECT, 409: ErrorSerializer})
+    @extend_schema(
+        summary="Download the checkpoint's manifest",
+        responses={(200, "application/json"): OpenApiTypes.OBJECT, 409: ErrorSerializer},
+    )
     @action(detail=True, methods=["get"], content_negotiation_class=AnyContentNegotiation)
     def manifest(self, request: Request, pk: str | None = None):
         """manifest.json: path, size and sha256 of every checkpoint file."""
         return self._download(downloads.manifest_response)
 
     @extend_schema(
+        summary="Download one checkpoint file",
         responses={
             (200, "application/octet-stream"): OpenApiTypes.BINARY,
             (206, "application/octet-stream"): OpenApiTypes.BINARY,
@@ -200,6 +233,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         )
 
     @extend_schema(
+        summary="Push the checkpoint to a hub",
         request=HubPushCreateSerializer,
         responses={202: HubPushSerializer, 400: OpenApiTypes.OBJECT},
         description=(
@@ -216,7 +250,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         push = hub_push.hub_push_request(job=job, by=request.user, **serializer.validated_data)
         return Response(HubPushSerializer(push).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(responses=HubPushSerializer(many=True))
+    @extend_schema(summary="List a job's hub pushes", responses=HubPushSerializer(many=True))
     @action(detail=True, methods=["get"], pagination_class=None)  # at most 20, newest first: one page
     def pushes(self, request: Request, pk: str | None = None) -> Response:
         """The job's pushes to a hub, newest first, with their status, commit and link or error."""
@@ -234,7 +268,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 class PresetListView(APIView):
     """The compression presets, with what each does."""
 
-    @extend_schema(responses=PresetSerializer(many=True))
+    @extend_schema(summary="List the compression presets", responses=PresetSerializer(many=True))
     def get(self, request: Request) -> Response:
         presets = [preset.summary() for preset in PRESETS.values()]
         return Response(PresetSerializer(presets, many=True).data)
@@ -244,6 +278,8 @@ class TokenView(APIView):
     """Your API token. POST: a new one (the old key stops working at once). DELETE: revoke it."""
 
     @extend_schema(
+        summary="Create or rotate your API token",
+        description="Answers the new key, once; the old key stops working at once. The page /api-token/ does the same.",
         request=None,
         responses=inline_serializer("NewToken", {"token": serializers.CharField()}),
         operation_id="token_rotate",
@@ -251,7 +287,13 @@ class TokenView(APIView):
     def post(self, request: Request) -> Response:
         return Response({"token": services.token_rotate(user=request.user)})
 
-    @extend_schema(request=None, responses={204: None}, operation_id="token_revoke")
+    @extend_schema(
+        summary="Revoke your API token",
+        description="Requests with it are refused from now on.",
+        request=None,
+        responses={204: None},
+        operation_id="token_revoke",
+    )
     def delete(self, request: Request) -> Response:
         services.token_revoke(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -260,26 +302,52 @@ class TokenView(APIView):
 class HubTokenView(APIView):
     """Your hub token, for pushing checkpoints. Write-only: answers show only its hint ("hf_…abcd")."""
 
-    @extend_schema(responses={200: HubTokenSerializer, 404: ErrorSerializer}, operation_id="hub_token_read")
+    @extend_schema(
+        summary="Read your hub token's hint",
+        description='Only its hint ("hf_…abcd"), never the token; 404 when you have none.',
+        responses={200: HubTokenSerializer, 404: ErrorSerializer},
+        operation_id="hub_token_read",
+    )
     def get(self, request: Request) -> Response:
         record = hub_tokens.hub_token_for(owner=request.user)
         if record is None:
             raise Http404("You have no hub token.")
         return Response(HubTokenSerializer(record).data)
 
-    @extend_schema(request=HubTokenInputSerializer, responses=HubTokenSerializer, operation_id="hub_token_set")
+    @extend_schema(
+        summary="Set your hub token",
+        description="Stored encrypted, replacing any earlier one; used by your pushes to a hub.",
+        request=HubTokenInputSerializer,
+        responses=HubTokenSerializer,
+        operation_id="hub_token_set",
+    )
     def put(self, request: Request) -> Response:
         serializer = HubTokenInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         record = hub_tokens.hub_token_set(owner=request.user, **serializer.validated_data)
         return Response(HubTokenSerializer(record).data)
 
-    @extend_schema(request=None, responses={204: None}, operation_id="hub_token_delete")
+    @extend_schema(
+        summary="Delete your hub token",
+        description="Pushes need a new one from then on.",
+        request=None,
+        responses={204: None},
+        operation_id="hub_token_delete",
+    )
     def delete(self, request: Request) -> Response:
         hub_tokens.hub_token_delete(owner=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+@extend_schema_view(
+    list=extend_schema(summary="List your calibration files"),
+    create=extend_schema(
+        summary="Upload a calibration file",
+        description='A JSONL file of {"text"} or {"messages"} rows, checked as it streams in (400 says what is '
+        "wrong). Name the answer's id as a job's calibration dataset.",
+    ),
+    retrieve=extend_schema(summary="Read a calibration file's record"),
+)
 class CalibrationDatasetViewSet(
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
@@ -309,7 +377,7 @@ class CalibrationDatasetViewSet(
             upload=serializer.validated_data["file"],
         )
 
-    @extend_schema(responses={204: None, 409: ErrorSerializer})
+    @extend_schema(summary="Delete a calibration file", responses={204: None, 409: ErrorSerializer})
     def destroy(self, request: Request, *args, **kwargs) -> Response:
         """Delete your upload and its file (its bytes leave your quota); 409 while a queued or running job uses it.
         Jobs that ended keep their record without it."""

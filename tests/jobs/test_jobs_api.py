@@ -221,3 +221,17 @@ def test_schema_and_docs_are_served_without_a_cdn(api):
     assert docs.status_code == 200 and "swagger-ui" in html
     # No CDN address (the page's CSRF token is random letters and digits: an address, not the letters)
     assert not re.search(r"cdn[.-]|//cdn|/cdn/", html.lower()) and "/static/drf_spectacular_sidecar/" in html
+
+
+def test_every_operation_has_a_summary_and_authorize_says_how_to_get_a_token(api, client, user):
+    schema = api.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
+
+    operations = [(method, path, op) for path, ops in schema["paths"].items() for method, op in ops.items()]
+    assert len(operations) >= 20
+    without = [f"{method.upper()} {path}" for method, path, op in operations if not op.get("summary", "").strip()]
+    assert without == []
+    # Swagger UI's Authorize shows each scheme's description: what to type, and the page that gives the key.
+    token = schema["components"]["securitySchemes"]["tokenAuth"]
+    assert "Token <key>" in token["description"] and "/api-token/" in token["description"]
+    client.force_login(user)
+    assert client.get("/api-token/").status_code == 200  # the page it names is there
