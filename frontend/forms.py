@@ -21,6 +21,7 @@ from engine.limits import (
 from engine.presets import PRESETS
 from engine.spec import BUILTIN_MODEL
 from engine.submission import IGNORE_INDIVISIBLE_LABEL
+from jobs import selectors
 from jobs.auth import login_wait_s
 from jobs.inputs import request_field
 from jobs.models import Job
@@ -201,7 +202,7 @@ class JobForm(forms.Form):
         self.max_priority = max_priority_for(user)
         self.fields["priority"].widget.attrs.update(min=0, max=self.max_priority)
         self.fields["priority"].help_text = f"0 to {self.max_priority}; higher runs first."
-        self.fields["device_class"].initial = settings.COMPRESSOR_DEFAULT_DEVICE_CLASS
+        self.fields["device_class"].initial = selectors.default_device_class()
 
     # --- the form's own checks -----------------------------------------------------------------------------
 

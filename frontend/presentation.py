@@ -340,13 +340,12 @@ def timeline(job, stage_started: dict[str, datetime]) -> list[TimelineStep]:
 
 
 def stage_detail(job) -> str:
-    """Where the current stage stands: "layer 6 of 30" while compressing, "40 % done" while evaluating."""
-    if not job.step or not job.total:
+    """Where the current stage stands: "layer 6 of 30" while compressing. Nothing while evaluating: its steps
+    are a share of the evaluation, and a second percent beside the job's own would disagree with it."""
+    if not job.step or not job.total or job.stage == Job.Stage.EVALUATING:
         return ""
     if job.stage in (Job.Stage.CALIBRATING, Job.Stage.COMPRESSING):
         return f"layer {job.step} of {job.total}"
-    if job.stage == Job.Stage.EVALUATING:
-        return f"{100 * job.step // job.total} % done"
     return f"step {job.step} of {job.total}"
 
 

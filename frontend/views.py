@@ -211,7 +211,7 @@ def _live_context(job: Job) -> dict[str, Any]:
     return {
         "job": job,
         "JobStatus": Job.Status,
-        "queue_position": selectors.queue_position(job=job),
+        "queue_wait": selectors.queue_wait(job=job),
         "timeline": presentation.timeline(job, stage_started),
         "seconds_left": presentation.seconds_left(job),
         "log_lines": selectors.job_log_tail(job=job, lines=LOG_TAIL_LINES),

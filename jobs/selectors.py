@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,76 @@ def queue_positions() -> dict[int, int]:
         seen_per_queue[queue] = seen_per_queue.get(queue, 0) + 1
         positions[job_id] = seen_per_queue[queue]
     return positions
+
+
+# How many finished jobs of a queue its wait estimate reads (the newest): enough to smooth one odd job out,
+# few enough to follow a change of what the queue runs.
+RECENT_DURATIONS = 20
+
+
+@dataclass(frozen=True)
+class QueueWait:
+    """Where a waiting job stands: its place, the jobs before it (the first few) and about how long until a
+    worker takes it. estimate_s is None when its queue has no finished job to measure by."""
+
+    position: int
+    ahead: list[Job]
+    estimate_s: float | None
+
+    @property
+    def ahead_count(self) -> int:
+        return self.position - 1
+
+    @property
+    def ahead_not_listed(self) -> int:
+        return self.ahead_count - len(self.ahead)
+
+
+def queue_wait(*, job: Job, ahead_limit: int = 10) -> QueueWait | None:
+    """The queued job's place and wait, or None when it is not waiting.
+
+    The wait: the median run of the queue's recent finished jobs for each job ahead, plus what the running
+    ones on the queue have left of that median, shared among the live workers that consume the queue."""
+    position = queue_position(job=job)
+    if position is None:
+        return None
+    ahead = list(queued_jobs(queue=job.queue)[: min(position - 1, ahead_limit)])
+    median = _median_run_s(job.queue)
+    if median is None:
+        return QueueWait(position=position, ahead=ahead, estimate_s=None)
+    from django.utils import timezone
+
+    now = timezone.now()
+    running = Job.objects.filter(status=Job.Status.RUNNING, queue=job.queue).values_list("started_at", flat=True)
+    left = sum(max(median - (now - started).total_seconds(), 0.0) for started in running if started)
+    workers = sum(1 for node in WorkerNode.objects.all() if job.queue in node.queues and node.is_online(now))
+    return QueueWait(position=position, ahead=ahead, estimate_s=((position - 1) * median + left) / max(workers, 1))
+
+
+def _median_run_s(queue: str) -> float | None:
+    runs = [
+        (finished - started).total_seconds()
+        for started, finished in Job.objects.filter(queue=queue, status=Job.Status.SUCCEEDED)
+        .exclude(started_at=None)
+        .exclude(finished_at=None)
+        .order_by("-finished_at")
+        .values_list("started_at", "finished_at")[:RECENT_DURATIONS]
+    ]
+    return statistics.median(runs) if runs else None
+
+
+def default_device_class() -> str:
+    """The worker class the form offers first: the configured one, unless no live worker serves it and live
+    workers serve another (a CPU-only server should not propose GPU, where a job would wait for ever)."""
+    from django.conf import settings
+
+    configured = settings.COMPRESSOR_DEFAULT_DEVICE_CLASS
+    served = {
+        c for node in WorkerNode.objects.all() if node.is_online() for c in Job.DeviceClass.values if c in node.queues
+    }
+    if not served or configured in served:
+        return configured
+    return next(c for c in Job.DeviceClass.values if c in served)
 
 
 def job_log_after(*, job: Job, after: int = 0, limit: int = 500) -> list[JobLogLine]:

@@ -323,6 +323,46 @@ def test_a_queued_job_page_shows_its_place_and_a_cancel_button(client_for, alice
     assert f'action="/jobs/{job.pk}/cancel/"' in html and 'data-reload-when-done="true"' in html
 
 
+def test_a_queued_job_page_estimates_the_wait_and_lists_what_is_ahead(client_for, alice, bob, make_job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    for minutes in (2, 3, 10):  # the queue's recent runs: median 3 min
+        make_job(bob, status="succeeded", started_at=now - timedelta(minutes=minutes), finished_at=now)
+    make_job(bob, status="succeeded", queue="cpu", started_at=now - timedelta(hours=5), finished_at=now)
+    make_job(bob, status="running", started_at=now - timedelta(minutes=1))  # about 2 min left of its 3
+    mine = make_job(alice, model_source="my-org/first-model")
+    make_job(bob, model_source="bob-org/secret-model")
+    job = make_job(alice)
+
+    html = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+
+    # two jobs ahead at 3 min each and the running one's 2 min, one worker: about 8 min
+    assert re.search(r"<strong>#3</strong> in the <code>gpu</code> queue, about (8 min|7 min 5\d s) until", html)
+    assert "2 jobs ahead" in html and f'href="/jobs/{mine.pk}/"' in html and "my-org/first-model" in html
+    assert "another user's job" in html and "bob-org/secret-model" not in html
+
+
+def test_the_form_offers_the_worker_class_that_live_workers_serve(client_for, alice, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.models import WorkerNode
+
+    settings.COMPRESSOR_DEFAULT_DEVICE_CLASS = "gpu"
+    now = timezone.now()
+    WorkerNode.objects.create(hostname="cpu0@box", node="box", queues=["cpu"], started_at=now, heartbeat_at=now)
+    gone = now - timedelta(hours=1)
+    WorkerNode.objects.create(hostname="gpu0@old", node="old", queues=["gpu"], started_at=gone, heartbeat_at=gone)
+
+    form = _html(client_for(alice).get("/jobs/new/"))
+
+    assert '<option value="cpu" selected>' in form and '<option value="gpu" selected>' not in form
+
+
 def test_cancel_and_retry_call_the_services(client_for, alice, make_job, builtin_model):
     job = make_job(alice, calibration_kind="builtin")
     as_alice = client_for(alice)
@@ -374,8 +414,9 @@ def test_an_evaluating_job_says_how_far_the_evaluation_is(client_for, alice, mak
     )  # fmt: skip
     html = _html(client_for(alice).get(f"/jobs/{job.pk}/live/"))
     rows = _html(client_for(alice).get("/jobs/rows/"))
-    assert "<strong>Evaluating</strong> · 40 % done" in html and "400 of 1000" not in html
-    assert "Evaluating · 40 % done" in rows
+    # one percent, the job's: the evaluation's own share beside it would disagree ("40 %" beside "70 %")
+    assert 'id="job-time-left">70 %' in html and "40 %" not in html and "400 of 1000" not in html
+    assert "40 %" not in rows and "<strong>Evaluating</strong>" in html
 
 
 def test_a_finished_data_free_job_lists_only_the_stages_that_ran(client_for, alice, succeeded_job):
