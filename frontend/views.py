@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.forms import Form
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -325,10 +326,9 @@ def job_log(request: HttpRequest, pk: int) -> HttpResponse:
 def job_checksums(request: HttpRequest, pk: int) -> HttpResponse:
     """SHA256SUMS of the checkpoint, for `sha256sum -c` in the unpacked archive."""
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
-    try:
+    with _refusal_shown(request, "No SHA256SUMS: "):
         return downloads.checksums_response(job)
-    except downloads.NotDownloadable as exc:
-        return HttpResponse(str(exc), status=409, content_type="text/plain; charset=utf-8")
+    return redirect("frontend:job-detail", pk=job.pk)
 
 
 @login_required
@@ -359,13 +359,19 @@ def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @contextmanager
-def _refusal_shown(request: HttpRequest, prefix: str = "") -> Iterator[None]:
-    """A refusal by the services (the job's state, a check, a limit) ends the block as the page's error message;
-    the page then goes on as the view says (for the form, _refused)."""
+def _refusal_shown(request: HttpRequest, prefix: str = "", form: Form | None = None) -> Iterator[None]:
+    """The pages' one mapping of the services' refusals (the job's state, a check, a limit, a checkpoint not
+    there to download): one ends the block as the page's error message, or with a form, beside the field it
+    names (above the form when it names none of its fields); the page then goes on as the view says (for the job
+    form, _refused)."""
     try:
         yield
-    except (services.JobStateError, EngineError, RateLimited) as exc:
-        messages.error(request, prefix + exc.message)
+    except (services.JobStateError, EngineError, RateLimited, downloads.NotDownloadable) as exc:
+        if form is None:
+            messages.error(request, prefix + str(exc))
+        else:
+            field = getattr(exc, "field", None)
+            form.add_error(field if field in form.fields else None, prefix + str(exc))
 
 
 @login_required
@@ -374,15 +380,12 @@ def job_push(request: HttpRequest, pk: int) -> HttpResponse:
     """Queue a push of one's own succeeded job to a hub (the same service as POST /api/v1/jobs/<id>/push/)."""
     job = selectors.job_get_owned(user=request.user, job_id=pk)
     form = HubPushForm(request.POST)
-    if form.is_valid():
-        try:
+    if not form.is_valid():
+        messages.error(request, " ".join(error for errors in form.errors.values() for error in errors))
+    else:
+        with _refusal_shown(request):
             push = hub_push.hub_push_request(job=job, by=request.user, **form.cleaned_data)
-        except hub_push.PushRefused as exc:
-            form.add_error(exc.field if exc.field in form.fields else None, exc.message)
-        else:
             messages.success(request, f"The push to {push.repo_id} is queued; reload this page to follow it.")
-            return redirect(reverse("frontend:job-detail", kwargs={"pk": job.pk}) + "#pushes")
-    messages.error(request, " ".join(error for errors in form.errors.values() for error in errors))
     return redirect(reverse("frontend:job-detail", kwargs={"pk": job.pk}) + "#pushes")
 
 
@@ -401,11 +404,8 @@ def hub_token(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = HubTokenForm(request.POST)
         if form.is_valid():
-            try:
+            with _refusal_shown(request, form=form):
                 record = hub_tokens.hub_token_set(owner=request.user, token=form.cleaned_data["token"])
-            except EngineError as exc:
-                form.add_error("token", exc.message)
-            else:
                 messages.success(request, f"Your hub token {record.hint} is stored.")
                 return redirect("frontend:hub-token")
     apply_aria(form)
