@@ -326,9 +326,10 @@ def job_log(request: HttpRequest, pk: int) -> HttpResponse:
 def job_checksums(request: HttpRequest, pk: int) -> HttpResponse:
     """SHA256SUMS of the checkpoint, for `sha256sum -c` in the unpacked archive."""
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
-    with _refusal_shown(request, "No SHA256SUMS: "):
+    try:
         return downloads.checksums_response(job)
-    return redirect("frontend:job-detail", pk=job.pk)
+    except downloads.NotDownloadable as exc:  # a download, not a page: `curl -f` and scripts see the 409
+        return HttpResponse(str(exc), status=409, content_type="text/plain; charset=utf-8")
 
 
 @login_required

@@ -1,4 +1,4 @@
-"""The pages' refusals: a push, a hub token and a checksums download refused by the services are shown in
+"""The pages' refusals: a push and a hub token refused by the services are shown in
 words by the one mapping the other pages use (frontend.views._refusal_shown), never as an error page."""
 
 from __future__ import annotations
@@ -33,12 +33,3 @@ def test_a_hub_token_too_short_is_refused_beside_its_field(client_for, alice):
     page = _followed(response)
     assert "A hub token is 12 to" in page and 'aria-invalid="true"' in page
     assert not HubToken.objects.exists()
-
-
-def test_the_checksums_of_a_job_without_a_checkpoint_are_refused_on_the_job_page(client_for, alice, make_job):
-    job = make_job(alice)  # queued: nothing to download yet
-
-    response = client_for(alice).get(f"/jobs/{job.pk}/SHA256SUMS", follow=True)
-
-    assert response.redirect_chain[-1][0] == f"/jobs/{job.pk}/"
-    assert f"No SHA256SUMS: Job {job.pk}" in _followed(response)

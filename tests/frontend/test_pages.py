@@ -223,8 +223,8 @@ def test_the_checksums_download_passes_sha256sum_check(client_for, alice, bob, s
     assert check.returncode == 0 and "model.safetensors: OK" in check.stdout, check.stdout + check.stderr
 
     assert client_for(bob).get(f"/jobs/{job.pk}/SHA256SUMS").status_code == 404
-    queued = make_job(alice)  # no checkpoint yet: the job page says so (tests/frontend/test_page_refusals.py)
-    assert client_for(alice).get(f"/jobs/{queued.pk}/SHA256SUMS")["Location"] == f"/jobs/{queued.pk}/"
+    refused = client_for(alice).get(f"/jobs/{make_job(alice).pk}/SHA256SUMS")  # no checkpoint yet
+    assert refused.status_code == 409 and b"no checkpoint to download" in refused.content
 
 
 def test_the_timeline_starts_a_run_with_preparing_and_times_each_stage_from_its_first_line(alice, make_job):
