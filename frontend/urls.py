@@ -16,6 +16,7 @@ urlpatterns = [
     path("jobs/<int:pk>/SHA256SUMS", views.job_checksums, name="job-checksums"),
     path("jobs/<int:pk>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<int:pk>/retry/", views.job_retry, name="job-retry"),
+    path("jobs/<int:pk>/delete/", views.job_delete, name="job-delete"),
     path("jobs/<int:pk>/push/", views.job_push, name="job-push"),
     path("hub-token/", views.hub_token, name="hub-token"),
     path("api-token/", views.api_token, name="api-token"),

@@ -80,7 +80,8 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
 
 @login_required
 def job_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "frontend/job_list.html", _list_context(request))
+    context = {**_list_context(request), "quota": services.user_quota(request.user)}
+    return render(request, "frontend/job_list.html", context)
 
 
 @login_required
@@ -345,6 +346,23 @@ def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     with _refusal_shown(request):
         services.job_cancel(job=job, by=request.user)
         messages.success(request, f"Job {job.pk} is cancelled.", extra_tags=JOB_STATE_MESSAGE)
+    return redirect("frontend:job-detail", pk=job.pk)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def job_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """Delete one of one's own ended jobs after a confirmation, as job_cancel asks (a page without the script,
+    a dialog with it); staff delete others' jobs in the admin."""
+    job = selectors.job_get_owned(user=request.user, job_id=pk)
+    if request.method != "POST" or request.POST.get("confirm") != "yes":
+        if job.is_active:
+            return redirect("frontend:job-detail", pk=job.pk)
+        return render(request, "frontend/job_delete.html", {"job": job})
+    with _refusal_shown(request, "The job was not deleted: "):
+        services.job_delete(job=job)
+        messages.success(request, f"Job {job.pk} is deleted, with its files.")
+        return redirect("frontend:job-list")
     return redirect("frontend:job-detail", pk=job.pk)
 
 

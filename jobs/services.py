@@ -206,6 +206,30 @@ def user_stored_bytes(user: AbstractBaseUser) -> int:
     return int(checkpoints or 0) + int(uploads or 0)
 
 
+class Quota(NamedTuple):
+    """What a user uses of each limit the services hold them to, as the jobs page shows it."""
+
+    stored_bytes: int
+    stored_limit: int
+    active_jobs: int
+    active_limit: int
+    created: int
+    create_rate: str  # N/period, as COMPRESSOR_JOB_CREATE_RATE says it
+
+
+def user_quota(user: AbstractBaseUser) -> Quota:
+    """The user's stored bytes, queued or running jobs and jobs created in the rate's window, with the limits
+    job_submit and the upload check refuse at."""
+    return Quota(
+        stored_bytes=user_stored_bytes(user),
+        stored_limit=settings.COMPRESSOR_USER_MAX_STORED_BYTES,
+        active_jobs=int(fetch_one(_active_jobs_query, {ANY_ID: user.pk})[0] or 0),
+        active_limit=settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS,
+        created=creation_window(user.pk).count(),
+        create_rate=settings.COMPRESSOR_JOB_CREATE_RATE,
+    )
+
+
 def _check_active_jobs(owner: AbstractBaseUser) -> None:
     """A new job (already saved, counted among the active ones) within COMPRESSOR_USER_MAX_ACTIVE_JOBS queued
     or running (call under _lock_quotas)."""
@@ -489,6 +513,19 @@ def job_cancel(*, job: Job, by: AbstractBaseUser | None = None) -> Job:
         transaction.on_commit(lambda: _stop_after_cancel(job.pk, task_id))
     job.refresh_from_db()
     return job
+
+
+def job_delete(*, job: Job) -> None:
+    """Delete an ended job: its row, log lines and hub pushes, then its files once that commits (as retention
+    does, so a crash in between leaves only files the orphan check removes). Refused with JobStateError while
+    it is queued or running: cancel it first. Its checkpoint's bytes leave the owner's quota."""
+    with transaction.atomic():
+        deleted, _ = Job.objects.filter(pk=job.pk, status__in=Job.TERMINAL).delete()
+        if not deleted:
+            job.refresh_from_db()
+            raise JobStateError(f"Job {job.pk} is {job.get_status_display().lower()}; cancel it before deleting it.")
+        job_id = job.pk
+        transaction.on_commit(lambda: _remove_files([job_id], []))
 
 
 def _stop_after_cancel(job_id: int, task_id: str) -> None:

@@ -363,6 +363,46 @@ def test_the_form_offers_the_worker_class_that_live_workers_serve(client_for, al
     assert '<option value="cpu" selected>' in form and '<option value="gpu" selected>' not in form
 
 
+def test_an_owner_deletes_an_ended_job_with_its_files_after_confirming(
+    client_for, alice, bob, make_job, succeeded_job, django_capture_on_commit_callbacks
+):
+    from tests.frontend.conftest import current_media_root
+
+    job = succeeded_job(alice)
+    running = make_job(alice, status="running")
+    as_alice = client_for(alice)
+    folder = current_media_root() / job.artifacts_relpath()
+    assert folder.is_dir()
+
+    assert 'id="delete-job"' in _html(as_alice.get(f"/jobs/{job.pk}/"))
+    assert 'id="delete-job"' not in _html(as_alice.get(f"/jobs/{running.pk}/"))
+    assert client_for(bob).post(f"/jobs/{job.pk}/delete/", {"confirm": "yes"}).status_code == 404
+    # without the script the button's post asks on a page first, and deletes nothing
+    assert "Yes, delete job" in _html(as_alice.post(f"/jobs/{job.pk}/delete/"))
+    assert Job.objects.filter(pk=job.pk).exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = as_alice.post(f"/jobs/{job.pk}/delete/", {"confirm": "yes"}, follow=True)
+
+    assert f"Job {job.pk} is deleted, with its files." in _html(response)
+    assert not Job.objects.filter(pk=job.pk).exists() and not folder.exists()
+    refused = _html(as_alice.post(f"/jobs/{running.pk}/delete/", {"confirm": "yes"}, follow=True))
+    assert "cancel it before deleting it" in refused and Job.objects.get(pk=running.pk).status == "running"
+
+
+def test_the_jobs_page_shows_the_users_quota(client_for, alice, make_job, settings):
+    settings.COMPRESSOR_USER_MAX_ACTIVE_JOBS = 7
+    settings.COMPRESSOR_USER_MAX_STORED_BYTES = 2 * 10**9
+    make_job(alice, status="running")
+    make_job(alice, status="succeeded", results={"size_after_bytes": 150_000_000})
+
+    html = _html(client_for(alice).get("/"))
+
+    assert "Your quota" in html
+    assert re.search(r"150(\.0)? MB of 2(\.00?)? GB", html), re.findall(r"<dd>.*?</dd>", html)
+    assert "<dd>1 of 7</dd>" in html and "of 30/hour" in html
+
+
 def test_cancel_and_retry_call_the_services(client_for, alice, make_job, builtin_model):
     job = make_job(alice, calibration_kind="builtin")
     as_alice = client_for(alice)
