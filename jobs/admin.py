@@ -190,14 +190,17 @@ class JobAdmin(admin.ModelAdmin):
             "title": "Queue and workers",
             "opts": self.model._meta,
             "overview": selectors.queue_overview(),
+            # What the workers last reported: asking them waits up to a second, so only the button asks.
+            "workers": selectors.worker_overview(ask=False)[0],
             "changelist_url": reverse("admin:jobs_job_changelist"),
         }
         return TemplateResponse(request, "admin/jobs/job/queue.html", context)
 
     def workers_view(self, request: HttpRequest) -> HttpResponse:
-        """The workers table alone: asking the workers takes up to a second, so the queue page loads it apart."""
+        """The workers table as the workers answer now (up to a second): the queue page's "Ask the workers"
+        button puts it in place of the registry's table; without the script the button is a link here."""
         workers, error = selectors.worker_overview()
-        context = {"workers": workers, "error": error}
+        context = {"workers": workers, "error": error, "asked": True}
         if request.headers.get("X-Requested-With") == "fetch":  # the queue page's script inserts the table
             return TemplateResponse(request, "admin/jobs/job/_workers.html", context)
         context.update(self.admin_site.each_context(request), title="Workers online", opts=self.model._meta)

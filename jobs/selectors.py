@@ -298,21 +298,25 @@ def queue_overview(*, waiting_limit: int = 200) -> QueueOverview:
     return QueueOverview(queues=queues, waiting=waiting, running=running, error=error)
 
 
-def worker_overview(*, timeout: float = 1.0) -> tuple[list[WorkerInfo], str]:
-    """Every registered worker (online or not, with what it announced) and every worker that answers, with what
-    each runs. It asks every worker and waits `timeout` for the answers, so the queue page loads it separately.
-    Returns (workers, error text)."""
-    from compressor_app.celery import app
-
+def worker_overview(*, ask: bool = True, timeout: float = 1.0) -> tuple[list[WorkerInfo], str]:
+    """Every registered worker (online or not, with what it announced) and, when `ask`, every worker that
+    answers, with what each runs. Asking waits `timeout` for the answers, so the queue page answers from the
+    registry (ask=False: what the workers last reported, and the running jobs the database records) and asks
+    only on the operator's button. Returns (workers, error text)."""
     registry = {node.hostname: node for node in WorkerNode.objects.all()}
+    active: dict[str, list[dict[str, Any]]] = {}
+    queues: dict[str, list[str]] = {}
     error = ""
-    try:
-        inspect = app.control.inspect(timeout=timeout)
-        active = inspect.active() or {}
-        queues = {name: [q["name"] for q in found] for name, found in (inspect.active_queues() or {}).items()}
-    except Exception as exc:  # noqa: BLE001 - shown on the page instead of an error page
-        logger.warning("Worker overview unavailable: %s", exc)
-        active, queues, error = {}, {}, f"The workers did not answer: {exc}"
+    if ask:
+        from compressor_app.celery import app
+
+        try:
+            inspect = app.control.inspect(timeout=timeout)
+            active = inspect.active() or {}
+            queues = {name: [q["name"] for q in found] for name, found in (inspect.active_queues() or {}).items()}
+        except Exception as exc:  # noqa: BLE001 - shown on the page instead of an error page
+            logger.warning("Worker overview unavailable: %s", exc)
+            active, queues, error = {}, {}, f"The workers did not answer: {exc}"
     task_ids = {task["id"] for tasks in active.values() for task in tasks}
     jobs_by_task = {j.celery_task_id: j for j in Job.objects.filter(celery_task_id__in=task_ids)}
     # A worker that does not answer (offline, or busy past the timeout): its running job from the database.

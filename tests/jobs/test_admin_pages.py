@@ -49,13 +49,27 @@ def test_queue_page_explains_waiting_jobs_without_a_message(operator, user, make
     assert (waiting, messages) == ("1", "0") and "have no message in the broker" in note
 
 
-def test_queue_page_answers_without_waiting_for_workers(operator, user, make_job):
-    # The workers are asked by a second request (the page's script, or the link without JavaScript)
-    make_job(user, status=Job.Status.RUNNING, worker="gpu0@host", stage="calibrating")
-    page = operator.get("/admin/jobs/job/queue/")
-    assert 'data-url="/admin/jobs/job/queue/workers/"' in page.text and "gpu0@host" in page.text
+def test_queue_page_shows_the_workers_as_they_last_reported_and_asks_them_only_on_the_button(operator, user, make_job):
+    from engine.resources import MB, WorkerCaps, WorkerResources
+    from jobs import nodes
+
+    # Given a registered worker running a job
+    resources = WorkerResources(8_000 * MB, 50_000 * MB)
+    nodes.node_announce(hostname="gpu0@host", queues=["gpu"], resources=resources, caps=WorkerCaps())
+    running = make_job(user, status=Job.Status.RUNNING, worker="gpu0@host", stage="calibrating")
+
+    # When an operator opens the queue page, its workers table is there at once, from the registry and the
+    # database (nobody waits for the workers to answer), with a button that asks them
+    page = operator.get("/admin/jobs/job/queue/").text
+    rows = {cells[0]: cells for cells in _table_rows(page, "workers-table")}
+    assert rows["gpu0@host"][2].startswith("online") and f"Job {running.pk}" in rows["gpu0@host"][7]
+    assert "As the workers last reported" in page and "Asking the workers" not in page
+    assert 'id="ask-workers" href="/admin/jobs/job/queue/workers/"' in page
+
+    # The button's answer: the table as the workers answer now (a fragment for the script, a page without it)
     fragment = operator.get("/admin/jobs/job/queue/workers/", HTTP_X_REQUESTED_WITH="fetch")
     assert fragment.status_code == 200 and 'id="workers-table"' in fragment.text and "<html" not in fragment.text
+    assert "As the workers answered at" in fragment.text
     full = operator.get("/admin/jobs/job/queue/workers/")
     assert "<html" in full.text and 'id="workers-table"' in full.text
 
