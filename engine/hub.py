@@ -47,11 +47,12 @@ class HubModel:
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # safetensors header: name -> (dtype, shape); {} if none
 
 
-def model_metadata(repo_id: str, revision: str | None) -> HubModel:
-    """The model's file list, config.json and safetensors header at `revision`, pinned to its commit sha."""
+def model_metadata(repo_id: str, revision: str | None, *, allow_local: bool = True) -> HubModel:
+    """The model's file list, config.json and safetensors header at `revision`, pinned to its commit sha.
+    allow_local: whether a refusal may suggest a local model folder instead (not where they are disabled)."""
     from huggingface_hub import HfApi
 
-    _refuse_offline(repo_id)
+    _refuse_offline(repo_id, allow_local=allow_local)
     try:
         info = HfApi(endpoint=endpoint()).model_info(
             repo_id, revision=revision, files_metadata=True, timeout=_METADATA_TIMEOUT_S
@@ -61,7 +62,7 @@ def model_metadata(repo_id: str, revision: str | None) -> HubModel:
             raise EngineError(f"'{repo_id}' is not a Hugging Face model: it has no config.json.", field="model")
         config, tensors = _commit_contents(endpoint(), repo_id, info.sha)
     except _failures() as exc:
-        raise hub_error(exc, repo_id, revision) from None
+        raise hub_error(exc, repo_id, revision, allow_local=allow_local) from None
     return HubModel(commit=info.sha, files=files, config=config, tensors=tensors)
 
 
@@ -197,7 +198,9 @@ def _failures() -> tuple[type[Exception], ...]:
     return (HfHubHTTPError, httpx.HTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError, SafetensorsParsingError)
 
 
-def hub_error(exc: Exception, repo_id: str, revision: str | None, *, field: str = "model") -> EngineError:
+def hub_error(
+    exc: Exception, repo_id: str, revision: str | None, *, field: str = "model", allow_local: bool = True
+) -> EngineError:
     """A hub failure in words that say what to do, on the field the user can change (a model or a dataset)."""
     import httpx
     from huggingface_hub.errors import (
@@ -224,21 +227,22 @@ def hub_error(exc: Exception, repo_id: str, revision: str | None, *, field: str 
             field=field,
         )
     if isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx.TransportError)):
-        return _unreachable(repo_id, field=field)
+        return _unreachable(repo_id, field=field, allow_local=allow_local)
     return EngineError(f"The hub could not give the {noun} '{repo_id}': {exc}", field=field)
 
 
-def _refuse_offline(repo_id: str) -> None:
+def _refuse_offline(repo_id: str, *, allow_local: bool = True) -> None:
     if offline():
-        raise _unreachable(repo_id)
+        raise _unreachable(repo_id, allow_local=allow_local)
 
 
-def _unreachable(repo_id: str, *, field: str = "model") -> EngineError:
-    instead = (
-        f"Use a local model folder or the built-in model '{BUILTIN_MODEL}'."
-        if field == "model"
-        else "Upload a JSONL file or use the built-in calibration set."
-    )
+def _unreachable(repo_id: str, *, field: str = "model", allow_local: bool = True) -> EngineError:
+    if field != "model":
+        instead = "Upload a JSONL file or use the built-in calibration set."
+    elif allow_local:
+        instead = f"Use a local model folder or the built-in model '{BUILTIN_MODEL}'."
+    else:  # never advise what the same server refuses ("Local model folders are disabled on this server")
+        instead = f"Use the built-in model '{BUILTIN_MODEL}'."
     return EngineError(
         f"The Hugging Face hub cannot be reached from this machine, so '{repo_id}' cannot be used. {instead}",
         field=field,

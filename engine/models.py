@@ -139,7 +139,7 @@ def model_facts(
         facts = ModelFacts(_display_name(source, allow_local), None, config, sizes, _local_tensors(path))
     else:
         _check_hub_id(source, allow_local=allow_local)
-        facts = _hub_facts(source, hub.model_metadata(source, revision))
+        facts = _hub_facts(source, hub.model_metadata(source, revision, allow_local=allow_local))
     _check_weight_files(list(facts.file_sizes), allow_pickle=allow_pickle, where=facts.name)
     _check_remote_code(facts.config, source, trust_remote_code=trust_remote_code)
     return facts
@@ -252,7 +252,8 @@ def resolve_model(
     else:
         _check_hub_id(source, allow_local=allow_local)
         _check_revision(revision)
-        commit = revision if revision and _COMMIT.fullmatch(revision) else hub.model_metadata(source, revision).commit
+        pinned = revision and _COMMIT.fullmatch(revision)
+        commit = revision if pinned else hub.model_metadata(source, revision, allow_local=allow_local).commit
         fetch = functools.partial(hub.download, source, commit, allow_pickle=allow_pickle, progress=progress)
         path = model_cache.hold(source, commit, fetch) if model_cache else fetch()
     config = _read_config(path)

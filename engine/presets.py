@@ -327,13 +327,30 @@ def load_recipe_yaml(text: str) -> Any:
     return copy.deepcopy(_parsed_recipe(text))
 
 
+def _yaml_error_text(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one sentence with the line and column a person counts (from 1), without its
+    '<unicode string>' lines or caret snippets: "... at line 2, column 2: did not find expected ',' or ']'
+    (while parsing a flow sequence from line 1, column 4)."."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return "The recipe is not valid YAML: " + " ".join(str(exc).split()) + "."
+    text = f"The recipe is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and where is not None and (where.line, where.column) != (mark.line, mark.column):
+        text += f" ({context} from line {where.line + 1}, column {where.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text + "."
+
+
 @functools.lru_cache(maxsize=256)
 def _parsed_recipe(text: str) -> Any:
     try:
         _refuse_aliases_and_depth(text)
         data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - PyYAML's safe loader, in C where it can
     except yaml.YAMLError as exc:
-        raise EngineError(f"The recipe is not valid YAML: {exc}", field="recipe") from None
+        raise EngineError(_yaml_error_text(exc), field="recipe") from None
     except (ValueError, OverflowError):
         # PyYAML's own constructors: an integer of thousands of digits (Python's int limit), a sexagesimal
         # float like 1:59:59:... too large for a float, an impossible date.

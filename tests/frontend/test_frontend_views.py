@@ -403,6 +403,26 @@ def test_the_jobs_page_shows_the_users_quota(client_for, alice, make_job, settin
     assert "<dd>1 of 7</dd>" in html and "of 30/hour" in html
 
 
+def test_the_form_says_where_a_recipe_breaks_yaml_in_one_sentence(client_for, alice, builtin_model):
+    recipe = "quant_stage:\n  quant_modifiers: [QuantizationModifier\n  other: 1\n"
+    html = _html(client_for(alice).post("/jobs/new/", {**FORM, "preset": "custom", "recipe_yaml": recipe}))
+
+    error = re.search(r'id="recipe_yaml-error"[^>]*>(.*?)</', html, re.S).group(1)
+    assert "The recipe is not valid YAML at line 3, column 8: did not find expected &#x27;,&#x27; or" in error
+    assert "<unicode string>" not in html and "&lt;unicode string&gt;" not in html and "^" not in error
+
+
+def test_an_unreachable_hub_never_advises_a_local_folder_where_they_are_disabled(
+    client_for, alice, settings, monkeypatch
+):
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    html = _html(client_for(alice).post("/jobs/new/", {**FORM, "model_source": "hub", "hub_id": "org/a-model"}))
+
+    assert "cannot be reached from this machine" in html and "Use the built-in model" in html
+    assert "local model folder" not in html.lower() and 'value="local"' not in html
+
+
 def test_cancel_and_retry_call_the_services(client_for, alice, make_job, builtin_model):
     job = make_job(alice, calibration_kind="builtin")
     as_alice = client_for(alice)
