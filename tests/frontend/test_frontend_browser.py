@@ -3,10 +3,11 @@ real Redis, a real `celery worker` process and the real engine on the built-in m
 
 Screenshots of each page go to test-artifacts/screenshots/ (git-ignored); each test says what its
 screenshots show. test_every_page_at_desktop_and_phone_width writes <width>-<page>.png for the sign-in page,
-the jobs list, the form, a running, a succeeded and a failed job (with its pushes to a hub), compare, the hub and
-API token pages, the admin queue and the admin's job list at 1440 and 390 px, and checks each with axe-core (zero
-violations), for what must stay on a phone's screen, for a page no wider than the window and for chart text
-inside its SVG (and, on compare, not over another label).
+the jobs list (with the quota), the form, a queued job (its wait and the jobs ahead), a running, a succeeded and a
+failed job (with its pushes to a hub), the cancel and delete confirmations, compare, the hub and API token pages,
+the admin queue and the admin's job list at 1440 and 390 px, and checks each with axe-core (zero violations), for
+what must stay on a phone's screen, for a page no wider than the window and for chart text inside its SVG (and, on
+compare, not over another label).
 """
 
 from __future__ import annotations
@@ -416,8 +417,15 @@ def _fits(page) -> list[str]:
     return problems
 
 
+def _job_queued(page, width: int) -> list[str]:
+    status = page.locator(".status-card").inner_text()
+    wanted = ("until a worker takes it", "jobs ahead", "another user's job")
+    return [f"the queued job's status does not say {words!r}: {status!r}" for words in wanted if words not in status]
+
+
 LAYOUT_CHECKS = {
     "jobs-list": _jobs_list,
+    "job-queued": _job_queued,
     "new-job": _new_job,
     "job-running": _phone_header,
     "job-succeeded": _job_succeeded,
@@ -426,16 +434,25 @@ LAYOUT_CHECKS = {
 
 
 def test_every_page_at_desktop_and_phone_width(new_page, sign_in, make_user, make_job, succeeded_job):
+    from django.utils import timezone
+
     alice = make_user("alice")
     make_user("operator", is_staff=True, is_superuser=True)
     full, running, failed = _staged_jobs(alice, make_job, succeeded_job)
+    # A finished run on the queue to estimate the wait by, and a job of another user ahead of alice's last one
+    bob, ended = make_user("bob"), timezone.now() - timezone.timedelta(minutes=1)
+    make_job(bob, status="succeeded", started_at=ended - timezone.timedelta(minutes=3), finished_at=ended)
+    make_job(bob)
+    queued = make_job(alice)
     pages = {
         "jobs-list": "/",
         "new-job": "/jobs/new/",
+        "job-queued": f"/jobs/{queued.pk}/",
         "job-running": f"/jobs/{running.pk}/",
         "job-succeeded": f"/jobs/{full.pk}/",
         "job-failed": f"/jobs/{failed.pk}/",
         "cancel-confirm": f"/jobs/{running.pk}/cancel/",
+        "delete-confirm": f"/jobs/{failed.pk}/delete/",
         "compare": "/compare/",
         "hub-token": "/hub-token/",
         "api-token": "/api-token/",
