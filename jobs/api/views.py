@@ -23,6 +23,7 @@ from rest_framework.views import APIView
 from engine.presets import PRESETS
 from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
 from jobs.api.exceptions import Conflict
+from jobs.api.parsers import JSONParser
 from jobs.api.schema import ErrorSerializer
 from jobs.api.serializers import (
     CalibrationDatasetSerializer,
@@ -58,11 +59,14 @@ class AnyContentNegotiation(BaseContentNegotiation):
         description="Its status, progress, request, results and checkpoint manifest (another user's job: 404).",
     )
 )
-class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     """Compression jobs. Each user sees their own; staff see all. Others' jobs answer 404."""
 
     serializer_class = JobSerializer
     queryset = Job.objects.none()  # for the schema (ids are integers); get_queryset picks the user's jobs
+    # A job request nests objects (calibration, evaluation, search), which a form-encoded body cannot: DRF would
+    # drop a nested field given as text instead of refusing it. JSON only.
+    parser_classes = [JSONParser]
 
     def get_content_negotiator(self):
         if getattr(self, "action", None) == "file":  # routed in urls.py (a file path needs no trailing slash)
@@ -75,7 +79,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         wanted = self.request.query_params.get("status")
         if self.action == "list" and wanted is not None and wanted not in Job.Status.values:  # "" too
             raise ValidationError({"status": [f"Use one of: {', '.join(Job.Status.values)}."]})
-        if self.action == "push":
+        if self.action in ("push", "destroy"):  # one's own jobs only, staff included (as on the job page)
             return selectors.job_list_owned_by(user=self.request.user)
         return selectors.job_list_for_user(user=self.request.user, status=wanted if self.action == "list" else None)
 
@@ -93,6 +97,15 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     )
     def list(self, request: Request, *args, **kwargs) -> Response:
         return super().list(request, *args, **kwargs)
+
+    @extend_schema(summary="Delete an ended job", responses={204: None, 409: ErrorSerializer})
+    def destroy(self, request: Request, *args, **kwargs) -> Response:
+        """Delete your ended job with its log and files (their bytes leave your quota); 409 while it is queued or
+        running: cancel it first."""
+        return super().destroy(request, *args, **kwargs)
+
+    def perform_destroy(self, instance: Job) -> None:
+        services.job_delete(job=instance)
 
     @extend_schema(
         summary="Submit a job",

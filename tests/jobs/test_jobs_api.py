@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,27 @@ def test_another_user_gets_404_on_someone_elses_job(api_for, user, other_user, m
     assert api_for(make_user("op", is_staff=True)).get(f"/api/v1/jobs/{job.pk}/manifest/").status_code == 200
 
 
+def test_owners_delete_their_ended_jobs_with_their_files_through_the_api(
+    api_for, user, other_user, make_user, make_job, checkpoint, media_root, django_capture_on_commit_callbacks
+):
+    # Given alice's succeeded job with its checkpoint, and a queued one
+    job, queued = make_job(user), make_job(user, status="queued")
+    checkpoint(job)
+    folder = Path(media_root) / job.artifacts_relpath()
+
+    # Then neither bob nor staff may delete it, and a queued job is refused with the reason
+    assert api_for(other_user).delete(f"/api/v1/jobs/{job.pk}/").status_code == 404
+    assert api_for(make_user("op", is_staff=True)).delete(f"/api/v1/jobs/{job.pk}/").status_code == 404
+    refused = api_for(user).delete(f"/api/v1/jobs/{queued.pk}/")
+    assert refused.status_code == 409 and "cancel it" in refused.json()["detail"]
+
+    # When alice deletes it, then the job and its files are gone
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api_for(user).delete(f"/api/v1/jobs/{job.pk}/").status_code == 204
+    assert not Job.objects.filter(pk=job.pk).exists() and not folder.exists()
+    assert Job.objects.filter(pk=queued.pk, status="queued").exists()
+
+
 def test_list_is_paginated_and_filtered_by_status(api, user, make_job):
     make_job(user, status=Job.Status.FAILED)
     make_job(user, status=Job.Status.QUEUED)
@@ -93,6 +115,15 @@ def test_list_is_paginated_and_filtered_by_status(api, user, make_job):
     assert everything["count"] == 2 and "results" in everything and "next" in everything
     assert [j["status"] for j in failed["results"]] == ["failed"]
     assert api.get("/api/v1/jobs/", {"status": "bogus"}).status_code == 400
+
+
+def test_a_page_that_is_no_number_is_a_400_naming_the_page(api, user, make_job):
+    make_job(user)
+    for url in ("/api/v1/jobs/?page=", "/api/v1/jobs/?page=x", "/api/v1/calibration-datasets/?page="):
+        response = api.get(url)
+        assert response.status_code == 400 and "page" in response.json(), url
+    assert api.get("/api/v1/jobs/?page=1").json()["count"] == 1
+    assert api.get("/api/v1/jobs/?page=last").status_code == 200
 
 
 def test_create_returns_the_job_with_its_queue_position(api, user, make_job):

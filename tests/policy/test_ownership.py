@@ -222,6 +222,7 @@ CASES: dict[str, Case] = {
     "frontend:job-checksums": not_found("get", lambda w: f"/jobs/{w.succeeded.pk}/SHA256SUMS", api=False),
     "frontend:job-cancel": not_found("post", lambda w: f"/jobs/{w.queued.pk}/cancel/", api=False),
     "frontend:job-retry": not_found("post", lambda w: f"/jobs/{w.failed.pk}/retry/", api=False),
+    "frontend:job-delete": not_found("post", lambda w: f"/jobs/{w.failed.pk}/delete/", api=False),
     "frontend:job-push": no_push("post", lambda w: f"/jobs/{w.succeeded.pk}/push/", api=False),
     "frontend:hub-token": own_hub_token_only,
     "frontend:job-new": not_found("get", lambda w: f"/jobs/new/?from={w.succeeded.pk}", api=False),
