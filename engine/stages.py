@@ -54,9 +54,10 @@ _DOWNLOAD_STEP = 0.02  # a download's progress is reported (and logged) every 2 
 class _LayerClock:
     """When calibration reached each layer of each pass: the pace per layer this job measured."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: float) -> None:
         self.started = self.last = self.pass_started = time.monotonic()
         self.pass_index = 0
+        self.start = start  # the run's fraction when calibration began (the plan's stages before it)
 
     def reached(self, pass_index: int) -> None:
         now = time.monotonic()
@@ -76,14 +77,17 @@ class _LayerClock:
         this_pass = (now - self.pass_started) / index if index and pass_index == self.pass_index else pace
         return this_pass * (layers - index) + pace * layers * (passes - pass_index - 1)
 
-    def advance(self, reported: float, seconds_left: float, run_elapsed: float) -> float:
-        """The fraction now: the run's time so far over its time so far and still to go (so that the page's
-        time left, the time so far scaled by the share still to do, is this estimate), and at least what was
-        reported, moved by the share of the rest that the time since then is of the time still to go (an
-        estimate that grew, a slower pass, slows the bar instead of freezing it)."""
-        since = time.monotonic() - self.last
+    def advance(self, reported: float, seconds_left: float) -> float:
+        """The fraction now: from where calibration began, the rest of the bar shared by calibration's time so
+        far against its time so far and still to go (so that the page's time left, the time so far scaled by the
+        share still to do, is this estimate when the stages before calibration were quick; a slow download or
+        first import does not squeeze the stages after calibration), and at least what was reported, moved by
+        the share of the rest that the time since then is of the time still to go (an estimate that grew, a
+        slower pass, slows the bar instead of freezing it)."""
+        since, elapsed = time.monotonic() - self.last, self.elapsed()
         moved = reported + (1 - reported) * since / (since + seconds_left) if since + seconds_left > 0 else reported
-        return max(moved, run_elapsed / (run_elapsed + seconds_left) if run_elapsed + seconds_left > 0 else 0.0)
+        measured = self.start + (1 - self.start) * elapsed / (elapsed + seconds_left) if elapsed + seconds_left else 0
+        return max(moved, measured)
 
 
 class Reporter:
@@ -103,7 +107,6 @@ class Reporter:
         self.layer_errors: list[dict[str, Any]] = []
         self.costs: dict[str, float] = {}
         self._downloaded = -1.0
-        self._started = time.monotonic()  # the run's start (the job's started_at, give or take its queue hand-off)
         self._reported = 0.0  # the highest fraction reported so far
         # After calibration's layers: (fraction reported, the table's fraction at that point), so that the stages
         # after it continue from where the measured layers left the bar.
@@ -167,15 +170,14 @@ class Reporter:
         done, total = pass_index * layers + index, len(passes) * layers
         planned = self.fraction(self.stage, done / total)
         if self._calibration is None:
-            self._calibration = _LayerClock()
+            self._calibration = _LayerClock(start=max(self._reported, planned))
             fraction = planned
         else:
             seconds_left = self._calibration.seconds_left(index, layers, pass_index, len(passes))
             after = sum(self.costs.values()) * (1 - self.fraction(self.stage, 1.0))
             # The stages after calibration, at the pace calibration goes against the plan's estimate of it.
             pace = self._calibration.elapsed() / (self.costs.get(self.stage) or 1.0) / (done / total)
-            run_elapsed = time.monotonic() - self._started
-            fraction = self._calibration.advance(self._reported, seconds_left + after * pace, run_elapsed)
+            fraction = self._calibration.advance(self._reported, seconds_left + after * pace)
         self._calibration.reached(pass_index)
         self._anchor = (max(self._reported, fraction), planned)
         self._report(self.stage, words, fraction, step=index + 1, total=layers)

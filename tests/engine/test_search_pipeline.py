@@ -37,7 +37,8 @@ from engine.spec import CompressionSpec
 spec = CompressionSpec.from_dict(json.loads(sys.argv[1]))
 
 def progress(event):
-    if event.log_line and "Quantizing model.layers.2." in event.log_line:
+    # GPTQ's line: "Quantizing 1 module(s): ['model.layers.2.self_attn.q_proj']"
+    if event.log_line and "Quantizing" in event.log_line and "'model.layers.2." in event.log_line:
         print("stopped at layer 2", flush=True)
         time.sleep(3600)
 
