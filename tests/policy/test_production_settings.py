@@ -1,5 +1,5 @@
 """Production settings: the default environment, refusing to start without a secret key or with DEBUG, and
-`manage.py check --deploy` clean; and the README's commands in a fresh checkout after make wrote its .env.
+`manage.py check --deploy` clean; and the README's commands in a fresh checkout after make wrote its .env.local.
 Each runs manage.py in a subprocess with a production (or an empty) environment."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def production_env(**overrides: str) -> dict[str, str]:
         DJANGO_SETTINGS_MODULE="compressor_app.settings",
         DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
         DJANGO_ALLOWED_HOSTS="compress.example.org",
-        DJANGO_ENV_FILE="",  # a checkout's .env (make demo's) must not turn these into development settings
+        DJANGO_ENV_FILE="",  # a checkout's .env.local (make's) must not turn these into development settings
     )
     env.update(overrides)
     return {key: value for key, value in env.items() if value is not None}
@@ -56,7 +56,7 @@ def test_production_refuses_debug():
 
 
 def fresh_checkout(folder: Path) -> Path:
-    """The tracked files only, as `git clone` gives them: no .env, no var/."""
+    """The tracked files only, as `git clone` gives them: no .env.local, no var/."""
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     for name in tracked.decode().split("\0"):
         if name and (REPO / name).is_file():
@@ -77,10 +77,10 @@ def test_the_readme_commands_run_in_a_fresh_checkout_after_make_writes_its_env_f
     assert refused.returncode != 0
     assert "DJANGO_SECRET_KEY is required in production" in refused.stderr
 
-    # When make demo / make up write .env (the same rule, alone), the README's commands run as written.
-    made = run("make", "--no-print-directory", ".env", f"PYTHON={sys.executable}")
+    # When make demo / make up write .env.local (the same rule, alone), the README's commands run as written.
+    made = run("make", "--no-print-directory", ".env.local", f"PYTHON={sys.executable}")
     assert made.returncode == 0, made.stdout + made.stderr
-    assert (checkout / ".env").stat().st_mode & 0o777 == 0o600
+    assert (checkout / ".env.local").stat().st_mode & 0o777 == 0o600
     (checkout / "var").mkdir()  # make demo's model store made the data folder
     presets = run(sys.executable, "manage.py", "compress", "--list-presets")
     assert presets.returncode == 0, presets.stderr
@@ -101,7 +101,7 @@ def test_the_readme_commands_run_in_a_fresh_checkout_after_make_writes_its_env_f
     assert "Superuser created successfully" in superuser.stdout
 
     # The key is the checkout's own, not a known one, and git keeps the file out of commits.
-    key = dict(line.split("=", 1) for line in (checkout / ".env").read_text().splitlines())["DJANGO_SECRET_KEY"]
+    key = dict(line.split("=", 1) for line in (checkout / ".env.local").read_text().splitlines())["DJANGO_SECRET_KEY"]
     assert len(key) >= 50 and "insecure" not in key
-    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO)
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env.local"], cwd=REPO)
     assert ignored.returncode == 0
