@@ -39,10 +39,10 @@ from engine.spec import BUILTIN_MODEL  # noqa: E402
 SERVICE_PARTS = {
     ("llmcompressor/entrypoints/oneshot.py", "oneshot"): "llm-compressor's oneshot",
     ("engine/calibration.py", "tokenize_records"): "tokenizing the calibration records",
-    ("engine/resume.py", "resume_fingerprint"): "the resume fingerprint",
-    ("engine/resume.py", "save"): "resume snapshots: LayerStore.save",
-    ("engine/resume.py", "_compressed_state"): "  of which copying the layer's tensors",
-    ("engine/resume.py", "_write_atomically"): "  of which writing + fsync",
+    ("engine/layer_resume.py", "resume_fingerprint"): "the resume fingerprint",
+    ("engine/layer_resume.py", "save"): "resume snapshots: LayerStore.save",
+    ("engine/layer_resume.py", "_compressed_state"): "  of which copying the layer's tensors",
+    ("engine/layer_resume.py", "_write_atomically"): "  of which writing + fsync",
     ("~", "<built-in method posix.fsync>"): "    of which fsync",
     ("engine/runner.py", "hook"): "the layer-progress hook",
     ("engine/stages.py", "exit_and_record"): "the per-layer error hook",
@@ -147,7 +147,7 @@ def service_run(model: Path, preset: str, work: Path) -> dict:
     written: list[int] = []
 
     # The resume folder is removed once the checkpoint is published: count its bytes as the last layer lands.
-    from engine import resume as resume_module
+    from engine import layer_resume as resume_module
 
     original_save = resume_module.LayerStore.save
 

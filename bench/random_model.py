@@ -49,7 +49,7 @@ def build(target: Path, shape: dict = LLAMA_3_2_1B) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from engine.models import ensure_builtin_model
+    from engine.model_sources import ensure_builtin_model
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -253,7 +253,7 @@ def check_hub_dataset_id(dataset: str | None) -> str:
 
 
 def _hub_records(spec: CalibrationSpec) -> list[dict[str, Any]]:
-    from engine.models import hub_reachable
+    from engine.model_sources import hub_reachable
 
     check_hub_dataset_id(spec.dataset)
     if os.path.lexists(spec.dataset):

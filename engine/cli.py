@@ -11,7 +11,7 @@ from tqdm import tqdm
 from engine.card import search_table
 from engine.errors import EngineError
 from engine.limits import CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, SEARCH_MAX_TRIALS
-from engine.models import download_builtin_gguf, ensure_builtin_model
+from engine.model_sources import download_builtin_gguf, ensure_builtin_model
 from engine.presets import PRESETS
 from engine.resources import WorkerCaps
 from engine.search import TRIAL_LINE

@@ -9,7 +9,7 @@ modules it compressed into the request's errors_dir.
 
 With "resume" in the request ({"dir", "fingerprint"}: engine.runner computes the fingerprint), the ranks keep
 each compressed layer in that store and skip the layers a killed run of the same work left there
-(engine.resume): rank 0 opens it first and writes it; the stored layers are restored by every rank on a CPU
+(engine.layer_resume): rank 0 opens it first and writes it; the stored layers are restored by every rank on a CPU
 worker, by rank 0 alone where the ranks share offloaded weights.
 
 Usage: python -m torch.distributed.run --standalone --nproc-per-node N -m engine.dp_rank REQUEST.json
@@ -23,9 +23,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from engine import calibration as calib
+from engine.layer_resume import LayerStore, SharedStore, decoder_layers, resumable_layers
 from engine.library_patches import broadcast_cpu_modules_too
 from engine.presets import linear_time_recipe
-from engine.resume import LayerStore, SharedStore, decoder_layers, resumable_layers
 from engine.spec import CalibrationSpec
 from engine.stages import Reporter, layer_error_hooks
 
@@ -84,7 +84,7 @@ def _calibrate_and_save(model, tokenizer, request: dict) -> None:
 
 
 def _resumable(model, resume: dict | None, errors: Reporter, *, shared_weights: bool) -> AbstractContextManager:
-    """The ranks' shared layer store, when the job can resume (engine.resume with a SharedStore).
+    """The ranks' shared layer store, when the job can resume (engine.layer_resume with a SharedStore).
 
     shared_weights: the ranks share one offloaded copy of the weights (GPUs); on a CPU worker each has its own."""
     import torch.distributed as dist

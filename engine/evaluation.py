@@ -116,7 +116,7 @@ def evaluate(
 
 def default_cache_dir() -> Path:
     """Where baseline results are cached (COMPRESSOR_EVAL_CACHE, else beside the model store)."""
-    from engine.models import default_store
+    from engine.model_sources import default_store
 
     return Path(os.environ.get("COMPRESSOR_EVAL_CACHE") or default_store().parent / "eval-cache")
 
@@ -313,7 +313,7 @@ def _runnable_tasks(spec: EvaluationSpec) -> tuple[list[str], list[dict]]:
             "make vllm-env); use the hf backend."
         )
         return [], [{"task": task, "reason": reason} for task in tasks]
-    from engine.models import hub_reachable
+    from engine.model_sources import hub_reachable
 
     known = _task_manager(str(_tasks_dir())).all_tasks
     hub = None
@@ -338,7 +338,7 @@ _HUB_UNREACHABLE = (
 
 
 def _tasks_dir() -> Path:
-    from engine.models import default_store
+    from engine.model_sources import default_store
 
     return Path(os.environ.get("COMPRESSOR_TASKS_DIR") or default_store().parent / "lm_tasks")
 

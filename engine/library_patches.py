@@ -9,7 +9,7 @@ would miss the others' passes), and its loguru METRIC lines carry neither the mo
    exact loss through set_results(name, loss); module_errors() wraps that method to receive (module, loss).
 2. The sequential pipeline's traced subgraphs. llmcompressor.pipelines.sequential.pipeline calls
    trace_subgraphs(model, ...) and then forward(model, **inputs) and submodules(model) on each subgraph;
-   traced_subgraphs() lets engine.resume replace the list for one model.
+   traced_subgraphs() lets engine.layer_resume replace the list for one model.
 3. Data-parallel GPTQ on CPU ranks. After splitting the modules between the ranks, GPTQ and the quantization
    modifier broadcast each owner's results, except for modules on the CPU (which llm-compressor takes to be
    offloaded weights all ranks share); broadcast_cpu_modules_too() makes them broadcast every module, for a

@@ -16,7 +16,7 @@ from typing import Any
 from engine.errors import EngineError, PreflightError
 from engine.hub import DownloadProgress
 from engine.model_cache import ModelCache
-from engine.models import ResolvedModel, resolve_model
+from engine.model_sources import ResolvedModel, resolve_model
 from engine.plan import ModelFootprint, model_footprint
 from engine.presets import get_preset, recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
 from engine.spec import CompressionSpec

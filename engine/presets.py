@@ -723,7 +723,7 @@ def library_facts() -> dict[str, Any] | None:
     once per llm-compressor version (a few seconds), and a file beside the model store keeps them.
     """
     from engine.lm_tasks import write_if_changed
-    from engine.models import default_store
+    from engine.model_sources import default_store
 
     try:
         version = importlib.metadata.version("llmcompressor")

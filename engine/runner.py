@@ -23,12 +23,12 @@ from engine import calibration as calib
 from engine.artifacts import hashed_weights, staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError
 from engine.evaluation import default_cache_dir, evaluate
+from engine.layer_resume import LayerStore, decoder_layers, resumable_layers, resume_fingerprint
 from engine.model_cache import ModelCache
-from engine.models import linearize_experts
+from engine.model_sources import linearize_experts
 from engine.plan import MemoryPlan, Placement, placed_model, plan_memory, search_plan
 from engine.preflight import PreflightReport, preflight
 from engine.resources import WorkerCaps, detect_resources
-from engine.resume import LayerStore, decoder_layers, resumable_layers, resume_fingerprint
 from engine.search import prepare_search, search_checkpoint
 from engine.spec import CalibrationSpec, CompressionResult, CompressionSpec, Stage
 from engine.stages import (
@@ -70,7 +70,7 @@ class Run:
         Only for recipes that calibrate in one sequential pass (with two calibrating modifiers, SmoothQuant then
         GPTQ say, llm-compressor runs a pass for each, and a layer's state after the first is not what a resumed
         second pass could start from), by a modifier that compresses at a layer's epoch end exactly the modules
-        whose hooks saw data (RESUMABLE_MODIFIERS: what engine.resume relies on to skip a restored layer).
+        whose hooks saw data (RESUMABLE_MODIFIERS: what engine.layer_resume relies on to skip a restored layer).
         """
         fingerprint = _resume_fingerprint(report, self.plan, dataset, resume_dir, ranks=1)
         if fingerprint is None:
@@ -129,7 +129,7 @@ def compress(
 
     caps: the operator's limits on this worker's resources (COMPRESSOR_WORKER_*), which the memory plan obeys.
     model_cache: the node's cache a hub model comes from; the caller keeps it open until the run is over.
-    resume_dir: where each layer llm-compressor compressed is kept (engine.resume), so that a new run of the
+    resume_dir: where each layer llm-compressor compressed is kept (engine.layer_resume), so that a new run of the
     same work after an interruption resumes from them; removed once the checkpoint is published.
     A spec with a search (a quality floor, a sweep) produces its checkpoint by engine.search's trials; the
     steps before and after (preflight, plan, vLLM check, evaluation, card, hashes) are the same.
@@ -258,7 +258,7 @@ RESUMABLE_MODIFIERS = ("GPTQModifier", "QuantizationModifier", "SparseGPTModifie
 def _resume_fingerprint(
     report: PreflightReport, plan: MemoryPlan, dataset, resume_dir: Path | None, *, ranks: int
 ) -> str | None:
-    """What stored layers must match for this run to use them (engine.resume); None when it does not resume."""
+    """What stored layers must match for this run to use them (engine.layer_resume); None when it does not resume."""
     from engine.presets import recipe_calibrating_modifiers
 
     # The recipe's own passes: a sweep's trial may calibrate where the job's preset is data-free.

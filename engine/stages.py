@@ -245,7 +245,7 @@ def layer_progress(model, reporter: Reporter, passes: list[str]) -> Iterator[Non
 
     A pass runs the layers in order, every batch through layer i before layer i + 1, so a layer before the
     last one reached starts the next pass."""
-    from engine.resume import decoder_layers
+    from engine.layer_resume import decoder_layers
 
     layers = decoder_layers(model)
     passes = passes or ["calibration"]

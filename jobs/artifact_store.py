@@ -29,7 +29,7 @@ CHUNK_BYTES = 1024 * 1024
 SHA256_KEY = "sha256"  # object metadata (x-amz-meta-sha256) set at upload
 
 
-RESUME_FOLDER = "resume"  # in the job's local folder: the layers its runs compressed so far (jobs.resume)
+RESUME_FOLDER = "resume"  # in the job's local folder: the layers its runs compressed so far (jobs.resume_folders)
 
 
 def uses_bucket() -> bool:
@@ -73,7 +73,7 @@ def local_job_folder(job_id: int) -> Path:
 def remove_job_files(job_id: int, *, keep_resume: bool = False) -> None:
     """Delete everything of one job: its folder, and in a bucket its scratch copy, objects and open uploads.
 
-    keep_resume: its local resume folder stays (jobs.resume; never in a bucket: it is the worker's own)."""
+    keep_resume: its local resume folder stays (jobs.resume_folders; never in a bucket: it is the worker's own)."""
     _remove_local_folder(local_job_folder(job_id), keep=RESUME_FOLDER if keep_resume else None)
     if not uses_bucket():
         return

@@ -23,7 +23,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from engine.errors import EngineError
-from jobs import downloads, hub_tokens, messages, services
+from jobs import dispatch, downloads, hub_tokens, services
 from jobs.models import HubPush, Job
 from jobs.redaction import redact, redact_tokens
 
@@ -69,7 +69,7 @@ def hub_push_request(*, job: Job, by: AbstractBaseUser, repo_id: str, private: b
 
 def _enqueue(push: HubPush) -> None:
     try:
-        messages.send(messages.PUSH_TO_HUB, push.pk, task_id=push.celery_task_id, queue=messages.Queue.LIGHT)
+        dispatch.send(dispatch.PUSH_TO_HUB, push.pk, task_id=push.celery_task_id, queue=dispatch.Queue.LIGHT)
     except services.BROKER_ERRORS as exc:
         logger.warning("Could not send push %s to the queue: %s", push.pk, exc)
         _end(push, Status.QUEUED, error="The queue is unreachable right now; push again in a moment.")

@@ -1,4 +1,5 @@
-"""The Job record (the state machine of one compression run), its log lines and uploaded calibration data.
+"""The Job record (the state machine of one compression run), its log lines, uploaded calibration data and the
+workers' registry.
 
 Only jobs.services changes a Job's status, and only from the expected state (conditional UPDATEs), so a
 late message from a killed or cancelled task changes nothing.
@@ -7,6 +8,7 @@ late message from a killed or cancelled task changes nothing.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 
 from django.conf import settings
@@ -14,11 +16,11 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
+from django.utils import timezone
 
 from engine.limits import CALIBRATION_COLUMN, CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, CALIBRATION_SPLIT, PRIORITY
 from engine.spec import BUILTIN_MODEL
 from engine.spec import Stage as EngineStage
-from jobs.node_model import WorkerNode  # noqa: F401 - the workers' registry is a model of this app
 
 
 def calibration_upload_to(instance: CalibrationDataset, filename: str) -> str:
@@ -106,7 +108,7 @@ class Job(models.Model):
     spec_fingerprint = models.CharField(max_length=64, blank=True)
     # A hub model's revision as the commit it named at submission: the worker downloads exactly that one.
     model_commit = models.CharField(max_length=40, blank=True)
-    # The model's metadata seen at submission (engine.models.ModelFacts.summary): parameters, dtypes, bytes.
+    # The model's metadata seen at submission (engine.model_sources.ModelFacts.summary): parameters, dtypes, bytes.
     model_facts = models.JSONField(null=True, blank=True)
 
     # Where it stands.
@@ -256,3 +258,42 @@ class HubPush(models.Model):
     @property
     def repo_url(self) -> str:
         return f"{self.endpoint.rstrip('/')}/{self.repo_id}" if self.endpoint else ""
+
+
+# --- the workers' registry: what each announced when it started (queues, GPUs, host memory, disk, its caps)
+# and its heartbeat. Written only by jobs.nodes; read by the routing at submission and the admin.
+NODE_QUEUE_PREFIX = "node."
+
+
+def own_queue(hostname: str) -> str:
+    """The queue only this worker consumes."""
+    return f"{NODE_QUEUE_PREFIX}{hostname}"
+
+
+class WorkerNode(models.Model):
+    hostname = models.CharField(max_length=200, unique=True, help_text="The Celery worker's name (-n), e.g. gpu0@host.")
+    node = models.CharField(max_length=200, help_text="The machine's hostname.")
+    queues = models.JSONField(default=list, help_text="The queues it consumes, its own included.")
+    gpus = models.JSONField(default=list, help_text="Each GPU it may use: index, name, free memory (bytes).")
+    host_ram_bytes = models.PositiveBigIntegerField(default=0, help_text="Host memory available to a job.")
+    disk_free_bytes = models.PositiveBigIntegerField(default=0, help_text="Free disk where checkpoints go.")
+    caps = models.JSONField(default=dict, help_text="The operator's caps (COMPRESSOR_WORKER_*, decimal MB).")
+    capped = models.JSONField(default=list, help_text="Which figures a cap lowered.")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+    stopped_at = models.DateTimeField(null=True, blank=True, help_text="Set by a clean shutdown.")
+
+    class Meta:
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+    @property
+    def own_queue(self) -> str:
+        return own_queue(self.hostname)
+
+    def is_online(self, now: datetime | None = None) -> bool:
+        """Running: not shut down, and a heartbeat younger than COMPRESSOR_NODE_OFFLINE_AFTER_S."""
+        cutoff = (now or timezone.now()) - timedelta(seconds=settings.COMPRESSOR_NODE_OFFLINE_AFTER_S)
+        return self.stopped_at is None and self.heartbeat_at >= cutoff

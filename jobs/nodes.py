@@ -30,15 +30,14 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from engine.errors import PreflightError
-from engine.models import ModelFacts
+from engine.model_sources import ModelFacts
 from engine.plan import ModelFootprint, ModelShape, plan_memory, search_plan, shape_footprint
 from engine.presets import PRESETS, recipe_names_hessians
 from engine.resources import Gpu, WorkerCaps, WorkerResources
 from engine.units import size_text
 from jobs.compiled import ANY_ID, compiled_once, fetch_all, instances
 from jobs.inputs import engine_device
-from jobs.models import Job, WorkerNode
-from jobs.node_model import NODE_QUEUE_PREFIX, own_queue
+from jobs.models import NODE_QUEUE_PREFIX, Job, WorkerNode, own_queue
 
 COMPUTE_QUEUES = frozenset(Job.DeviceClass.values)  # compute queues are named after the device class
 
@@ -164,7 +163,7 @@ def choose_queue(
 
     gpus: how many GPUs the job asks for (a worker with fewer cannot hold it); None: as many as the plan needs.
     search: a floor search or a sweep, sized by its own plan (engine.plan.search_plan).
-    back_to: the worker whose disk holds the layers the job's interrupted run compressed (engine.resume): its
+    back_to: the worker whose disk holds the layers the job's interrupted run compressed (engine.layer_resume): its
     own queue while it is online and can hold the job, so that the next attempt resumes from them.
     """
     holder = next((c for c in candidates if c.hostname == back_to and c.online), None)

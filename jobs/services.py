@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from engine.errors import EngineError, PreflightError
 from engine.submission import SubmissionCheck, check_submission
 from engine.units import duration_text, size_text
-from jobs import artifact_store, messages, nodes
+from jobs import artifact_store, dispatch, nodes
 from jobs.compiled import ANY_ID, compiled_once, fetch_one
 from jobs.inputs import JobInput, api_calibration, job_spec
 from jobs.models import CalibrationDataset, Job, JobLogLine, WorkerNode
@@ -360,8 +360,8 @@ def _enqueue(job: Job) -> bool:
     it again once the broker answers, so a Redis outage never turns a request into a 500 or loses a job.
     """
     try:
-        messages.send(
-            messages.COMPRESS,
+        dispatch.send(
+            dispatch.COMPRESS,
             job.pk,
             task_id=job.celery_task_id,
             queue=job.queue,
@@ -479,7 +479,7 @@ def _fail(rows, *, job_id: int, error: str, log_lines: list[tuple[str, str]] | N
 def job_discard_run_output(*, job_id: int, task_id: str, keep_resume: bool = False) -> None:
     """Remove a run's output unless a newer run of the job owns the folder now (the reaper re-queued it).
 
-    keep_resume: keep the layers it compressed (jobs.resume), for a retry of the failed job."""
+    keep_resume: keep the layers it compressed (jobs.resume_folders), for a retry of the failed job."""
     job = Job.objects.filter(pk=job_id).first()
     if job is not None and job.celery_task_id == task_id:
         job_remove_artifacts(job=job, keep_resume=keep_resume)
@@ -530,8 +530,8 @@ def job_delete(*, job: Job) -> None:
 
 def _stop_after_cancel(job_id: int, task_id: str) -> None:
     try:
-        messages.revoke(task_id)  # a worker that receives the queued message drops it
-        messages.send(messages.STOP_CANCELLED, job_id, countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
+        dispatch.revoke(task_id)  # a worker that receives the queued message drops it
+        dispatch.send(dispatch.STOP_CANCELLED, job_id, countdown=settings.COMPRESSOR_CANCEL_GRACE_S)
     except BROKER_ERRORS as exc:
         # The cancel stands (the claim and every heartbeat check the database); only the fallback is lost.
         logger.warning("Job %s cancelled while the queue is unreachable: %s", job_id, exc)
@@ -560,7 +560,7 @@ def job_set_priority(*, job: Job, priority: int) -> bool:
 
 def _requeue(job: Job, old_task_id: str) -> None:
     try:
-        messages.revoke(old_task_id)
+        dispatch.revoke(old_task_id)
     except BROKER_ERRORS as exc:
         logger.warning("Could not revoke the old message of job %s: %s", job.pk, exc)
     _enqueue(job)
@@ -750,7 +750,7 @@ RESUME_FOLDER = artifact_store.RESUME_FOLDER
 
 
 def job_resume_folder(job: Job) -> Path:
-    """The layers the job's runs compressed so far (jobs.resume), on the machine that ran them."""
+    """The layers the job's runs compressed so far (jobs.resume_folders), on the machine that ran them."""
     return job_folder(job) / RESUME_FOLDER
 
 
@@ -885,7 +885,7 @@ def orphans_find() -> Orphans:
             files.append(f"jobs/{name}")
         elif job.status not in Job.ACTIVE:
             published = job.artifacts_path if job.status == Status.SUCCEEDED and job.artifacts_path else None
-            # A failed job keeps the layers it compressed for its retry (jobs.resume).
+            # A failed job keeps the layers it compressed for its retry (jobs.resume_folders).
             resume = f"jobs/{name}/{RESUME_FOLDER}" if job.status == Status.FAILED else None
             entries = [f"jobs/{name}/{entry}" for entry in artifact_store.list_names(f"jobs/{name}")]
             files += [entry for entry in entries if entry not in (published, resume)]

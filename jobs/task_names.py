@@ -1,5 +1,5 @@
 """The names of the Celery tasks and queues: the one home of them. jobs.tasks registers each task under its
-name, the settings route and schedule by them, jobs.messages sends by them, the pages and tests list the
+name, the settings route and schedule by them, jobs.dispatch sends by them, the pages and tests list the
 queues from here. No imports from the project: the settings read this module before Django is set up."""
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from jobs import artifact_store, nodes, services, task_names
 from jobs.inputs import job_spec
 from jobs.models import Job
 from jobs.progress import JobProgress
-from jobs.resume import job_take_resume_folder
+from jobs.resume_folders import job_take_resume_folder
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def compress_job(self, job_id: int) -> None:
     relpath = job.artifacts_relpath()
     progress = JobProgress(job_id=job.pk, task_id=task_id, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
     progress.start()
-    # A failed job keeps the layers it compressed for its retry (jobs.resume); a cancelled one does not.
+    # A failed job keeps the layers it compressed for its retry (jobs.resume_folders); a cancelled one does not.
     error, log_lines, keep_resume = "", [], True
     try:
         # Inside the try: a time limit that runs out while the engine still imports is the job's time limit.

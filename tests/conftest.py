@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.models import builtin_model_dir, default_store
+from engine.model_sources import builtin_model_dir, default_store
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def add_family_repos(hub, models: dict[str, Path], owner: str = "families") -> d
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from engine.models import ensure_builtin_model
+    from engine.model_sources import ensure_builtin_model
 
     for name, path in build_families(Path(sys.argv[1]).resolve(), ensure_builtin_model()).items():
         print(name, path)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from engine.artifacts import verify_manifest
 from engine.data_parallel import gathered_layer_errors, job_log_line, output_lines
 from engine.errors import CancelledError
+from engine.layer_resume import INDEX_NAME
 from engine.resources import WorkerCaps
-from engine.resume import INDEX_NAME
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec
 from tests.support import wait_until

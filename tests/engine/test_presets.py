@@ -72,7 +72,7 @@ def test_bad_custom_recipe_is_a_clear_error(text, message):
 
 def test_engine_imports_without_django():
     code = (
-        "import sys, engine.runner, engine.cli, engine.preflight, engine.calibration, engine.models;"
+        "import sys, engine.runner, engine.cli, engine.preflight, engine.calibration, engine.model_sources;"
         "assert not any(m == 'django' or m.startswith('django.') for m in sys.modules), 'django imported'"
     )
     env_free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": ""})

@@ -1,4 +1,4 @@
-"""Resume (engine.resume): a GPTQ run SIGKILLed after N of M layers restarts from them, and its checkpoint is
+"""Resume (engine.layer_resume): a GPTQ run SIGKILLed after N of M layers restarts from them, and its checkpoint is
 the one an uninterrupted run writes, bit for bit.
 
 The interrupted run is a real child process: its progress callback stops it at the start of layer N (the
@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.layer_resume import INDEX_NAME, LayerStore
 from engine.presets import PRESETS, recipe_calibrating_modifiers
-from engine.resume import INDEX_NAME, LayerStore
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec
 from tests.support import wait_until

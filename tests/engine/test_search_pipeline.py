@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.layer_resume import INDEX_NAME
 from engine.resources import WorkerCaps
-from engine.resume import INDEX_NAME
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, QualityFloor, SearchBudget, SearchSpec
 from tests.support import wait_until

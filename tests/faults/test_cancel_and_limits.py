@@ -117,7 +117,7 @@ def test_soft_and_hard_time_limits_fail_the_job_for_good_and_the_worker_goes_on(
         assert job.log_lines.filter(text__startswith="Started on").count() == 1
 
     # ...housekeeping removes what the killed run left (but the layers a run finished, which a retry of the
-    # failed job resumes from: jobs.resume), and the next job runs on that same worker
+    # failed job resumes from: jobs.resume_folders), and the next job runs on that same worker
     services.job_remove_stale_partials()
     assert leftovers(media_root, soft) in ([], ["resume"]) and leftovers(media_root, hard) in ([], ["resume"])
     nxt = _wait_status(queue_job(owner), "succeeded", "failed")

@@ -79,7 +79,7 @@ def test_a_full_disk_fails_the_job_cleanly_and_a_job_that_cannot_fit_is_refused(
     filler = _fill(small_disk, leave_bytes=8 * MiB)
 
     # Then the job fails with "no space left", its temporary files are removed (but the layers it compressed,
-    # which a retry of the failed job resumes from: jobs.resume), the earlier checkpoint is intact and downloads
+    # which a retry of the failed job resumes from: jobs.resume_folders), the earlier checkpoint is intact and downloads
     failed = _wait_status(job, "failed", "succeeded")
     assert failed.status == "failed" and "No space left on device" in failed.error, failed.error
     assert leftovers(small_disk.parent, job) in ([], ["resume"])

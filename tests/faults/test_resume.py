@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from engine.artifacts import verify_manifest
-from engine.resume import INDEX_NAME
+from engine.layer_resume import INDEX_NAME
 from jobs.models import Job
 from tests.faults.conftest import BUILTIN, GPTQ, job_dir
 from tests.faults.test_worker_faults import _wait_status

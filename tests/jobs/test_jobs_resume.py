@@ -1,4 +1,4 @@
-"""jobs.resume and the services around it: who keeps a job's resume folder (the layers its runs compressed),
+"""jobs.resume_folders and the services around it: who keeps a job's resume folder (the layers its runs compressed),
 who takes it over, and when it goes (database and files only; tests/faults/test_resume.py kills a real run).
 """
 
@@ -12,7 +12,7 @@ import pytest
 
 from jobs import services
 from jobs.models import Job
-from jobs.resume import job_take_resume_folder
+from jobs.resume_folders import job_take_resume_folder
 from jobs.services import JobInput
 
 pytestmark = pytest.mark.django_db

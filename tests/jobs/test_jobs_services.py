@@ -12,7 +12,7 @@ import pytest
 from django.utils import timezone
 
 from engine.errors import PreflightError
-from jobs import messages, services
+from jobs import dispatch, services
 from jobs.models import CalibrationDataset, Job, JobLogLine
 from jobs.services import JobInput
 
@@ -58,7 +58,7 @@ def test_submit_queues_the_job_after_commit_with_its_broker_priority(user, djang
         callbacks[0]()
         key, message = _waiting_message(job.celery_task_id, job.queue)
     assert key == f"{job.queue}:1" and message["properties"]["priority"] == 1
-    assert message["headers"]["task"] == messages.COMPRESS and message["headers"]["argsrepr"] == f"({job.pk},)"
+    assert message["headers"]["task"] == dispatch.COMPRESS and message["headers"]["argsrepr"] == f"({job.pk},)"
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Where a job's run keeps the layers it compressed (engine.resume), and who may pick them up.
+"""Where a job's run keeps the layers it compressed (engine.layer_resume), and who may pick them up.
 
 The folder is jobs/<id>/resume (services.job_resume_folder). Its life:
 - attempt 2 of the same job (re-queued after its worker died) finds it where attempt 1 left it;
