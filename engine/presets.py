@@ -64,8 +64,12 @@ class Preset:
     def with_group_size(self, size: int) -> Preset:
         """The preset with its weights in groups of `size` (one of group_sizes), said in its own words; its
         named scheme becomes the one config group that says so."""
+        # The form's words name every size the preset may take; the fitted preset's name the one it runs in.
+        description = self.description
+        if self.group_sizes:
+            description = description.replace(_groups_words(self.group_sizes), f"groups of {size}")
         if size == self.group_size:
-            return self
+            return dataclasses.replace(self, description=description)
         if size not in self.group_sizes:
             raise EngineError(f"{self.name} takes groups of {', '.join(map(str, self.group_sizes))}.", field="preset")
         modifiers = tuple((name, _regrouped(args, size)) for name, args in self.modifiers)
@@ -74,7 +78,7 @@ class Preset:
             self,
             modifiers=modifiers,
             group_size=size,
-            description=self.description.replace(old, new),
+            description=description,
             weight_quantization=self.weight_quantization and self.weight_quantization.replace(old, new),
             notes=(
                 *self.notes,
@@ -121,12 +125,23 @@ _DUMPED_RECIPES: dict[tuple[str, tuple[str, ...]], str] = {}
 _MAX_DUMPED_RECIPES = 512
 
 
+def _groups_words(sizes: tuple[int, ...]) -> str:
+    """A grouped preset's group size in its description before a model is chosen: "groups of 128 (64 or 32
+    where 128 does not divide every layer)", never a fixed 128 that the model's widths may not allow."""
+    if len(sizes) == 1:
+        return f"groups of {sizes[0]}"
+    smaller = " or ".join(str(size) for size in sizes[1:])
+    return f"groups of {sizes[0]} ({smaller} where {sizes[0]} does not divide every layer)"
+
+
 def _quant(scheme: str) -> dict[str, Any]:
     return {"targets": ["Linear"], "scheme": scheme}
 
 
 # compressed-tensors' integer weight-only schemes, as their one config group would write them but for the size.
 _GROUPED_INT_BITS = {"W4A16": 4, "W8A16": 8}
+# The group sizes of the integer grouped presets, largest first (submission.fit_preset takes the first that fits).
+_FITTED_GROUP_SIZES = (128, 64, 32)
 
 
 def _regrouped(args: dict[str, Any], size: int) -> dict[str, Any]:
@@ -219,25 +234,25 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="w4a16-gptq",
-            description="GPTQ int4 weights in groups of 128, activations kept in 16 bits.",
+            description=f"GPTQ int4 weights in {_groups_words(_FITTED_GROUP_SIZES)}, activations kept in 16 bits.",
             needs_calibration=True,
             modifiers=(("GPTQModifier", {**_quant("W4A16"), "dampening_frac": 0.01}),),
             weight_quantization="INT4, symmetric static scales per group of 128 columns",
             activation_quantization=None,
             method="GPTQ with a 1 % dampening factor",
             group_size=128,
-            group_sizes=(128, 64, 32),
+            group_sizes=_FITTED_GROUP_SIZES,
         ),
         Preset(
             name="w8a16-gptq",
-            description="GPTQ int8 weights in groups of 128, activations kept in 16 bits.",
+            description=f"GPTQ int8 weights in {_groups_words(_FITTED_GROUP_SIZES)}, activations kept in 16 bits.",
             needs_calibration=True,
             modifiers=(("GPTQModifier", {**_quant("W8A16"), "dampening_frac": 0.01}),),
             weight_quantization="INT8, symmetric static scales per group of 128 columns",
             activation_quantization=None,
             method="GPTQ with a 1 % dampening factor",
             group_size=128,
-            group_sizes=(128, 64, 32),
+            group_sizes=_FITTED_GROUP_SIZES,
         ),
         Preset(
             name="smoothquant-int8-w8a8",

@@ -153,6 +153,21 @@ def test_the_form_describes_each_preset_and_what_it_needs(client_for, alice, set
     assert 'name="local_path"' in _html(client_for(alice).get("/jobs/new/"))
 
 
+def test_a_grouped_presets_description_says_the_group_size_the_model_gets(client_for, alice, make_job):
+    from engine.presets import PRESETS
+
+    # Before a model is chosen, the form names every group size w8a16-gptq may take, not a fixed 128
+    form = _html(client_for(alice).get("/jobs/new/"))
+    assert "GPTQ int8 weights in groups of 128 (64 or 32 where 128 does not divide every layer)" in form
+
+    # A job that ran in groups of 64 (or of 128) says that size alone on its page
+    w8a16 = PRESETS["w8a16-gptq"]
+    for size in (64, 128):
+        job = make_job(alice, preset="w8a16-gptq", resolved_recipe=w8a16.with_group_size(size).recipe_yaml())
+        page = _html(client_for(alice).get(f"/jobs/{job.pk}/"))
+        assert f"GPTQ int8 weights in groups of {size}, activations kept in 16 bits." in page
+
+
 def test_a_preflight_error_appears_beside_its_field_and_nothing_is_queued(client_for, alice, random_llama, settings):
     # Given a model of hidden size 80, whose layer widths none of 128, 64 and 32 divides
     settings.COMPRESSOR_ALLOW_LOCAL_PATHS = True
