@@ -431,9 +431,9 @@ def job_figures(check: Check) -> list[Figure]:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from jobs import services
     from jobs.inputs import JobInput
     from jobs.models import Job
+    from jobs.services import submissions
 
     call_command("migrate", interactive=False, verbosity=0)
     owner, _ = get_user_model().objects.get_or_create(username="gpu-check")
@@ -447,7 +447,7 @@ def job_figures(check: Check) -> list[Figure]:
         if not worker.alive():
             raise RuntimeError(f"The worker exited:\n{worker.log_text()[-2000:]}")
         started = time.monotonic()
-        submission = services.job_submit(
+        submission = submissions.job_submit(
             owner=owner, data=JobInput(preset=JOB_PRESET, device_class=Job.DeviceClass.GPU), force=True
         )
         job = submission.job
@@ -486,7 +486,7 @@ def job_figures(check: Check) -> list[Figure]:
             "met" if device.startswith("cuda") and vllm_ok else "missed",
             [
                 "celery worker -Q gpu -c 1 (prefork, the child's first job: its imports included), submitted by "
-                "jobs.services.job_submit, device class gpu",
+                "jobs.services.submissions.job_submit, device class gpu",
                 f"engine: {steps}",
                 f"worker log: {worker.log_path}",
             ],

@@ -200,7 +200,7 @@ COMPRESSOR_JOB_HARD_LIMIT_S = env.int("COMPRESSOR_JOB_HARD_LIMIT_S", default=COM
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env.int("COMPRESSOR_VISIBILITY_TIMEOUT_S", default=COMPRESSOR_JOB_HARD_LIMIT_S + 3600),
     # One Redis list per priority level, polled highest first: priorities really order the queue.
-    # With Redis, 0 is the highest broker priority (jobs.services maps the job's 0-9 onto it).
+    # With Redis, 0 is the highest broker priority (jobs.services.broker maps the job's 0-9 onto it).
     "queue_order_strategy": "priority",
     "priority_steps": list(range(10)),
     "sep": ":",
@@ -245,7 +245,7 @@ CELERY_BEAT_SCHEDULE = {
 # Jobs and the API.
 COMPRESSOR_DEFAULT_DEVICE_CLASS = env("COMPRESSOR_DEFAULT_DEVICE_CLASS", default="gpu")
 COMPRESSOR_JOB_LOG_MAX_LINES = env.int("COMPRESSOR_JOB_LOG_MAX_LINES", default=2000)
-# Per-user limits, enforced in jobs.services for the API, the form and retries alike: created jobs per window
+# Per-user limits, enforced in jobs.services.policy for the API, the form and retries alike: created jobs per window
 # (counted in the shared cache), and quotas counted in the database (queued + running jobs, stored bytes).
 COMPRESSOR_JOB_CREATE_RATE = env("COMPRESSOR_JOB_CREATE_RATE", default="30/hour")
 COMPRESSOR_USER_MAX_ACTIVE_JOBS = env.int("COMPRESSOR_USER_MAX_ACTIVE_JOBS", default=20)

@@ -32,5 +32,5 @@ EVALUATION_LIMIT = Bound(default=None, least=1, most=1_000_000)
 # A floor search or a sweep: trials (each a compression and a held-out measurement).
 SEARCH_MAX_TRIALS = Bound(default=6, least=1, most=50)
 
-# A job's priority: 9 runs first (the broker's priority is the reverse: jobs.services.broker_priority).
+# A job's priority: 9 runs first (the broker's priority is the reverse: jobs.services.broker.broker_priority).
 PRIORITY = Bound(default=5, least=0, most=9)

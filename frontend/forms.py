@@ -1,4 +1,4 @@
-"""The new-job form. It checks the form's shape; the decisions (preflight) are jobs.services.job_submit's,
+"""The new-job form. It checks the form's shape; the decisions (preflight) are jobs.services.submissions.job_submit's,
 exactly as for the API. Errors the service raises are put back beside the field they concern."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from engine.spec import BUILTIN_MODEL
 from engine.submission import IGNORE_INDIVISIBLE_LABEL
 from jobs import selectors
 from jobs.auth import login_wait_s
-from jobs.inputs import request_field
+from jobs.inputs import JobInput, request_field
 from jobs.models import Job
-from jobs.services import JobInput, max_priority_for
+from jobs.services.policy import max_priority_for
 
 CUSTOM_RECIPE = "custom"
 # Request fields the form shows as they are, under the same name (the others are mapped in to_job_input).

@@ -23,10 +23,12 @@ from engine.presets import PRESETS, preset_for_recipe
 from engine.units import RECOVERY_DEFINITION, size_text
 from frontend import charts, presentation, trials
 from frontend.forms import CUSTOM_RECIPE, HubPushForm, HubTokenForm, JobForm, apply_aria, preset_infos
-from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
+from jobs import downloads, hub_push, hub_tokens, logtext, selectors
 from jobs.inputs import JobInput
 from jobs.models import Job
 from jobs.ratelimit import RateLimited
+from jobs.services import lifecycle, policy, storage, submissions, tokens
+from jobs.services.errors import JobStateError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _list_context(request: HttpRequest) -> dict[str, Any]:
 
 @login_required
 def job_list(request: HttpRequest) -> HttpResponse:
-    context = {**_list_context(request), "quota": services.user_quota(request.user)}
+    context = {**_list_context(request), "quota": policy.user_quota(request.user)}
     return render(request, "frontend/job_list.html", context)
 
 
@@ -132,7 +134,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
         dataset = None
         if upload and form.cleaned_data["calibration_kind"] == Job.CalibrationKind.UPLOAD:
             try:
-                dataset = services.calibration_dataset_create(owner=request.user, name=upload.name, upload=upload)
+                dataset = storage.calibration_dataset_create(owner=request.user, name=upload.name, upload=upload)
             except (EngineError, RateLimited) as exc:
                 return _refused(request, form, clone_source, exc, field="calibration_upload")
             # From here on the form points at the stored file, so a re-shown form keeps it (and previews it).
@@ -144,9 +146,9 @@ def job_new(request: HttpRequest) -> HttpResponse:
             job_input = form.to_job_input(calibration_file=dataset)
             force = form.cleaned_data.get("force", False)
             if clone_source is not None:
-                submission = services.job_clone(job=clone_source, owner=request.user, data=job_input, force=force)
+                submission = submissions.job_clone(job=clone_source, owner=request.user, data=job_input, force=force)
             else:
-                submission = services.job_submit(owner=request.user, data=job_input, force=force)
+                submission = submissions.job_submit(owner=request.user, data=job_input, force=force)
         except RateLimited as exc:
             return _refused(request, form, clone_source, exc, field=None)
         except EngineError as exc:
@@ -344,7 +346,7 @@ def job_cancel(request: HttpRequest, pk: int) -> HttpResponse:
             return redirect("frontend:job-detail", pk=job.pk)
         return render(request, "frontend/job_cancel.html", {"job": job, "JobStatus": Job.Status})
     with _refusal_shown(request):
-        services.job_cancel(job=job, by=request.user)
+        lifecycle.job_cancel(job=job, by=request.user)
         messages.success(request, f"Job {job.pk} is cancelled.", extra_tags=JOB_STATE_MESSAGE)
     return redirect("frontend:job-detail", pk=job.pk)
 
@@ -360,7 +362,7 @@ def job_delete(request: HttpRequest, pk: int) -> HttpResponse:
             return redirect("frontend:job-detail", pk=job.pk)
         return render(request, "frontend/job_delete.html", {"job": job})
     with _refusal_shown(request, "The job was not deleted: "):
-        services.job_delete(job=job)
+        lifecycle.job_delete(job=job)
         messages.success(request, f"Job {job.pk} is deleted, with its files.")
         return redirect("frontend:job-list")
     return redirect("frontend:job-detail", pk=job.pk)
@@ -371,7 +373,7 @@ def job_delete(request: HttpRequest, pk: int) -> HttpResponse:
 def job_retry(request: HttpRequest, pk: int) -> HttpResponse:
     job = selectors.job_get_for_user(user=request.user, job_id=pk)
     with _refusal_shown(request, "The retry was refused: "):
-        new_job = services.job_retry(job=job)
+        new_job = submissions.job_retry(job=job)
         messages.success(request, f"Job {new_job.pk} retries job {job.pk}: it is queued.", extra_tags=JOB_STATE_MESSAGE)
         return redirect("frontend:job-detail", pk=new_job.pk)
     return redirect("frontend:job-detail", pk=job.pk)
@@ -385,7 +387,7 @@ def _refusal_shown(request: HttpRequest, prefix: str = "", form: Form | None = N
     form, _refused)."""
     try:
         yield
-    except (services.JobStateError, EngineError, RateLimited, downloads.NotDownloadable) as exc:
+    except (JobStateError, EngineError, RateLimited, downloads.NotDownloadable) as exc:
         if form is None:
             messages.error(request, prefix + str(exc))
         else:
@@ -446,11 +448,11 @@ def api_token(request: HttpRequest) -> HttpResponse:
     to the POST that made it and never again: the page after shows only its last four characters."""
     new_key = None
     if request.method == "POST" and request.POST.get("action") == "revoke":
-        if services.token_revoke(user=request.user):
+        if tokens.token_revoke(user=request.user):
             messages.success(request, "Your API token is revoked: programs using it are refused from now on.")
         return redirect("frontend:api-token")
     if request.method == "POST":
-        new_key = services.token_rotate(user=request.user)
+        new_key = tokens.token_rotate(user=request.user)
     token = selectors.api_token_of(user=request.user)
     context = {
         "token": token,
@@ -475,8 +477,8 @@ def calibration_files(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         dataset = get_object_or_404(files, pk=_int(request.POST.get("delete")))
         try:
-            services.calibration_dataset_delete(dataset=dataset)
-        except services.JobStateError as exc:
+            storage.calibration_dataset_delete(dataset=dataset)
+        except JobStateError as exc:
             messages.error(request, exc.message)
         else:
             messages.success(request, f"The file '{dataset.name}' is deleted.")

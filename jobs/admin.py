@@ -17,9 +17,11 @@ from django.utils.safestring import SafeString
 
 from engine.errors import EngineError
 from engine.units import duration_text, size_text
-from jobs import selectors, services
+from jobs import selectors
 from jobs.models import CalibrationDataset, HubPush, HubToken, Job, WorkerNode
 from jobs.ratelimit import RateLimited
+from jobs.services import lifecycle, submissions
+from jobs.services.errors import JobStateError
 
 
 class JobActionForm(ActionForm):
@@ -134,9 +136,9 @@ class JobAdmin(admin.ModelAdmin):
         done, skipped = 0, []
         for job in queryset:
             try:
-                services.job_cancel(job=job, by=request.user)
+                lifecycle.job_cancel(job=job, by=request.user)
                 done += 1
-            except services.JobStateError:
+            except JobStateError:
                 skipped.append(str(job.pk))
         self._report(request, f"Cancelled {done} job(s).", skipped, "already finished")
 
@@ -145,8 +147,8 @@ class JobAdmin(admin.ModelAdmin):
         created, skipped = [], []
         for job in queryset.select_related("owner", "calibration_file"):
             try:
-                created.append(str(services.job_retry(job=job).pk))
-            except services.JobStateError:
+                created.append(str(submissions.job_retry(job=job).pk))
+            except JobStateError:
                 skipped.append(str(job.pk))
             except (EngineError, RateLimited) as exc:  # preflight, or the owner's rate or quota
                 self.message_user(request, f"Job {job.pk} cannot be retried: {exc.message}", messages.ERROR)
@@ -166,7 +168,7 @@ class JobAdmin(admin.ModelAdmin):
             return
         moved, skipped = 0, []
         for job in queryset:
-            if services.job_set_priority(job=job, priority=priority):
+            if lifecycle.job_set_priority(job=job, priority=priority):
                 moved += 1
             else:
                 skipped.append(str(job.pk))

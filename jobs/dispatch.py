@@ -7,11 +7,17 @@ rather than through the task objects: importing jobs.tasks from jobs.services wo
 
 from __future__ import annotations
 
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+
 from compressor_app.celery import app
 from jobs.task_names import COMPRESS, PUSH_TO_HUB, STOP_CANCELLED, Queue
 
 # What the services send, by the names jobs.task_names declares (jobs.tasks registers its tasks under them).
-__all__ = ("COMPRESS", "PUSH_TO_HUB", "STOP_CANCELLED", "Queue", "revoke", "send")
+__all__ = ("BROKER_ERRORS", "COMPRESS", "PUSH_TO_HUB", "STOP_CANCELLED", "Queue", "revoke", "send")
+
+# What a send or a revoke raises when Redis is unreachable or restarting.
+BROKER_ERRORS = (OperationalError, RedisError, OSError)
 
 
 def send(task_name: str, object_id: int, *, task_id: str | None = None, **options) -> None:

@@ -23,9 +23,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from engine.errors import EngineError
-from jobs import dispatch, downloads, hub_tokens, services
+from jobs import dispatch, downloads, hub_tokens
 from jobs.models import HubPush, Job
 from jobs.redaction import redact, redact_tokens
+from jobs.services import job_log
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def hub_push_request(*, job: Job, by: AbstractBaseUser, repo_id: str, private: b
         push = HubPush.objects.create(
             job=job, owner=by, repo_id=repo_id, private=private, celery_task_id=str(uuid.uuid4())
         )
-        services.job_log_append(job_id=job.pk, lines=[(_STAGE, f"Push to the hub repository {repo_id} queued.")])
+        job_log.job_log_append(job_id=job.pk, lines=[(_STAGE, f"Push to the hub repository {repo_id} queued.")])
         transaction.on_commit(lambda: _enqueue(push))
     return push
 
@@ -70,7 +71,7 @@ def hub_push_request(*, job: Job, by: AbstractBaseUser, repo_id: str, private: b
 def _enqueue(push: HubPush) -> None:
     try:
         dispatch.send(dispatch.PUSH_TO_HUB, push.pk, task_id=push.celery_task_id, queue=dispatch.Queue.LIGHT)
-    except services.BROKER_ERRORS as exc:
+    except dispatch.BROKER_ERRORS as exc:
         logger.warning("Could not send push %s to the queue: %s", push.pk, exc)
         _end(push, Status.QUEUED, error="The queue is unreachable right now; push again in a moment.")
 
@@ -91,7 +92,7 @@ def hub_push_run(*, push_id: int) -> HubPush | None:
     record = hub_tokens.hub_token_for(owner=push.owner)
     endpoint = hub_tokens.hub_endpoint(record)
     HubPush.objects.filter(pk=push.pk).update(endpoint=endpoint)
-    services.job_log_append(job_id=push.job_id, lines=[(_STAGE, f"Pushing to {endpoint}/{push.repo_id}.")])
+    job_log.job_log_append(job_id=push.job_id, lines=[(_STAGE, f"Pushing to {endpoint}/{push.repo_id}.")])
     token = ""
     try:
         if record is None:
@@ -224,6 +225,6 @@ def _end(push: HubPush, expected: str, *, pushed: Pushed | None = None, error: s
                 if pushed
                 else f"Push to {push.repo_id} failed: {error}"
             )
-            services.job_log_append(job_id=push.job_id, lines=[(_STAGE, line)])
+            job_log.job_log_append(job_id=push.job_id, lines=[(_STAGE, line)])
     push.refresh_from_db()
     return push

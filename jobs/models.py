@@ -1,8 +1,8 @@
 """The Job record (the state machine of one compression run), its log lines, uploaded calibration data and the
 workers' registry.
 
-Only jobs.services changes a Job's status, and only from the expected state (conditional UPDATEs), so a
-late message from a killed or cancelled task changes nothing.
+Only jobs.services changes a Job's status, and only from the expected state (conditional UPDATEs, by the
+table in jobs.services.transitions), so a late message from a killed or cancelled task changes nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class Job(models.Model):
         HUB = "hub", "Hugging Face dataset"
         NONE = "none", "None (data-free presets)"
 
-    # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse (see services).
+    # Higher runs first (0 lowest, 9 highest); the task's broker priority is the reverse
+    # (jobs.services.broker.broker_priority).
     PRIORITY_LOW, PRIORITY_NORMAL, PRIORITY_HIGH = PRIORITY.least, PRIORITY.default, PRIORITY.most
 
     # No index of its own: job_owner_recent and job_owner_quota begin with it.
@@ -83,8 +84,8 @@ class Job(models.Model):
     recipe_yaml = models.TextField(blank=True, help_text="A custom llm-compressor recipe (instead of a preset).")
     resolved_recipe = models.TextField(blank=True, help_text="The recipe recorded at submission; what the worker runs.")
     calibration_kind = models.CharField(max_length=16, choices=CalibrationKind.choices, default=CalibrationKind.BUILTIN)
-    # An owner may delete an upload no active job uses (jobs.services.calibration_dataset_delete): the jobs that
-    # ended keep their record, without the file.
+    # An owner may delete an upload no active job uses (jobs.services.storage.calibration_dataset_delete): the
+    # jobs that ended keep their record, without the file.
     calibration_file = models.ForeignKey(
         CalibrationDataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
     )

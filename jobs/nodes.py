@@ -5,7 +5,7 @@ measured by engine.resources with the operator's caps), beats every COMPRESSOR_N
 (node_beat) and says goodbye on a clean shutdown (node_offline). Each compute worker (gpu or cpu queue)
 also consumes a queue of its own, `node.<its Celery name>`.
 
-At submission (jobs.services.job_submit) and when a job is sent again (a lost worker, a lost message),
+At submission (jobs.services.submissions.job_submit) and when a job is sent again (a lost worker, a lost message),
 job_route sizes the job with the memory plan's own rules (engine.plan: the model's shape recorded from its
 safetensors header at submission, the recipe, the calibration settings) against each registered worker
 of the job's device class:

@@ -1,8 +1,8 @@
 """The worker's link between a running engine and its Job row: progress, log, heartbeat and cancel.
 
 The engine calls the recorder for every event (many log lines a second); a background thread writes what
-accumulated once per COMPRESSOR_HEARTBEAT_INTERVAL_S through jobs.services.job_record_progress. That one
-write is also the heartbeat the reaper watches, and its answer is the cancel signal: when the row is no
+accumulated once per COMPRESSOR_HEARTBEAT_INTERVAL_S through jobs.services.lifecycle.job_record_progress. That
+one write is also the heartbeat the reaper watches, and its answer is the cancel signal: when the row is no
 longer RUNNING for this run (cancelled, or handed to a newer run), should_cancel() turns True and the engine
 stops at its next step. The same happens once the job's soft time limit has passed (time_is_up), even if
 some broad `except Exception` in a library swallowed Celery's SoftTimeLimitExceeded.
@@ -18,7 +18,7 @@ from django.db import connection
 
 from engine.errors import CancelledError
 from engine.spec import ProgressEvent, Stage
-from jobs import services
+from jobs.services import lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class JobProgress:
             fields, lines = self._fields, self._lines
             self._fields, self._lines = {}, []
         try:
-            running = services.job_record_progress(job_id=self.job_id, task_id=self.task_id, log_lines=lines, **fields)
+            running = lifecycle.job_record_progress(job_id=self.job_id, task_id=self.task_id, log_lines=lines, **fields)
         except Exception:  # a database hiccup must not kill the job; the next beat tries again
             logger.exception("Could not record progress of job %s", self.job_id)
             with self._lock:

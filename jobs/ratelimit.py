@@ -3,7 +3,7 @@
 "30/hour" means at most 30 in any 60 minutes, not in each clock hour (where 60 fit around the hour). Each
 window is a Redis sorted set of its events' times (Redis' own clock, so web nodes need not agree on theirs),
 at most `limit` of them; each change is one Lua script, so two processes can never both take the last place.
-The policies (what is limited, for whom) live in jobs.services and jobs.auth.
+The policies (what is limited, for whom) live in jobs.services.policy and jobs.auth.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a job's run keeps the layers it compressed (engine.layer_resume), and who may pick them up.
 
-The folder is jobs/<id>/resume (services.job_resume_folder). Its life:
+The folder is jobs/<id>/resume (jobs.services.storage.job_resume_folder). Its life:
 - attempt 2 of the same job (re-queued after its worker died) finds it where attempt 1 left it;
 - a retry of a failed job (job_retry: same request, retry_of) takes it over from the failed job, which
   keeps it until then; a clone (retry_of, but an edited request) never does;
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from jobs.models import Job
-from jobs.services import job_resume_folder
+from jobs.services.storage import job_resume_folder
 
 
 def job_take_resume_folder(*, job: Job) -> Path:

@@ -29,11 +29,13 @@ from django.db import close_old_connections
 
 from engine.errors import CancelledError, EngineError
 from engine.model_cache import ModelCache
-from jobs import artifact_store, nodes, services, task_names
+from jobs import artifact_store, nodes, task_names
+from jobs.dispatch import BROKER_ERRORS
 from jobs.inputs import job_spec
 from jobs.models import Job
 from jobs.progress import JobProgress
 from jobs.resume_folders import job_take_resume_folder
+from jobs.services import lifecycle, recovery, retention, storage
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class JobRequest(Request):
             # The child died (SIGKILL, the kernel's OOM killer): act now rather than after the heartbeat
             # timeout. Celery gives the message back too; its copy then finds the job re-queued or failed.
             close_old_connections()
-            action = services.job_worker_lost(job_id=self.args[0], task_id=self.id, reason=f"process died ({exc})")
+            action = recovery.job_worker_lost(job_id=self.args[0], task_id=self.id, reason=f"process died ({exc})")
             logger.warning("Job %s: its worker process died; %s", self.args[0], action or "nothing to do")
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
@@ -94,11 +96,11 @@ class JobTask(Task):
             return
         if isinstance(exc, TimeLimitExceeded):
             limit = exc.args[0] if exc.args else settings.COMPRESSOR_JOB_HARD_LIMIT_S
-            error = services.time_limit_error(float(limit))
+            error = lifecycle.time_limit_error(float(limit))
             # The child is being killed right now; housekeeping removes the temporary folder it leaves.
-            services.job_fail(job_id=job_id, task_id=task_id, error=error)
+            lifecycle.job_fail(job_id=job_id, task_id=task_id, error=error)
             return
-        services.job_fail(
+        lifecycle.job_fail(
             job_id=job_id,
             task_id=task_id,
             error=f"The worker hit an unexpected error and stopped: {type(exc).__name__}: {exc}",
@@ -122,12 +124,12 @@ class JobTask(Task):
 )
 def compress_job(self, job_id: int) -> None:
     task_id = self.request.id
-    job = services.job_start(job_id=job_id, task_id=task_id, worker=self.request.hostname or "")
+    job = lifecycle.job_start(job_id=job_id, task_id=task_id, worker=self.request.hostname or "")
     if job is None:
         logger.info("Job %s is not waiting for task %s (cancelled or taken); nothing to do", job_id, task_id)
         return
     # Leftovers of an earlier run of this job (re-queued), but not the layers it compressed: this run resumes.
-    services.job_remove_artifacts(job=job, keep_resume=True)
+    storage.job_remove_artifacts(job=job, keep_resume=True)
     resume_dir = job_take_resume_folder(job=job)
     relpath = job.artifacts_relpath()
     progress = JobProgress(job_id=job.pk, task_id=task_id, interval_s=settings.COMPRESSOR_HEARTBEAT_INTERVAL_S)
@@ -155,13 +157,13 @@ def compress_job(self, job_id: int) -> None:
             )
             artifact_store.publish(job, out_dir, result.manifest, log=progress.log)
     except SoftTimeLimitExceeded:
-        error = services.time_limit_error(_soft_limit_s(self.request))
+        error = lifecycle.time_limit_error(_soft_limit_s(self.request))
     except CancelledError:
         # Normally the job is already cancelled and job_fail changes nothing; out of time, it records that.
         error = "The job stopped because it was cancelled."
         keep_resume = progress.out_of_time
         if progress.out_of_time:
-            error = services.time_limit_error(_soft_limit_s(self.request))
+            error = lifecycle.time_limit_error(_soft_limit_s(self.request))
     except EngineError as exc:
         error, log_lines = exc.message, [("", traceback.format_exc())]
     except Exception as exc:
@@ -174,15 +176,15 @@ def compress_job(self, job_id: int) -> None:
         progress.close()
         results = result.to_dict()
         results["output_dir"] = relpath
-        finished = services.job_finish(
+        finished = lifecycle.job_finish(
             job_id=job.pk, task_id=task_id, results=results, manifest=result.manifest, artifacts_path=relpath
         )
         if not finished:  # cancelled at the last moment, or no longer this run's job: nobody will download it
-            services.job_discard_run_output(job_id=job.pk, task_id=task_id)
+            lifecycle.job_discard_run_output(job_id=job.pk, task_id=task_id)
         _free_device_memory()
         return
     _end_run(progress, job_id, task_id, keep_resume=keep_resume)
-    services.job_fail(job_id=job.pk, task_id=task_id, error=error, log_lines=log_lines)
+    lifecycle.job_fail(job_id=job.pk, task_id=task_id, error=error, log_lines=log_lines)
 
 
 def _model_cache(progress: JobProgress) -> ModelCache:
@@ -204,7 +206,7 @@ def _soft_limit_s(request) -> float:
 def _end_run(progress: JobProgress, job_id: int, task_id: str, *, keep_resume: bool) -> None:
     """After a run that did not succeed: stop the heartbeat, remove its output, give memory back."""
     progress.close()
-    services.job_discard_run_output(job_id=job_id, task_id=task_id, keep_resume=keep_resume)
+    lifecycle.job_discard_run_output(job_id=job_id, task_id=task_id, keep_resume=keep_resume)
     _free_device_memory()
 
 
@@ -271,12 +273,12 @@ def stop_cancelled_job(job_id: int) -> None:
         logger.warning("Job %s did not stop after cancel; terminating task %s", job_id, job.celery_task_id)
         app.control.revoke(job.celery_task_id, terminate=True, signal="SIGTERM")
         time.sleep(2)  # let the child die before its output folder goes
-    services.job_remove_artifacts(job=job)
+    storage.job_remove_artifacts(job=job)
 
 
 @shared_task(name=task_names.REAP_STALE_JOBS, ignore_result=True)  # the "light" queue (CELERY_TASK_ROUTES)
 def reap_stale_jobs() -> None:
-    for job_id, action in services.job_reap_stale():
+    for job_id, action in recovery.job_reap_stale():
         logger.warning("Reaper: job %s %s (no heartbeat)", job_id, action)
 
 
@@ -285,13 +287,13 @@ def housekeeping() -> None:
     """Send queued jobs again whose message was lost or whose worker went offline; remove temporary folders
     of runs that are over; end pushes whose worker died."""
     try:
-        for job_id in services.job_sweep_stranded():
+        for job_id in recovery.job_sweep_stranded():
             logger.warning("Sweeper: job %s had lost its queue message; sent again", job_id)
-        for job_id in services.job_reroute_from_offline_nodes():
+        for job_id in recovery.job_reroute_from_offline_nodes():
             logger.warning("Sweeper: job %s waited for an offline worker; routed again", job_id)
-    except services.BROKER_ERRORS as exc:
+    except BROKER_ERRORS as exc:
         logger.warning("Sweeper: the queue does not answer (%s); trying again next time", exc)
-    for path in services.job_remove_stale_partials():
+    for path in retention.job_remove_stale_partials():
         logger.warning("Housekeeping: removed the temporary folder %s of a run that is over", path)
     from jobs.hub_push import hub_push_reap_stuck
 
@@ -369,7 +371,7 @@ def _preload_engine(**_kwargs) -> None:
 
 @shared_task(name=task_names.EXPIRE_ARTIFACTS, ignore_result=True)  # the "light" queue, hourly (CELERY_BEAT_SCHEDULE)
 def expire_artifacts() -> None:
-    expired = services.artifacts_expire()
+    expired = retention.artifacts_expire()
     if expired.jobs or expired.uploads:
         logger.info("Retention: deleted jobs %s and uploads %s", expired.jobs, expired.uploads)
 

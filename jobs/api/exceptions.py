@@ -11,9 +11,10 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from engine.errors import EngineError
-from jobs import downloads, services
+from jobs import downloads
 from jobs.inputs import request_field
 from jobs.ratelimit import RateLimited
+from jobs.services.errors import JobStateError
 from jobs.uploads import UploadTooLarge
 
 
@@ -43,7 +44,7 @@ def api_error(exc: Exception) -> APIException | None:
     """
     if isinstance(exc, EngineError):
         return ValidationError({request_field(exc.field) or "non_field_errors": [exc.message]})
-    if isinstance(exc, services.JobStateError):
+    if isinstance(exc, JobStateError):
         return Conflict(exc.message)
     if isinstance(exc, downloads.NotDownloadable):
         return Conflict(str(exc))

@@ -21,7 +21,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from engine.presets import PRESETS
-from jobs import downloads, hub_push, hub_tokens, logtext, selectors, services
+from jobs import downloads, hub_push, hub_tokens, logtext, selectors
 from jobs.api.exceptions import Conflict
 from jobs.api.parsers import JSONParser
 from jobs.api.schema import ErrorSerializer
@@ -38,6 +38,7 @@ from jobs.api.serializers import (
     PresetSerializer,
 )
 from jobs.models import CalibrationDataset, Job
+from jobs.services import lifecycle, storage, submissions, tokens
 
 # The domain's errors (EngineError, JobStateError, RateLimited, ...) are answered by jobs.api.exceptions, for
 # every view alike: the views let them pass.
@@ -105,7 +106,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destro
         return super().destroy(request, *args, **kwargs)
 
     def perform_destroy(self, instance: Job) -> None:
-        services.job_delete(job=instance)
+        lifecycle.job_delete(job=instance)
 
     @extend_schema(
         summary="Submit a job",
@@ -122,7 +123,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destro
     def create(self, request: Request) -> Response:
         serializer = JobCreateSerializer(data=request.data, context={"request": request})
         serializer.is_valid(raise_exception=True)
-        submission = services.job_submit(
+        submission = submissions.job_submit(
             owner=request.user, data=serializer.to_job_input(), force=serializer.validated_data["force"]
         )
         context = {"request": request, "duplicate": not submission.created}
@@ -139,7 +140,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destro
     )
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str | None = None) -> Response:
-        job = services.job_cancel(job=self.get_object(), by=request.user)
+        job = lifecycle.job_cancel(job=self.get_object(), by=request.user)
         return Response(JobSerializer(job, context={"request": request}).data)
 
     @extend_schema(
@@ -150,7 +151,7 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Destro
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
         """A new job with the same request, linked to this failed or cancelled one (retry_of, attempt + 1)."""
-        job = services.job_retry(job=self.get_object())
+        job = submissions.job_retry(job=self.get_object())
         return Response(JobSerializer(job, context={"request": request}).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -298,7 +299,7 @@ class TokenView(APIView):
         operation_id="token_rotate",
     )
     def post(self, request: Request) -> Response:
-        return Response({"token": services.token_rotate(user=request.user)})
+        return Response({"token": tokens.token_rotate(user=request.user)})
 
     @extend_schema(
         summary="Revoke your API token",
@@ -308,7 +309,7 @@ class TokenView(APIView):
         operation_id="token_revoke",
     )
     def delete(self, request: Request) -> Response:
-        services.token_revoke(user=request.user)
+        tokens.token_revoke(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -384,7 +385,7 @@ class CalibrationDatasetViewSet(
         return selectors.calibration_datasets_for_user(user=self.request.user)
 
     def perform_create(self, serializer: CalibrationDatasetSerializer) -> None:
-        serializer.instance = services.calibration_dataset_create(
+        serializer.instance = storage.calibration_dataset_create(
             owner=self.request.user,
             name=serializer.validated_data.get("name", ""),
             upload=serializer.validated_data["file"],
@@ -397,4 +398,4 @@ class CalibrationDatasetViewSet(
         return super().destroy(request, *args, **kwargs)
 
     def perform_destroy(self, instance: CalibrationDataset) -> None:
-        services.calibration_dataset_delete(dataset=instance)
+        storage.calibration_dataset_delete(dataset=instance)

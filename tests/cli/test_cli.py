@@ -62,11 +62,11 @@ def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_o
     compressor, cli_user, make_job, settings, requests_to
 ):
     # Given a running job whose server keeps only its newest 4 log lines
-    from jobs.services import _append_log
+    from jobs.services.job_log import job_log_append
 
     settings.COMPRESSOR_JOB_LOG_MAX_LINES = 4
     job = make_job(cli_user, status="running")
-    _append_log(job.pk, [("preparing", "line 0")])
+    job_log_append(job_id=job.pk, lines=[("preparing", "line 0")])
 
     # When its log is followed while lines arrive, until the job ends
     log_reads = requests_to(f"/api/v1/jobs/{job.pk}/log/")
@@ -78,7 +78,7 @@ def test_logs_follow_a_running_job_whose_log_loses_its_head_printing_each_line_o
         last = f"line {number - 1}\n"
         wait_until(lambda last=last: last in "".join(printed), timeout=60, what=f"the follower to print {last!r}")
         if number < 12:
-            _append_log(job.pk, [("compressing", f"line {number}")])
+            job_log_append(job_id=job.pk, lines=[("compressing", f"line {number}")])
     # Two more reads of the unchanged log while the job still runs: nothing may be printed twice
     reads = len(log_reads)
     wait_until(lambda: len(log_reads) >= reads + 2, timeout=60, what="the follower to read the log twice more")

@@ -33,7 +33,7 @@ def test_a_size_reads_in_decimal_units(num_bytes, text):
 
 
 def test_a_time_limit_is_written_with_them():
-    from jobs.services import time_limit_error
+    from jobs.services.lifecycle import time_limit_error
 
     assert time_limit_error(6 * 3600) == "The job ran into its time limit of 6 h and was stopped."
     assert "time limit of 10 min" in time_limit_error(600) and "time limit of 8 s" in time_limit_error(8)

@@ -192,11 +192,11 @@ def reap():
     """Run the reaper as the light worker's beat would, with the fault tests' short heartbeat timeout."""
     from django.test import override_settings
 
-    from jobs import services
+    from jobs.services import recovery
 
     def run() -> list[tuple[int, str]]:
         with override_settings(COMPRESSOR_HEARTBEAT_TIMEOUT_S=HEARTBEAT_TIMEOUT_S):
-            return services.job_reap_stale()
+            return recovery.job_reap_stale()
 
     return run
 

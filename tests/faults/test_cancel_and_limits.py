@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from jobs import services
 from jobs.models import Job
+from jobs.services import broker, lifecycle, recovery, retention
 from tests.faults.conftest import BUILTIN, GPTQ, freeze, leftovers
 from tests.faults.test_worker_faults import _wait_running, _wait_status
 from tests.hub_server import llama_1b_files
@@ -49,7 +49,7 @@ def test_a_job_cancelled_in_each_stage_stops_and_leaves_nothing(
 
     # When its owner cancels it
     started = time.monotonic()
-    cancelled = services.job_cancel(job=job, by=owner)
+    cancelled = lifecycle.job_cancel(job=job, by=owner)
     assert cancelled.status == "cancelled"
 
     # Then its run stops within the bound, the child that ran it is replaced, and no output is left
@@ -74,14 +74,14 @@ def test_a_job_cancelled_while_queued_stays_cancelled_across_worker_restarts(
     job = queue_job(owner, queue=held_queue)
 
     # When its owner cancels it (the revoke reaches no worker: none is running on that queue)
-    assert services.job_cancel(job=job, by=owner).status == "cancelled"
+    assert lifecycle.job_cancel(job=job, by=owner).status == "cancelled"
 
     # Then a worker that starts on that queue takes the message and drops it, and after it restarts
     # (twice) nothing of the job is left to run: it never starts and stays cancelled
     for _restart in range(3):
         worker = start_worker(queue=held_queue)
         wait_until(
-            lambda: job.celery_task_id not in services.broker_task_ids(queues={held_queue}),
+            lambda: job.celery_task_id not in broker.broker_task_ids(queues={held_queue}),
             timeout=60,
             what=f"the worker on {held_queue} to take the cancelled job's message",
         )
@@ -118,7 +118,7 @@ def test_soft_and_hard_time_limits_fail_the_job_for_good_and_the_worker_goes_on(
 
     # ...housekeeping removes what the killed run left (but the layers a run finished, which a retry of the
     # failed job resumes from: jobs.resume_folders), and the next job runs on that same worker
-    services.job_remove_stale_partials()
+    retention.job_remove_stale_partials()
     assert leftovers(media_root, soft) in ([], ["resume"]) and leftovers(media_root, hard) in ([], ["resume"])
     nxt = _wait_status(queue_job(owner), "succeeded", "failed")
     assert nxt.status == "succeeded" and nxt.worker == fault_worker.name, nxt.error
@@ -135,6 +135,6 @@ def test_the_reaper_fails_a_job_past_the_hard_limit_instead_of_requeueing_it(own
     job = make_job(owner, status="running", started_at=long_ago, heartbeat_at=long_ago, worker="w")
 
     # When the reaper runs, it fails the job with "time limit" and does not re-queue it
-    assert services.job_reap_stale() == [(job.pk, "failed")]
+    assert recovery.job_reap_stale() == [(job.pk, "failed")]
     job.refresh_from_db()
     assert job.status == "failed" and "time limit of 10 min" in job.error and job.requeue_count == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.artifacts import verify_manifest
-from jobs import services
+from jobs.services import retention
 from tests.faults.conftest import leftovers
 from tests.faults.test_worker_faults import _kill_child, _wait_running, _wait_status
 
@@ -44,7 +44,7 @@ def test_a_kill_during_the_save_leaves_no_checkpoint_and_a_retry_makes_a_complet
         assert response.status_code in (404, 409), (url, response.status_code)
 
     # ...housekeeping removes the stale temporary folder
-    removed = services.job_remove_stale_partials()
+    removed = retention.job_remove_stale_partials()
     assert leftovers(media_root, job) == [] and [p.name for p in removed] == left
 
     # ...and a retry produces a complete checkpoint

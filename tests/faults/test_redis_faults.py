@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from jobs import services
 from jobs.models import Job
+from jobs.services import broker, recovery
 from tests.faults.conftest import freeze
 from tests.faults.test_worker_faults import _wait_running, _wait_status
 from tests.support import wait_until
@@ -142,8 +142,8 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
         response = api.post("/api/v1/jobs/", {"preset": "fp8-dynamic", "calibration": {"kind": "none"}}, format="json")
         assert response.status_code == 201, response.content
         kept = response.json()
-        assert kept["status"] == "queued" and kept["message"] == services.QUEUE_UNREACHABLE
-        assert api.get(f"/api/v1/jobs/{kept['id']}/").json()["message"] == services.QUEUE_UNREACHABLE
+        assert kept["status"] == "queued" and kept["message"] == broker.QUEUE_UNREACHABLE
+        assert api.get(f"/api/v1/jobs/{kept['id']}/").json()["message"] == broker.QUEUE_UNREACHABLE
         assert client.get("/").status_code == 200
         page = client.get(f"/jobs/{kept['id']}/")
         assert page.status_code == 200 and "queue is unreachable" in page.content.decode()
@@ -158,8 +158,8 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
         # Then every job runs to success exactly once, and the kept one is sent by the sweeper
         for job in [running, *queued]:
             assert _wait_status(job, "succeeded", "failed").status == "succeeded"
-        assert services.job_sweep_stranded(older_than_s=0) == [kept["id"]]
-        assert Job.objects.get(pk=kept["id"]).celery_task_id in services.broker_task_ids(queues={"gpu"})
+        assert recovery.job_sweep_stranded(older_than_s=0) == [kept["id"]]
+        assert Job.objects.get(pk=kept["id"]).celery_task_id in broker.broker_task_ids(queues={"gpu"})
 
         # Given again one running job (held) and two queued
         running2 = queue_job(owner)
@@ -172,7 +172,7 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
         os.kill(held, signal.SIGCONT)
 
         # Then the sweeper sends the queued jobs again (the running one is left alone)...
-        assert sorted(services.job_sweep_stranded(older_than_s=0)) == sorted([kept["id"]] + [j.pk for j in queued2])
+        assert sorted(recovery.job_sweep_stranded(older_than_s=0)) == sorted([kept["id"]] + [j.pk for j in queued2])
         # ...and every job runs to success exactly once
         for job in [running2, *queued2]:
             assert _wait_status(job, "succeeded", "failed").status == "succeeded"
@@ -180,7 +180,7 @@ def test_redis_restarted_then_flushed_loses_no_job_and_runs_none_twice(
             assert _runs(job) == 1, f"job {job.pk} ran {_runs(job)} times"
         doomed.refresh_from_db()
         assert doomed.status == "cancelled" and doomed.started_at is None
-        assert services.job_sweep_stranded(older_than_s=0) == []
+        assert recovery.job_sweep_stranded(older_than_s=0) == []
         worker.stop()
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from jobs import services
 from jobs.models import Job
+from jobs.services import broker, lifecycle, recovery, retention
 
 
 def test_a_stale_run_cannot_write_into_finish_or_fail_the_next_run(owner, make_job, settings, db):
@@ -17,37 +17,37 @@ def test_a_stale_run_cannot_write_into_finish_or_fail_the_next_run(owner, make_j
     settings.COMPRESSOR_HEARTBEAT_TIMEOUT_S = 60
     job = make_job(owner)
     stale_run = job.celery_task_id
-    assert services.job_start(job_id=job.pk, task_id=stale_run, worker="w1")
+    assert lifecycle.job_start(job_id=job.pk, task_id=stale_run, worker="w1")
     Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(minutes=5))
-    assert services.job_reap_stale() == [(job.pk, "requeued")]
+    assert recovery.job_reap_stale() == [(job.pk, "requeued")]
     next_run = Job.objects.get(pk=job.pk).celery_task_id
-    assert services.job_start(job_id=job.pk, task_id=next_run, worker="w2")
+    assert lifecycle.job_start(job_id=job.pk, task_id=next_run, worker="w2")
 
     # When the stale run wakes up and reports, finishes or fails
-    wrote = services.job_record_progress(job_id=job.pk, task_id=stale_run, stage="saving", percent=90.0)
-    finished = services.job_finish(job_id=job.pk, task_id=stale_run, results={}, manifest={}, artifacts_path="x")
-    failed = services.job_fail(job_id=job.pk, task_id=stale_run, error="late")
+    wrote = lifecycle.job_record_progress(job_id=job.pk, task_id=stale_run, stage="saving", percent=90.0)
+    finished = lifecycle.job_finish(job_id=job.pk, task_id=stale_run, results={}, manifest={}, artifacts_path="x")
+    failed = lifecycle.job_fail(job_id=job.pk, task_id=stale_run, error="late")
 
     # Then none of it lands: the next run owns the job, and its own writes still work
     assert (wrote, finished, failed) == (False, False, False)
     current = Job.objects.get(pk=job.pk)
     assert current.status == "running" and current.worker == "w2" and current.stage == "preparing"
-    assert services.job_record_progress(job_id=job.pk, task_id=next_run, stage="calibrating")
+    assert lifecycle.job_record_progress(job_id=job.pk, task_id=next_run, stage="calibrating")
 
 
 def test_a_dead_worker_process_requeues_once_then_fails_with_worker_lost(owner, make_job, db):
     job = make_job(owner)
-    services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w1")
-    assert services.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="process died") == "requeued"
+    lifecycle.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w1")
+    assert recovery.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="process died") == "requeued"
     job.refresh_from_db()
     assert job.status == "queued" and job.requeue_count == 1
-    services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w2")
-    assert services.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="process died") == "failed"
+    lifecycle.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w2")
+    assert recovery.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="process died") == "failed"
     job.refresh_from_db()
     assert job.status == "failed" and "Worker lost: the worker w2 process died" in job.error
     assert "attempt 2 of 2" in job.error
     # a late report of the same death changes nothing
-    assert services.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="process died") is None
+    assert recovery.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="process died") is None
 
 
 def test_the_sweeper_sends_again_only_queued_jobs_whose_message_is_gone(owner, make_job, transactional_db):
@@ -60,13 +60,13 @@ def test_the_sweeper_sends_again_only_queued_jobs_whose_message_is_gone(owner, m
     cancelled = make_job(owner, queue="sweep-test", status="cancelled")
 
     # When the sweeper runs, only the lost one is sent again, with a new message
-    assert services.job_sweep_stranded(older_than_s=0) == [lost.pk]
+    assert recovery.job_sweep_stranded(older_than_s=0) == [lost.pk]
     lost_now = Job.objects.get(pk=lost.pk)
     assert lost_now.celery_task_id != lost.celery_task_id
-    assert {sent.celery_task_id, lost_now.celery_task_id} <= services.broker_task_ids(queues={"sweep-test"})
+    assert {sent.celery_task_id, lost_now.celery_task_id} <= broker.broker_task_ids(queues={"sweep-test"})
     assert Job.objects.get(pk=cancelled.pk).status == "cancelled"
     # ...and a second sweep finds nothing to do
-    assert services.job_sweep_stranded(older_than_s=0) == []
+    assert recovery.job_sweep_stranded(older_than_s=0) == []
 
     from compressor_app.celery import app
 
@@ -84,7 +84,7 @@ def test_housekeeping_removes_temporary_folders_of_runs_that_are_over_only(owner
         (folder / "model.safetensors").write_bytes(b"half")
         folders[job.pk] = folder
 
-    removed = services.job_remove_stale_partials()
+    removed = retention.job_remove_stale_partials()
     assert folders[failed.pk] in removed and folders[running.pk] not in removed
     assert folders[running.pk].is_dir() and not folders[failed.pk].exists()
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from engine.artifacts import verify_manifest
-from jobs import services
 from jobs.models import Job
+from jobs.services import retention
 from tests.faults.conftest import HEARTBEAT_TIMEOUT_S, job_dir, leftovers
 from tests.support import wait_until
 
@@ -78,7 +78,7 @@ def test_a_job_whose_worker_child_dies_every_time_is_requeued_once_then_failed(
     assert "Worker lost" in failed.error and "attempt 2 of 2" in failed.error, failed.error
     assert failed.requeue_count == 1 and not failed.artifacts_path and not failed.manifest
     # ...nothing stays running, no checkpoint is offered, and housekeeping leaves no partial folder
-    services.job_remove_stale_partials()
+    retention.job_remove_stale_partials()
     assert leftovers(media_root, job) in ([], ["checkpoint"]) and not (job_dir(media_root, job) / "checkpoint").exists()
     assert not Job.objects.filter(status="running").exists()
     # ...and the worker takes the next job

@@ -10,8 +10,8 @@ import sysconfig
 import pytest
 from django.conf import settings
 
-from jobs import services
 from jobs.models import Job, JobLogLine
+from jobs.services import lifecycle
 
 pytestmark = pytest.mark.django_db
 
@@ -40,7 +40,7 @@ def logged_job(alice, make_job):
         f"Saving the checkpoint to {settings.MEDIA_ROOT}/jobs/{job.pk}/checkpoint",
         "Loading /srv/other/cache/models--x/snapshots/abc/config.json from https://huggingface.co/a/b",
     ]
-    services.job_record_progress(
+    lifecycle.job_record_progress(
         job_id=job.pk, task_id=job.celery_task_id, log_lines=[("calibrating", text) for text in texts]
     )
     return job
@@ -63,7 +63,7 @@ def test_a_worker_log_line_reads_the_same_on_the_page_in_the_download_and_in_the
     # Given a line the worker reported through the service, which stores it redacted
     job = make_job(alice, status=Job.Status.RUNNING, stage="saving")
     site = sysconfig.get_paths()["purelib"]
-    services.job_record_progress(
+    lifecycle.job_record_progress(
         job_id=job.pk,
         task_id=job.celery_task_id,
         log_lines=[("saving", f"Wrote {settings.MEDIA_ROOT}/jobs/{job.pk}/checkpoint via {site}/transformers/x.py")],

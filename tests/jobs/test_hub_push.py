@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from django.test import Client
 
-from jobs import hub_tokens, services
+from jobs import hub_tokens
 from jobs.models import HubPush, HubToken, Job, JobLogLine
+from jobs.services import job_log
 
 FP8 = {"preset": "fp8-dynamic", "calibration": {"kind": "none"}, "force": True}
 
@@ -214,7 +215,7 @@ def test_a_token_that_turns_up_in_a_job_log_line_shows_as_its_hint(user, make_jo
     job = make_job(user)
     token = "hf_" + "A1b2C3d4" * 4 + "9876"
 
-    services.job_log_append(job_id=job.pk, lines=[("push", f"the hub said: bad header Bearer {token}")])
+    job_log.job_log_append(job_id=job.pk, lines=[("push", f"the hub said: bad header Bearer {token}")])
 
     assert JobLogLine.objects.get(job=job).text == "the hub said: bad header Bearer hf_…9876"
 

@@ -193,12 +193,12 @@ def test_the_domains_errors_are_answered_alike_by_every_view(api, user, make_job
 
 
 def test_logs_are_fetched_incrementally_by_cursor(api, user, make_job):
-    from jobs import services
+    from jobs.services import lifecycle
 
     job = make_job(user)
-    services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w")
+    lifecycle.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="w")
     first = api.get(f"/api/v1/jobs/{job.pk}/logs/").json()
-    services.job_record_progress(
+    lifecycle.job_record_progress(
         job_id=job.pk, task_id=job.celery_task_id, log_lines=[("calibrating", "layer 1"), ("calibrating", "layer 2")]
     )
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import services
+from jobs.inputs import JobInput
 from jobs.models import Job
 from jobs.resume_folders import job_take_resume_folder
-from jobs.services import JobInput
+from jobs.services import lifecycle, retention, storage, submissions
 
 pytestmark = pytest.mark.django_db
 
@@ -27,7 +27,7 @@ def no_job_folders(media_root):
 
 
 def _with_stored_layers(job: Job) -> None:
-    folder = services.job_resume_folder(job)
+    folder = storage.job_resume_folder(job)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "index.json").write_text('{"done": [0]}')
     (folder / "layer-00000.safetensors").write_bytes(b"layer 0")
@@ -41,34 +41,34 @@ def _failed(job: Job) -> Job:
 
 def test_a_retry_of_a_failed_job_takes_over_its_stored_layers(user):
     # Given a failed GPTQ job that stored a layer before it failed
-    failed = _failed(services.job_submit(owner=user, data=GPTQ).job)
+    failed = _failed(submissions.job_submit(owner=user, data=GPTQ).job)
     _with_stored_layers(failed)
 
     # When it is retried and the retry's run starts
-    retry = services.job_retry(job=failed)
+    retry = submissions.job_retry(job=failed)
     folder = job_take_resume_folder(job=retry)
 
     # Then the retry's run resumes from those layers, which the failed job no longer holds
     assert (
-        folder == services.job_resume_folder(retry) and (folder / "layer-00000.safetensors").read_bytes() == b"layer 0"
+        folder == storage.job_resume_folder(retry) and (folder / "layer-00000.safetensors").read_bytes() == b"layer 0"
     )
-    assert not services.job_resume_folder(failed).exists()
+    assert not storage.job_resume_folder(failed).exists()
 
 
 def test_a_clone_with_another_request_or_a_retry_of_a_cancelled_job_starts_over(user):
     # Given a failed job with a stored layer, cloned with another calibration
-    failed = _failed(services.job_submit(owner=user, data=GPTQ).job)
+    failed = _failed(submissions.job_submit(owner=user, data=GPTQ).job)
     _with_stored_layers(failed)
-    clone = services.job_clone(job=failed, owner=user, data=dataclasses.replace(GPTQ, calibration_samples=16)).job
+    clone = submissions.job_clone(job=failed, owner=user, data=dataclasses.replace(GPTQ, calibration_samples=16)).job
 
     # When the clone's run starts, then it does not take the layers (they stay for the failed job's retry)
     assert not job_take_resume_folder(job=clone).exists()
-    assert services.job_resume_folder(failed).is_dir()
+    assert storage.job_resume_folder(failed).is_dir()
 
     # Given a cancelled job (its folder went with the cancel; a stray resume folder is not taken either)
     Job.objects.filter(pk=failed.pk).update(status=Job.Status.CANCELLED)
     failed.refresh_from_db()
-    retry = services.job_retry(job=failed)
+    retry = submissions.job_retry(job=failed)
     assert not job_take_resume_folder(job=retry).exists()
 
 
@@ -76,17 +76,17 @@ def test_a_run_that_failed_keeps_its_stored_layers_and_a_cancelled_or_new_run_re
     # Given a job folder with a stored layer and the partial checkpoint folder of a run
     job = make_job(user, status=Job.Status.RUNNING)
     _with_stored_layers(job)
-    partial = services.job_folder(job) / ".checkpoint.partial-x"
+    partial = storage.job_folder(job) / ".checkpoint.partial-x"
     partial.mkdir()
 
     # When a failed run's output is discarded (or a new run of the job starts), then only the layers stay
-    services.job_discard_run_output(job_id=job.pk, task_id=job.celery_task_id, keep_resume=True)
-    assert sorted(p.name for p in services.job_folder(job).iterdir()) == ["resume"]
+    lifecycle.job_discard_run_output(job_id=job.pk, task_id=job.celery_task_id, keep_resume=True)
+    assert sorted(p.name for p in storage.job_folder(job).iterdir()) == ["resume"]
 
     # ...the orphan check accounts for them while the job is failed (its retry may resume from them)
     _failed(job)
-    assert not [name for name in services.orphans_find().files_without_rows if name.startswith(f"jobs/{job.pk}/")]
+    assert not [name for name in retention.orphans_find().files_without_rows if name.startswith(f"jobs/{job.pk}/")]
 
     # When the job is cancelled instead, then its whole folder goes
-    services.job_discard_run_output(job_id=job.pk, task_id=job.celery_task_id)
-    assert not services.job_folder(job).exists()
+    lifecycle.job_discard_run_output(job_id=job.pk, task_id=job.celery_task_id)
+    assert not storage.job_folder(job).exists()

@@ -9,10 +9,11 @@ from django.utils import timezone
 from engine.errors import PreflightError
 from engine.plan import header_shape, shape_footprint
 from engine.resources import MB, Gpu, WorkerCaps, WorkerResources
-from jobs import nodes, services
+from jobs import nodes
 from jobs.inputs import JobInput
 from jobs.models import Job, WorkerNode
 from jobs.nodes import Candidate, choose_queue
+from jobs.services import lifecycle, recovery, storage, submissions
 from tests.hub_server import LLAMA_3_2_1B_CONFIG, llama_shapes
 
 CPU = Job.DeviceClass.CPU
@@ -137,7 +138,7 @@ def test_submission_records_the_shape_and_routes_to_a_worker_that_can_hold_it(us
 
     # When a data-free job on the built-in model is submitted for the CPU
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
-    job = services.job_submit(owner=user, data=data).job
+    job = submissions.job_submit(owner=user, data=data).job
 
     # Then it waits on the big worker's own queue, with the shape it was sized by on the record and the reason
     assert job.queue == "node.big@y"
@@ -151,7 +152,7 @@ def test_submission_is_refused_when_no_registered_worker_can_hold_it(user, built
     _announce("small@x", 500)
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
     with pytest.raises(PreflightError) as refused:
-        services.job_submit(owner=user, data=data)
+        submissions.job_submit(owner=user, data=data)
     assert (
         "836.3 MB needed to hold the whole model" in refused.value.message
         and "500.0 MB available" in refused.value.message
@@ -168,10 +169,10 @@ def test_a_floor_search_is_sized_with_the_trials_copy_of_the_weights(user, built
 
     # Then a floor search is refused with the figures, while the same job without the search is queued
     with pytest.raises(PreflightError) as refused:
-        services.job_submit(owner=user, data=data)
+        submissions.job_submit(owner=user, data=data)
     assert "only fits with disk offload" in refused.value.message and refused.value.field == "search"
     plain = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
-    assert services.job_submit(owner=user, data=plain).job.queue == "cpu" and Job.objects.count() == 1
+    assert submissions.job_submit(owner=user, data=plain).job.queue == "cpu" and Job.objects.count() == 1
 
 
 @pytest.mark.django_db
@@ -184,13 +185,13 @@ def test_the_least_busy_worker_is_counted_from_its_running_and_waiting_jobs(user
     _announce("c@z", 900, queues=("gpu",))
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
     for worker in ("a@x", "a@x", "c@z"):
-        running = services.job_submit(owner=user, data=data, force=True).job
-        assert services.job_start(job_id=running.pk, task_id=running.celery_task_id, worker=worker) is not None
-    waiting = services.job_submit(owner=user, data=data, force=True).job
+        running = submissions.job_submit(owner=user, data=data, force=True).job
+        assert lifecycle.job_start(job_id=running.pk, task_id=running.celery_task_id, worker=worker) is not None
+    waiting = submissions.job_submit(owner=user, data=data, force=True).job
     Job.objects.filter(pk=waiting.pk).update(queue="node.b@y")
 
     # Then the next job goes to b@y (1 against 2), the next to a@x (2 and 2: by name), the next to b@y (3 to 2)
-    queues = [services.job_submit(owner=user, data=data, force=True).job.queue for _ in range(3)]
+    queues = [submissions.job_submit(owner=user, data=data, force=True).job.queue for _ in range(3)]
     assert queues == ["node.b@y", "node.a@x", "node.b@y"]
 
     # And a job sent again is not counted behind itself: with a@x running one job and b@y holding only the job
@@ -208,7 +209,7 @@ def test_the_least_busy_worker_is_counted_from_its_running_and_waiting_jobs(user
 def test_workers_of_another_device_class_do_not_count(user, builtin_model):
     _announce("small-gpu@x", 500, queues=("gpu",))
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
-    assert services.job_submit(owner=user, data=data).job.queue == "cpu"
+    assert submissions.job_submit(owner=user, data=data).job.queue == "cpu"
 
 
 @pytest.mark.django_db
@@ -216,15 +217,15 @@ def test_a_job_whose_node_went_away_is_requeued_on_one_that_can_hold_it(user, bu
     # Given a job running on big@y's own queue
     _announce("small@x", 500)
     _announce("big@y", 900)
-    job = services.job_submit(
+    job = submissions.job_submit(
         owner=user, data=JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
     ).job
-    assert services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="big@y") is not None
+    assert lifecycle.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="big@y") is not None
 
     # When big@y shuts down, another big worker is there, and the run is lost
     nodes.node_offline(hostname="big@y")
     _announce("big2@z", 1_000)
-    action = services.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="shut down")
+    action = recovery.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="shut down")
 
     # Then the job waits on the other big worker's queue
     job.refresh_from_db()
@@ -241,14 +242,14 @@ def test_a_job_whose_run_died_goes_back_to_its_worker_when_that_holds_its_layers
     _announce("a@x", 900)
     _announce("b@y", 900)
     data = JobInput(preset="int8-w8a8-gptq", device_class=CPU)
-    job = services.job_submit(owner=user, data=data).job
+    job = submissions.job_submit(owner=user, data=data).job
     assert job.queue == "cpu"
-    assert services.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="a@x") is not None
+    assert lifecycle.job_start(job_id=job.pk, task_id=job.celery_task_id, worker="a@x") is not None
     if stored_layers:
-        services.job_resume_folder(job).mkdir(parents=True)
+        storage.job_resume_folder(job).mkdir(parents=True)
 
     # When its run dies and a@x, still online, re-queues it
-    action = services.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="was killed (signal 9)")
+    action = recovery.job_worker_lost(job_id=job.pk, task_id=job.celery_task_id, reason="was killed (signal 9)")
 
     # Then attempt 2 waits on a@x's own queue, where it resumes; without stored layers, on the shared queue
     job.refresh_from_db()
@@ -279,17 +280,17 @@ def test_jobs_waiting_for_a_worker_that_went_offline_are_routed_again(user, buil
     _announce("small@x", 500)
     _announce("big@y", 900)
     data = JobInput(preset="fp8-dynamic", calibration_kind="none", device_class=CPU)
-    job = services.job_submit(owner=user, data=data).job
+    job = submissions.job_submit(owner=user, data=data).job
     assert job.queue == "node.big@y"
 
     # When big@y shuts down: nothing moves while no other worker can hold the job
     nodes.node_offline(hostname="big@y")
-    assert services.job_reroute_from_offline_nodes() == []
+    assert recovery.job_reroute_from_offline_nodes() == []
 
     # ...and once another worker that can hold it is online, the job moves there with a new message
     _announce("big2@z", 1_000)
     old_task_id = job.celery_task_id
-    assert services.job_reroute_from_offline_nodes() == [job.pk]
+    assert recovery.job_reroute_from_offline_nodes() == [job.pk]
     job.refresh_from_db()
     assert job.queue == "node.big2@z" and job.celery_task_id != old_task_id and job.status == Job.Status.QUEUED
     assert any("The worker of 'node.big@y' is offline" in line.text for line in job.log_lines.all())

@@ -23,8 +23,9 @@ import pytest
 import requests
 from django.test import Client, override_settings
 
-from jobs import artifact_store, services
+from jobs import artifact_store
 from jobs.models import Job
+from jobs.services import lifecycle, retention
 from tests.s3_server import CREDENTIALS, S3Server
 from tests.support import LiveWorker, running_worker, wait_until, worker_env
 
@@ -243,8 +244,8 @@ def test_a_worker_killed_mid_upload_leaves_no_object_under_the_final_name(
 
     # ...and once the job has ended (here failed as the reaper would), housekeeping aborts the upload and
     # removes its objects and the scratch copy
-    assert services.job_fail(job_id=job.pk, task_id=job.celery_task_id, error="Worker lost (test).")
-    removed = services.job_remove_stale_partials()
+    assert lifecycle.job_fail(job_id=job.pk, task_id=job.celery_task_id, error="Worker lost (test).")
+    removed = retention.job_remove_stale_partials()
     assert f"upload of {uploads[0]['Key']}" in removed
     assert on_s3.open_uploads(f"jobs/{job.pk}/") == [] and on_s3.keys(f"jobs/{job.pk}/") == []
     assert not (scratch / "jobs" / str(job.pk)).exists()
@@ -296,7 +297,7 @@ def test_a_calibration_upload_is_stored_in_s3_and_used_by_a_job(
     a_day_ago = time.time() - 25 * 3600
     for copy in copies:
         os.utime(copy, (a_day_ago, a_day_ago))
-    removed = services.job_remove_stale_partials()
+    removed = retention.job_remove_stale_partials()
     assert all(copy in removed and not copy.exists() for copy in copies)
     assert dataset.file.name in on_s3.keys("calibration/")
     assert artifact_store.local_copy(dataset.file.name, sha256=dataset.sha256).read_text() == rows
@@ -322,7 +323,7 @@ def test_a_submission_naming_an_upload_in_the_bucket_copies_nothing_to_the_web_p
 def test_orphans_in_the_bucket_are_found_and_removed(on_s3, make_job, user, transactional_db):
     # Given a succeeded job's checkpoint in the bucket
     kept = _published(make_job(user), {"model.safetensors": b"weights"})
-    assert not services.orphans_find()
+    assert not retention.orphans_find()
 
     # When objects lose their rows (a deleted job's, a failed job's checkpoint) and a row its objects
     put = on_s3.client().put_object
@@ -332,9 +333,9 @@ def test_orphans_in_the_bucket_are_found_and_removed(on_s3, make_job, user, tran
     gone = make_job(user, status=Job.Status.SUCCEEDED, artifacts_path=f"jobs/{failed.pk + 1000}/checkpoint")
 
     # Then each is named, and removing them keeps the published checkpoint
-    orphans = services.orphans_find()
+    orphans = retention.orphans_find()
     assert sorted(orphans.files_without_rows) == sorted(["jobs/999999", f"jobs/{failed.pk}/checkpoint"])
     assert orphans.rows_without_files == [f"job {gone.pk}: {gone.artifacts_path}"]
-    services.orphans_remove(orphans)
+    retention.orphans_remove(orphans)
     assert on_s3.keys("jobs/999999/") == [] and on_s3.keys(f"jobs/{failed.pk}/") == []
     assert f"{kept.artifacts_relpath()}/model.safetensors" in on_s3.keys(f"jobs/{kept.pk}/")

@@ -135,8 +135,8 @@ def test_processes_share_one_count(alice_api, settings):
 
     # When another web process (its own Python on the same Redis) counts a job it created for her
     script = (
-        "from jobs import services; "
-        f"window = services.creation_window({alice.pk}); "
+        "from jobs.services import policy; "
+        f"window = policy.creation_window({alice.pk}); "
         "print('seen', window.count()); assert window.take()"
     )
     env = {**os.environ, "COMPRESSOR_JOB_CREATE_RATE": "2/hour"}
@@ -208,8 +208,8 @@ def test_stored_bytes_quota_refuses_jobs_and_uploads(alice_api, make_job, settin
 
 def test_the_priority_cap_is_the_services_rule_for_every_caller(alice_api, client_for, make_job, make_user):
     from engine.errors import PreflightError
-    from jobs import services
     from jobs.inputs import JobInput
+    from jobs.services import submissions
 
     alice, api = alice_api
     # The API and the form refuse 9 from a user beside the priority field; the service refuses any caller
@@ -223,10 +223,10 @@ def test_the_priority_cap_is_the_services_rule_for_every_caller(alice_api, clien
     )
     assert form.status_code == 400 and 'id="priority-error"' in form.content.decode()
     with pytest.raises(PreflightError) as refused:
-        services.job_submit(owner=alice, data=JobInput(preset="fp8-dynamic", calibration_kind="none", priority=9))
+        submissions.job_submit(owner=alice, data=JobInput(preset="fp8-dynamic", calibration_kind="none", priority=9))
     assert refused.value.field == "priority"
     # Staff may; a retry of a job an operator raised to 9 keeps within its owner's cap
     staff = make_user("operator", is_staff=True)
-    assert services.job_submit(owner=staff, data=JobInput(preset="fp8-dynamic", calibration_kind="none", priority=9))
+    assert submissions.job_submit(owner=staff, data=JobInput(preset="fp8-dynamic", calibration_kind="none", priority=9))
     raised = make_job(alice, status=Job.Status.FAILED, priority=9)
-    assert services.job_retry(job=raised).priority == 5
+    assert submissions.job_retry(job=raised).priority == 5

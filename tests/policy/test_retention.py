@@ -14,8 +14,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-from jobs import services
 from jobs.models import CalibrationDataset, Job, JobLogLine
+from jobs.services import job_log, retention
 from jobs.tasks import expire_artifacts
 
 
@@ -61,7 +61,7 @@ def test_the_hourly_light_task_deletes_expired_checkpoints_and_uploads_with_thei
     settings.COMPRESSOR_RETENTION_DAYS = 30
     alice = make_user("alice")
     old, recent = succeeded(make_job, alice, ended_days_ago=31), succeeded(make_job, alice, ended_days_ago=29)
-    services._append_log(old.pk, [("done", "old line")])
+    job_log.job_log_append(job_id=old.pk, lines=[("done", "old line")])
     unused, in_use = upload(alice, days_old=40), upload(alice, days_old=40)
     make_job(alice, status=Job.Status.QUEUED, calibration_kind="upload", calibration_file=in_use)
 
@@ -75,7 +75,7 @@ def test_the_hourly_light_task_deletes_expired_checkpoints_and_uploads_with_thei
     assert (media() / recent.artifacts_path / "model.safetensors").is_file()
     assert list(CalibrationDataset.objects.values_list("pk", flat=True)) == [in_use.pk]
     assert not (media() / unused.file.name).exists() and (media() / in_use.file.name).is_file()
-    assert not services.orphans_find()
+    assert not retention.orphans_find()
     schedule = django_settings.CELERY_BEAT_SCHEDULE["expire-artifacts"]
     assert schedule["task"] == "jobs.expire_artifacts" and schedule["options"]["queue"] == "light"
 
@@ -87,7 +87,7 @@ def test_orphan_check_finds_files_without_rows_and_rows_without_files(make_user,
     running = make_job(alice, status=Job.Status.RUNNING)
     (media() / f"jobs/{running.pk}/.checkpoint.partial-abc").mkdir(parents=True)
     dataset = upload(alice, days_old=0)
-    assert not services.orphans_find()
+    assert not retention.orphans_find()
 
     # When files lose their rows and rows their files
     (media() / "jobs/999999/checkpoint").mkdir(parents=True)  # a deleted job's folder
@@ -100,7 +100,7 @@ def test_orphan_check_finds_files_without_rows_and_rows_without_files(make_user,
     (media() / dataset.file.name).unlink()
 
     # Then the service and the command name each one
-    orphans = services.orphans_find()
+    orphans = retention.orphans_find()
     assert sorted(orphans.files_without_rows) == sorted(
         ["jobs/999999", f"jobs/{failed.pk}/.checkpoint.partial-xyz", f"calibration/{alice.pk}/stray.jsonl"]
     )

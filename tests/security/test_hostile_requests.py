@@ -244,17 +244,17 @@ def test_a_calibration_dataset_name_over_200_characters_is_refused(api):
 def test_logs_and_errors_shown_to_users_name_no_server_folders(api, user, make_job, media_root):
     from django.conf import settings
 
-    from jobs import services
+    from jobs.services import lifecycle
 
     job = make_job(user, status=Job.Status.RUNNING)
     output = media_root / "jobs" / str(job.pk) / "output"
-    services.job_record_progress(
+    lifecycle.job_record_progress(
         job_id=job.pk,
         task_id=job.celery_task_id,
         message=f"Checkpoint ready in {output}",
         log_lines=[("saving", f"Wrote {output}/model.safetensors"), ("", f'File "{settings.BASE_DIR}/engine/x.py"')],
     )
-    services.job_fail(
+    lifecycle.job_fail(
         job_id=job.pk,
         task_id=job.celery_task_id,
         error=f"'{settings.MODEL_STORE_DIR}/m' has no config.json; see /srv/secret/x",

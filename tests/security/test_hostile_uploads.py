@@ -177,7 +177,7 @@ def test_a_job_naming_a_two_million_row_upload_never_reads_it(api, settings):
 def test_owners_delete_their_uploads_unless_an_active_job_uses_them(
     api, api_for, other_user, user, make_job, django_capture_on_commit_callbacks
 ):
-    from jobs import services
+    from jobs.services import policy
 
     def upload() -> dict:
         answer = _upload(api, b'{"text": "row of text"}\n' * 100)
@@ -189,7 +189,7 @@ def test_owners_delete_their_uploads_unless_an_active_job_uses_them(
     ended = make_job(
         user, calibration_kind="upload", calibration_file_id=used_before["id"], status=Job.Status.SUCCEEDED
     )
-    stored = services.user_stored_bytes(user)
+    stored = policy.user_stored_bytes(user)
     stored_file = CalibrationDataset.objects.get(pk=free["id"]).file
 
     # Another user cannot, the owner can: the row, its file and its bytes in the quota go
@@ -197,7 +197,7 @@ def test_owners_delete_their_uploads_unless_an_active_job_uses_them(
     with django_capture_on_commit_callbacks(execute=True):  # the file goes once the row's deletion is committed
         assert api.delete(f"/api/v1/calibration-datasets/{free['id']}/").status_code == 204
     assert not stored_file.storage.exists(stored_file.name)
-    assert services.user_stored_bytes(user) == stored - free["size_bytes"]
+    assert policy.user_stored_bytes(user) == stored - free["size_bytes"]
 
     # A queued job's file stays (409 with the reason); an ended job's goes, the job keeps its record
     refused = api.delete(f"/api/v1/calibration-datasets/{in_use['id']}/")
@@ -215,12 +215,12 @@ def test_owners_delete_their_uploads_unless_an_active_job_uses_them(
 def test_the_calibration_files_page_deletes_ones_own_uploads(
     client, api, user, other_user, make_job, django_capture_on_commit_callbacks
 ):
-    from jobs import services
+    from jobs.services import storage
 
     kept = _upload(api, b'{"text": "row"}\n' * 10).json()
     gone = _upload(api, b'{"text": "row"}\n' * 20).json()
     make_job(user, calibration_kind="upload", calibration_file_id=kept["id"])
-    theirs = services.calibration_dataset_create(
+    theirs = storage.calibration_dataset_create(
         owner=other_user, name="theirs.jsonl", upload=_named(b'{"text": "row"}\n')
     )
     client.force_login(user)

@@ -66,7 +66,7 @@ def two_users(transactional_db, make_user, make_job, checkpoint) -> dict[str, ob
     from django.core.files.base import ContentFile
     from rest_framework.authtoken.models import Token
 
-    from jobs import services
+    from jobs.services import storage
 
     users: dict[str, object] = {"tokens": [], "ids": []}
     for name in ("alice", "bob"):
@@ -74,7 +74,7 @@ def two_users(transactional_db, make_user, make_job, checkpoint) -> dict[str, ob
         users["tokens"].append(Token.objects.create(user=user).key)
         checkpoint(done := make_job(user))
         queued = make_job(user)
-        upload = services.calibration_dataset_create(
+        upload = storage.calibration_dataset_create(
             owner=user, name=f"{name}.jsonl", upload=_named(ContentFile(b'{"text": "a row of text"}\n' * 4))
         )
         users["ids"] += [done.pk, queued.pk, upload.pk]

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from jobs import services
+from jobs.services import retention
 
 
 class Command(BaseCommand):
@@ -12,15 +12,15 @@ class Command(BaseCommand):
         parser.add_argument("--delete", action="store_true", help="delete the files without rows")
 
     def handle(self, *args, delete: bool, **options) -> None:
-        orphans = services.orphans_find()
+        orphans = retention.orphans_find()
         for name in orphans.files_without_rows:
             self.stdout.write(f"file without a row: {name}")
         for row in orphans.rows_without_files:
             self.stdout.write(f"row without its files: {row}")
         if delete and orphans.files_without_rows:
-            services.orphans_remove(orphans)
+            retention.orphans_remove(orphans)
             self.stdout.write(f"Deleted {len(orphans.files_without_rows)} files or folders without rows.")
-            orphans = services.orphans_find()
+            orphans = retention.orphans_find()
         if orphans:
             raise CommandError(
                 f"{len(orphans.files_without_rows)} files without rows, {len(orphans.rows_without_files)} rows "
