@@ -170,3 +170,24 @@ def checkpoint_space_bytes(weights_bytes: int) -> int:
     """Disk a checkpoint may take: the compressed weights up to the original bfloat16 size (data-free or
     partly ignored schemes), plus the tokenizer and the reports."""
     return weights_bytes + _SPACE_MARGIN_BYTES
+
+
+# A model's processor files beside its tokenizer's, by transformers' names (transformers.utils: IMAGE_PROCESSOR_NAME,
+# PROCESSOR_NAME, VIDEO_PROCESSOR_NAME, CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE): a vision-language
+# model's image and video preprocessing, without which vLLM cannot build its processor.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_processor_files(model_dir: Path, checkpoint: Path) -> list[str]:
+    """Copy the model's processor files the checkpoint does not have yet (the tokenizer's own save writes its chat
+    template); returns their names."""
+    copied = [name for name in PROCESSOR_FILES if (model_dir / name).is_file() and not (checkpoint / name).exists()]
+    for name in copied:
+        shutil.copyfile(model_dir / name, checkpoint / name)
+    return copied

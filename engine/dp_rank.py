@@ -25,6 +25,7 @@ from pathlib import Path
 from engine import calibration as calib
 from engine.layer_resume import LayerStore, SharedStore, decoder_layers, resumable_layers
 from engine.library_patches import broadcast_cpu_modules_too
+from engine.model_sources import auto_model_class
 from engine.presets import linear_time_recipe
 from engine.spec import CalibrationSpec
 from engine.stages import Reporter, layer_error_hooks
@@ -33,9 +34,10 @@ from engine.stages import Reporter, layer_error_hooks
 def main(request_path: str) -> int:
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     request = json.loads(Path(request_path).read_text())
+    auto_model = auto_model_class(json.loads((Path(request["model"]) / "config.json").read_text()))
     on_gpu = request["device"] != "cpu"
     loading = {"dtype": torch.bfloat16, "trust_remote_code": request["trust_remote_code"]}
     if on_gpu:
@@ -43,10 +45,10 @@ def main(request_path: str) -> int:
 
         init_dist()
         with load_offloaded_model():
-            model = AutoModelForCausalLM.from_pretrained(request["model"], device_map="auto_offload", **loading)
+            model = auto_model.from_pretrained(request["model"], device_map="auto_offload", **loading)
     else:
         dist.init_process_group(backend="gloo")
-        model = AutoModelForCausalLM.from_pretrained(request["model"], **loading)
+        model = auto_model.from_pretrained(request["model"], **loading)
         broadcast_cpu_modules_too()
     try:
         _calibrate_and_save(model, AutoTokenizer.from_pretrained(request["model"]), request)

@@ -120,7 +120,9 @@ class LayerStore:
 
 
 def decoder_layers(model) -> list:
-    return list(getattr(getattr(model, "model", model), "layers", None) or [])
+    """The language model's decoder layers (a vision-language model's too: get_decoder is its language model)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    return list(getattr(decoder, "layers", None) or [])
 
 
 def _compressed_state(model, modules: list) -> dict[str, Any]:

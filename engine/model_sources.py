@@ -184,6 +184,22 @@ def linearize_experts(model, config: dict) -> None:
         linearize_moe(model)
 
 
+def auto_model_class(config: dict):
+    """transformers' auto class that loads the model: a causal LM, or a vision-language model (image-text-to-text),
+    which is calibrated and evaluated on text through its language model, its vision tower left as it is."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    return AutoModelForImageTextToText
+
+
+def is_vision_language(config: dict) -> bool:
+    """A model with a vision tower of its own beside its language model (config.json's vision_config)."""
+    return bool(config.get("vision_config"))
+
+
 def _prepared_builtin(store: Path) -> Path:
     """The built-in model's folder; converting it needs torch, which is the worker's (or `make model`'s) job."""
     target = builtin_model_dir(store)

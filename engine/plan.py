@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import shutil
@@ -520,20 +521,23 @@ def _disk_refusal(disk: Need, *, offloaded: int) -> str:
 
 @contextlib.contextmanager
 def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> Iterator[Any]:
-    """A causal LM from `path` in bfloat16, placed as the plan says; its offload folder goes at the end.
+    """A causal LM (or a vision-language model: engine.model_sources.auto_model_class) from `path` in bfloat16,
+    placed as the plan says; its offload folder goes at the end.
 
     gpu: loaded onto the GPU. sequential: in host memory (llm-compressor brings each layer to the GPU itself;
     evaluation dispatches what fits of it onto the GPU). disk_offload: compressed-tensors' offloading, with
     host memory limited to the plan's share of the weights.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from engine.model_sources import auto_model_class
+
+    auto_model = auto_model_class(json.loads((Path(path) / "config.json").read_text()))
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16, **from_pretrained}
     if placement.mode != DISK_OFFLOAD:
         if placement.mode == GPU:
             kwargs["device_map"] = placement.device
-        yield AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        yield auto_model.from_pretrained(path, **kwargs)
         return
     from compressed_tensors.offload import load_offloaded_model
 
@@ -545,7 +549,7 @@ def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> It
     try:
         # Patched from_pretrained only while loading: a later load (the other model) chooses its own way.
         with load_offloaded_model():
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto_model.from_pretrained(
                 path,
                 device_map="auto_offload",
                 max_memory={"cpu": max(budget, 1)},

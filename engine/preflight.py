@@ -16,7 +16,7 @@ from typing import Any
 from engine.errors import EngineError, PreflightError
 from engine.hub import DownloadProgress
 from engine.model_cache import ModelCache
-from engine.model_sources import ResolvedModel, resolve_model
+from engine.model_sources import ResolvedModel, auto_model_class, is_vision_language, resolve_model
 from engine.plan import ModelFootprint, model_footprint
 from engine.presets import get_preset, recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
 from engine.spec import CompressionSpec
@@ -115,23 +115,29 @@ def _preflight(
 
 
 def _check_architecture(model: ResolvedModel) -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """A causal LM, or a vision-language model transformers loads as image-text-to-text."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     model_type = model.config.get("model_type")
     architectures = model.config.get("architectures") or []
-    supported = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not any(a in supported for a in architectures):
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if is_vision_language(model.config) and model_type not in mapping:
+        mapping = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    if model_type not in mapping or not any(a in set(mapping.values()) for a in architectures):
         raise not_a_causal_lm(model.name, model.config)
 
 
 def _skeleton(model: ResolvedModel):
     """The model's modules on the meta device: shapes without memory, for the checks below."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model.path)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_model_class(model.config).from_config(config)
 
 
 def _linear_layers(skeleton) -> Layers:

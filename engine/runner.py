@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import calibration as calib
-from engine.artifacts import hashed_weights, staging_folder, weights_bytes, write_manifest
+from engine.artifacts import copy_processor_files, hashed_weights, staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError
 from engine.evaluation import default_cache_dir, evaluate
 from engine.layer_resume import LayerStore, decoder_layers, resumable_layers, resume_fingerprint
@@ -153,6 +153,7 @@ def compress(
         # Offload folders live in the staging folder: removed after use, and with it if the run dies.
         run = Run(spec, report, plan, plan.placement(scratch=staging), staging, reporter, {}, resume_dir)
         produced = _compress_and_save(run) if spec.search is None else search_checkpoint(run)
+        copy_processor_files(report.model.path, staging)
         result = CompressionResult(
             output_dir=out_dir,
             size_before_bytes=report.model.weights_bytes,

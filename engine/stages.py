@@ -19,6 +19,8 @@ from typing import Any
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS
+from engine.layer_resume import decoder_layers
+from engine.model_sources import is_vision_language
 from engine.plan import MemoryPlan
 from engine.preflight import PreflightReport
 from engine.presets import linear_time_recipe, preset_for_recipe
@@ -218,6 +220,10 @@ def run_oneshot(model, tokenizer, report: PreflightReport, spec: CompressionSpec
             # The samples are already chosen; keep their order so that reruns give the same checkpoint.
             "shuffle_calibration_samples": False,
         }
+    if is_vision_language(report.model.config):
+        # As llm-compressor's vision-language examples do: the pipeline goes decoder layer by decoder layer (the
+        # model's _no_split_modules, its default, may name only vision blocks, which text calibration never runs).
+        kwargs["sequential_targets"] = [type(layer).__name__ for layer in decoder_layers(model)[:1]]
     # The recipe's 're:' patterns matched by RE2 here, so that compressed-tensors never runs them with Python's re.
     recipe = linear_time_recipe(report.recipe_yaml, (name for name, _module in model.named_modules()))
     oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
@@ -245,8 +251,6 @@ def layer_progress(model, reporter: Reporter, passes: list[str]) -> Iterator[Non
 
     A pass runs the layers in order, every batch through layer i before layer i + 1, so a layer before the
     last one reached starts the next pass."""
-    from engine.layer_resume import decoder_layers
-
     layers = decoder_layers(model)
     passes = passes or ["calibration"]
     at = {"layer": -1, "pass": 0}

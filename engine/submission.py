@@ -18,7 +18,7 @@ from engine import hub
 from engine.errors import EngineError, PreflightError
 from engine.limits import CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, SEARCH_MAX_TRIALS
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
-from engine.model_sources import ModelFacts, model_facts
+from engine.model_sources import ModelFacts, is_vision_language, model_facts
 from engine.plan import tensor_parallel_problem
 from engine.presets import (
     PRESETS,
@@ -103,16 +103,22 @@ def base_recipe(spec: CompressionSpec) -> str:
 
 def not_a_causal_lm(name: str, config: dict) -> PreflightError:
     return PreflightError(
-        f"'{name}' is not a causal language model this service supports "
+        f"'{name}' is not a causal language model this service supports, nor a vision-language model "
         f"(model_type={config.get('model_type')!r}, architectures={config.get('architectures') or []}).",
         field="model",
     )
 
 
 def _check_architecture_name(model: ModelFacts) -> None:
-    """By the class names transformers uses for causal LMs; the worker checks against transformers itself."""
+    """By the class names transformers uses for causal LMs, and for vision-language models (a vision tower in the
+    config, a ...ForConditionalGeneration class); the worker checks against transformers itself."""
     architectures = model.config.get("architectures") or []
-    if not model.config.get("model_type") or not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+    endings = (
+        "ForCausalLM",
+        "LMHeadModel",
+        *(("ForConditionalGeneration",) if is_vision_language(model.config) else ()),
+    )
+    if not model.config.get("model_type") or not any(a.endswith(endings) for a in architectures):
         raise not_a_causal_lm(model.name, model.config)
 
 
@@ -132,8 +138,9 @@ Layers = dict[str, tuple[int, tuple[str, ...]]]
 
 # Linear layers vLLM builds without the checkpoint's quantization (and whose scales its loader then refuses): MoE
 # routers, Qwen MoE's shared-expert gate, vision towers and their projectors. llm-compressor's own examples leave
-# them out by these patterns (examples/quantizing_moe, examples/multimodal_vision, quantization_w8a8_fp8/qwen3_5_moe);
-# the presets leave out those the model has.
+# them out by these patterns (examples/quantizing_moe, examples/multimodal_vision: Qwen2-VL's and Qwen2.5-VL's
+# "visual", Idefics3's "vision_model" and "connector", Llava's and Gemma 3's "vision_tower" and
+# "multi_modal_projector"; quantization_w8a8_fp8/qwen3_5_moe); the presets leave out those the model has.
 VLLM_UNQUANTIZED = (
     "re:.*mlp.gate$",
     "re:.*block_sparse_moe.gate$",
@@ -141,6 +148,8 @@ VLLM_UNQUANTIZED = (
     "re:.*visual.*",
     "re:.*vision_tower.*",
     "re:.*multi_modal_projector.*",
+    "re:model.vision_model.*",
+    "re:model.connector.*",
 )
 
 

@@ -5,16 +5,21 @@ local hub (tests/hub_server.py) and for engine runs on a folder.
 Each is 2 decoder layers of hidden size 256 with 4 attention heads of 64 (a head size vLLM's CPU attention has
 kernels for) and SmolLM2's tokenizer (vocabulary 49,152) from the built-in model's folder; random weights
 (seed 0) in bfloat16. The MoE families have 4 experts, 2 per token, and their shared experts where the family
-has them. bench/part_families.py and tests/engine/test_families.py share them.
+has them. The vision-language family (Idefics3, SmolVLM's architecture: a Llama language model) is smaller still,
+hidden size 64 with one head of 64, a 2-layer vision tower of width 32 on 32-pixel tiles, its image tokens added
+to the tokenizer and its processor files beside it. bench/part_families.py and tests/jobs/test_families_service.py
+share them.
 
     .venv/bin/python -m tests.families var/families      # writes every family's folder there
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +67,68 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("Gemma3TextConfig", {"sliding_window": 512}),
     "mistral": ("MistralConfig", {}),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),
-    "qwen2-vl": ("Qwen2VLConfig", {}),
+    "idefics3": ("Idefics3Config", {}),
 }
 
-# The vision-language families: a text config inside the model's, and a vision tower of their own.
+
+@dataclass(frozen=True)
+class VisionParts:
+    """What a vision-language family has beyond its text config: its vision tower, the tokens its processor puts
+    in the prompt for an image (added to the tokenizer), and its processor's files (written as JSON: the image
+    processors of transformers 5.17 ask for torchvision even to be built, which the service does not install)."""
+
+    text: dict[str, Any]  # replaces _COMMON's sizes
+    vision_config: dict[str, Any]
+    model: dict[str, Any]  # the model config's own arguments
+    image_tokens: list[str]
+    processor_files: dict[str, dict[str, Any]]
+
+
+# The vision-language families: a text config inside the model's, and a vision tower of their own. Idefics3's
+# processor puts <image> tokens (1 a tile here: (32 / 16)^2 patches / scale_factor^2) between tile markers.
+_IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 _VISION = {
-    "qwen2-vl": {
-        "vision_config": {"depth": 2, "embed_dim": 64, "hidden_size": 256, "num_heads": 4, "mlp_ratio": 2},
-    },
+    "idefics3": VisionParts(
+        text={
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+        model={"scale_factor": 2},
+        image_tokens=_IDEFICS3_TOKENS + [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)],
+        processor_files={
+            "preprocessor_config.json": {
+                "image_processor_type": "Idefics3ImageProcessor",
+                "processor_class": "Idefics3Processor",
+                "do_convert_rgb": True,
+                "do_resize": True,
+                "size": {"longest_edge": 64},  # at most 2 x 2 tiles of 32 pixels
+                "resample": 1,
+                "do_image_splitting": True,
+                "max_image_size": {"longest_edge": 32},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "do_pad": True,
+            },
+            "processor_config.json": {"processor_class": "Idefics3Processor", "image_seq_len": 1},
+        },
+    ),
 }
 _SHARD_BYTES = 10 * 2**20  # several shards, with an index, as the hub's repositories have them
+_VISION_SHARD_BYTES = 2 * 2**20  # the tiny vision-language model is 7 MB: sharded too
 
 
 def family_config(family: str, tokenizer):
@@ -82,9 +139,18 @@ def family_config(family: str, tokenizer):
     config_class = getattr(transformers, class_name)
     tokens = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     text = {**_COMMON, **extra, "vocab_size": len(tokenizer), **tokens}
-    if family in _VISION:
-        return config_class(text_config=text, **_VISION[family], tie_word_embeddings=True, **tokens)
-    return config_class(**text)
+    vision = _VISION.get(family)
+    if vision is None:
+        return config_class(**text)
+    return config_class(
+        text_config={**text, **vision.text},
+        vision_config=vision.vision_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **vision.model,
+        **tokens,
+    )
 
 
 def build_family(family: str, target: Path, tokenizer_dir: Path) -> Path:
@@ -96,15 +162,20 @@ def build_family(family: str, target: Path, tokenizer_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vision = _VISION.get(family)
+    if vision:
+        tokenizer.add_special_tokens({"additional_special_tokens": vision.image_tokens})
     config = family_config(family, tokenizer)
     torch.manual_seed(0)
-    auto = AutoModelForImageTextToText if family in _VISION else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.bfloat16)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=_SHARD_BYTES)
+        model.save_pretrained(tmp, max_shard_size=_VISION_SHARD_BYTES if vision else _SHARD_BYTES)
         tokenizer.save_pretrained(tmp)  # with SmolLM2's chat template
+        for name, content in (vision.processor_files if vision else {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2))
         GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64
         ).save_pretrained(tmp)
@@ -112,6 +183,10 @@ def build_family(family: str, target: Path, tokenizer_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def is_vision_language(family: str) -> bool:
+    return family in _VISION
 
 
 def build_families(folder: Path, tokenizer_dir: Path, families: list[str] | None = None) -> dict[str, Path]:

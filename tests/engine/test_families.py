@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import PreflightError
 from engine.isolated import VLLM_PYTHON_ENV
 from engine.runner import compress
 from engine.spec import CalibrationSpec, CompressionSpec
@@ -19,14 +18,16 @@ from tests.families import FAMILIES, add_family_repos, build_family
 
 pytestmark = pytest.mark.slow
 
-TEXT_FAMILIES = [family for family in FAMILIES if family != "qwen2-vl"]
-# What each MoE family's presets leave out because vLLM keeps it unquantized (its router, Qwen's shared gate).
+# What each family's presets leave out because vLLM keeps it unquantized: a MoE's router (and Qwen's shared gate),
+# a vision-language model's vision tower and its connector to the language model.
 KEPT_IN_BF16 = {
     "qwen2-moe": {"re:.*mlp.gate$", "re:.*shared_expert_gate$"},
     "qwen3-moe": {"re:.*mlp.gate$"},
     "mixtral": {"re:.*block_sparse_moe.gate$"},
     "deepseek-v3": {"re:.*mlp.gate$"},
+    "idefics3": {"re:model.vision_model.*", "re:model.connector.*"},
 }
+MOE_FAMILIES = ["qwen2-moe", "qwen3-moe", "mixtral", "deepseek-v3"]
 FEW = CalibrationSpec(samples=8, max_seq_len=64)
 
 
@@ -43,21 +44,17 @@ def test_each_family_is_judged_from_its_hub_header(hub, family_model):
     repos = add_family_repos(hub, family_models, owner=f"families-{id(hub)}")
     assert all(len(list(folder.glob("*.safetensors"))) >= 2 for folder in family_models.values())
 
-    for family in TEXT_FAMILIES:
-        # When int8-w8a8-gptq is checked for it, then it is accepted with its routers and gates left out
+    for family in FAMILIES:
+        # When int8-w8a8-gptq is checked for it, then it is accepted with its routers, gates and vision tower left out
         checked = check_submission(CompressionSpec(model=repos[family], preset="int8-w8a8-gptq", calibration=FEW))
         assert set(checked.extra_ignore) == KEPT_IN_BF16.get(family, set()), family
         assert all(pattern in checked.recipe_yaml for pattern in checked.extra_ignore)
 
     # ...while a custom recipe that quantizes them runs as written, with a warning that vLLM will refuse it
     recipe = "quant_stage:\n  quant_modifiers:\n    GPTQModifier: {scheme: W8A8, ignore: [lm_head]}\n"
-    checked = check_submission(CompressionSpec(model=repos["qwen2-moe"], recipe_yaml=recipe, calibration=FEW))
-    assert checked.recipe_yaml == recipe and "re:.*shared_expert_gate$" in checked.warnings[0]
-
-    # ...and the vision-language model, which the service does not load as a causal LM, is refused in words
-    with pytest.raises(PreflightError, match="not a causal language model") as info:
-        check_submission(CompressionSpec(model=repos["qwen2-vl"], preset="int8-w8a8-gptq", calibration=FEW))
-    assert info.value.field == "model" and "Qwen2VLForConditionalGeneration" in str(info.value)
+    for family, kept in (("qwen2-moe", "re:.*shared_expert_gate$"), ("idefics3", "re:model.vision_model.*")):
+        checked = check_submission(CompressionSpec(model=repos[family], recipe_yaml=recipe, calibration=FEW))
+        assert checked.recipe_yaml == recipe and kept in checked.warnings[0], family
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +68,7 @@ def vllm_cpu(tmp_path_factory) -> str:
     return str(python)
 
 
-@pytest.mark.parametrize("family", TEXT_FAMILIES)
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_compresses_to_int8_and_loads_in_vllm_on_the_cpu(
     family, family_model, vllm_cpu, tmp_path, monkeypatch
 ):
@@ -83,7 +80,7 @@ def test_each_family_compresses_to_int8_and_loads_in_vllm_on_the_cpu(
 
     check = result.settings["vllm_check"]
     config = json.loads((result.output_dir / "config.json").read_text())["quantization_config"]
-    if family in KEPT_IN_BF16:
+    if family in MOE_FAMILIES:
         # Then a MoE's router (and shared-expert gate) stay in bf16, and every expert was calibrated by GPTQ
         # (the checkpoint's config names the modules each pattern matched)
         for pattern in KEPT_IN_BF16[family]:
@@ -97,4 +94,10 @@ def test_each_family_compresses_to_int8_and_loads_in_vllm_on_the_cpu(
         # Then vLLM's CPU build loaded the checkpoint and generated
         assert check["ran"] and "error" not in check, check
         assert check["device"] == "cpu" and check["tokens_per_s"] > 0
+    if family == "idefics3":
+        # ...a vision-language model's vision tower and connector in bf16, and its processor files beside it
+        assert {"model.vision_model.encoder.layers.1.mlp.fc2", "model.connector.modality_projection.proj"} <= set(
+            config["ignore"]
+        )
+        assert {"preprocessor_config.json", "processor_config.json"} <= {p.name for p in result.output_dir.iterdir()}
     assert result.size_after_bytes < result.size_before_bytes
