@@ -182,7 +182,13 @@ def live_worker(django_db_setup, broker, tmp_path_factory) -> Iterator[subproces
 
     name = f"frontend-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = worker_env(settings_dict=connection.settings_dict, broker=broker, media_root=current_media_root())
+    # Local model folders allowed, as an operator may: the two-pass test compresses a tiny model from one
+    env = worker_env(
+        settings_dict=connection.settings_dict,
+        broker=broker,
+        media_root=current_media_root(),
+        COMPRESSOR_ALLOW_LOCAL_PATHS="True",
+    )
     env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # set for the browser's thread only
     process = start_worker_process(name=name, queues=QUEUES, log_path=log_path, env=env)
     process.log_path = log_path  # type: ignore[attr-defined]

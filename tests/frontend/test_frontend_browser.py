@@ -7,7 +7,8 @@ the jobs list (with the quota), the form, a queued job (its wait and the jobs ah
 failed job (with its pushes to a hub), the cancel and delete confirmations, compare, the hub and API token pages,
 the admin queue and the admin's job list at 1440 and 390 px, and checks each with axe-core (zero violations), for
 what must stay on a phone's screen, for a page no wider than the window and for chart text inside its SVG (and, on
-compare, not over another label).
+compare, not over another label). test_a_two_pass_jobs_shown_progress_never_stands_still_for_30_s writes
+<width>-job-two-pass-running.png (a smoothquant job in its GPTQ pass) and <width>-job-two-pass-succeeded.png.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -132,6 +134,168 @@ def test_sign_in_submit_follow_and_download(
     assert other.get_by_role("heading", name="Not found").is_visible()
     shoot(other, "08-other-user-404.png")
     assert other.goto(f"/api/v1/jobs/{job.pk}/archive/").status == 404
+
+
+# The issue's freeze: "96 % · about 10 s left" for four minutes while a GPTQ pass ran after SmoothQuant's.
+STILL_AT_MOST_S = 30.0
+PAGE_REFRESH_S = 2.0  # app.js polls the job's live part this often while it runs
+TWO_PASS_LAYERS = 12
+
+
+def test_a_two_pass_jobs_shown_progress_never_stands_still_for_30_s(
+    new_page, sign_in, live_worker, make_user, tiny_model_with_layers, settings
+):
+    from jobs.models import Job
+
+    # Given alice with a tiny 12-layer model in a server folder, and the job page open at 390 and 1440 px
+    settings.COMPRESSOR_ALLOW_LOCAL_PATHS = True
+    model = tiny_model_with_layers(TWO_PASS_LAYERS)
+    make_user("alice")
+    phone, desktop = new_page(width=390, height=800), new_page(width=1440, height=900)
+    for page in (phone, desktop):
+        sign_in(page, "alice")
+
+    # When she asks for smoothquant-int8-w8a8 (SmoothQuant, then GPTQ: two passes over the layers), no evaluation
+    desktop.goto("/jobs/new/")
+    desktop.locator('input[name="model_source"][value="local"]').check()
+    desktop.locator('input[name="local_path"]').fill(str(model))
+    desktop.locator('input[name="preset"][value="smoothquant-int8-w8a8"]').check()
+    desktop.locator('input[name="calibration_kind"][value="builtin"]').check()
+    desktop.locator('input[name="calibration_samples"]').fill("8")
+    desktop.locator('input[name="calibration_max_seq_len"]').fill("64")
+    desktop.locator('input[name="evaluate_offline"]').uncheck()
+    desktop.get_by_role("button", name="Check and queue").click()
+    desktop.wait_for_url("**/jobs/*/")
+    job = Job.objects.get(owner__username="alice")
+    phone.goto(f"/jobs/{job.pk}/")
+
+    # Then both pages follow it to its end without a reload of their own
+    pages = {390: phone, 1440: desktop}
+    samples = _follow(pages, job, deadline_s=JOB_TIMEOUT_MS / 1000)
+    job.refresh_from_db()
+    assert job.status == "succeeded", f"{job.error}\n{worker_log(live_worker)}"
+    seen = {width: _samples_text(taken) for width, taken in samples.items()}
+    passes = _pass_spans(job)
+    for width, taken in samples.items():
+        # ...what they show of its progress (stage, layer, percent, the line under the bar) changes at least every
+        # 30 s from its first layer to its end (the time left is left out: it moves with the clock alone)
+        stills = _still_periods(taken)
+        assert stills, f"At {width} px the page never showed a layer:\n{seen[width]}"
+        longest = max(stills, key=lambda still: still[1])
+        assert longest[1] <= STILL_AT_MOST_S, (
+            f"At {width} px the progress stood still {longest[1]:.1f} s from {longest[0]:.1f} s:\n{seen[width]}"
+        )
+        # ...the percent never goes back
+        percents = [int(shown["percent"]) for _t, shown in taken if shown["percent"]]
+        assert percents == sorted(percents), f"At {width} px the percent went back:\n{seen[width]}"
+        # ...and each pass that lasted longer than a few of the page's refreshes was shown by its layers
+        for number, (name, seconds) in enumerate(passes, start=1):
+            shown_pass = any(f"pass {number} of 2 ({name})" in shown["message"] for _t, shown in taken)
+            assert shown_pass or seconds < 3 * PAGE_REFRESH_S, (
+                f"At {width} px pass {number} ({name}, {seconds:.1f} s by the job's log) never showed:\n{seen[width]}"
+            )
+    problems = [f"{width} two-pass job succeeded: {p}" for width, page in pages.items() for p in _fits(page)]
+    assert not problems, "\n".join(problems)
+    for width, page in pages.items():
+        shoot(page, f"{width}-job-two-pass-succeeded.png")
+
+
+def _shown_progress(page) -> dict[str, str] | None:
+    """What the job page shows of the job now: its status and, while it runs, the stage and layer, the percent,
+    the line under the bar ("Layer 3 of 12, pass 2 of 2 (GPTQ)") and the percent with the time left."""
+    return page.evaluate(
+        """() => {
+            const root = document.querySelector("#job-live .live-root");
+            if (!root) { return null; }
+            const text = (selector) => {
+                const element = root.querySelector(selector);
+                return element ? element.textContent.trim().replace(/\\s+/g, " ") : "";
+            };
+            const bar = root.querySelector("[role=progressbar]");
+            return {status: root.dataset.status, stage: text(".progress-head > span:first-child"),
+                    percent: bar ? bar.getAttribute("aria-valuenow") : "", message: text(".status-card p.small"),
+                    left: text("#job-time-left")};
+        }"""
+    )
+
+
+def _samples_text(taken: list[tuple[float, dict[str, str]]]) -> str:
+    """The samples a page gave, one line per run of the same shown state: when, how many, what it showed."""
+    runs: list[list] = []  # [first seen, last seen, samples, shown]
+    for at, shown in taken:
+        if runs and _same_state(runs[-1][3], shown):
+            runs[-1][1], runs[-1][2] = at, runs[-1][2] + 1
+        else:
+            runs.append([at, at, 1, shown])
+    return "\n".join(
+        f"{since:6.1f}-{until:5.1f} s x{count:<3} {_state_words(shown)}" for since, until, count, shown in runs
+    )
+
+
+def _same_state(one: dict[str, str], other: dict[str, str]) -> bool:
+    """The same progress shown: status, stage and layer, percent and the line under the bar (not the time left,
+    which the server works out again at each refresh from the clock alone)."""
+    return all(one[key] == other[key] for key in ("status", "stage", "percent", "message"))
+
+
+def _state_words(shown: dict[str, str]) -> str:
+    if shown["status"] != "running":
+        return shown["status"]
+    return f"{shown['left'] or shown['percent'] + ' %'} | {shown['stage']} | {shown['message']}"
+
+
+def _follow(pages: dict, job, *, deadline_s: float) -> dict[int, list[tuple[float, dict[str, str]]]]:
+    """Read what each page shows every half second (the pages refresh themselves every 2 s) until all show the
+    job ended; each page is shot once while it shows the second pass, and checked for width then."""
+    from playwright.sync_api import Error
+
+    samples: dict[int, list[tuple[float, dict[str, str]]]] = {width: [] for width in pages}
+    shot: set[int] = set()
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_s:
+        for width, page in pages.items():
+            try:
+                shown = _shown_progress(page)
+            except Error:  # the script reloads the page when the job ends: between two documents for a moment
+                continue
+            if shown:
+                samples[width].append((time.monotonic() - started, shown))
+                if width not in shot and "pass 2 of 2" in shown["message"]:
+                    shot.add(width)
+                    shoot(page, f"{width}-job-two-pass-running.png")
+                    problems = _fits(page)
+                    assert not problems, f"{width} px, the job running its second pass: {problems}"
+        if all(taken and taken[-1][1]["status"] not in ("queued", "running") for taken in samples.values()):
+            return samples
+        time.sleep(0.5)
+    job.refresh_from_db()
+    raise AssertionError(f"Job {job.pk} still {job.status} after {deadline_s:.0f} s: {job.message}")
+
+
+def _still_periods(taken: list[tuple[float, dict[str, str]]]) -> list[tuple[float, float]]:
+    """(since, seconds) for each state the page showed from its first layer to the job's end."""
+    first = next((i for i, (_t, shown) in enumerate(taken) if shown["message"].startswith("Layer")), None)
+    if first is None:
+        return []
+    changes = [taken[first][0]]
+    for (_before, previous), (at, shown) in zip(taken[first:], taken[first + 1 :], strict=False):
+        if not _same_state(shown, previous):
+            changes.append(at)
+    return [(since, until - since) for since, until in zip(changes, changes[1:], strict=False)]
+
+
+def _pass_spans(job) -> list[tuple[str, float]]:
+    """Each calibration pass's name and how long it ran, by the job's log: from its first layer's line to the
+    next pass's first layer, or to the checkpoint being written."""
+    lines = list(job.log_lines.order_by("created_at", "pk").values_list("text", "created_at"))
+
+    def first(prefix: str):
+        return next(at for text, at in lines if text.startswith(prefix))
+
+    one = first(f"Layer 1 of {TWO_PASS_LAYERS}, pass 1 of 2")
+    two = first(f"Layer 1 of {TWO_PASS_LAYERS}, pass 2 of 2")
+    saving = first("Writing the compressed checkpoint")
+    return [("SmoothQuant", (two - one).total_seconds()), ("GPTQ", (saving - two).total_seconds())]
 
 
 def test_result_failure_compare_and_narrow_pages(new_page, sign_in, make_user, succeeded_job, make_job):
