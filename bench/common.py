@@ -111,3 +111,27 @@ def machine_info() -> dict[str, str]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
     }
+
+
+def table(figures: list[Figure]) -> list[str]:
+    """The figures as a Markdown table (bench/results)."""
+    rows = [("figure", "target", "measured", "ratio", "verdict")]
+    rows += [(f.name, f.target, f.measured, f.ratio_text, f.verdict) for f in figures]
+    return (
+        [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in rows[:1]]
+        + ["|" + "|".join(["---"] * 5) + "|"]
+        + [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in rows[1:]]
+    )
+
+
+def plain_table(figures: list[Figure]) -> str:
+    """The figures as a plain-text table (the terminal)."""
+    rows = [("figure", "target", "measured", "ratio", "verdict")]
+    rows += [(f.name, f.target, f.measured, f.ratio_text, f.verdict) for f in figures]
+    widths = [min(70, max(len(r[i]) for r in rows)) for i in range(5)]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append(" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
+        if index == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     RESULTS_DIR,
     Figure,
     machine_info,
+    table,
     verdict,
 )
 from engine.errors import EngineError  # noqa: E402
@@ -512,8 +513,6 @@ def run_check(options: Options, probe: GpuProbe) -> Check:
 
 
 def write_report(path: Path, figures: list[Figure], probe: GpuProbe, elapsed_s: float) -> Path:
-    from bench.run import table
-
     machine = machine_info()
     lines = ["# GPU check (make gpu-check)", ""]
     lines += [f"- **GPU**: {probe.summary()}"]

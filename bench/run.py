@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS_DIR, Figure, error_figure, machine_info  # noqa: E402
+from bench.common import RESULTS_DIR, Figure, error_figure, machine_info, plain_table, table  # noqa: E402
 
 PARTS = (
     "job_time", "throughput", "dashboard", "downloads", "s3_downloads", "gpu", "hub_submission", "memory_1b",
@@ -75,28 +75,6 @@ def run_part(name: str, stack, args, hub) -> list[Figure]:
 
         return part_hostile.run(stack)
     raise ValueError(name)
-
-
-def table(figures: list[Figure]) -> list[str]:
-    rows = [("figure", "target", "measured", "ratio", "verdict")]
-    rows += [(f.name, f.target, f.measured, f.ratio_text, f.verdict) for f in figures]
-    return (
-        [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in rows[:1]]
-        + ["|" + "|".join(["---"] * 5) + "|"]
-        + [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in rows[1:]]
-    )
-
-
-def plain_table(figures: list[Figure]) -> str:
-    rows = [("figure", "target", "measured", "ratio", "verdict")]
-    rows += [(f.name, f.target, f.measured, f.ratio_text, f.verdict) for f in figures]
-    widths = [min(70, max(len(r[i]) for r in rows)) for i in range(5)]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append(" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)))
-        if index == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def write_results(figures: list[Figure], machine: dict[str, str], parts: list[str], elapsed: float) -> Path:

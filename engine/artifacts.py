@@ -103,24 +103,18 @@ def hashed_weights(folder: Path) -> Iterator[dict[str, tuple[int, str]]]:
     """While the block runs, the safetensors shards transformers' save_pretrained writes go through
     write_safetensors; yields {path relative to folder: (size, sha256)} for write_manifest(hashed=...).
 
-    transformers calls safetensors.torch.save_file by the name it imported it under (modeling_utils.safe_save_file)
-    with (shard, filename, metadata=...); that name is replaced for the block (tests/engine/test_artifacts.py
-    fails when it no longer exists or is called otherwise)."""
-    from transformers import modeling_utils
+    save_pretrained's shard writer is replaced for the block (engine.library_patches.safetensors_writer)."""
+    from engine.library_patches import safetensors_writer
 
     hashes: dict[str, tuple[int, str]] = {}
-    original = modeling_utils.safe_save_file
 
     def save(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
         path = Path(filename)
         digest = write_safetensors(tensors, path, metadata)
         hashes[str(path.resolve().relative_to(Path(folder).resolve()))] = (path.stat().st_size, digest)
 
-    modeling_utils.safe_save_file = save
-    try:
+    with safetensors_writer(save):
         yield hashes
-    finally:
-        modeling_utils.safe_save_file = original
 
 
 def verify_manifest(folder: Path) -> list[str]:
@@ -170,6 +164,16 @@ def checkpoint_space_bytes(weights_bytes: int) -> int:
     """Disk a checkpoint may take: the compressed weights up to the original bfloat16 size (data-free or
     partly ignored schemes), plus the tokenizer and the reports."""
     return weights_bytes + _SPACE_MARGIN_BYTES
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Replace the file in one step, and only when its text changes: another worker may be reading it."""
+    if path.is_file() and path.read_text() == text:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 # A model's processor files beside its tokenizer's, by transformers' names (transformers.utils: IMAGE_PROCESSOR_NAME,

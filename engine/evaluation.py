@@ -40,7 +40,7 @@ from typing import Any
 
 from engine.errors import CancelledError, EngineError
 from engine.isolated import VLLM_PYTHON_ENV, vllm_installed
-from engine.lm_tasks import LOCAL_TASKS, write_local_tasks
+from engine.lm_tasks import LOCAL_TASKS, tasks_dir, write_local_tasks
 from engine.plan import Placement, placed_model, ready_for_inference
 from engine.spec import EvaluationSpec, ProgressEvent, Stage
 from engine.units import recovery_percent
@@ -315,7 +315,7 @@ def _runnable_tasks(spec: EvaluationSpec) -> tuple[list[str], list[dict]]:
         return [], [{"task": task, "reason": reason} for task in tasks]
     from engine.model_sources import hub_reachable
 
-    known = _task_manager(str(_tasks_dir())).all_tasks
+    known = _task_manager(str(tasks_dir())).all_tasks
     hub = None
     runnable, failed = [], []
     for task in tasks:
@@ -335,12 +335,6 @@ _HUB_UNREACHABLE = (
     "Its data set lives on the Hugging Face hub, which this machine cannot reach. Run it on a worker with hub "
     f"access, or choose a task shipped with the service ({', '.join(LOCAL_TASKS)})."
 )
-
-
-def _tasks_dir() -> Path:
-    from engine.model_sources import default_store
-
-    return Path(os.environ.get("COMPRESSOR_TASKS_DIR") or default_store().parent / "lm_tasks")
 
 
 @functools.lru_cache(maxsize=2)
@@ -384,7 +378,7 @@ def task_score_in_memory(
         tasks=[task],
         num_fewshot=_shots(task),
         limit=spec.limit,
-        task_manager=_task_manager(str(_tasks_dir())),
+        task_manager=_task_manager(str(tasks_dir())),
         log_samples=False,
         bootstrap_iters=1000,
     )
@@ -420,7 +414,7 @@ def _run_task_in_vllm(
         "task": task,
         "num_fewshot": _shots(task),
         "limit": spec.limit,
-        "include_path": str(write_local_tasks(_tasks_dir())),
+        "include_path": str(write_local_tasks(tasks_dir())),
     }
     return run_child(request, gpus=gpus or None, env=binding, on_wait=step.waiting), engine
 
@@ -681,7 +675,7 @@ def _task_fingerprint(task: str) -> list[str]:
     """What a task's score depends on besides the model: lm-eval's version, and a local task's own files."""
     from importlib.metadata import version
 
-    files = sorted(_tasks_dir().glob(f"{task}[.-]*")) if task in LOCAL_TASKS else []
+    files = sorted(tasks_dir().glob(f"{task}[.-]*")) if task in LOCAL_TASKS else []
     return [version("lm_eval"), *(_file_digest(path) for path in files)]
 
 

@@ -1,5 +1,5 @@
-"""The places where the engine reaches into llm-compressor past its public API; this module owns them, and
-no other module assigns to an llm-compressor attribute.
+"""The places where the engine reaches into llm-compressor (and one of transformers) past its public API; this
+module owns them, and no other module assigns to a library's attribute.
 
 llm-compressor's public extension points do not cover them: its lifecycle events go to the recipe's modifiers
 only (and oneshot's "independent" pipeline hands each pass a recipe of one modifier, so a modifier of our own
@@ -14,6 +14,10 @@ would miss the others' passes), and its loguru METRIC lines carry neither the mo
    modifier broadcast each owner's results, except for modules on the CPU (which llm-compressor takes to be
    offloaded weights all ranks share); broadcast_cpu_modules_too() makes them broadcast every module, for a
    rank process of engine.dp_rank whose model is its own copy in host memory.
+4. transformers' shard writer. save_pretrained writes each safetensors shard by calling safetensors' save_file
+   under the name modeling_utils imported it as (safe_save_file) with (shard, filename, metadata=...);
+   safetensors_writer() puts the engine's writer there for a block, so each shard is hashed while it is written
+   (engine.artifacts.hashed_weights) instead of read again.
 
 The first two wrappers are installed once, on first use, and stay: it hands the call to whatever is registered for the
 model at hand, so runs that overlap in one process (a search's trials, tests) never undo each other's patch.
@@ -168,3 +172,28 @@ def traced_subgraphs(model, wrap: Callable[[list], list]) -> Iterator[None]:
     finally:
         with _lock:
             _subgraph_wrappers.pop(id(model), None)
+
+
+@contextmanager
+def safetensors_writer(write: Callable[..., None]) -> Iterator[None]:
+    """While inside: transformers' save_pretrained writes each shard with write(tensors, filename, metadata=...)."""
+    from safetensors.torch import save_file
+    from transformers import PreTrainedModel, modeling_utils
+
+    if getattr(modeling_utils, "safe_save_file", None) is not save_file or "safe_save_file(" not in (
+        inspect.getsource(PreTrainedModel.save_pretrained)
+    ):
+        import importlib.metadata
+
+        version = importlib.metadata.version("transformers")
+        raise LibraryChanged(
+            f"transformers {version} changed: save_pretrained no longer writes shards through "
+            "modeling_utils.safe_save_file (engine/library_patches.py relies on it)."
+        )
+    with _lock:
+        modeling_utils.safe_save_file = write
+    try:
+        yield
+    finally:
+        with _lock:
+            modeling_utils.safe_save_file = save_file

@@ -16,9 +16,10 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from engine.artifacts import write_if_changed
 
 LOCAL_TASKS = ("compressor_arithmetic", "compressor_continuation")
 _ITEMS = 100
@@ -122,7 +123,7 @@ def known_task_names(folder: Path) -> frozenset[str]:
 
     lm-eval builds its index by reading thousands of YAML files (15 s or more); the names are kept in a file
     per lm-eval version beside the local tasks, so only the first call on a machine pays for it, and in
-    memory, so a process reads the file once (warm_indexes, as it starts).
+    memory, so a process reads the file once (jobs.apps, as it starts).
     """
     import lm_eval
 
@@ -138,26 +139,12 @@ def known_task_names(folder: Path) -> frozenset[str]:
     return frozenset(names) | frozenset(LOCAL_TASKS)
 
 
-def warm_indexes() -> None:
-    """Read, or on a new machine build, what the submission check looks names up in: lm-eval's task index and
-    llm-compressor's modifiers (engine.presets.library_facts, a child process of a few seconds). Django calls
-    it as a process starts (jobs.apps), so that no request pays for them."""
-    from engine.evaluation import _tasks_dir
-    from engine.presets import library_facts
+def tasks_dir() -> Path:
+    """Where the local tasks' files and lm-eval's task index live: beside the model store, unless set."""
+    from engine.model_sources import default_store
 
-    known_task_names(_tasks_dir())
-    library_facts()
+    return Path(os.environ.get("COMPRESSOR_TASKS_DIR") or default_store().parent / "lm_tasks")
 
 
 def _jsonl(rows) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    """Replace the file in one step, and only when its text changes: another worker may be reading it."""
-    if path.is_file() and path.read_text() == text:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine import calibration as calib
 from engine.artifacts import weights_bytes
@@ -43,6 +43,7 @@ from engine.evaluation import heldout_scores, runnable_tasks, task_score_in_memo
 from engine.plan import placed_model
 from engine.preflight import PreflightReport
 from engine.presets import PRESETS, Preset, get_preset
+from engine.run import Run
 from engine.spec import CalibrationSpec, CompressionSpec, EvaluationSpec, SearchSpec, Stage
 from engine.stages import (
     Checkpoint,
@@ -60,9 +61,6 @@ from engine.submission import (
     sweep_presets,
 )
 from engine.units import recovery_percent, size_text
-
-if TYPE_CHECKING:
-    from engine.runner import Run  # the pipeline that runs a search imports this module
 
 TRIAL_LINE = "Trial "  # how each trial's log line begins (the engine's CLI prints them as they come)
 _PROBE_SAMPLES, _PROBE_TOKENS = 2, 256

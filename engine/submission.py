@@ -369,9 +369,9 @@ def check_tasks(evaluation: EvaluationSpec | None) -> None:
     wanted = set(evaluation.tasks) - set(LOCAL_TASKS) if evaluation else set()
     if not wanted:
         return
-    from engine.evaluation import _tasks_dir
+    from engine.lm_tasks import tasks_dir
 
-    unknown = sorted(wanted - _known_tasks(_tasks_dir()))
+    unknown = sorted(wanted - _known_tasks(tasks_dir()))
     if unknown:
         shown = ", ".join(f"'{name[:100]}'" for name in unknown[:5])
         raise PreflightError(

@@ -78,10 +78,18 @@ def test_save_pretrained_shards_are_hashed_as_written_and_the_manifest_takes_tho
 
 def test_the_name_hashed_weights_replaces_is_the_one_save_pretrained_writes_shards_with():
     # transformers imports safetensors' save_file as modeling_utils.safe_save_file and calls it with
-    # (shard, filename, metadata=...); a transformers that no longer does would bypass the hashing writer.
+    # (shard, filename, metadata=...); the patch checks that shape (LibraryChanged otherwise) and puts the
+    # library's own writer back afterwards.
     from safetensors.torch import save_file
     from transformers import PreTrainedModel, modeling_utils
 
+    from engine.library_patches import safetensors_writer
+
+    def writer(tensors, filename, metadata=None):
+        pass
+
+    with safetensors_writer(writer):
+        assert modeling_utils.safe_save_file is writer
     assert modeling_utils.safe_save_file is save_file
     assert "safe_save_file(shard_state_dict, filename, metadata=metadata)" in inspect.getsource(
         PreTrainedModel.save_pretrained
