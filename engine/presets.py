@@ -737,7 +737,7 @@ def library_facts() -> dict[str, Any] | None:
     Importing llm-compressor imports torch, which the web process never does: a child process reads them
     once per llm-compressor version (a few seconds), and a file beside the model store keeps them.
     """
-    from engine.lm_tasks import write_if_changed
+    from engine.artifacts import write_if_changed
     from engine.model_sources import default_store
 
     try:
