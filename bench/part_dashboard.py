@@ -20,6 +20,7 @@ import requests
 
 from bench.common import Figure, percentile, verdict
 from bench.stack import Stack, bench_user
+from tests.support import wait_until
 
 TARGET_MS = 150.0
 PRESET_NAMES = ("fp8-dynamic", "int8-w8a8-gptq", "w4a16-gptq", "fp8-static", "sparse24-fp8-dynamic")
@@ -140,6 +141,20 @@ def count_queries(path: str, user) -> tuple[int, int]:
     return response.status_code, len(ctx.captured_queries)
 
 
+def _live_workers(stack: Stack) -> str:
+    """A real Celery worker answering while the pages are measured: it registers itself (the admin queue page
+    lists it from what it last reported) and answers the admin's "Ask the workers now"."""
+    from jobs.models import WorkerNode
+
+    stack.start_worker()
+    wait_until(
+        lambda: any(node.is_online() for node in WorkerNode.objects.all()),
+        timeout=120,
+        what="the bench's worker to register itself",
+    )
+    return f"{sum(node.is_online() for node in WorkerNode.objects.all())} worker live"
+
+
 def session_cookie(user) -> str:
     from django.conf import settings
     from django.test import Client
@@ -156,6 +171,7 @@ def run(stack: Stack, *, jobs: int = 10_000, requests_per_page: int = 100) -> li
 
     created, seed_s = seed_history(stack.user, jobs)
     count = Job.objects.count()
+    workers = _live_workers(stack)
     last_page = max(1, math.ceil(Job.objects.filter(owner=stack.user).count() / 25))
     print(f"  history: {count} jobs ({created} created in {seed_s:.1f} s), {last_page} pages", flush=True)
 
@@ -171,7 +187,7 @@ def run(stack: Stack, *, jobs: int = 10_000, requests_per_page: int = 100) -> li
         f"API list page {last_page}": (api, f"/api/v1/jobs/?page={last_page}"),
         "jobs page /": (page, "/"),
         f"jobs page /?page={last_page}": (page, f"/?page={last_page}"),
-        "admin queue page": (operator, "/admin/jobs/job/queue/"),
+        f"admin queue page ({workers})": (operator, "/admin/jobs/job/queue/"),
     }
     # Is the jobs page there (and is it the jobs page, not a sign-in redirect)?
     probe = page.get(stack.base + "/", allow_redirects=False, timeout=30)
