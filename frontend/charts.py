@@ -30,11 +30,15 @@ def _svg(width: int, height: int, title: str, desc: str, body: list[str], css_cl
         f'<title id="chart-{ident}-t">{escape(title)}</title><desc id="chart-{ident}-d">{escape(desc)}</desc>'
         + "".join(body)
         + "</svg></div>"
+        # Shown on a phone only (app.css), where the chart keeps its natural width in a box narrower than it
+        + '<p class="scroll-hint" aria-hidden="true">Wider than the screen: scroll the chart sideways.</p>'
     )
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 LAYER_ERROR_UNIT = "squared error of the layer's output, no unit"
+KIND_COLOURS = 8  # app.css colours .kind-0 to .kind-7
+LEGEND_LINE_H = 18
 
 
 def _log_ticks(low: float, high: float) -> list[float]:
@@ -56,12 +60,40 @@ def _power_of_ten(value: float) -> str:
     return f"1e{exponent:+03d}"
 
 
+def _module_kinds(errors: Sequence[tuple[str, float]]) -> dict[str, int]:
+    """Each kind of module (the last part of its name: q_proj, down_proj) with its colour's index, in the order
+    the network first has them; empty where there is one kind only, or more kinds than colours."""
+    kinds: dict[str, int] = {}
+    for name, _value in errors:
+        kinds.setdefault(name.rsplit(".", 1)[-1], len(kinds))
+    return kinds if 1 < len(kinds) <= KIND_COLOURS else {}
+
+
+def _legend(kinds: dict[str, int], left: int, right_edge: int) -> tuple[list[str], int]:
+    """A swatch and a name per kind, in rows that wrap at right_edge; returns the markup and its height."""
+    body, x, y = [], left, 4
+    for kind, colour in kinds.items():
+        entry_w = 18 + len(kind) * LABEL_CHAR_W + 14
+        if x + entry_w > right_edge and x > left:
+            x, y = left, y + LEGEND_LINE_H
+        body.append(
+            f'<rect class="kind-{colour}" x="{x:.0f}" y="{y + 2}" width="12" height="10"/>'
+            f'<text class="tick" x="{x + 16:.0f}" y="{y + 11}">{escape(kind)}</text>'
+        )
+        x += entry_w
+    return body, (y + LEGEND_LINE_H if kinds else 0)
+
+
 def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
     """One bar per quantized module, in network order, on a log scale: a few outliers (often 1000x the
-    rest) would flatten every other bar on a linear one. Hover shows the module's name and its error."""
+    rest) would flatten every other bar on a linear one. Each bar is coloured by its module's kind, named in a
+    legend above the plot, so that the layer (x axis) and the kind (colour) say which module it is without a
+    mouse; hover also shows the module's full name and its error."""
     if not errors:
         return mark_safe("")
-    width, height, left, bottom, top, right = 760, 250, 64, 52, 12, 10
+    kinds = _module_kinds(errors)
+    legend, legend_h = _legend(kinds, 64, 750)
+    width, height, left, bottom, top, right = 760, 250 + legend_h, 64, 52, 12 + legend_h, 10
     plot_w, plot_h = width - left - right, height - bottom - top
     positive = [value for _name, value in errors if value > 0]
     floor = 10 ** math.floor(math.log10(min(positive))) if positive else 1.0
@@ -75,7 +107,7 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
         return max(plot_h * (math.log10(max(value, floor)) - math.log10(floor)) / decades, 1.0)
 
     step = plot_w / len(errors)
-    body = []
+    body = list(legend)
     for tick in _log_ticks(floor, ceiling):
         y = top + plot_h - plot_h * (math.log10(tick) - math.log10(floor)) / decades
         body.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}"/>')
@@ -90,8 +122,9 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
     for index, (name, value) in enumerate(errors):
         bar_h = bar_height(value)
         x = left + index * step
+        css = f"bar kind-{kinds[name.rsplit('.', 1)[-1]]}" if kinds else "bar"
         body.append(
-            f'<rect class="bar" x="{x + step * 0.1:.2f}" y="{top + plot_h - bar_h:.2f}" '
+            f'<rect class="{css}" x="{x + step * 0.1:.2f}" y="{top + plot_h - bar_h:.2f}" '
             f'width="{max(step * 0.8, 0.5):.2f}" height="{bar_h:.2f}">'
             f"<title>{escape(name)}: {metric_text(value)}</title></rect>"
         )
@@ -123,7 +156,8 @@ def layer_error_chart(errors: Sequence[tuple[str, float]]) -> SafeString:
         height,
         "Quantization error per module, log scale",
         f"{len(errors)} modules; error is the {LAYER_ERROR_UNIT}; "
-        f"the largest is {metric_text(worst[1])} in {worst[0]}.",
+        f"the largest is {metric_text(worst[1])} in {worst[0]}."
+        + (f" Each bar is coloured by its kind of module: {', '.join(kinds)}." if kinds else ""),
         body,
         "chart-layers",
     )
@@ -150,8 +184,10 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
     rows = [r for r in rows if r.compressed is not None]
     if not rows:
         return mark_safe("")
-    label_w, bar_w, panel_h = 150, 480, 78
-    width, height = label_w + bar_w + 100, 26 + panel_h * len(rows)
+    # Each bar's value is written in the column of names before it ("compressed 13.10"), not at its end: on a
+    # phone, where the chart scrolls sideways in its box, the numbers are on screen before any scrolling.
+    label_w, bar_w, panel_h = 190, 480, 78
+    width, height = label_w + bar_w + 30, 26 + panel_h * len(rows)
     body = [
         '<rect class="bar-baseline" x="8" y="6" width="12" height="10"/>'
         '<text class="tick" x="24" y="15">baseline</text>'
@@ -182,12 +218,11 @@ def metric_chart(rows: Sequence[MetricRow]) -> SafeString:
             length = bar_w * abs(value) / peak
             body.append(
                 f'<text class="tick" x="{label_w - 8}" y="{y + offset + 11}" text-anchor="end">'
-                f"{css.removeprefix('bar-')}</text>"
+                f"{css.removeprefix('bar-')} "
+                f'<tspan class="value">{metric_text(value)}{escape(row.unit)}</tspan></text>'
                 f'<rect class="{css}" x="{label_w}" y="{y + offset}" width="{length:.1f}" height="14">'
                 f"<title>{escape(row.label)} {css.removeprefix('bar-')}: "
                 f"{metric_text(value)}{escape(row.unit)}</title></rect>"
-                f'<text class="tick value" x="{label_w + length + 4:.1f}" y="{y + offset + 11}">'
-                f"{metric_text(value)}{escape(row.unit)}</text>"
             )
         axis_y = y + 58
         body.append(f'<line class="axis" x1="{label_w}" y1="{axis_y}" x2="{label_w + bar_w}" y2="{axis_y}"/>')

@@ -10,7 +10,7 @@ from frontend.presentation import MetricRow
 
 
 def _bar_heights(svg: str) -> list[float]:
-    return [float(h) for h in re.findall(r'<rect class="bar" [^>]*height="([0-9.]+)"', svg)]
+    return [float(h) for h in re.findall(r'<rect class="bar[^"]*" [^>]*height="([0-9.]+)"', svg)]
 
 
 def test_layer_chart_keeps_every_module_visible_beside_outliers():
@@ -66,8 +66,37 @@ def test_metric_chart_gives_each_metric_its_own_axis_and_direction():
     assert axis_ticks == ["0", "7.5", "15", "0", "0.015", "0.03", "0", "0.5", "1"]
     # ...and the two measured against the baseline itself draw no baseline bar (KL's would be empty, the
     # agreement's a full one that measured nothing), only a note of its value by definition
-    assert svg.count('class="bar-baseline" x="150"') == 1
+    assert svg.count('class="bar-baseline" x="190"') == 1
     assert "baseline: 0 by definition" in svg and "baseline: 1.000 by definition" in svg
     # ...its compressed bar is read on its axis: 0.027 of 0.03
-    kl_bar = re.findall(r'<rect class="bar-compressed" x="150" y="[0-9.]+" width="([0-9.]+)"', svg)[1]
+    kl_bar = re.findall(r'<rect class="bar-compressed" x="190" y="[0-9.]+" width="([0-9.]+)"', svg)[1]
     assert abs(float(kl_bar) / 480 - 0.9) < 0.01
+    # ...and each bar's value is written beside its name, before the bar (on a phone, on screen unscrolled)
+    values = re.findall(r'text-anchor="end">(baseline|compressed) <tspan class="value">([^<]+)</tspan>', svg)
+    assert values == [
+        ("baseline", "12.80"),
+        ("compressed", "13.10"),
+        ("compressed", "0.02700"),
+        ("compressed", "0.9600"),
+    ]
+
+
+def test_layer_chart_tells_each_modules_kind_by_colour_without_a_mouse():
+    # Given two layers of a Llama's seven kinds of module
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    errors = [(f"model.layers.{layer}.{kind}", 1.0 + i) for layer in range(2) for i, kind in enumerate(kinds)]
+
+    svg = str(layer_error_chart(errors))
+
+    # Then a legend names each kind beside its colour, and every bar has its kind's colour
+    short = [kind.rsplit(".", 1)[-1] for kind in kinds]
+    legend = re.findall(r'<rect class="kind-(\d)"[^>]*/><text class="tick"[^>]*>([a-z_]+)</text>', svg)
+    assert [name for _colour, name in legend] == short
+    colour = {name: index for index, name in legend}
+    bars = re.findall(r'<rect class="bar kind-(\d)"[^>]*><title>model\.layers\.\d\.[a-z_]+\.([a-z_]+):', svg)
+    assert len(bars) == 14 and all(colour[name] == index for index, name in bars)
+    # ...and the description read out says so; one kind alone gets neither legend nor colours
+    assert "coloured by its kind of module: q_proj, k_proj" in svg
+    single = str(layer_error_chart([("model.layers.0.mlp.down_proj", 1.0), ("model.layers.1.mlp.down_proj", 2.0)]))
+    assert "kind-" not in single

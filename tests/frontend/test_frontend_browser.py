@@ -540,15 +540,56 @@ def _chart_text(page, width: int) -> list[str]:
     return problems
 
 
+def _chart_boxes(page, width: int) -> list[str]:
+    """On a phone each chart keeps its natural width (its text as legible as at 1440) in a box of its own that
+    scrolls sideways over the whole of it, with a line under it saying so; at 1440 each fits its box. Metric
+    bars each carry their value, on screen before any scrolling; the per-module chart's bars each have their
+    kind's colour, named in a legend."""
+    boxes = page.eval_on_selector_all(
+        ".chart-scroll",
+        """boxes => boxes.map((box) => {
+            const svg = box.querySelector("svg"), hint = box.nextElementSibling;
+            const measured = Array.from(svg.querySelectorAll("rect")).filter((rect) => rect.querySelector("title"));
+            return {name: svg.getAttribute("class"), scroll: box.scrollWidth, client: box.clientWidth,
+                    drawn: svg.getBoundingClientRect().width,
+                    natural: parseFloat(svg.style.getPropertyValue("--natural-width")),
+                    hint: Boolean(hint && hint.classList.contains("scroll-hint") && hint.getClientRects().length),
+                    bars: measured.length, values: svg.querySelectorAll(".value").length,
+                    unscrolled: Array.from(svg.querySelectorAll(".value")).filter(
+                        (value) => value.getBoundingClientRect().right <= box.getBoundingClientRect().right).length,
+                    uncoloured: measured.filter((rect) => !/kind-/.test(rect.getAttribute("class"))).length,
+                    legend: svg.querySelectorAll("rect[class^=kind-]").length};
+        })""",
+    )
+    problems = [] if boxes else ["no chart"]
+    for box in boxes:
+        name = box["name"]
+        if width < 600 and not (box["drawn"] >= box["natural"] - 1 and box["scroll"] > box["client"] and box["hint"]):
+            problems.append(f"{name} is not at its natural width in a box that scrolls sideways, said so: {box}")
+        if width < 600 and box["scroll"] < box["drawn"] - 1:
+            problems.append(f"{name}: its box does not scroll over the whole of it: {box}")
+        if width >= 600 and (box["scroll"] > box["client"] + 1 or box["hint"]):
+            problems.append(f"{name} is wider than its box at {width} px: {box}")
+        if "chart-metrics" in name and not box["bars"] == box["values"] == box["unscrolled"]:
+            problems.append(f"metric bars without their values on screen before any scrolling: {box}")
+        if "chart-layers" in name and (box["uncoloured"] or box["legend"] < 2):
+            problems.append(f"per-module bars without their kind's colour or legend: {box}")
+    return problems
+
+
 def _job_succeeded(page, width: int) -> list[str]:
-    # The results table keeps its Recovery column on screen; the charts are labelled and readable
+    # The results table keeps its Recovery column on screen; the charts are labelled, readable and, on a
+    # phone, scroll sideways in their own boxes
     recovery = offscreen(page, "#results-table th:last-child, #results-table td:last-child")
-    return _chart_text(page, width) + [f"off-screen: {cell}" for cell in recovery]
+    return _chart_text(page, width) + _chart_boxes(page, width) + [f"off-screen: {cell}" for cell in recovery]
 
 
 def _compare(page, width: int) -> list[str]:
     first_job = page.locator(".compare-table th.job-col").first.bounding_box()
-    problems = _chart_text(page, width)
+    problems = _chart_text(page, width) + _chart_boxes(page, width)
+    # On a phone the table shows one job's column beside the metric names: a line under it says it scrolls
+    if width < 600 and not page.locator("#compare-table").locator("xpath=../following-sibling::p[1]").is_visible():
+        problems.append("no line says the compare table scrolls sideways for the other jobs")
     if first_job["x"] + 40 > width:
         problems.append("no job column is visible beside the metric names")
     overlapping = page.evaluate(
