@@ -78,4 +78,6 @@ def transition(rows: QuerySet[Job], action: Action, **fields) -> int:
     """Apply the action to those of the rows in its source statuses: one UPDATE that sets its target status
     (if it has one) and fields. Returns how many rows it changed (0: the action did not happen)."""
     target = TRANSITIONS[action].target
-    return allowed(rows, action).update(**fields, **({"status": target} if target is not None else {}))
+    if target is not None:
+        fields["status"] = target
+    return allowed(rows, action).update(**fields)
