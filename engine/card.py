@@ -93,19 +93,21 @@ def write_model_card(
     size_before_bytes: int,
     size_after_bytes: int,
     settings: dict | None = None,
+    vision_language: bool = False,
 ) -> Path:
-    """Write checkpoint_dir/README.md and return its path. settings: the device and memory plan of the run."""
+    """Write checkpoint_dir/README.md and return its path. settings: the device and memory plan of the run.
+    vision_language: a model that takes images too (its vision tower kept as it was; calibrated on text)."""
     if calibration is not None and calibration.kind == "none":
         calibration = None  # a data-free recipe
     settings = settings or {}
     sections = [
-        _front_matter(base_model, preset, calibration),
+        _front_matter(base_model, preset, calibration, vision_language),
         f"# {_md(model_name)}",
-        _overview(architecture, preset, base_model, recipe_yaml, settings),
+        _overview(architecture, preset, base_model, recipe_yaml, settings, vision_language),
         _summary(base_model, evaluation),
         _optimizations(preset, recipe_yaml, size_before_bytes, size_after_bytes),
         _search(settings.get("search")),
-        _creation(base_model, recipe_yaml, calibration, settings),
+        _creation(base_model, recipe_yaml, calibration, settings, vision_language),
         _deployment(model_name),
         _evaluation(evaluation, base_model, model_name),
     ]
@@ -114,7 +116,9 @@ def write_model_card(
     return path
 
 
-def _front_matter(base_model: str, preset: Preset | None, calibration: CalibrationSpec | None) -> str:
+def _front_matter(
+    base_model: str, preset: Preset | None, calibration: CalibrationSpec | None, vision_language: bool
+) -> str:
     tags = ["vllm", "llm-compressor", "compressed-tensors"]
     if preset and preset.sparsity:
         tags.append("sparsity")
@@ -122,20 +126,23 @@ def _front_matter(base_model: str, preset: Preset | None, calibration: Calibrati
         tags.append("quantized")
     if preset:
         tags.append(preset.name)
-    meta = {"tags": tags, "base_model": hub_id(base_model), "pipeline_tag": "text-generation", "language": ["en"]}
+    pipeline = "image-text-to-text" if vision_language else "text-generation"
+    meta = {"tags": tags, "base_model": hub_id(base_model), "pipeline_tag": pipeline, "language": ["en"]}
     if calibration is not None and calibration.kind == "hub":
         meta["datasets"] = [calibration.dataset]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---"
 
 
-def _overview(architecture: str, preset: Preset | None, base_model: str, recipe_yaml: str, settings: dict) -> str:
+def _overview(
+    architecture: str, preset: Preset | None, base_model: str, recipe_yaml: str, settings: dict, vision_language: bool
+) -> str:
     optimizations = _optimization_lines(preset, recipe_yaml)
     device = [f"- **Compressed on:** {_md(settings['device'])}"] if settings.get("device") else []
     return "\n".join(
         [
             "## Model Overview",
             f"- **Model Architecture:** {_md(architecture)}",
-            "- **Input:** Text",
+            f"- **Input:** {'Text and images' if vision_language else 'Text'}",
             "- **Output:** Text",
             "- **Model Optimizations:**",
             *[f"  - **{name}:** {value}" for name, value in optimizations],
@@ -311,7 +318,9 @@ def _search(search: dict | None) -> str:
     )
 
 
-def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | None, settings: dict) -> str:
+def _creation(
+    base_model: str, recipe_yaml: str, calibration: CalibrationSpec | None, settings: dict, vision_language: bool
+) -> str:
     if calibration is None:
         data_text = "No calibration data: the recipe is data-free."
         dataset_code, oneshot_args = "", ""
@@ -332,10 +341,11 @@ def _creation(base_model: str, recipe_yaml: str, calibration: CalibrationSpec | 
         summary = f": {_md(plan['summary'])}" if plan.get("summary") else ""
         ran_on = f" It ran on {_md(settings['device'])}{summary}.{_plan_figures(plan)}"
     model_id = repr(hub_id(base_model))
+    auto_model = "AutoModelForImageTextToText" if vision_language else "AutoModelForCausalLM"
     snippet = (
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"from transformers import {auto_model}, AutoTokenizer\n"
         "from llmcompressor import oneshot\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained({model_id}, dtype="bfloat16")\n'
+        f'model = {auto_model}.from_pretrained({model_id}, dtype="bfloat16")\n'
         f"tokenizer = AutoTokenizer.from_pretrained({model_id})\n"
         f"{dataset_code}"
         'recipe = open("recipe.yaml").read()  # from this folder\n'

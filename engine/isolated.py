@@ -79,6 +79,7 @@ def int8_moe_experts(checkpoint: Path) -> bool:
 
 
 _EXPERT_SCALE = re.compile(r"\.experts\.\d+\.[^.]+\.weight_scale$")
+MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")
 
 
 def cpu_engine_args(ranks: int = 1) -> dict[str, Any]:
@@ -164,14 +165,21 @@ def run_child(
         # ends with "terminate called without an active exception", exit -6) loses nothing.
         if result_path.exists():
             return json.loads(result_path.read_text())
-        tail = log_path.read_text(errors="replace")[-2000:]
+        output = log_path.read_text(errors="replace")
+        tail = output[-2000:]
         if process.returncode == NOT_INSTALLED_EXIT:
             raise EngineError(
                 f"vLLM is not installed in {python}; set {VLLM_PYTHON_ENV} to the Python of a vLLM environment "
                 "(make vllm-env), or use the hf backend.",
                 field="evaluation",
             )
-        raise EngineError(f"The vLLM process failed (exit {process.returncode}): {tail.strip()}", field="evaluation")
+        # vLLM logs the import that failed far above its own last line ("Model architectures [...] failed to be
+        # inspected"): the missing module is the reason.
+        missing = MISSING_MODULE.search(output) if "failed to be inspected" in tail else None
+        cause = f" ({missing.group(0)})" if missing and missing.group(0) not in tail else ""
+        raise EngineError(
+            f"The vLLM process failed (exit {process.returncode}){cause}: {tail.strip()}", field="evaluation"
+        )
 
 
 def visible_devices(gpus: list[int], parent_visible: str | None) -> str:

@@ -302,6 +302,7 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
     in vLLM and generate, the proof that it serves. A failure is recorded, not fatal: the checkpoint itself is
     complete and verified."""
     from engine.isolated import (
+        MISSING_MODULE,
         VLLM_PYTHON_ENV,
         cpu_engine_args,
         cpu_tensor_parallel,
@@ -344,6 +345,9 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
     except CancelledError:
         raise
     except EngineError as exc:
+        missing = MISSING_MODULE.search(exc.message)
+        if device == "cpu" and missing:
+            return {"ran": False, "reason": cpu_build_lacks(missing.group(1), staging)}
         return {"ran": True, "device": device, "error": vllm_failure_reason(exc.message, staging)}
     finally:
         timings["vllm_check_s"] = time.perf_counter() - started
@@ -354,6 +358,16 @@ def check_in_vllm(staging: Path, plan: MemoryPlan, reporter: Reporter, timings: 
         "tensor_parallel_size": outcome.get("tensor_parallel_size"),
         "generations": outcome.get("generations"),
     }
+
+
+def cpu_build_lacks(module: str, staging: Path) -> str:
+    """Why vLLM's CPU build could not load a checkpoint whose model needs a module its environment does not install
+    (torchvision: the image processors of most vision-language models in transformers); a GPU worker's has it."""
+    architecture = (json.loads((staging / "config.json").read_text()).get("architectures") or ["this model"])[0]
+    return (
+        f"vLLM's CPU build cannot load {architecture} on this worker: it needs {module}, which the CPU worker's vLLM "
+        "environment does not install; a GPU worker checks this checkpoint."
+    )
 
 
 def vllm_failure_reason(message: str, staging: Path) -> str:
@@ -389,6 +403,7 @@ def write_card(staging: Path, spec: CompressionSpec, report: PreflightReport, re
         size_before_bytes=result.size_before_bytes,
         size_after_bytes=result.size_after_bytes,
         settings=result.settings,
+        vision_language=is_vision_language(report.model.config),
     )
 
 

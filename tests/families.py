@@ -5,9 +5,9 @@ local hub (tests/hub_server.py) and for engine runs on a folder.
 Each is 2 decoder layers of hidden size 256 with 4 attention heads of 64 (a head size vLLM's CPU attention has
 kernels for) and SmolLM2's tokenizer (vocabulary 49,152) from the built-in model's folder; random weights
 (seed 0) in bfloat16. The MoE families have 4 experts, 2 per token, and their shared experts where the family
-has them. The vision-language family (Idefics3, SmolVLM's architecture: a Llama language model) is smaller still,
-hidden size 64 with one head of 64, a 2-layer vision tower of width 32 on 32-pixel tiles, its image tokens added
-to the tokenizer and its processor files beside it. bench/part_families.py and tests/jobs/test_families_service.py
+has them. The vision-language families (Idefics3, SmolVLM's architecture with a Llama language model, and Qwen2-VL)
+are smaller still: hidden size 64 with one head of 64, a 2-layer vision tower of width 32, their image tokens added
+to the tokenizer and their processor files beside them. bench/part_families.py and tests/jobs/test_families_service.py
 share them.
 
     .venv/bin/python -m tests.families var/families      # writes every family's folder there
@@ -15,6 +15,7 @@ share them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -68,6 +69,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", {}),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),
     "idefics3": ("Idefics3Config", {}),
+    "qwen2-vl": ("Qwen2VLConfig", {}),
 }
 
 
@@ -81,6 +83,7 @@ class VisionParts:
     vision_config: dict[str, Any]
     model: dict[str, Any]  # the model config's own arguments
     image_tokens: list[str]
+    token_ids: dict[str, str]  # the model config's token ids: config key -> token
     processor_files: dict[str, dict[str, Any]]
 
 
@@ -106,6 +109,7 @@ _VISION = {
         },
         model={"scale_factor": 2},
         image_tokens=_IDEFICS3_TOKENS + [f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)],
+        token_ids={"image_token_id": "<image>"},
         processor_files={
             "preprocessor_config.json": {
                 "image_processor_type": "Idefics3ImageProcessor",
@@ -124,6 +128,40 @@ _VISION = {
                 "do_pad": True,
             },
             "processor_config.json": {"processor_class": "Idefics3Processor", "image_seq_len": 1},
+        },
+    ),
+    # Qwen2-VL: multimodal rotary positions (mrope_section: a third of the head's 32 frequencies each for time,
+    # height and width, as Qwen2-VL-2B's [16, 24, 24] for heads of 128), a vision tower that merges 2 x 2 patches
+    # of 14 pixels into one token of the language model's width.
+    "qwen2-vl": VisionParts(
+        text={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        },
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+        model={},
+        image_tokens=["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+        token_ids={
+            "vision_start_token_id": "<|vision_start|>",
+            "vision_end_token_id": "<|vision_end|>",
+            "image_token_id": "<|image_pad|>",
+            "video_token_id": "<|video_pad|>",
+        },
+        processor_files={
+            "preprocessor_config.json": {
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen2VLProcessor",
+                "min_pixels": 56 * 56,
+                "max_pixels": 112 * 112,  # at most 16 image tokens
+                "patch_size": 14,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            },
         },
     ),
 }
@@ -145,7 +183,7 @@ def family_config(family: str, tokenizer):
     return config_class(
         text_config={**text, **vision.text},
         vision_config=vision.vision_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        **{key: tokenizer.convert_tokens_to_ids(token) for key, token in vision.token_ids.items()},
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         **vision.model,
@@ -179,7 +217,11 @@ def build_family(family: str, target: Path, tokenizer_dir: Path) -> Path:
         GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64
         ).save_pretrained(tmp)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process built it meanwhile
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -191,6 +233,18 @@ def is_vision_language(family: str) -> bool:
 
 def build_families(folder: Path, tokenizer_dir: Path, families: list[str] | None = None) -> dict[str, Path]:
     return {family: build_family(family, folder / family, tokenizer_dir) for family in families or FAMILIES}
+
+
+def built_families(tokenizer_dir: Path, data_dir: Path) -> dict[str, Path]:
+    """Every family's tiny model for the tests, built once into data_dir/test-families/<this file's hash>: the test
+    modules that use them share one build, across sessions too, and a change here builds them anew (the folders of
+    earlier versions are removed then)."""
+    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    root = data_dir / "test-families"
+    for old in root.glob("*"):
+        if old.name != version and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return build_families(root / version, tokenizer_dir)
 
 
 def add_family_repos(hub, models: dict[str, Path], owner: str = "families") -> dict[str, str]:
