@@ -5,6 +5,7 @@ CPU build was not asked) / refused (the engine's sentence), with the checkpoint'
 
     .venv/bin/python -m bench.part_families                                  # int8-w8a8-gptq and w4a16-gptq
     .venv/bin/python -m bench.part_families --presets all --families llama3,mixtral
+    .venv/bin/python bench/run.py --part families                             # the same, as a part of `make bench`
 
 The harness imports neither torch nor vLLM (the tiny models are built by a child process, once, in
 var/bench/families); each run is `python -m engine` in a process of its own.
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DIR, PYTHON, REPO, RESULTS_DIR
+from bench.common import BENCH_DIR, PYTHON, REPO, RESULTS_DIR, Figure, verdict
 from engine.presets import PRESETS
 from tests.families import FAMILIES
 
@@ -91,6 +92,41 @@ def _commit() -> str:
     return done.stdout.strip() or "?"
 
 
+def run_matrix(families: list[str], presets: list[str], out: Path) -> list[dict]:
+    """Every family x preset, the table written to `out` as it goes (an interrupted run keeps its rows)."""
+    subprocess.run([str(PYTHON), "-m", "tests.families", str(MODELS_DIR)], cwd=REPO, check=True)
+    rows = []
+    for family in families:
+        for preset in presets:
+            row = run_one(family, preset, BENCH_DIR / "families-out" / f"{family}-{preset}")
+            print(f"{family} x {preset}: {row['outcome']} ({row['seconds']:.0f} s) {row['reason']}"[:300], flush=True)
+            rows.append(row)
+            write_table(rows, out)
+    return rows
+
+
+def run(presets: tuple[str, ...] = DEFAULT_PRESETS) -> list[Figure]:
+    """bench/run.py's part: one figure per preset, each family compressed and loaded in vLLM, or not checked on the
+    CPU or refused with the reason (met), or failed (missed); the table in bench/results/families.md."""
+    rows = run_matrix(list(FAMILIES), list(presets), RESULTS_DIR / "families.md")
+    figures = []
+    for preset in presets:
+        mine = [row for row in rows if row["preset"] == preset]
+        counts = {outcome: sum(row["outcome"] == outcome for row in mine) for outcome in {r["outcome"] for r in mine}}
+        measured = ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items()))
+        failed = [row["family"] for row in mine if row["outcome"] in ("failed", "compressed, vLLM refused it")]
+        figures.append(
+            Figure(
+                "families",
+                f"{preset}: {len(mine)} model families (bench/results/families.md)",
+                "each compressed and loaded in vLLM, or refused or not checked with the reason",
+                measured + (f"; failed: {', '.join(failed)}" if failed else ""),
+                verdict=verdict(not failed),
+            )
+        )
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated, or 'all'")
@@ -99,14 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     presets = list(PRESETS) if args.presets == "all" else args.presets.split(",")
     families = list(FAMILIES) if args.families == "all" else args.families.split(",")
-    subprocess.run([str(PYTHON), "-m", "tests.families", str(MODELS_DIR)], cwd=REPO, check=True)
-    rows = []
-    for family in families:
-        for preset in presets:
-            row = run_one(family, preset, BENCH_DIR / "families-out" / f"{family}-{preset}")
-            print(f"{family} x {preset}: {row['outcome']} ({row['seconds']:.0f} s) {row['reason']}"[:300], flush=True)
-            rows.append(row)
-            write_table(rows, args.out)  # as it goes: an interrupted run keeps its rows
+    run_matrix(families, presets, args.out)
     return 0
 
 

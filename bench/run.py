@@ -4,8 +4,9 @@
     .venv/bin/python bench/run.py --part downloads     # one part (repeat --part for several)
 
 Parts: job_time (with memory), throughput, dashboard, downloads, s3_downloads, gpu, hub_submission, memory_1b,
-vllm_cpu, save, hostile. The bench starts its own web server and Celery worker against its own PostgreSQL database
-(bench_compressor) and data folder (var/bench/data), and a local hub for hub_submission, and stops them at the
+vllm_cpu, save, hostile, families (each model family x int8-w8a8-gptq and w4a16-gptq, written to
+bench/results/families.md). The bench starts its own web server and Celery worker against its own PostgreSQL
+database (bench_compressor) and data folder (var/bench/data), and a local hub for hub_submission, and stops them at the
 end. It reports; it never fails the build (exit status 0 unless it cannot start). The table is also written to
 bench/results/latest.md with the machine and the date.
 """
@@ -25,7 +26,7 @@ from bench.common import RESULTS_DIR, Figure, error_figure, machine_info, plain_
 
 PARTS = (
     "job_time", "throughput", "dashboard", "downloads", "s3_downloads", "gpu", "hub_submission", "memory_1b",
-    "vllm_cpu", "save", "hostile",
+    "vllm_cpu", "save", "hostile", "families",
 )  # fmt: skip
 
 
@@ -74,6 +75,10 @@ def run_part(name: str, stack, args, hub) -> list[Figure]:
         from bench import part_hostile
 
         return part_hostile.run(stack)
+    if name == "families":
+        from bench import part_families
+
+        return part_families.run()
     raise ValueError(name)
 
 
