@@ -23,9 +23,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from engine import calibration as calib
+from engine.architectures import auto_model_class
 from engine.layer_resume import LayerStore, SharedStore, decoder_layers, resumable_layers
 from engine.library_patches import broadcast_cpu_modules_too
-from engine.model_sources import auto_model_class
 from engine.presets import linear_time_recipe
 from engine.spec import CalibrationSpec
 from engine.stages import Reporter, layer_error_hooks

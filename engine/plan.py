@@ -521,7 +521,7 @@ def _disk_refusal(disk: Need, *, offloaded: int) -> str:
 
 @contextlib.contextmanager
 def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> Iterator[Any]:
-    """A causal LM (or a vision-language model: engine.model_sources.auto_model_class) from `path` in bfloat16,
+    """A causal LM (or a vision-language model: engine.architectures.auto_model_class) from `path` in bfloat16,
     placed as the plan says; its offload folder goes at the end.
 
     gpu: loaded onto the GPU. sequential: in host memory (llm-compressor brings each layer to the GPU itself;
@@ -530,7 +530,7 @@ def placed_model(path: Path, placement: Placement, **from_pretrained: Any) -> It
     """
     import torch
 
-    from engine.model_sources import auto_model_class
+    from engine.architectures import auto_model_class
 
     auto_model = auto_model_class(json.loads((Path(path) / "config.json").read_text()))
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16, **from_pretrained}

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.architectures import auto_model_class, is_vision_language
 from engine.errors import EngineError, PreflightError
 from engine.hub import DownloadProgress
 from engine.model_cache import ModelCache
-from engine.model_sources import ResolvedModel, auto_model_class, is_vision_language, resolve_model
+from engine.model_sources import ResolvedModel, resolve_model
 from engine.plan import ModelFootprint, model_footprint
 from engine.presets import get_preset, recipe_needs_calibration, recipe_uses_hessians, validate_recipe_yaml
 from engine.spec import CompressionSpec

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import calibration as calib
+from engine.architectures import linearize_experts
 from engine.artifacts import copy_processor_files, hashed_weights, staging_folder, weights_bytes, write_manifest
 from engine.errors import EngineError
 from engine.evaluation import default_cache_dir, evaluate
 from engine.model_cache import ModelCache
-from engine.model_sources import linearize_experts
 from engine.plan import placed_model, plan_memory, search_plan
 from engine.preflight import PreflightReport, preflight
 from engine.resources import WorkerCaps, detect_resources

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.architectures import is_vision_language
 from engine.card import write_model_card
 from engine.errors import CancelledError, EngineError
 from engine.evaluation import PROMPTS, WINDOWS
 from engine.layer_resume import decoder_layers
-from engine.model_sources import is_vision_language
 from engine.plan import MemoryPlan
 from engine.preflight import PreflightReport
 from engine.presets import linear_time_recipe, preset_for_recipe

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from engine import calibration as calib
 from engine import hub
+from engine.architectures import is_vision_language
 from engine.errors import EngineError, PreflightError
 from engine.limits import CALIBRATION_MAX_SEQ_LEN, CALIBRATION_SAMPLES, SEARCH_MAX_TRIALS
 from engine.lm_tasks import LOCAL_TASKS, known_task_names
-from engine.model_sources import ModelFacts, is_vision_language, model_facts
+from engine.model_sources import ModelFacts, model_facts
 from engine.plan import tensor_parallel_problem
 from engine.presets import (
     PRESETS,
