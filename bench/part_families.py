@@ -70,7 +70,8 @@ def write_table(rows: list[dict], path: Path) -> None:
         "# Model families x presets (tiny random models, CPU)",
         "",
         f"`.venv/bin/python -m bench.part_families` at {_commit()}: each family's tiny model (tests/families.py: 2 "
-        f"layers, hidden 256, SmolLM2's tokenizer) compressed by `python -m engine` on the CPU ({SAMPLES} x "
+        "layers, hidden 256, SmolLM2's tokenizer; the vision-language ones hidden 64 with a vision tower of width "
+        f"32) compressed by `python -m engine` on the CPU ({SAMPLES} x "
         f"{MAX_SEQ_LEN} calibration tokens), then loaded in vLLM's CPU build by the job's own check. Size: the "
         "checkpoint's weights over the bf16 model's (the tiny models are mostly embedding, which stays in bf16). "
         "Time: the whole command, the vLLM check included.",
