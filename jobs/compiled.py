@@ -6,8 +6,9 @@ answering it (0.3 ms against 0.1 ms for the token's user), and on a web node the
 submissions waits for. Such a queryset is built once with placeholder values and compiled; each run swaps
 the request's values in for the placeholders.
 
-Only the submission path uses it (with jobs.selectors.queue_position's SQL): measured without it, each submission
-costs the web server 1.5 times the CPU, while the pages' latency does not change (bench/results/compiled_queries.md).
+Each query compiled here (and jobs.selectors.queue_position's SQL) is on the submission path; the token's user is
+checked on every API request too. Measured without them, each submission costs the web server 1.5 times the CPU,
+while the pages' latency does not change (bench/results/compiled_queries.md).
 """
 
 from __future__ import annotations
