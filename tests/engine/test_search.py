@@ -165,7 +165,10 @@ def test_inside_a_4_bit_scheme_the_most_sensitive_layers_are_kept_at_8_bits(shor
     spec = CompressionSpec(
         model=str(short_builtin_model),
         preset="w4a16-gptq",
-        calibration=CalibrationSpec(samples=4, max_seq_len=32),
+        # 1 024 calibration tokens: with 128 (4 x 32) GPTQ's Hessian of the 1 536-wide down_proj is so far from full
+        # rank that which trial recovers more depends on the CPU's rounding (on one VM int4 alone beat the layer
+        # kept at 8 bits, 91.1 % against 78.4 %); at 8 x 128 the 8-bit layer wins clearly (97.0 % against 92.9 %).
+        calibration=CalibrationSpec(samples=8, max_seq_len=128),
         evaluation=FAST_EVALUATION,
         ignore_indivisible=True,
         search=SearchSpec(floor=QualityFloor(at_least=1.0), budget=SearchBudget(max_trials=2)),
