@@ -258,3 +258,15 @@ if __name__ == "__main__":
 
     for name, path in build_families(Path(sys.argv[1]).resolve(), ensure_builtin_model()).items():
         print(name, path)
+
+
+# What each family's presets leave out because vLLM keeps it unquantized: a MoE's router (and Qwen's shared gate),
+# a vision-language model's vision tower and its connector to the language model.
+KEPT_IN_BF16 = {
+    "qwen2-moe": {"re:.*mlp.gate$", "re:.*shared_expert_gate$"},
+    "qwen3-moe": {"re:.*mlp.gate$"},
+    "mixtral": {"re:.*block_sparse_moe.gate$"},
+    "deepseek-v3": {"re:.*mlp.gate$"},
+    "idefics3": {"re:model.vision_model.*", "re:model.connector.*"},
+    "qwen2-vl": {"re:.*visual.*"},
+}

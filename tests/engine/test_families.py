@@ -10,18 +10,8 @@ from pathlib import Path
 
 from engine.spec import CalibrationSpec, CompressionSpec
 from engine.submission import check_submission
-from tests.families import FAMILIES, add_family_repos, built_families
+from tests.families import FAMILIES, KEPT_IN_BF16, add_family_repos, built_families
 
-# What each family's presets leave out because vLLM keeps it unquantized: a MoE's router (and Qwen's shared gate),
-# a vision-language model's vision tower and its connector to the language model.
-KEPT_IN_BF16 = {
-    "qwen2-moe": {"re:.*mlp.gate$", "re:.*shared_expert_gate$"},
-    "qwen3-moe": {"re:.*mlp.gate$"},
-    "mixtral": {"re:.*block_sparse_moe.gate$"},
-    "deepseek-v3": {"re:.*mlp.gate$"},
-    "idefics3": {"re:model.vision_model.*", "re:model.connector.*"},
-    "qwen2-vl": {"re:.*visual.*"},
-}
 FEW = CalibrationSpec(samples=8, max_seq_len=64)
 DATA_DIR = Path(os.environ.get("COMPRESSOR_DATA_DIR") or Path(__file__).resolve().parents[2] / "var")
 

@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.families import FAMILIES, add_family_repos, built_families
+from tests.families import FAMILIES, KEPT_IN_BF16, add_family_repos, built_families
 from tests.support import QUEUES, LiveWorker, running_worker, worker_env
 
 pytestmark = pytest.mark.slow
 
 DATA_DIR = Path(os.environ.get("COMPRESSOR_DATA_DIR") or Path(__file__).resolve().parents[2] / "var")
-# What the preset leaves out of each family because vLLM keeps it unquantized: a MoE's router (and Qwen's shared
-# gate), a vision-language model's vision tower and its connector to the language model.
-KEPT_IN_BF16 = {
-    "qwen2-moe": {"re:.*mlp.gate$", "re:.*shared_expert_gate$"},
-    "qwen3-moe": {"re:.*mlp.gate$"},
-    "mixtral": {"re:.*block_sparse_moe.gate$"},
-    "deepseek-v3": {"re:.*mlp.gate$"},
-    "idefics3": {"re:model.vision_model.*", "re:model.connector.*"},
-    "qwen2-vl": {"re:.*visual.*"},
-}
 # What the job page says of the vLLM check: vLLM's CPU build has no int8 MoE kernels, and cannot inspect Qwen2-VL
 # (transformers' image processor for it imports torchvision, which the CPU environment does not install); the job
 # says so and whose limit it is. Every other family's checkpoint loads and generates.
